@@ -1,0 +1,5 @@
+"""`python -m tunery` runs the CLI."""
+
+from tunery.cli import main
+
+main()

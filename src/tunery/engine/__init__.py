@@ -1,0 +1,25 @@
+"""The engine: base-model loading, LoRA training and generation. Knows nothing of HTTP or SQL.
+
+Public surface (everything else is internal):
+
+    from tunery.engine.base_models import BaseModelRegistry, BaseModelInfo, LoadedBase
+        registry = BaseModelRegistry(models_dir: Path, device: str = "auto")
+        registry.list() -> list[BaseModelInfo]          # embedded "gemma-3-270m" first
+        registry.get(name) -> BaseModelInfo             # name with or without "models/"; NotFound
+        registry.register(name, path) -> BaseModelInfo  # HF model dir or .gguf file; persisted
+        registry.load(name) -> LoadedBase               # cached per process; converts GGUF once
+
+    from tunery.engine.train import train, total_steps
+        total_steps(n_examples, spec) -> int
+        train(base, examples, spec, work_dir, on_step=None, should_stop=None) -> TrainResult
+            resumes from work_dir's last checkpoint when there is one; the final PEFT adapter
+            lands in work_dir / "adapter" (written to a temp dir, then renamed).
+
+    from tunery.engine.generate import Generator
+        gen = Generator(base)
+        gen.generate(prompt, params, adapter_dir=None) -> Generation
+        gen.stream(prompt, params, adapter_dir=None) -> Iterator[StreamChunk]
+        gen.count_tokens(prompt, adapter_dir=None) -> int
+        With an adapter the prompt is wrapped in the training template (engine.data.format_prompt);
+        without one it is sent to the base model as is.
+"""

@@ -1,0 +1,54 @@
+"""The one Settings object (env prefix TUNERY_), built at the entry point and passed down."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def default_data_dir() -> Path:
+    """Per-user data dir: $XDG_DATA_HOME/tunery or ~/.local/share/tunery."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "tunery"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TUNERY_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    db_url: str | None = None  # default: sqlite:///{data_dir}/tunery.db
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # TUNERY_API_KEYS=k1,k2
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int | None = None  # torch threads; default: all cores
+    workers: int = 1  # worker processes `tunery serve` starts
+    lease_seconds: float = 30.0
+    max_running_jobs_per_key: int = 2
+    max_request_bytes: int = 64 * 1024 * 1024
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [k.strip() for k in value.split(",") if k.strip()]
+        return value
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.data_dir / 'tunery.db'}"
+
+    @property
+    def models_dir(self) -> Path:
+        """Converted base models (the GGUF → safetensors cache) and the registry file."""
+        return self.data_dir / "base_models"
+
+    @property
+    def adapters_dir(self) -> Path:
+        """One folder per tuned model: checkpoints and the final PEFT adapter."""
+        return self.data_dir / "tuned_models"
