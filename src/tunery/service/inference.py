@@ -1,0 +1,139 @@
+"""Inference: resolve a model name to a base model (+ a tuned adapter) and run the engine on it.
+
+One `Generator` per base model, built on first use, with one lock each: a request holds its base
+model's lock from the first token to the last, so adapters and sampling state never interleave
+(FastAPI runs sync routes in a thread pool). Many tuned models share one base in memory.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunery.domain import JobState, ModelState, TunedModel
+from tunery.engine.base_models import BaseModelInfo, BaseModelRegistry
+from tunery.engine.generate import Generator
+from tunery.engine.specs import MAX_INPUT_CHARS, Generation, GenerationParams, StreamChunk
+from tunery.errors import FailedPrecondition, InvalidArgument, NotFound
+from tunery.service.tuning import TuningService
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """What serves a model name: its base model and, for a tuned model, the adapter and model."""
+
+    name: str  # "models/x" or "tunedModels/y", as the caller should see it
+    base: BaseModelInfo
+    tuned: TunedModel | None = None
+    adapter_dir: Path | None = None
+
+    @property
+    def default_temperature(self) -> float:
+        tuned = self.tuned.temperature if self.tuned else None
+        return self.base.temperature if tuned is None else tuned
+
+    @property
+    def default_top_p(self) -> float:
+        tuned = self.tuned.top_p if self.tuned else None
+        return self.base.top_p if tuned is None else tuned
+
+    @property
+    def default_top_k(self) -> int:
+        tuned = self.tuned.top_k if self.tuned else None
+        return self.base.top_k if tuned is None else tuned
+
+
+class InferenceService:
+    """generateContent / streamGenerateContent / countTokens over base and tuned models."""
+
+    def __init__(self, registry: BaseModelRegistry, tuning: TuningService) -> None:
+        self.registry = registry
+        self.tuning = tuning
+        self._generators: dict[str, tuple[Generator, threading.Lock]] = {}
+        self._generators_lock = threading.Lock()
+
+    # -- names ---------------------------------------------------------------------------------
+    def resolve(self, model_name: str, owner: str | None) -> Resolved:
+        """"models/x" or "tunedModels/y" → what serves it; NotFound, or FailedPrecondition while
+        a tuned model is not ACTIVE."""
+        if model_name.startswith("tunedModels/"):
+            return self._resolve_tuned(model_name.removeprefix("tunedModels/"), owner)
+        name = model_name if model_name.startswith("models/") else f"models/{model_name}"
+        try:
+            base = self.registry.get(name)
+        except NotFound:
+            raise NotFound(
+                f"{name} is not found for API version v1beta, or is not supported for "
+                "generateContent. Call ListModels to see the list of available models and "
+                "their supported methods."
+            ) from None
+        return Resolved(name=base.resource_name, base=base)
+
+    def _resolve_tuned(self, model_id: str, owner: str | None) -> Resolved:
+        tuned = self.tuning.get(model_id, owner)
+        if tuned.state is ModelState.CREATING:
+            percent = tuned.job.completed_percent if tuned.job else 0.0
+            raise FailedPrecondition(
+                f"{tuned.name} is not ready: its tuning job is still running ({percent:.0f}% done)"
+            )
+        if tuned.state is ModelState.FAILED:
+            job = tuned.job
+            if job is not None and job.state is JobState.CANCELLED:
+                reason = "its tuning job was cancelled"
+            else:
+                reason = f"its tuning job failed: {job.error if job and job.error else 'unknown error'}"
+            raise FailedPrecondition(f"{tuned.name} cannot be used: {reason}")
+        base = self.registry.get(tuned.base_model)
+        return Resolved(
+            name=tuned.name, base=base, tuned=tuned, adapter_dir=self.tuning.adapter_dir(tuned.id)
+        )
+
+    # -- engine calls --------------------------------------------------------------------------
+    def generate(
+        self, model_name: str, owner: str | None, prompt: str, params: GenerationParams
+    ) -> Generation:
+        resolved = self._resolve_for_input(model_name, owner, prompt)
+        generator, lock = self._generator(resolved.base)
+        with lock:
+            return generator.generate(prompt, params, adapter_dir=resolved.adapter_dir)
+
+    def stream(
+        self, model_name: str, owner: str | None, prompt: str, params: GenerationParams
+    ) -> Iterator[StreamChunk]:
+        """Resolves and validates now (so errors come before the first chunk), streams lazily."""
+        resolved = self._resolve_for_input(model_name, owner, prompt)
+        generator, lock = self._generator(resolved.base)
+        return _locked(lock, lambda: generator.stream(prompt, params, resolved.adapter_dir))
+
+    def count_tokens(self, model_name: str, owner: str | None, prompt: str) -> int:
+        resolved = self.resolve(model_name, owner)
+        generator, lock = self._generator(resolved.base)
+        with lock:
+            return generator.count_tokens(prompt, adapter_dir=resolved.adapter_dir)
+
+    def _resolve_for_input(self, model_name: str, owner: str | None, prompt: str) -> Resolved:
+        resolved = self.resolve(model_name, owner)
+        if resolved.tuned is not None and len(prompt) > MAX_INPUT_CHARS:
+            raise InvalidArgument(
+                f"the input has {len(prompt):,} characters; the limit for tuned models is "
+                f"{MAX_INPUT_CHARS:,}"
+            )
+        return resolved
+
+    def _generator(self, base: BaseModelInfo) -> tuple[Generator, threading.Lock]:
+        """The base model's generator and lock, loading the weights on first use."""
+        with self._generators_lock:
+            if base.name not in self._generators:
+                loaded = self.registry.load(base.name)
+                self._generators[base.name] = (Generator(loaded), threading.Lock())
+            return self._generators[base.name]
+
+
+def _locked(
+    lock: threading.Lock, start: Callable[[], Iterator[StreamChunk]]
+) -> Iterator[StreamChunk]:
+    """Hold `lock` from the first chunk until the stream ends or is closed (client went away)."""
+    with lock:
+        yield from start()

@@ -1,0 +1,1 @@
+"""Alembic migrations for the Tunery store (run via `tunery.store.db.upgrade`)."""

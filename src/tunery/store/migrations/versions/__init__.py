@@ -1,0 +1,1 @@
+"""Named schema revisions, appended only."""
