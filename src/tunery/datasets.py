@@ -34,7 +34,7 @@ def load_examples(path: str | Path) -> list[Example]:
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise InvalidArgument(
-            f"{path}: unknown dataset format {suffix or '(no extension)'!r}; "
+            f"{path}: unknown dataset format {repr(suffix) if suffix else '(no extension)'}; "
             "use .jsonl, .json or .csv"
         )
     text = _read_text(path)

@@ -154,7 +154,7 @@ def test_json_rows_are_numbered_as_examples(tmp_path: Path) -> None:
         ("d.json", '{"rows": []}', "must hold a list of examples"),
         ("d.json", "[{", "is not valid JSON"),
         ("d.txt", "1,2", "unknown dataset format '.txt'"),
-        ("data", "1,2", "unknown dataset format '(no extension)'"),
+        ("data", "1,2", "unknown dataset format (no extension)"),
     ],
 )
 def test_whole_file_problems_are_one_clear_line(

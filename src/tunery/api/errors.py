@@ -59,7 +59,9 @@ class InvalidApiKey(InvalidArgument):
         super().__init__("API key not valid. Please pass a valid API key.")
 
 
-def envelope(code: int, status: str, message: str, details: list[Any] | None = None) -> JSONResponse:
+def envelope(
+    code: int, status: str, message: str, details: list[Any] | None = None
+) -> JSONResponse:
     """The Gemini error body as a response with HTTP status `code`."""
     error: dict[str, Any] = {"code": code, "message": message, "status": status}
     if details:

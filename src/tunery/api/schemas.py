@@ -157,7 +157,9 @@ class SnapshotOut(WireOut):
 
     @classmethod
     def from_domain(cls, s: Snapshot) -> SnapshotOut:
-        return cls(step=s.step, epoch=s.epoch, mean_loss=s.mean_loss, compute_time=rfc3339(s.compute_time))
+        return cls(
+            step=s.step, epoch=s.epoch, mean_loss=s.mean_loss, compute_time=rfc3339(s.compute_time)
+        )
 
 
 class HyperparametersOut(WireOut):
@@ -337,7 +339,9 @@ class GenerateContentResponse(WireOut):
     response_id: str
 
     @classmethod
-    def from_generation(cls, g: Generation, model: str, response_id: str) -> GenerateContentResponse:
+    def from_generation(
+        cls, g: Generation, model: str, response_id: str
+    ) -> GenerateContentResponse:
         out_tokens = sum(c.token_count for c in g.candidates)
         return cls(
             candidates=[
@@ -401,7 +405,9 @@ def operation_from_domain(m: TunedModel) -> Operation:
     if job.state is JobState.SUCCEEDED:
         op.response = TunedModelResponse(**dict(TunedModelResource.from_domain(m)))
     elif job.state is JobState.CANCELLED:
-        op.error = OperationError(code=GRPC_CODES["CANCELLED"], message="the tuning job was cancelled")
+        op.error = OperationError(
+            code=GRPC_CODES["CANCELLED"], message="the tuning job was cancelled"
+        )
     elif job.state is JobState.FAILED:
         op.error = OperationError(
             code=GRPC_CODES["INTERNAL"], message=job.error or "the tuning job failed"

@@ -56,7 +56,7 @@ class InferenceService:
 
     # -- names ---------------------------------------------------------------------------------
     def resolve(self, model_name: str, owner: str | None) -> Resolved:
-        """"models/x" or "tunedModels/y" → what serves it; NotFound, or FailedPrecondition while
+        """ "models/x" or "tunedModels/y" → what serves it; NotFound, or FailedPrecondition while
         a tuned model is not ACTIVE."""
         if model_name.startswith("tunedModels/"):
             return self._resolve_tuned(model_name.removeprefix("tunedModels/"), owner)
@@ -83,7 +83,9 @@ class InferenceService:
             if job is not None and job.state is JobState.CANCELLED:
                 reason = "its tuning job was cancelled"
             else:
-                reason = f"its tuning job failed: {job.error if job and job.error else 'unknown error'}"
+                reason = (
+                    f"its tuning job failed: {job.error if job and job.error else 'unknown error'}"
+                )
             raise FailedPrecondition(f"{tuned.name} cannot be used: {reason}")
         base = self.registry.get(tuned.base_model)
         return Resolved(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import delete, exists, func, or_, select
@@ -86,19 +87,21 @@ class ModelRepository:
             )
             return int(count or 0)
 
-    def update(self, model: TunedModel, changes: Mapping[str, Any]) -> TunedModel | None:
-        """Apply `changes` (keys from PATCHABLE) and bump update_time; None if it is gone."""
+    def update(
+        self, model_id: str, changes: Mapping[str, Any], update_time: datetime
+    ) -> TunedModel | None:
+        """Apply `changes` (keys from PATCHABLE) and set update_time; None if the model is gone."""
         unknown = set(changes) - PATCHABLE
         if unknown:
             raise ValueError(f"not patchable: {sorted(unknown)}")
         with self._db.session() as session:
-            row = session.get(TunedModelRow, model.id)
+            row = session.get(TunedModelRow, model_id)
             if row is None:
                 return None
             for key, value in changes.items():
                 setattr(row, key, value)
-            row.update_time = model.update_time
-        return self.get(model.id)
+            row.update_time = update_time
+        return self.get(model_id)
 
     def delete(self, model_id: str) -> bool:
         """Delete the model with its job, snapshots and training data."""

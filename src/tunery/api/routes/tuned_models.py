@@ -28,8 +28,6 @@ from tunery.service.tuning import CreateRequest
 
 router = APIRouter(tags=["tunedModels"])
 
-DEFAULT_PAGE_SIZE = 10
-MAX_PAGE_SIZE = 1000
 # PATCH paths (camelCase, as in an updateMask; snake_case accepted) → TuningService.patch keys.
 MUTABLE_FIELDS = {
     "displayName": "display_name",
@@ -62,14 +60,12 @@ def create_tuned_model(
 def list_tuned_models(
     svc: Svc,
     owner: Owner,
-    page_size: Annotated[int, Query(alias="pageSize")] = DEFAULT_PAGE_SIZE,
+    page_size: Annotated[int | None, Query(alias="pageSize")] = None,
     page_token: Annotated[str | None, Query(alias="pageToken")] = None,
     filter: str = "",
 ) -> TunedModelList:
-    if page_size < 0:
-        raise InvalidArgument("`pageSize` must be >= 0")
-    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    models, token = svc.tuning.list(owner, size, page_token or None, filter)
+    """The caller's tuned models, newest first; `filter` searches names and descriptions."""
+    models, token = svc.tuning.list(owner, page_size, page_token or None, filter)
     return TunedModelList(
         tuned_models=[TunedModelResource.from_domain(m) for m in models],
         next_page_token=token or None,

@@ -1,0 +1,116 @@
+"""The FastAPI app: `create_app(settings)` wires store, registry and services in its lifespan,
+mounts every route under `/v1beta` and `/v1`, and adds `/healthz` and a request-size limit."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import tunery
+from tunery.api.deps import Authenticator, Services
+from tunery.api.errors import envelope, install_error_handlers
+from tunery.api.routes import generate, models, tuned_models
+from tunery.engine.base_models import BaseModelRegistry
+from tunery.service.inference import InferenceService
+from tunery.service.tuning import TuningService
+from tunery.settings import Settings
+from tunery.store import Store
+
+API_VERSIONS = ("v1beta", "v1")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The whole HTTP surface for `settings`; nothing is built until the app starts."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = Store(settings.database_url)
+        registry = BaseModelRegistry(settings.models_dir, settings.device)
+        tuning = TuningService(
+            store,
+            registry,
+            settings.adapters_dir,
+            max_unfinished_jobs_per_owner=settings.max_running_jobs_per_key,
+        )
+        app.state.services = Services(
+            settings=settings,
+            registry=registry,
+            tuning=tuning,
+            inference=InferenceService(registry, tuning),
+            auth=Authenticator(settings.api_keys, store.keys.hashes),
+        )
+        try:
+            yield
+        finally:
+            store.close()
+
+    app = FastAPI(
+        title="Tunery",
+        version=tunery.__version__,
+        description="Self-hosted model tuning with the Gemini API's REST surface.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    api = APIRouter()
+    for module in (models, tuned_models, generate):
+        api.include_router(module.router)
+    # /v1 mirrors /v1beta (the REST tutorial polls operations there); documented once.
+    for version in API_VERSIONS:
+        app.include_router(api, prefix=f"/{version}", include_in_schema=version == "v1beta")
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
+    return app
+
+
+class BodySizeLimit:
+    """Answer 413 (Gemini envelope) to a request body over `max_bytes`, before any route runs.
+
+    The body is read up front (FastAPI reads it whole anyway) and replayed to the app, so a body
+    without Content-Length is limited too.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        messages: list[Message] = []
+        size = 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = envelope(
+            413,
+            "INVALID_ARGUMENT",
+            f"Request payload size exceeds the limit: {self.max_bytes:,} bytes.",
+        )
+        await response(scope, receive, send)

@@ -1,0 +1,224 @@
+"""generateContent, streamGenerateContent and countTokens for `models/*` and `tunedModels/*`.
+
+Only text is supported. A base model sees every turn's text joined by newlines (after the
+system instruction, if any); a tuned model was trained on single input→output pairs, so it gets
+the text of the last user turn as its input and rejects system instructions and JSON mode.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+from itertools import chain
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+
+from tunery.api.deps import Owner, Services, Svc
+from tunery.api.errors import error_body
+from tunery.api.schemas import (
+    ContentIn,
+    CountTokensRequest,
+    CountTokensResponse,
+    GenerateContentRequest,
+    GenerateContentResponse,
+)
+from tunery.engine.specs import GenerationParams, StreamChunk
+from tunery.errors import InvalidArgument, TuneryError
+from tunery.service.inference import Resolved
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["generation"])
+
+Alt = Annotated[str | None, Query(description="`sse` for server-sent events")]
+
+
+# --- routes: one thin pair per collection so OpenAPI names both ----------------------------
+
+
+@router.post("/models/{model_id}:generateContent", response_model=GenerateContentResponse)
+def generate_base(
+    model_id: str, body: GenerateContentRequest, svc: Svc, owner: Owner
+) -> GenerateContentResponse:
+    return _generate(f"models/{model_id}", body, svc, owner)
+
+
+@router.post("/tunedModels/{model_id}:generateContent", response_model=GenerateContentResponse)
+def generate_tuned(
+    model_id: str, body: GenerateContentRequest, svc: Svc, owner: Owner
+) -> GenerateContentResponse:
+    return _generate(f"tunedModels/{model_id}", body, svc, owner)
+
+
+@router.post("/models/{model_id}:streamGenerateContent")
+def stream_base(
+    model_id: str, body: GenerateContentRequest, svc: Svc, owner: Owner, alt: Alt = None
+) -> StreamingResponse:
+    return _stream(f"models/{model_id}", body, svc, owner, alt)
+
+
+@router.post("/tunedModels/{model_id}:streamGenerateContent")
+def stream_tuned(
+    model_id: str, body: GenerateContentRequest, svc: Svc, owner: Owner, alt: Alt = None
+) -> StreamingResponse:
+    return _stream(f"tunedModels/{model_id}", body, svc, owner, alt)
+
+
+@router.post("/models/{model_id}:countTokens", response_model=CountTokensResponse)
+def count_base(
+    model_id: str, body: CountTokensRequest, svc: Svc, owner: Owner
+) -> CountTokensResponse:
+    return _count(f"models/{model_id}", body, svc, owner)
+
+
+@router.post("/tunedModels/{model_id}:countTokens", response_model=CountTokensResponse)
+def count_tuned(
+    model_id: str, body: CountTokensRequest, svc: Svc, owner: Owner
+) -> CountTokensResponse:
+    return _count(f"tunedModels/{model_id}", body, svc, owner)
+
+
+# --- the work ------------------------------------------------------------------------------
+
+
+def _generate(
+    model: str, body: GenerateContentRequest, svc: Services, owner: str | None
+) -> GenerateContentResponse:
+    resolved = svc.inference.resolve(model, owner)
+    prompt, params = prompt_of(body, resolved), params_of(body, resolved)
+    generation = svc.inference.generate(resolved.name, owner, prompt, params)
+    return GenerateContentResponse.from_generation(generation, resolved.name, _response_id())
+
+
+def _stream(
+    model: str, body: GenerateContentRequest, svc: Services, owner: str | None, alt: str | None
+) -> StreamingResponse:
+    """SSE with `alt=sse` (google-genai), else one JSON array written piece by piece (GAPIC)."""
+    resolved = svc.inference.resolve(model, owner)
+    prompt, params = prompt_of(body, resolved), params_of(body, resolved)
+    if params.candidate_count != 1:
+        raise InvalidArgument("streaming supports only `candidateCount` 1")
+    chunks = svc.inference.stream(resolved.name, owner, prompt, params)
+    # Take the first chunk now, so a failure to start is still an error status, not a 200.
+    first = next(chunks, None)
+    pieces = chain([first] if first is not None else [], chunks)
+    bodies = _bodies(pieces, resolved.name, _response_id())
+    if alt == "sse":
+        return StreamingResponse((f"data: {b}\n\n" for b in bodies), media_type="text/event-stream")
+    return StreamingResponse(_json_array(bodies), media_type="application/json")
+
+
+def _count(
+    model: str, body: CountTokensRequest, svc: Services, owner: str | None
+) -> CountTokensResponse:
+    request = body.generate_content_request or GenerateContentRequest(contents=body.contents)
+    resolved = svc.inference.resolve(model, owner)
+    total = svc.inference.count_tokens(resolved.name, owner, prompt_of(request, resolved))
+    return CountTokensResponse(total_tokens=total)
+
+
+def _bodies(chunks: Iterator[StreamChunk], model: str, response_id: str) -> Iterator[str]:
+    """Each chunk as one line of JSON; an error mid-stream becomes a final `{"error": ...}`."""
+    try:
+        for chunk in chunks:
+            out = GenerateContentResponse.from_chunk(chunk, model, response_id)
+            yield out.model_dump_json(by_alias=True)
+    except TuneryError as exc:
+        yield json.dumps({"error": error_body(exc)})
+    except Exception:
+        log.exception("stream on %s failed", model)
+        yield json.dumps(
+            {"error": {"code": 500, "message": "Internal error encountered.", "status": "INTERNAL"}}
+        )
+
+
+def _json_array(bodies: Iterator[str]) -> Iterator[str]:
+    yield "["
+    for i, b in enumerate(bodies):
+        yield ("" if i == 0 else ",\n") + b
+    yield "]"
+
+
+def _response_id() -> str:
+    return uuid.uuid4().hex[:20]
+
+
+# --- request → engine inputs ---------------------------------------------------------------
+
+
+def prompt_of(body: GenerateContentRequest, resolved: Resolved) -> str:
+    """The text the engine sees (see the module docstring for base vs tuned)."""
+    if not body.contents:
+        raise InvalidArgument("contents is required: send at least one user turn with text")
+    turns = [_text_of(c, f"contents[{i}]") for i, c in enumerate(body.contents)]
+    if resolved.tuned is not None:
+        if body.system_instruction is not None:
+            raise InvalidArgument(
+                f"Developer instruction (systemInstruction) is not enabled for {resolved.name}: "
+                "tuned models do not support system instructions"
+            )
+        user_turns = [t for t, c in zip(turns, body.contents, strict=True) if c.role != "model"]
+        if not user_turns:
+            raise InvalidArgument("contents has no user turn for the tuned model to answer")
+        return user_turns[-1]
+    prompt = "\n".join(turns)
+    if body.system_instruction is not None:
+        prompt = _text_of(body.system_instruction, "systemInstruction") + "\n\n" + prompt
+    return prompt
+
+
+def _text_of(content: ContentIn, where: str) -> str:
+    if content.role not in (None, "", "user", "model"):
+        raise InvalidArgument(f"{where}.role must be 'user' or 'model', not {content.role!r}")
+    if not content.parts:
+        raise InvalidArgument(f"{where}.parts must not be empty")
+    texts = []
+    for j, part in enumerate(content.parts):
+        if part.model_extra:
+            kinds = ", ".join(sorted(part.model_extra))
+            raise InvalidArgument(f"{where}.parts[{j}]: only text parts are supported, not {kinds}")
+        if part.text is None:
+            raise InvalidArgument(f"{where}.parts[{j}] has no text")
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def params_of(body: GenerateContentRequest, resolved: Resolved) -> GenerationParams:
+    """Decoding settings: the request's, else the (tuned) model's defaults."""
+    cfg = body.generation_config
+    if cfg is None:
+        return GenerationParams(
+            temperature=resolved.default_temperature,
+            top_p=resolved.default_top_p,
+            top_k=resolved.default_top_k,
+        )
+    json_mode = cfg.response_mime_type not in (None, "", "text/plain")
+    if json_mode or cfg.response_schema is not None or cfg.response_json_schema is not None:
+        if resolved.tuned is not None:
+            raise InvalidArgument("JSON mode is not supported with tuned models")
+        raise InvalidArgument(
+            f"{resolved.name} supports only text output: responseMimeType "
+            f"{cfg.response_mime_type!r} and response schemas are not supported"
+        )
+    limit = resolved.base.output_token_limit
+    if cfg.max_output_tokens is not None and cfg.max_output_tokens > limit:
+        raise InvalidArgument(f"`maxOutputTokens` must be <= {limit:,} for {resolved.name}")
+    given: dict[str, Any] = {
+        "temperature": _or(cfg.temperature, resolved.default_temperature),
+        "top_p": _or(cfg.top_p, resolved.default_top_p),
+        "top_k": _or(cfg.top_k, resolved.default_top_k),
+        "stop_sequences": tuple(cfg.stop_sequences or ()),
+        "seed": cfg.seed,
+    }
+    if cfg.max_output_tokens is not None:
+        given["max_output_tokens"] = cfg.max_output_tokens
+    if cfg.candidate_count is not None:
+        given["candidate_count"] = cfg.candidate_count
+    return GenerationParams(**given)
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
