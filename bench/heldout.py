@@ -23,8 +23,10 @@ SEED_EXAMPLES: list[tuple[str, str]] = [
     ("seven", "eight"),
 ]
 
-_ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen " \
+_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
     "fifteen sixteen seventeen eighteen nineteen".split()
+)
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
 
@@ -46,8 +48,21 @@ def words(n: int) -> str:
 
 def roman(n: int) -> str:
     out = ""
-    for value, sym in ((1000, "M"), (900, "CM"), (500, "D"), (400, "CD"), (100, "C"), (90, "XC"),
-                       (50, "L"), (40, "XL"), (10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I")):
+    for value, sym in (
+        (1000, "M"),
+        (900, "CM"),
+        (500, "D"),
+        (400, "CD"),
+        (100, "C"),
+        (90, "XC"),
+        (50, "L"),
+        (40, "XL"),
+        (10, "X"),
+        (9, "IX"),
+        (5, "V"),
+        (4, "IV"),
+        (1, "I"),
+    ):
         while n >= value:
             out += sym
             n -= value
@@ -60,8 +75,14 @@ def heldout_cases(count: int = 60, seed: int = 1234) -> list[tuple[str, str]]:
     seen = {i for i, _ in SEED_EXAMPLES}
     cases: list[tuple[str, str]] = []
     makers = [
-        lambda: (lambda n: (f"{n:,}", f"{n + 1:,}"))(rng.choice([rng.randint(-99, 99), rng.randint(100, 99_999), rng.randint(100_000, 9_999_999)])),
-        lambda: (lambda n: (words(n), words(n + 1)))(rng.choice([rng.randint(0, 99), rng.randint(100, 999), rng.randint(1000, 20_000)])),
+        lambda: (lambda n: (f"{n:,}", f"{n + 1:,}"))(
+            rng.choice(
+                [rng.randint(-99, 99), rng.randint(100, 99_999), rng.randint(100_000, 9_999_999)]
+            )
+        ),
+        lambda: (lambda n: (words(n), words(n + 1)))(
+            rng.choice([rng.randint(0, 99), rng.randint(100, 999), rng.randint(1000, 20_000)])
+        ),
         lambda: (lambda n: (roman(n), roman(n + 1)))(rng.randint(1, 300)),
     ]
     while len(cases) < count:

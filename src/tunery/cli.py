@@ -28,7 +28,8 @@ err = Console(stderr=True)
 T = TypeVar("T")
 
 DataDir = Annotated[
-    Path | None, typer.Option("--data-dir", help="Data dir [env TUNERY_DATA_DIR].", show_default=False)
+    Path | None,
+    typer.Option("--data-dir", help="Data dir [env TUNERY_DATA_DIR].", show_default=False),
 ]
 DbUrl = Annotated[str | None, typer.Option("--db-url", help="Database URL [env TUNERY_DB_URL].")]
 Server = Annotated[

@@ -65,9 +65,9 @@ def generate_remote(
     stream: bool,
 ) -> Iterator[str]:
     client = TuneryClient(server, api_key)
-    chunks = client.stream(model, prompt, params) if stream else [
-        client.generate(model, prompt, params)
-    ]
+    chunks = (
+        client.stream(model, prompt, params) if stream else [client.generate(model, prompt, params)]
+    )
     for chunk in chunks:
         for candidate in chunk.get("candidates", [])[:1]:
             for part in candidate.get("content", {}).get("parts", []):
@@ -76,7 +76,9 @@ def generate_remote(
 
 def list_remote(server: str, api_key: str | None) -> list[tuple[str, ...]]:
     client = TuneryClient(server, api_key)
-    rows = [(m["name"], "base", "ACTIVE", "", m.get("displayName", "")) for m in client.list_models()]
+    rows = [
+        (m["name"], "base", "ACTIVE", "", m.get("displayName", "")) for m in client.list_models()
+    ]
     rows += [
         (m["name"], "tuned", m.get("state", ""), m.get("baseModel", ""), m.get("displayName", ""))
         for m in client.list_tuned_models()

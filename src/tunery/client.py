@@ -15,7 +15,6 @@ import httpx
 from tunery.engine.specs import Example, GenerationParams
 from tunery.errors import (
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     PermissionDenied,
@@ -67,7 +66,9 @@ class TuneryClient:
                 "hyperparameters": hyperparameters or {},
                 "trainingData": {
                     "examples": {
-                        "examples": [{"textInput": e.text_input, "output": e.output} for e in examples]
+                        "examples": [
+                            {"textInput": e.text_input, "output": e.output} for e in examples
+                        ]
                     }
                 },
             },
@@ -95,7 +96,9 @@ class TuneryClient:
                 return
 
     def generate(self, model: str, prompt: str, params: GenerationParams) -> dict[str, Any]:
-        return self._call("POST", f"{_model_path(model)}:generateContent", json=_body(prompt, params))
+        return self._call(
+            "POST", f"{_model_path(model)}:generateContent", json=_body(prompt, params)
+        )
 
     def stream(self, model: str, prompt: str, params: GenerationParams) -> Iterator[dict[str, Any]]:
         path = f"{_model_path(model)}:streamGenerateContent"

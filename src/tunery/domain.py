@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 
 
-class ModelState(str, Enum):
+class ModelState(StrEnum):
     """A tuned model's state, as the Gemini API names it."""
 
     CREATING = "CREATING"
@@ -15,7 +15,7 @@ class ModelState(str, Enum):
     FAILED = "FAILED"
 
 
-class JobState(str, Enum):
+class JobState(StrEnum):
     """A tuning job's state; the tuned model mirrors it (see `model_state`)."""
 
     QUEUED = "QUEUED"

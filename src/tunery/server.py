@@ -1,4 +1,4 @@
-"""`tunery serve`: the API process plus its training worker processes, started and stopped together."""
+"""`tunery serve`: the API process and its training workers, started and stopped together."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ def run_server(settings: Settings) -> None:
     from tunery.worker import start_worker_process
 
     if not settings.api_keys:
-        log.warning("no API keys configured (TUNERY_API_KEYS): open access, every caller is trusted")
+        log.warning(
+            "no API keys configured (TUNERY_API_KEYS): open access, every caller is trusted"
+        )
     workers = [start_worker_process(settings) for _ in range(settings.workers)]
     log.info("started %d training worker(s)", len(workers))
     try:

@@ -36,13 +36,22 @@ def keyed_server(settings: Settings) -> Iterator[LiveServer]:
         yield s
 
 
-@pytest.fixture
-def worker_server(settings: Settings) -> Iterator[LiveServer]:
-    """Open access with one training worker running in a thread."""
+@pytest.fixture(scope="module")
+def worker_server(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, tiny_model_path: Path
+) -> Iterator[LiveServer]:
+    """Open access with one training worker in a thread; shared by a module's tests (training
+    and loading models dominate their time); no test depends on another's changes."""
+    from tunery.engine.base_models import BaseModelRegistry
     from tunery.worker import run_worker
 
+    data = tmp_path_factory.mktemp("worker") / "data"
+    (data / "base_models").mkdir(parents=True)
+    (data / "base_models" / "gemma-3-270m").symlink_to(models_dir / "gemma-3-270m")
+    BaseModelRegistry(data / "base_models").register("tiny-gemma", tiny_model_path)
+    settings = Settings(data_dir=data, device="cpu", threads=1)
     stop = threading.Event()
-    thread = threading.Thread(target=run_worker, args=(settings,), kwargs={"stop": stop})
+    thread = threading.Thread(target=run_worker, args=(settings,), kwargs={"stop_event": stop})
     with live_server(settings) as s:
         thread.start()
         try:

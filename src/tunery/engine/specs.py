@@ -6,7 +6,7 @@ Validation messages name the user-facing (Gemini API) field, so every layer can 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 from tunery.errors import InvalidArgument
 
@@ -78,7 +78,10 @@ class TrainSpec:
             raise InvalidArgument("set `learningRate` or `learningRateMultiplier`, not both")
         if self.learning_rate is not None and not 0 < self.learning_rate <= 1:
             raise InvalidArgument("`learningRate` must be > 0 and <= 1")
-        if self.learning_rate_multiplier is not None and not 0 < self.learning_rate_multiplier <= 100:
+        if (
+            self.learning_rate_multiplier is not None
+            and not 0 < self.learning_rate_multiplier <= 100
+        ):
             raise InvalidArgument("`learningRateMultiplier` must be > 0 and <= 100")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise InvalidArgument("`validationFraction` must be in [0, 1)")
@@ -103,7 +106,7 @@ class StepReport:
     validation_loss: float | None = None  # set on the last step of an epoch when validating
 
 
-class StopReason(str, Enum):
+class StopReason(StrEnum):
     COMPLETED = "COMPLETED"
     CANCELLED = "CANCELLED"
 
@@ -116,7 +119,7 @@ class TrainResult:
     adapter_dir: str | None  # final PEFT adapter folder; None when cancelled
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     STOP = "STOP"
     MAX_TOKENS = "MAX_TOKENS"
 

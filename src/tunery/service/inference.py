@@ -1,14 +1,14 @@
 """Inference: resolve a model name to a base model (+ a tuned adapter) and run the engine on it.
 
-One `Generator` per base model, built on first use, with one lock each: a request holds its base
-model's lock from the first token to the last, so adapters and sampling state never interleave
-(FastAPI runs sync routes in a thread pool). Many tuned models share one base in memory.
+One `Generator` per base model, built on first use; the Generator serializes requests on its
+model (a stream holds it until it ends or is closed), so adapters never interleave when FastAPI
+runs sync routes in its thread pool. Many tuned models share one base in memory.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +51,7 @@ class InferenceService:
     def __init__(self, registry: BaseModelRegistry, tuning: TuningService) -> None:
         self.registry = registry
         self.tuning = tuning
-        self._generators: dict[str, tuple[Generator, threading.Lock]] = {}
+        self._generators: dict[str, Generator] = {}
         self._generators_lock = threading.Lock()
 
     # -- names ---------------------------------------------------------------------------------
@@ -97,23 +97,21 @@ class InferenceService:
         self, model_name: str, owner: str | None, prompt: str, params: GenerationParams
     ) -> Generation:
         resolved = self._resolve_for_input(model_name, owner, prompt)
-        generator, lock = self._generator(resolved.base)
-        with lock:
-            return generator.generate(prompt, params, adapter_dir=resolved.adapter_dir)
+        generator = self._generator(resolved.base)
+        return generator.generate(prompt, params, adapter_dir=resolved.adapter_dir)
 
     def stream(
         self, model_name: str, owner: str | None, prompt: str, params: GenerationParams
     ) -> Iterator[StreamChunk]:
         """Resolves and validates now (so errors come before the first chunk), streams lazily."""
         resolved = self._resolve_for_input(model_name, owner, prompt)
-        generator, lock = self._generator(resolved.base)
-        return _locked(lock, lambda: generator.stream(prompt, params, resolved.adapter_dir))
+        generator = self._generator(resolved.base)
+        return generator.stream(prompt, params, adapter_dir=resolved.adapter_dir)
 
     def count_tokens(self, model_name: str, owner: str | None, prompt: str) -> int:
         resolved = self.resolve(model_name, owner)
-        generator, lock = self._generator(resolved.base)
-        with lock:
-            return generator.count_tokens(prompt, adapter_dir=resolved.adapter_dir)
+        generator = self._generator(resolved.base)
+        return generator.count_tokens(prompt, adapter_dir=resolved.adapter_dir)
 
     def _resolve_for_input(self, model_name: str, owner: str | None, prompt: str) -> Resolved:
         resolved = self.resolve(model_name, owner)
@@ -124,18 +122,9 @@ class InferenceService:
             )
         return resolved
 
-    def _generator(self, base: BaseModelInfo) -> tuple[Generator, threading.Lock]:
-        """The base model's generator and lock, loading the weights on first use."""
+    def _generator(self, base: BaseModelInfo) -> Generator:
+        """The base model's generator, loading the weights on first use."""
         with self._generators_lock:
             if base.name not in self._generators:
-                loaded = self.registry.load(base.name)
-                self._generators[base.name] = (Generator(loaded), threading.Lock())
+                self._generators[base.name] = Generator(self.registry.load(base.name))
             return self._generators[base.name]
-
-
-def _locked(
-    lock: threading.Lock, start: Callable[[], Iterator[StreamChunk]]
-) -> Iterator[StreamChunk]:
-    """Hold `lock` from the first chunk until the stream ends or is closed (client went away)."""
-    with lock:
-        yield from start()

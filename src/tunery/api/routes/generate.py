@@ -11,7 +11,6 @@ import json
 import logging
 import uuid
 from collections.abc import Iterator
-from itertools import chain
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
@@ -99,13 +98,9 @@ def _stream(
     """SSE with `alt=sse` (google-genai), else one JSON array written piece by piece (GAPIC)."""
     resolved = svc.inference.resolve(model, owner)
     prompt, params = prompt_of(body, resolved), params_of(body, resolved)
-    if params.candidate_count != 1:
-        raise InvalidArgument("streaming supports only `candidateCount` 1")
+    # The service validates before returning, so bad input is an error status, not a 200.
     chunks = svc.inference.stream(resolved.name, owner, prompt, params)
-    # Take the first chunk now, so a failure to start is still an error status, not a 200.
-    first = next(chunks, None)
-    pieces = chain([first] if first is not None else [], chunks)
-    bodies = _bodies(pieces, resolved.name, _response_id())
+    bodies = _bodies(chunks, resolved.name, _response_id())
     if alt == "sse":
         return StreamingResponse((f"data: {b}\n\n" for b in bodies), media_type="text/event-stream")
     return StreamingResponse(_json_array(bodies), media_type="application/json")
@@ -203,9 +198,6 @@ def params_of(body: GenerateContentRequest, resolved: Resolved) -> GenerationPar
             f"{resolved.name} supports only text output: responseMimeType "
             f"{cfg.response_mime_type!r} and response schemas are not supported"
         )
-    limit = resolved.base.output_token_limit
-    if cfg.max_output_tokens is not None and cfg.max_output_tokens > limit:
-        raise InvalidArgument(f"`maxOutputTokens` must be <= {limit:,} for {resolved.name}")
     given: dict[str, Any] = {
         "temperature": _or(cfg.temperature, resolved.default_temperature),
         "top_p": _or(cfg.top_p, resolved.default_top_p),

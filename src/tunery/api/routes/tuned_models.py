@@ -16,10 +16,10 @@ from tunery.api.schemas import (
     Operation,
     OperationList,
     TunedModelCreate,
-    TuningExampleIn,
     TunedModelList,
     TunedModelPatch,
     TunedModelResource,
+    TuningExampleIn,
     operation_from_domain,
 )
 from tunery.engine.specs import Example

@@ -1,0 +1,327 @@
+"""Generation on one shared base model: a KV-cached decode loop, sampling, stop sequences and
+streaming, with each tuned model's LoRA adapter loaded once onto that base as a named PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunery.engine.base_models import LoadedBase
+from tunery.engine.data import OUTPUT_PREFIX, encode_prompt
+from tunery.engine.specs import (
+    Candidate,
+    FinishReason,
+    Generation,
+    GenerationParams,
+    StreamChunk,
+)
+from tunery.errors import InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+MAX_LOADED_ADAPTERS = 64
+# Gemma's chat turns end with this token; a model tuned or prompted in chat form stops there.
+_END_OF_TURN = "<end_of_turn>"
+
+
+class Generator:
+    """Decodes prompts with the base model or any tuned adapter on it; one request at a time.
+
+    The first adapter wraps `base.model` in a PeftModel, which injects LoRA layers into it in
+    place: this object then owns the model. Training runs in another process, so it never sees
+    those layers.
+    """
+
+    def __init__(self, base: LoadedBase, max_adapters: int = MAX_LOADED_ADAPTERS) -> None:
+        self._base = base
+        self._model = base.model  # the causal LM; PEFT wraps it but keeps this object
+        self._tokenizer = base.tokenizer
+        self._peft: Any = None  # PeftModel, created with the first adapter
+        self._adapters: OrderedDict[Path, tuple[int, str]] = OrderedDict()  # LRU: mtime, name
+        self._max_adapters = max_adapters
+        self._next_adapter = 0
+        self._lock = threading.Lock()  # a Lock (not RLock): a stream may resume on another thread
+        self._eos_ids = _eos_ids(self._model, self._tokenizer)
+
+    # -- public --------------------------------------------------------------------------------
+    def count_tokens(self, prompt: str, adapter_dir: Path | None = None) -> int:
+        """Tokens the model sees for `prompt`: BOS and, with an adapter, the training template."""
+        return len(self._encode(prompt, adapter_dir))
+
+    def generate(
+        self, prompt: str, params: GenerationParams, adapter_dir: Path | None = None
+    ) -> Generation:
+        ids = self._checked_ids(prompt, params, adapter_dir)
+        texts = [
+            _TextStream(self._tokenizer, params, adapter_dir is not None)
+            for _ in range(params.candidate_count)
+        ]
+        with self._lock:
+            for _ in self._decode(ids, params, adapter_dir, texts):
+                pass
+        return Generation(
+            candidates=tuple(
+                Candidate(t.text, t.finish_reason or FinishReason.MAX_TOKENS, t.token_count)
+                for t in texts
+            ),
+            prompt_token_count=len(ids),
+        )
+
+    def stream(
+        self, prompt: str, params: GenerationParams, adapter_dir: Path | None = None
+    ) -> Iterator[StreamChunk]:
+        """Text as it is decoded; the model stays locked until the iterator ends or is closed."""
+        if params.candidate_count != 1:
+            raise InvalidArgument("`candidateCount` must be 1 when streaming")
+        # Validate now, not at the first next(), so bad input fails before a response starts.
+        ids = self._checked_ids(prompt, params, adapter_dir)
+        return self._stream(ids, params, adapter_dir)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _stream(
+        self, ids: list[int], params: GenerationParams, adapter_dir: Path | None
+    ) -> Iterator[StreamChunk]:
+        text = _TextStream(self._tokenizer, params, adapter_dir is not None)
+        with self._lock:
+            for (delta,) in self._decode(ids, params, adapter_dir, [text]):
+                if text.finish_reason is not None:
+                    yield StreamChunk(
+                        delta,
+                        finish_reason=text.finish_reason,
+                        prompt_token_count=len(ids),
+                        output_token_count=text.token_count,
+                    )
+                elif delta:
+                    yield StreamChunk(delta)
+
+    def _encode(self, prompt: str, adapter_dir: Path | None) -> list[int]:
+        if adapter_dir is not None:
+            return encode_prompt(self._tokenizer, prompt)
+        ids: list[int] = self._tokenizer(prompt)["input_ids"]
+        return ids
+
+    def _checked_ids(
+        self, prompt: str, params: GenerationParams, adapter_dir: Path | None
+    ) -> list[int]:
+        ids = self._encode(prompt, adapter_dir)
+        limit = self._base.info.input_token_limit
+        if len(ids) > limit:
+            raise InvalidArgument(f"the prompt has {len(ids):,} tokens; the limit is {limit:,}")
+        limit = self._base.info.output_token_limit
+        if params.max_output_tokens > limit:
+            raise InvalidArgument(f"`maxOutputTokens` must be <= {limit:,}")
+        return ids
+
+    @torch.inference_mode()
+    def _decode(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        adapter_dir: Path | None,
+        texts: Sequence[_TextStream],
+    ) -> Iterator[list[str]]:
+        """Run the model, feeding each step's tokens to `texts`; yields each step's new text.
+
+        Candidates share the prompt's KV cache and decode as one batch; a finished candidate's
+        row is dropped from the batch so it costs nothing more.
+        """
+        body = self._model.model  # the decoder stack: hidden states without the vocab head
+        device = self._base.device
+        rng = None
+        if params.temperature > 0:
+            seed = params.seed if params.seed is not None else secrets.randbits(63)
+            rng = torch.Generator(device=device).manual_seed(seed)
+        from transformers import DynamicCache
+
+        with self._adapter_active(adapter_dir):
+            cache = DynamicCache(config=self._model.config)
+            input_ids = torch.tensor([prompt_ids], device=device)  # (1, T)
+            hidden = body(input_ids=input_ids, cache=cache, use_cache=True).last_hidden_state
+            hidden = hidden[:, -1]  # (1, C): only the last position needs logits
+            n = len(texts)
+            if n > 1:
+                cache.batch_repeat_interleave(n)
+                hidden = hidden.expand(n, -1)
+            rows = list(range(n))  # candidate index of each batch row still decoding
+            for step in range(params.max_output_tokens):
+                next_ids = _pick(self._logits(hidden), params, rng).tolist()  # (rows,)
+                deltas = [""] * n
+                for tok, i in zip(next_ids, rows, strict=True):
+                    deltas[i] = texts[i].push(tok, tok in self._eos_ids)
+                if step + 1 == params.max_output_tokens:
+                    for i in rows:
+                        if texts[i].finish_reason is None:
+                            deltas[i] += texts[i].finish(FinishReason.MAX_TOKENS)
+                keep = [r for r, i in enumerate(rows) if texts[i].finish_reason is None]
+                yield deltas
+                if not keep:
+                    return
+                next_tensor = torch.tensor(next_ids, device=device)
+                if len(keep) < len(rows):
+                    index = torch.tensor(keep, device=device)
+                    cache.batch_select_indices(index)
+                    next_tensor = next_tensor[index]
+                    rows = [rows[r] for r in keep]
+                out = body(input_ids=next_tensor[:, None], cache=cache, use_cache=True)
+                hidden = out.last_hidden_state[:, -1]  # (rows, C)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, C) hidden → (B, V) float32 logits, as the model's own forward computes them."""
+        logits = self._model.lm_head(hidden)
+        cap = getattr(self._model.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+    def _adapter_active(self, adapter_dir: Path | None) -> contextlib.AbstractContextManager[Any]:
+        if adapter_dir is None:
+            # The base model is the empty adapter slot: LoRA layers switched off for this call.
+            return (
+                self._peft.disable_adapter() if self._peft is not None else contextlib.nullcontext()
+            )
+        self._peft_set_adapter(adapter_dir)
+        return contextlib.nullcontext()
+
+    def _peft_set_adapter(self, adapter_dir: Path) -> None:
+        """Make `adapter_dir` the active adapter, loading it once (LRU of `max_adapters`)."""
+        from peft import PeftModel
+
+        path = Path(adapter_dir).resolve()
+        config = path / "adapter_config.json"
+        if not config.exists():
+            raise NotFound(f"no adapter at {adapter_dir}")
+        weights = path / "adapter_model.safetensors"
+        # A rewritten folder (same path, new weights) must not be served from the stale copy.
+        mtime = (weights if weights.exists() else config).stat().st_mtime_ns
+        cached = self._adapters.get(path)
+        if cached is not None and cached[0] == mtime:
+            self._adapters.move_to_end(path)
+            self._peft.set_adapter(cached[1])
+            return
+        name = f"tuned_{self._next_adapter}"
+        self._next_adapter += 1
+        log.info("loading adapter %s as %s", path, name)
+        if self._peft is None:
+            self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
+        else:
+            self._peft.load_adapter(str(path), adapter_name=name)
+        self._peft.eval()
+        self._peft.set_adapter(name)
+        if cached is not None:
+            self._peft.delete_adapter(cached[1])
+        self._adapters[path] = (mtime, name)
+        self._adapters.move_to_end(path)
+        while len(self._adapters) > self._max_adapters:
+            _, (_, old) = self._adapters.popitem(last=False)
+            self._peft.delete_adapter(old)
+
+
+class _TextStream:
+    """One candidate's text: incremental UTF-8-safe detokenizing, stop sequences, hold-back."""
+
+    def __init__(self, tokenizer: Any, params: GenerationParams, strip_prefix: bool) -> None:
+        self._tokenizer = tokenizer
+        self._stops = params.stop_sequences
+        # A tuned model answers after the template with OUTPUT_PREFIX, as it was trained to.
+        self._prefix = OUTPUT_PREFIX if strip_prefix else ""
+        self._ids: list[int] = []
+        self._read_from = 0  # ids before this are already in `_raw`; decode from here on
+        self._raw = ""  # decoded text so far (before removing the prefix)
+        self.text = ""  # the output text so far, including what is held back
+        self._sent = 0  # characters of `text` already handed out
+        self.token_count = 0
+        self.finish_reason: FinishReason | None = None
+
+    def push(self, token: int, is_eos: bool) -> str:
+        """Take the next token; return the text that is now safe to hand out."""
+        self.token_count += 1
+        if is_eos:
+            return self.finish(FinishReason.STOP)
+        self._ids.append(token)
+        # Decode the ids since the last complete character together: a character split over
+        # several byte tokens decodes to U+FFFD until its last byte arrives.
+        piece = self._tokenizer.decode(self._ids[self._read_from :], skip_special_tokens=True)
+        if piece.endswith("\ufffd"):
+            return ""
+        self._read_from = len(self._ids)
+        self._raw += piece
+        self.text = self._raw.removeprefix(self._prefix) if self._raw else ""
+        if self._prefix and len(self._raw) < len(self._prefix):
+            return ""
+        # Held-back text guarantees a match cannot start before `_sent`.
+        hits = [i for s in self._stops if (i := self.text.find(s, self._sent)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return self.finish(FinishReason.STOP)
+        safe = len(self.text) - _held_back(self.text, self._stops)
+        out = self.text[self._sent : safe]
+        self._sent = max(self._sent, safe)
+        return out
+
+    def finish(self, reason: FinishReason) -> str:
+        """End the candidate; return whatever was held back."""
+        self.finish_reason = reason
+        out = self.text[self._sent :]
+        self._sent = len(self.text)
+        return out
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop sequence."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
+
+
+def _pick(
+    logits: torch.Tensor, params: GenerationParams, rng: torch.Generator | None
+) -> torch.Tensor:
+    """(B, V) logits → (B,) next tokens: argmax, or temperature/top-k/top-p sampling."""
+    if rng is None:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        values, index = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1)
+    elif params.top_p < 1.0:
+        values, index = logits.sort(dim=-1, descending=True)
+    else:
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+    if params.top_p < 1.0:
+        probs = values.softmax(dim=-1)
+        # Keep the smallest head whose mass reaches top_p (the first token always survives).
+        outside = probs.cumsum(dim=-1) - probs >= params.top_p
+        values = values.masked_fill(outside, float("-inf"))
+    choice = torch.multinomial(values.softmax(dim=-1), 1, generator=rng)  # (B, 1)
+    return index.gather(-1, choice).squeeze(-1)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every id that ends a turn: tokenizer/config/generation-config EOS and Gemma's end of turn."""
+    ids: set[int] = set()
+    sources = [tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)]
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        sources.append(generation_config.eos_token_id)
+    for source in sources:
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, list | tuple):
+            ids.update(int(i) for i in source)
+    end_of_turn = tokenizer.convert_tokens_to_ids(_END_OF_TURN)
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+        ids.add(end_of_turn)
+    return frozenset(ids)
