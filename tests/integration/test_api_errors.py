@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
+
+from tunery.api.app import create_app
+from tunery.settings import Settings
 
 GENERATE = "/v1beta/models/tiny-gemma:generateContent"
 
@@ -78,3 +82,15 @@ def test_non_text_parts_are_400(http: httpx.Client, part: dict[str, object]) -> 
 
 def test_empty_contents_is_400(http: httpx.Client) -> None:
     error_of(http.post(GENERATE, json={"contents": []}), 400, "INVALID_ARGUMENT")
+
+
+def test_unexpected_error_is_500_envelope_without_internals(settings: Settings) -> None:
+    app = create_app(settings)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    r = TestClient(app, raise_server_exceptions=False).get("/boom")
+    assert "secret" not in error_of(r, 500, "INTERNAL")
+    assert "Traceback" not in r.text

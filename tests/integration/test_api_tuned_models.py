@@ -74,9 +74,10 @@ def test_create_accepts_snake_case_body(http: httpx.Client) -> None:
     assert model["tuningTask"]["hyperparameters"]["batchSize"] == 2
 
 
-def test_create_without_training_data_names_cause_and_fix(http: httpx.Client) -> None:
+@pytest.mark.parametrize("version", ["v1beta", "v1"])  # google-genai >= 1.47 posts to /v1
+def test_create_without_training_data_names_cause_and_fix(http: httpx.Client, version: str) -> None:
     body = {"baseModel": "models/tiny-gemma", "tuningTask": {"hyperparameters": {}}}
-    r = http.post("/v1beta/tunedModels", json=body)
+    r = http.post(f"/{version}/tunedModels", json=body)
     assert_error(r, 400, "INVALID_ARGUMENT", "google-genai 1.47", "google-genai<=1.46")
 
 

@@ -48,10 +48,9 @@ def examples(n: int) -> tuple[Example, ...]:
     return tuple(Example(f"count to {i}", " ".join(str(j) for j in range(i + 1))) for i in range(n))
 
 
-def submit(svc: TuningService, n: int = 4, epochs: int = 1, batch: int = 2, **kw: str) -> str:
-    req = CreateRequest(
-        base_model=TINY, examples=examples(n), epoch_count=epochs, batch_size=batch, **kw
-    )
+def submit(svc: TuningService, n: int = 4, epochs: int = 1, batch: int = 2) -> str:
+    """Queue a job of n examples; it takes ceil(n / batch) * epochs steps."""
+    req = CreateRequest(base_model=TINY, examples=examples(n), epoch_count=epochs, batch_size=batch)
     return svc.create(req, owner=None).id
 
 
@@ -159,7 +158,8 @@ def test_a_stopping_worker_hands_its_job_back_and_another_resumes_it(
     with worker_thread(fast_settings, "second"):
         model = wait_for(svc, model_id, finished)
 
-    assert model.job is not None and model.job.state is JobState.SUCCEEDED, model.job.error
+    assert model.job is not None
+    assert model.job.state is JobState.SUCCEEDED, model.job.error
     assert [s.step for s in model.snapshots] == list(range(1, model.job.total_steps + 1))
 
 
@@ -182,7 +182,8 @@ def test_a_job_of_a_killed_worker_process_resumes_from_its_checkpoint_once_the_l
     with worker_thread(fast_settings, "rescuer"):
         model = wait_for(svc, model_id, finished)
 
-    assert model.job is not None and model.job.state is JobState.SUCCEEDED, model.job.error
+    assert model.job is not None
+    assert model.job.state is JobState.SUCCEEDED, model.job.error
     assert [s.step for s in model.snapshots] == list(range(1, model.job.total_steps + 1))
     # the first epoch was checkpointed before the kill, so its steps were not trained again
     assert all(s.compute_time < killed_at for s in model.snapshots[:4])

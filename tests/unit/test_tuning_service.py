@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,10 +41,8 @@ def svc(store: Store, tmp_path: Path) -> TuningService:
     return TuningService(store, registry, tmp_path / "tuned_models")
 
 
-def request(**overrides: object) -> CreateRequest:
-    fields: dict[str, object] = {"base_model": BASE, "examples": EXAMPLES}
-    fields.update(overrides)
-    return CreateRequest(**fields)  # type: ignore[arg-type]
+def request(**overrides: Any) -> CreateRequest:
+    return replace(CreateRequest(base_model=BASE, examples=EXAMPLES), **overrides)
 
 
 # -- create ------------------------------------------------------------------------------------
@@ -65,10 +65,11 @@ def test_create_accepts_the_base_model_without_the_models_prefix(svc: TuningServ
     assert model.base_model == BASE
 
 
-def test_create_takes_sampling_defaults_from_the_base_model(svc: TuningService) -> None:
+def test_create_defaults_to_greedy_and_the_base_models_top_p(svc: TuningService) -> None:
     base = svc.registry.get(BASE)
     model = svc.create(request(top_k=7), owner=None)
-    assert (model.temperature, model.top_p, model.top_k) == (base.temperature, base.top_p, 7)
+    assert (model.temperature, model.top_p, model.top_k) == (0.0, base.top_p, 7)
+    assert svc.create(request(temperature=0.7), owner=None).temperature == 0.7
 
 
 def test_create_keeps_a_learning_rate_multiplier_as_given(svc: TuningService) -> None:

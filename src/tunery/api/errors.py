@@ -59,6 +59,11 @@ class InvalidApiKey(InvalidArgument):
         super().__init__("API key not valid. Please pass a valid API key.")
 
 
+def internal_error() -> TuneryError:
+    """What a caller sees of an unexpected failure: no traceback, no internals."""
+    return TuneryError("Internal error encountered.")
+
+
 def envelope(
     code: int, status: str, message: str, details: list[Any] | None = None
 ) -> JSONResponse:
@@ -134,7 +139,7 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return envelope(500, "INTERNAL", "Internal error encountered.")
+    return tunery_error_response(internal_error())
 
 
 def install_error_handlers(app: FastAPI) -> None:

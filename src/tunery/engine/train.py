@@ -37,7 +37,7 @@ ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoint"
 # The Gemini API's learning rates (default 0.001) were chosen for Google's own tuning method;
 # for LoRA on these models the same number, times this factor, is the AdamW step size.
-LORA_LR_SCALE = 1.0
+LORA_LR_SCALE = 0.5
 WARMUP_FRACTION = 0.1
 GRAD_CLIP = 1.0
 CHECKPOINT_INTERVAL_S = 60.0
@@ -75,7 +75,7 @@ def train(
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on `examples`; resume from `work_dir`'s checkpoint if there is one."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model
 
     if not examples:
         raise InvalidArgument("the training dataset has no examples")
@@ -146,7 +146,7 @@ def train(
                         validation_loss=val_loss,
                     )
                 )
-        adapter_dir = _save_adapter(work_dir, model, get_peft_model_state_dict)
+        adapter_dir = _save_adapter(work_dir, model)
         shutil.rmtree(work_dir / CHECKPOINT_DIR, ignore_errors=True)
         return TrainResult(StopReason.COMPLETED, step, total, str(adapter_dir))
     finally:
@@ -213,7 +213,7 @@ def _load_checkpoint(work_dir: Path, model: Any, opt: torch.optim.Optimizer) -> 
     return int(state["step"])
 
 
-def _save_adapter(work_dir: Path, model: Any, _state_dict_fn: Any) -> Path:
+def _save_adapter(work_dir: Path, model: Any) -> Path:
     """Save the PEFT adapter (safetensors) to a temp dir, fsync, then rename into place."""
     tmp = work_dir / f".{ADAPTER_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

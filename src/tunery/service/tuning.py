@@ -44,6 +44,7 @@ TUNED_MODEL_ID = re.compile(r"[a-z]([a-z0-9-]{0,38}[a-z0-9])?")
 MAX_DISPLAY_NAME = 40
 MAX_TEMPERATURE = 2.0  # the Gemini API allows [0, 1]; our base models sample fine up to 2
 DEFAULT_PAGE_SIZE = 10
+TUNED_DEFAULT_TEMPERATURE = 0.0
 MAX_PAGE_SIZE = 1000
 MAX_REPORTED_BAD_EXAMPLES = 10
 SUFFIX_LEN = 6
@@ -152,7 +153,9 @@ class TuningService:
                 ),
                 learning_rate_multiplier=spec.learning_rate_multiplier,
             ),
-            temperature=base.temperature if req.temperature is None else req.temperature,
+            # A tuned model answers what it was taught: greedy unless asked otherwise (the
+            # Gemini API copies the base model's sampling temperature instead).
+            temperature=TUNED_DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
             top_p=base.top_p if req.top_p is None else req.top_p,
             top_k=base.top_k if req.top_k is None else req.top_k,
             owner_key=owner,

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from tunery.api.deps import Owner, Services, Svc
-from tunery.api.errors import error_body
+from tunery.api.errors import error_body, internal_error
 from tunery.api.schemas import (
     ContentIn,
     CountTokensRequest,
@@ -125,9 +125,12 @@ def _bodies(chunks: Iterator[StreamChunk], model: str, response_id: str) -> Iter
         yield json.dumps({"error": error_body(exc)})
     except Exception:
         log.exception("stream on %s failed", model)
-        yield json.dumps(
-            {"error": {"code": 500, "message": "Internal error encountered.", "status": "INTERNAL"}}
-        )
+        yield json.dumps({"error": error_body(internal_error())})
+    finally:
+        # A client that went away closes us; close the engine's stream too, releasing its model.
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
 def _json_array(bodies: Iterator[str]) -> Iterator[str]:

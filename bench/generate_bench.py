@@ -1,0 +1,135 @@
+"""Generation speed: Tunery's `Generator` vs transformers' `model.generate` (fp32 and bf16), in one
+process, on the same base model and the same ~100-token prompt, greedy.
+
+Each side is timed twice per repeat: with 1 output token (time to first token: prompt prefill plus
+one step) and with N. Decode tokens/s is (tokens after the first) / (T_N - T_1); the median of
+`--repeats` runs is reported, after one warm-up run each.
+
+    python bench/generate_bench.py [--data-dir DIR] [--max-tokens 128] [--repeats 3]
+
+The last line is the ratio of decode speeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunery.engine.base_models import DEFAULT_BASE_MODEL, BaseModelRegistry
+from tunery.engine.generate import Generator
+from tunery.engine.specs import GenerationParams
+from tunery.settings import Settings
+
+OFFLINE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+
+# A plain-text opening a pretrained model keeps writing from (no early end of text).
+PROMPT = (
+    "The history of the lighthouse at the edge of the northern harbor begins in the winter of "
+    "1852, when a storm drove three fishing boats onto the rocks below the cliffs. The town "
+    "council met the following spring and agreed to build a tower of local granite, paid for by "
+    "a tax on every barrel of herring landed at the quay. The first keeper, a retired sailor named "
+    "Thomas Hale, lit the lamp for the first time on a calm evening in October, and for the next "
+    "forty years he kept a journal of every ship that passed. In his journal he wrote that"
+)
+
+# One side: a function of max new tokens → tokens actually generated.
+Decode = Callable[[int], int]
+
+
+@dataclass(frozen=True)
+class Timing:
+    name: str
+    ttft: float  # seconds to the first token
+    decode_tps: float  # tokens/s after the first
+    tokens: int
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def time_side(name: str, decode: Decode, max_tokens: int, repeats: int) -> Timing:
+    """Median TTFT and decode speed over `repeats`, after one warm-up of each length."""
+    decode(1)
+    decode(max_tokens)
+    firsts, rates, count = [], [], 0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        decode(1)
+        t1 = time.perf_counter() - start
+        start = time.perf_counter()
+        count = decode(max_tokens)
+        tn = time.perf_counter() - start
+        firsts.append(t1)
+        rates.append((count - 1) / max(tn - t1, 1e-9))
+    return Timing(name, statistics.median(firsts), statistics.median(rates), count)
+
+
+def tunery_side(generator: Generator) -> Decode:
+    def decode(n: int) -> int:
+        result = generator.generate(PROMPT, GenerationParams(max_output_tokens=n))
+        return result.candidates[0].token_count
+
+    return decode
+
+
+def hf_side(model: object, input_ids: torch.Tensor) -> Decode:
+    @torch.inference_mode()
+    def decode(n: int) -> int:
+        out = model.generate(  # type: ignore[attr-defined]
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=n,
+            do_sample=False,
+        )
+        return int(out.shape[1] - input_ids.shape[1])
+
+    return decode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: TUNERY_DATA_DIR")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    for name in OFFLINE:  # the benches never touch the network
+        os.environ[name] = "1"
+    settings = Settings(data_dir=args.data_dir) if args.data_dir else Settings()
+
+    from transformers import AutoModelForCausalLM
+
+    base = BaseModelRegistry(settings.models_dir, device=settings.device).load(DEFAULT_BASE_MODEL)
+    input_ids = base.tokenizer(PROMPT, return_tensors="pt")["input_ids"].to(base.device)
+    print(
+        f"prompt {input_ids.shape[1]} tokens, up to {args.max_tokens} new, greedy; "
+        f"{torch.get_num_threads()} threads, cpu {torch.backends.cpu.get_cpu_capability()}"
+    )
+
+    sides = [(f"tunery ({dtype_name(base.dtype)})", tunery_side(Generator(base)))]
+    for dtype in (torch.float32, torch.bfloat16):
+        model = AutoModelForCausalLM.from_pretrained(base.model_dir, dtype=dtype).to(base.device)
+        model.eval()
+        sides.append((f"transformers ({dtype_name(dtype)})", hf_side(model, input_ids)))
+
+    ours, *theirs = [time_side(name, d, args.max_tokens, args.repeats) for name, d in sides]
+    for t in (ours, *theirs):
+        print(
+            f"{t.name:<24} TTFT {t.ttft * 1000:7.1f} ms  decode {t.decode_tps:7.1f} tokens/s"
+            f"  ({t.tokens} tokens)"
+        )
+    best = max(theirs, key=lambda t: t.decode_tps)
+    print(f"ratio tunery/{best.name} TTFT: {ours.ttft / best.ttft:.2f}")
+    print(f"ratio tunery/{best.name} decode tokens/s: {ours.decode_tps / best.decode_tps:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
