@@ -48,7 +48,7 @@ def _run(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except TuneryError as exc:
-        err.print(f"[red]error:[/red] {exc.message}", highlight=False)
+        err.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True, markup=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         err.print("interrupted")

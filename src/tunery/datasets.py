@@ -193,7 +193,8 @@ def _raise_if_any(problems: list[str], headline: str) -> None:
     """One error for all problems: the headline, the first few, and how many more."""
     if not problems:
         return
-    lines = [headline + ":", *problems[:MAX_REPORTED]]
+    shown = problems[:MAX_REPORTED]
     if len(problems) > MAX_REPORTED:
-        lines.append(f"... and {len(problems) - MAX_REPORTED} more")
-    raise InvalidArgument("\n  ".join(lines))
+        shown.append(f"and {len(problems) - MAX_REPORTED} more")
+    # One line: it is a CLI error line and a Gemini error message alike.
+    raise InvalidArgument(f"{headline}: " + "; ".join(shown))

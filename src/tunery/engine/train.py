@@ -29,7 +29,7 @@ from tunery.engine.data import (
     tokenize_example,
 )
 from tunery.engine.specs import Example, StepReport, StopReason, TrainResult, TrainSpec
-from tunery.errors import InvalidArgument
+from tunery.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,11 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, total, peak_lr)
             loss = label_loss(causal, batch)
+            if not torch.isfinite(loss):
+                raise FailedPrecondition(
+                    f"training diverged at step {step + 1}: the loss is {loss.item()}; "
+                    "try a lower learningRate or learningRateMultiplier"
+                )
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
             opt.step()

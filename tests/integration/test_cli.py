@@ -1,0 +1,62 @@
+"""The `tunery` CLI as a user runs it: real subprocesses, one-line errors, non-zero exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def tunery(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNERY_DATA_DIR": str(data_dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "tunery", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+
+
+def test_bad_rows_are_reported_by_row_number_in_one_line(tmp_path: Path) -> None:
+    data = tmp_path / "bad.jsonl"
+    rows = [
+        {"text_input": "1", "output": "2"},
+        {"text_input": "3"},
+        {"text_input": "x" * 40_001, "output": "y"},
+    ]
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    result = tunery("tune", str(data), data_dir=tmp_path / "d")
+
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "line 2" in lines[0] and "line 3" in lines[0] and "40,000" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "d" / "tuned_models").exists()  # nothing half-trained
+
+
+def test_missing_file_and_bad_hyperparameters_are_one_line_errors(tmp_path: Path) -> None:
+    missing = tunery("tune", str(tmp_path / "nope.jsonl"), data_dir=tmp_path / "d")
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "nope.jsonl" in missing.stderr
+
+    data = tmp_path / "ok.csv"
+    data.write_text("text_input,output\n1,2\n")
+    bad = tunery("tune", str(data), "--epochs", "0", data_dir=tmp_path / "d")
+    assert bad.returncode == 1 and "epochCount" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_unknown_model_is_a_one_line_error(tmp_path: Path) -> None:
+    result = tunery("generate", "tunedModels/nope", "hi", data_dir=tmp_path / "d")
+    assert result.returncode == 1
+    assert "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_models_lists_the_embedded_base_model(tmp_path: Path) -> None:
+    result = tunery("models", data_dir=tmp_path / "d")
+    assert result.returncode == 0, result.stderr
+    assert "models/gemma-3-270m" in result.stdout
