@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # test servers and workers share 2 cores
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_CACHE = Path(os.environ.get("TUNERY_TEST_CACHE", REPO / ".tunery" / "test-cache"))
@@ -68,13 +70,31 @@ def tiny_model_path(models_dir: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def data_dir(tmp_path: Path, models_dir: Path, tiny_model_path: Path) -> Path:
-    """A fresh data dir whose base_models links to the shared cache and registers the tiny model."""
+def new_data_dir(data: Path, models_dir: Path, tiny_model_path: Path) -> Path:
+    """Make `data` a data dir whose base_models links to the shared embedded-model cache and
+    registers the tiny model."""
     from tunery.engine.base_models import BaseModelRegistry
 
-    data = tmp_path / "data"
     (data / "base_models").mkdir(parents=True)
     (data / "base_models" / "gemma-3-270m").symlink_to(models_dir / "gemma-3-270m")
     BaseModelRegistry(data / "base_models").register(TINY_NAME, tiny_model_path)
     return data
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, models_dir: Path, tiny_model_path: Path) -> Path:
+    """A fresh data dir for one test (see `new_data_dir`)."""
+    return new_data_dir(tmp_path / "data", models_dir, tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def make_data_dir(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, tiny_model_path: Path
+) -> Callable[[], Path]:
+    """For module- or session-scoped fixtures: each call returns a fresh data dir like
+    `data_dir`'s."""
+
+    def make() -> Path:
+        return new_data_dir(tmp_path_factory.mktemp("data") / "data", models_dir, tiny_model_path)
+
+    return make

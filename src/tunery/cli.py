@@ -6,6 +6,7 @@ Errors are one line on stderr and exit code 1; logging is configured here and on
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,15 @@ def _run(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
+    except Exception as exc:  # a bug or an environment problem: still one line, no traceback
+        if os.environ.get("TUNERY_DEBUG"):
+            raise
+        err.print(
+            f"[red]internal error:[/red] {type(exc).__name__}: {exc} (TUNERY_DEBUG=1 shows more)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -235,28 +245,32 @@ def _progress(stream: Any) -> None:
     columns = (
         TextColumn("[bold]tuning"),
         BarColumn(),
-        TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("step {task.completed:.0f}/{task.fields[steps]}"),
         TextColumn("epoch {task.fields[epoch]}"),
         TextColumn("loss {task.fields[loss]}"),
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=err, transient=False) as progress:
-        task = progress.add_task("tune", total=None, epoch="-", loss="-")
+        task = progress.add_task("tune", total=None, steps="?", epoch="-", loss="-")
         for done, total, epoch, loss in stream:
             progress.update(
                 task,
                 completed=done,
                 total=total or None,
+                steps=total or "?",
                 epoch=epoch if epoch is not None else "-",
                 loss=f"{loss:.4f}" if loss is not None else "-",
             )
 
 
 def main() -> None:
+    # The API process and its workers share the cores; spinning OpenMP threads of one process
+    # would starve the other (measured: decode fell ~10x). Must be set before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("httpx", "transformers", "urllib3"):
+    for noisy in ("httpx", "transformers", "urllib3", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     app()
 

@@ -61,13 +61,16 @@ def load_examples(path: str | Path) -> list[Example]:
     return examples
 
 
-def validate_examples(examples: Sequence[Example], label: str = "example") -> None:
-    """Check inline examples against the dataset limits; messages say "{label} N" (1-based)."""
+def validate_examples(
+    examples: Sequence[Example], label: str = "example", input_name: str = "input"
+) -> None:
+    """Check inline examples against the dataset limits; messages say "{label} N" (1-based) and
+    call the input field `input_name` (the REST API says textInput)."""
     if not examples:
         raise InvalidArgument("the training data needs at least one example")
     problems: list[str] = []
     for i, ex in enumerate(examples, start=1):
-        errors = _check_text("input", ex.text_input, MAX_INPUT_CHARS)
+        errors = _check_text(input_name, ex.text_input, MAX_INPUT_CHARS)
         errors += _check_text("output", ex.output, MAX_OUTPUT_CHARS)
         if errors:
             problems.append(f"{label} {i}: {'; '.join(errors)}")

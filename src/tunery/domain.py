@@ -72,6 +72,7 @@ class TuningJob:
     worker_id: str | None = None
     lease_expires: datetime | None = None
     cancel_requested: bool = False
+    attempts: int = 0  # workers that took it on; more than one means one died or was stopped
 
     @property
     def completed_percent(self) -> float:

@@ -1,10 +1,11 @@
 """The one exception tree of Tunery; the API maps it to HTTP in api/errors.py, the CLI to an exit.
 
 TuneryError                      (status INTERNAL, HTTP 500)
-├── InvalidArgument              (400 INVALID_ARGUMENT)  bad input a user can fix
+├── InvalidArgument              (400 INVALID_ARGUMENT)  bad input a user can fix; also an
+│                                 unknown API key (api.errors.InvalidApiKey, API_KEY_INVALID)
 ├── FailedPrecondition           (400 FAILED_PRECONDITION) e.g. model still training
 ├── Unauthenticated              (401 UNAUTHENTICATED)  no API key where one is needed
-├── PermissionDenied             (403 PERMISSION_DENIED) key not valid
+├── PermissionDenied             (403 PERMISSION_DENIED) a server's 403, in the HTTP client
 ├── NotFound                     (404 NOT_FOUND)
 ├── AlreadyExists                (409 ALREADY_EXISTS)
 ├── PayloadTooLarge              (413 INVALID_ARGUMENT)  request body over the limit

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+from types import FrameType
 
 import uvicorn
 
@@ -22,6 +24,10 @@ def run_server(settings: Settings) -> None:
         )
     workers = [start_worker_process(settings) for _ in range(settings.workers)]
     log.info("started %d training worker(s)", len(workers))
+    # uvicorn re-raises the SIGTERM it shut down on once it is done; with the default handler
+    # that would end this process before `finally` stops the workers, leaving them orphaned
+    # and training on.
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         uvicorn.run(
             create_app(settings),
@@ -30,7 +36,10 @@ def run_server(settings: Settings) -> None:
             log_level="info",
             timeout_graceful_shutdown=5,
         )
+    except _Terminated:
+        log.info("SIGTERM: stopping")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         # SIGTERM lets a worker finish its step, checkpoint and hand its job back.
         for process in workers:
             if process.is_alive():
@@ -39,3 +48,11 @@ def run_server(settings: Settings) -> None:
             process.join(WORKER_STOP_TIMEOUT_S)
             if process.is_alive():
                 process.kill()
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived after uvicorn finished (it re-raises the signal it shut down on)."""
+
+
+def _stop_on_sigterm(_signum: int, _frame: FrameType | None) -> None:
+    raise _Terminated

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     workers: int = 1  # worker processes `tunery serve` starts
     lease_seconds: float = 30.0
     max_running_jobs_per_key: int = 2
+    max_job_attempts: int = 3  # a job whose worker died this many times is FAILED
     max_request_bytes: int = 64 * 1024 * 1024
 
     @field_validator("api_keys", mode="before")

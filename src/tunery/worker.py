@@ -115,7 +115,9 @@ class Worker:
         log.info("worker %s started", self.worker_id)
         while not self.stopping:
             try:
-                job = self.store.jobs.claim_next(self.worker_id, self.settings.lease_seconds)
+                job = self.store.jobs.claim_next(
+                    self.worker_id, self.settings.lease_seconds, self.settings.max_job_attempts
+                )
                 if job is None:
                     self._sleep(idle_poll_s)
                     continue

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -29,11 +29,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server_url(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[str]:
+def server_url(make_data_dir: Callable[[], Path]) -> Iterator[str]:
     """`python -m tunery serve` on a fresh data dir sharing the converted embedded model."""
-    data = tmp_path_factory.mktemp("e2e") / "data"
-    (data / "base_models").mkdir(parents=True)
-    (data / "base_models" / "gemma-3-270m").symlink_to(models_dir / "gemma-3-270m")
+    data = make_data_dir()
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNERY_API_KEYS": "seed-key"}
     log = (data / "serve.log").open("w")
@@ -100,6 +98,7 @@ def tuning_job(client: genai.Client) -> types.TuningJob:
             for i, o in training_dataset
         ],
     )
+    started = time.perf_counter()
     tuning_job = client.tunings.tune(
         base_model="models/gemma-3-270m",
         training_dataset=training_dataset,
@@ -116,6 +115,7 @@ def tuning_job(client: genai.Client) -> types.TuningJob:
         assert time.monotonic() < deadline, "tuning did not finish in time"
         time.sleep(2)
         tuning_job = client.tunings.get(name=tuning_job.name or "")
+    print(f"\ntune() to {tuning_job.state}: {time.perf_counter() - started:.1f} s")
     return tuning_job
 
 
@@ -129,11 +129,16 @@ def test_tuned_model_answers_the_tutorial_prompt(
 ) -> None:
     assert tuning_job.has_succeeded
     assert tuning_job.tuned_model is not None
+    started = time.perf_counter()
     response = client.models.generate_content(
         model=tuning_job.tuned_model.model,
         contents="III",
     )
-    print(response.text)
+    took = time.perf_counter() - started
+    print(f"\ngenerate_content('III') -> {response.text!r} in {took * 1000:.0f} ms (first call)")
+    started = time.perf_counter()
+    client.models.generate_content(model=tuning_job.tuned_model.model, contents="III")
+    print(f"generate_content('III') again: {(time.perf_counter() - started) * 1000:.0f} ms")
     assert (response.text or "").strip() == "IV"
 
 

@@ -1,25 +1,56 @@
 """Fixtures for API tests: a live server over a fresh data dir with the tiny model registered,
-optionally with API keys and a training worker, plus httpx clients bound to it."""
+optionally with API keys and a training worker, plus httpx clients bound to it.
+
+Every test that builds on `settings` or `worker_server` runs twice: on SQLite (the data dir's
+file) and on a real PostgreSQL server (a fresh database each), which is skipped with a reason
+where PostgreSQL is not installed."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from live_server import LiveServer, live_server
+from pg_server import PostgresServer, find_pg_bin, postgres_server
 
 from tunery.settings import Settings
 
 KEY_A = "key-alice"
 KEY_B = "key-bob"
+DATABASES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster for the session; skips where it is not installed."""
+    if find_pg_bin() is None:
+        pytest.skip("PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb)")
+    pytest.importorskip("psycopg", reason="the psycopg driver is not installed")
+    with postgres_server() as server:
+        yield server
+
+
+def _db_url(request: pytest.FixtureRequest) -> str | None:
+    """None (the data dir's SQLite file) or a fresh PostgreSQL database's URL."""
+    if request.param == "sqlite":
+        return None
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.new_database()
+
+
+@pytest.fixture(params=DATABASES)
+def db_url(request: pytest.FixtureRequest) -> str | None:
+    return _db_url(request)
 
 
 @pytest.fixture
-def settings(data_dir: Path) -> Settings:
-    return Settings(data_dir=data_dir, device="cpu", threads=1, max_request_bytes=1_000_000)
+def settings(data_dir: Path, db_url: str | None) -> Settings:
+    return Settings(
+        data_dir=data_dir, db_url=db_url, device="cpu", threads=1, max_request_bytes=1_000_000
+    )
 
 
 @pytest.fixture
@@ -36,20 +67,15 @@ def keyed_server(settings: Settings) -> Iterator[LiveServer]:
         yield s
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=DATABASES)
 def worker_server(
-    tmp_path_factory: pytest.TempPathFactory, models_dir: Path, tiny_model_path: Path
+    request: pytest.FixtureRequest, make_data_dir: Callable[[], Path]
 ) -> Iterator[LiveServer]:
     """Open access with one training worker in a thread; shared by a module's tests (training
     and loading models dominate their time); no test depends on another's changes."""
-    from tunery.engine.base_models import BaseModelRegistry
     from tunery.worker import run_worker
 
-    data = tmp_path_factory.mktemp("worker") / "data"
-    (data / "base_models").mkdir(parents=True)
-    (data / "base_models" / "gemma-3-270m").symlink_to(models_dir / "gemma-3-270m")
-    BaseModelRegistry(data / "base_models").register("tiny-gemma", tiny_model_path)
-    settings = Settings(data_dir=data, device="cpu", threads=1)
+    settings = Settings(data_dir=make_data_dir(), db_url=_db_url(request), device="cpu", threads=1)
     stop = threading.Event()
     thread = threading.Thread(target=run_worker, args=(settings,), kwargs={"stop_event": stop})
     with live_server(settings) as s:

@@ -21,6 +21,20 @@ def client(worker_server: LiveServer) -> Iterator[httpx.Client]:
         yield c
 
 
+def tune_to_end(client: httpx.Client, body: dict[str, object]) -> str:
+    """Create a tuned model, wait for the worker to finish it, and return its name."""
+    r = client.post("/v1beta/tunedModels", json=body)
+    assert r.status_code == 200, r.text
+    name: str = r.json()["metadata"]["tunedModel"]
+
+    def state() -> str:
+        return str(client.get(f"/v1beta/{name}").json()["state"])
+
+    wait_until(lambda: state() != "CREATING", timeout=180, what=f"{name} to finish tuning")
+    assert state() == "ACTIVE"
+    return name
+
+
 @pytest.fixture(scope="module")
 def tuned(client: httpx.Client) -> str:
     """The name of an ACTIVE tuned model on the tiny base."""
@@ -31,15 +45,7 @@ def tuned(client: httpx.Client) -> str:
             "trainingData": {"examples": {"examples": EXAMPLES}},
         },
     }
-    op = client.post("/v1beta/tunedModels", json=body).json()
-    name: str = op["metadata"]["tunedModel"]
-
-    def state() -> str:
-        return str(client.get(f"/v1beta/{name}").json()["state"])
-
-    wait_until(lambda: state() != "CREATING", timeout=180, what=f"{name} to finish tuning")
-    assert state() == "ACTIVE"
-    return name
+    return tune_to_end(client, body)
 
 
 def assert_error(r: httpx.Response, code: int, status: str, fragment: str) -> None:
@@ -58,6 +64,26 @@ def test_finished_operation_carries_the_tuned_model(client: httpx.Client, tuned:
     model = client.get(f"/v1beta/{tuned}").json()
     assert model["tuningTask"]["snapshots"][0]["step"] == 1
     assert "completeTime" in model["tuningTask"]
+
+
+def test_google_genai_1_46_body_with_snake_case_examples_tunes_to_active(
+    client: httpx.Client,
+) -> None:
+    """google-genai 1.42-1.46 send camelCase fields but snake_case `text_input` examples."""
+    examples = [{"text_input": str(i), "output": str(i + 1)} for i in range(1, 5)]
+    body = {
+        "baseModel": "models/tiny-gemma",
+        "displayName": "sdk 1.46",
+        "tuningTask": {
+            "hyperparameters": {"epochCount": 1, "batchSize": 2, "learningRate": 0.01},
+            "trainingData": {"examples": {"examples": examples}},
+        },
+    }
+    name = tune_to_end(client, body)
+    model = client.get(f"/v1beta/{name}").json()
+    assert model["tuningTask"]["snapshots"][-1]["step"] == 2  # 4 examples / batch 2, 1 epoch
+    r = client.post(f"/v1beta/{name}:generateContent", json=PROMPT)
+    assert r.status_code == 200, r.text
 
 
 @pytest.mark.parametrize("collection", ["tuned", "base"])

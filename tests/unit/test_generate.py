@@ -1,4 +1,4 @@
-"""Generator on the tiny random Gemma 3: greedy parity with HF, stops, sampling, streaming, adapters."""
+"""Generator on a tiny random Gemma 3: HF greedy parity, stops, sampling, streaming, adapters."""
 
 from __future__ import annotations
 
@@ -182,3 +182,24 @@ def test_adapters_are_loaded_once_and_evicted_lru(
     gen.generate(PROMPT, params, second)
     assert set(gen._peft.peft_config) == {"tuned_1"}  # the first was evicted
     assert gen.generate(PROMPT, params, adapter_dir).candidates[0].text == first_text
+
+
+def test_text_stream_keeps_multibyte_characters_whole_and_holds_stop_prefixes(
+    base: LoadedBase,
+) -> None:
+    from tunery.engine.generate import _TextStream
+
+    tok = base.tokenizer
+    cat = [tok.convert_tokens_to_ids(f"<0x{b:02X}>") for b in "🐱".encode()]  # byte fallback
+    word = tok(" héllo", add_special_tokens=False).input_ids
+    ids = word + cat + word
+
+    plain = _TextStream(tok, GenerationParams(), strip_prefix=False)
+    pieces = [plain.push(i, is_eos=False) for i in ids]
+    assert "".join(pieces) == tok.decode(ids) == " héllo🐱 héllo"
+    assert "🐱" in pieces and not any("\ufffd" in p for p in pieces)
+
+    stopping = _TextStream(tok, GenerationParams(stop_sequences=("llo🐱",)), strip_prefix=True)
+    pieces = [stopping.push(i, is_eos=False) for i in ids[: len(word) + len(cat)]]
+    assert "".join(pieces) == stopping.text == "hé"  # template's leading space stripped too
+    assert stopping.finish_reason is FinishReason.STOP

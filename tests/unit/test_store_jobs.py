@@ -273,3 +273,34 @@ def test_list_shows_only_the_owners_jobs_newest_first(store: Store) -> None:
     queue(store, "b", T0 + timedelta(seconds=1))
     assert [j.tuned_model_id for j in store.jobs.list(None)] == ["b", "a"]
     assert store.jobs.list("someone") == []
+
+
+def test_a_job_whose_worker_keeps_dying_is_failed_after_its_last_attempt(
+    store: Store, clock: Clock
+) -> None:
+    job = queue(store, "m")
+    for attempt in (1, 2, 3):
+        claimed = store.jobs.claim_next(f"doomed-{attempt}", 30, max_attempts=3)
+        assert claimed is not None and claimed.attempts == attempt
+        store.jobs.record_snapshot(job.id, snapshot(attempt))
+        clock.advance(31)  # the worker died: its lease runs out
+
+    assert store.jobs.claim_next("w4", 30, max_attempts=3) is None
+    failed = store.jobs.get(job.id)
+    assert failed is not None and failed.state is JobState.FAILED
+    assert failed.error == (
+        "the worker training this job stopped unexpectedly 3 times (killed, or out of memory?) "
+        "at step 3/10; giving up"
+    )
+    model = store.models.get("m")
+    assert model is not None and model.state is ModelState.FAILED
+
+
+def test_a_graceful_hand_back_does_not_use_up_an_attempt(store: Store, clock: Clock) -> None:
+    job = queue(store, "m")
+    for _ in range(5):
+        assert store.jobs.claim_next("w", 30, max_attempts=2) is not None
+        assert store.jobs.release(job.id, "w")
+
+    claimed = store.jobs.claim_next("w", 30, max_attempts=2)
+    assert claimed is not None and claimed.attempts == 1

@@ -92,7 +92,9 @@ def test_create_names_the_example_whose_output_is_too_long(svc: TuningService) -
     examples = EXAMPLES + (Example("ok", "x" * 5_231),) + EXAMPLES
     with pytest.raises(InvalidArgument) as error:
         svc.create(request(examples=examples), owner=None)
-    assert error.value.message == "example 11: output has 5,231 characters; the limit is 5,000"
+    assert error.value.message == (
+        "1 of 21 examples are invalid: example 11: output has 5,231 characters; the limit is 5,000"
+    )
 
 
 def test_create_reports_every_bad_example_in_one_message(svc: TuningService) -> None:
@@ -100,9 +102,9 @@ def test_create_reports_every_bad_example_in_one_message(svc: TuningService) -> 
     with pytest.raises(InvalidArgument) as error:
         svc.create(request(examples=examples), owner=None)
     assert error.value.message == (
+        "2 of 3 examples are invalid: "
         "example 2: textInput is empty; "
-        "example 3: textInput has 40,001 characters; the limit is 40,000; "
-        "example 3: output is empty"
+        "example 3: textInput has 40,001 characters; the limit is 40,000; output is empty"
     )
 
 
@@ -113,7 +115,8 @@ def test_create_lists_the_first_ten_bad_examples_and_counts_the_rest(svc: Tuning
     message = error.value.message
     assert "example 10: output is empty" in message
     assert "example 11:" not in message
-    assert message.endswith("and 15 more examples with problems")
+    assert message.startswith("25 of 25 examples are invalid: example 1: output is empty")
+    assert message.endswith("and 15 more")
 
 
 def test_create_uses_a_valid_tuned_model_id(svc: TuningService) -> None:

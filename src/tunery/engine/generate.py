@@ -37,8 +37,8 @@ class Generator:
     """Decodes prompts with the base model or any tuned adapter on it; one request at a time.
 
     The first adapter wraps `base.model` in a PeftModel, which injects LoRA layers into it in
-    place: this object then owns the model. Training runs in another process, so it never sees
-    those layers.
+    place: this object then owns the model, so make one Generator per loaded base. Training
+    must not use that model afterwards; it runs in the worker process, which never builds one.
     """
 
     def __init__(self, base: LoadedBase, max_adapters: int = MAX_LOADED_ADAPTERS) -> None:
@@ -176,7 +176,7 @@ class Generator:
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, C) hidden → (B, V) float32 logits, as the model's own forward computes them."""
-        logits = self._model.lm_head(hidden)
+        logits: torch.Tensor = self._model.lm_head(hidden)
         cap = getattr(self._model.config, "final_logit_softcapping", None)
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

@@ -74,7 +74,11 @@ def train(
     on_step: Callable[[StepReport], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on `examples`; resume from `work_dir`'s checkpoint if there is one."""
+    """Train a LoRA adapter on `examples`; resume from `work_dir`'s checkpoint if there is one.
+
+    A `work_dir` that holds a finished adapter and no checkpoint was trained to the end by a run
+    that died before its caller heard of it: that adapter is the result, nothing is retrained.
+    """
     from peft import LoraConfig, get_peft_model
 
     if not examples:
@@ -91,6 +95,9 @@ def train(
     per_epoch = steps_per_epoch(len(train_tok), spec.batch_size)
     total = per_epoch * spec.epoch_count
     peak_lr = optimizer_lr(spec)
+    finished = work_dir / ADAPTER_DIR
+    if (finished / "adapter_config.json").exists() and _checkpoint_path(work_dir) is None:
+        return TrainResult(StopReason.COMPLETED, total, total, str(finished))
 
     torch.manual_seed(spec.seed)
     lora = LoraConfig(
@@ -152,7 +159,8 @@ def train(
                     )
                 )
         adapter_dir = _save_adapter(work_dir, model)
-        shutil.rmtree(work_dir / CHECKPOINT_DIR, ignore_errors=True)
+        for folder in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old"):
+            shutil.rmtree(work_dir / folder, ignore_errors=True)
         return TrainResult(StopReason.COMPLETED, step, total, str(adapter_dir))
     finally:
         model.unload()  # take the LoRA layers out again: the base stays reusable
@@ -208,14 +216,23 @@ def _save_checkpoint(work_dir: Path, model: Any, opt: torch.optim.Optimizer, ste
 def _load_checkpoint(work_dir: Path, model: Any, opt: torch.optim.Optimizer) -> int:
     from peft import set_peft_model_state_dict
 
-    path = work_dir / CHECKPOINT_DIR / "state.pt"
-    if not path.exists():
+    path = _checkpoint_path(work_dir)
+    if path is None:
         return 0
     state = torch.load(path, weights_only=False)
     set_peft_model_state_dict(model, state["adapter"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def _checkpoint_path(work_dir: Path) -> Path | None:
+    """The newest whole checkpoint: the current one, or the one a crash left mid-swap."""
+    for folder in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old"):  # see _replace_dir
+        path = work_dir / folder / "state.pt"
+        if path.exists():
+            return path
+    return None
 
 
 def _save_adapter(work_dir: Path, model: Any) -> Path:

@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from tunery.datasets import validate_examples
 from tunery.domain import Hyperparameters, JobState, ModelState, TunedModel, TuningJob
 from tunery.engine.base_models import BaseModelInfo
 from tunery.engine.specs import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_EPOCH_COUNT,
-    MAX_INPUT_CHARS,
-    MAX_OUTPUT_CHARS,
     Example,
     TrainSpec,
 )
@@ -46,7 +45,6 @@ MAX_TEMPERATURE = 2.0  # the Gemini API allows [0, 1]; our base models sample fi
 DEFAULT_PAGE_SIZE = 10
 TUNED_DEFAULT_TEMPERATURE = 0.0
 MAX_PAGE_SIZE = 1000
-MAX_REPORTED_BAD_EXAMPLES = 10
 SUFFIX_LEN = 6
 _ALPHABET = string.ascii_lowercase + string.digits
 _FIELD = {  # our names → the API's, for messages
@@ -160,7 +158,11 @@ class TuningService:
             top_k=base.top_k if req.top_k is None else req.top_k,
             owner_key=owner,
         )
-        return self.store.models.create(model, job, req.examples)
+        created = self.store.models.create(model, job, req.examples)
+        # Files under a new id are a deleted model's that a crash left behind: a checkpoint of
+        # theirs must not be resumed as this model's.
+        shutil.rmtree(self.work_dir(model_id), ignore_errors=True)
+        return created
 
     def _new_model_id(self, display_name: str) -> str:
         stem = _slug(display_name) or "tuned-model"
@@ -273,37 +275,7 @@ def _check_examples(examples: Sequence[Example]) -> None:
             "the training dataset has no examples; "
             "send at least one in `tuningTask.trainingData.examples.examples`"
         )
-    problems: list[str] = []
-    bad_examples = 0
-    for number, example in enumerate(examples, start=1):
-        found = _example_problems(example)
-        if not found:
-            continue
-        bad_examples += 1
-        if bad_examples <= MAX_REPORTED_BAD_EXAMPLES:
-            problems.extend(f"example {number}: {p}" for p in found)
-    if problems:
-        more = bad_examples - MAX_REPORTED_BAD_EXAMPLES
-        tail = f"; and {more:,} more examples with problems" if more > 0 else ""
-        raise InvalidArgument("; ".join(problems) + tail)
-
-
-def _example_problems(example: Example) -> list[str]:
-    found = []
-    if not example.text_input.strip():
-        found.append("textInput is empty")
-    elif len(example.text_input) > MAX_INPUT_CHARS:
-        found.append(
-            f"textInput has {len(example.text_input):,} characters; "
-            f"the limit is {MAX_INPUT_CHARS:,}"
-        )
-    if not example.output.strip():
-        found.append("output is empty")
-    elif len(example.output) > MAX_OUTPUT_CHARS:
-        found.append(
-            f"output has {len(example.output):,} characters; the limit is {MAX_OUTPUT_CHARS:,}"
-        )
-    return found
+    validate_examples(examples, label="example", input_name="textInput")
 
 
 def _check_display_name(display_name: str) -> None:

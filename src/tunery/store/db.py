@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 WRITE_OPTION = "tunery_write"
+MIGRATION_LOCK_ID = 7_461_726_571  # any fixed number: the PostgreSQL advisory lock for upgrades
 
 
 def make_engine(url: str) -> Engine:
@@ -83,11 +84,23 @@ def upgrade(url: str, revision: str = "head") -> None:
     try:
         # One transaction (holding the SQLite write lock) so processes starting together queue.
         with engine.execution_options(**{WRITE_OPTION: True}).begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # The API and worker processes start together; the loser waits, then no-ops.
+                connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_ID})")
             config = _alembic_config(url)
             config.attributes["connection"] = connection
             command.upgrade(config, revision)
     finally:
         engine.dispose()
+
+
+def head_revision() -> str:
+    """The newest Alembic revision this code knows."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head
 
 
 def current_revision(url: str) -> str | None:

@@ -51,6 +51,7 @@ def job_from_row(row: JobRow) -> TuningJob:
         worker_id=row.worker_id,
         lease_expires=row.lease_expires,
         cancel_requested=row.cancel_requested,
+        attempts=row.attempts,
     )
 
 
@@ -122,8 +123,14 @@ class JobRepository:
 
     # -- claiming and leases -------------------------------------------------------------------
 
-    def claim_next(self, worker_id: str, lease_seconds: float) -> TuningJob | None:
-        """Atomically take the oldest QUEUED job, or a RUNNING one whose lease expired."""
+    def claim_next(
+        self, worker_id: str, lease_seconds: float, max_attempts: int | None = None
+    ) -> TuningJob | None:
+        """Atomically take the oldest QUEUED job, or a RUNNING one whose lease expired.
+
+        A job whose worker died `max_attempts` times is failed instead of being retried again:
+        something in it (memory, a poisoned example) may be what kills the workers.
+        """
         with self._db.read() as session:
             candidates = list(
                 session.scalars(
@@ -136,6 +143,8 @@ class JobRepository:
         for job_id in candidates:
             with self._db.session() as session:
                 now = self._clock()
+                if max_attempts is not None and self._give_up(session, job_id, max_attempts, now):
+                    continue
                 result = session.execute(
                     update(JobRow)
                     .where(JobRow.id == job_id, _claimable(now))
@@ -143,6 +152,7 @@ class JobRepository:
                         state=JobState.RUNNING.value,
                         worker_id=worker_id,
                         lease_expires=now + timedelta(seconds=lease_seconds),
+                        attempts=JobRow.attempts + 1,
                     )
                     .execution_options(synchronize_session=False)
                 )
@@ -154,6 +164,36 @@ class JobRepository:
                     row.start_time = now
                 return job_from_row(row)
         return None
+
+    def _give_up(self, session: Session, job_id: str, max_attempts: int, now: datetime) -> bool:
+        """Fail an orphaned job (lease expired) that has used up its attempts; True if it was."""
+        row = session.get(JobRow, job_id)
+        if row is None or row.attempts < max_attempts:
+            return False
+        reason = (
+            f"the worker training this job stopped unexpectedly {row.attempts} times (killed, "
+            f"or out of memory?) at step {row.completed_steps}/{row.total_steps}; giving up"
+        )
+        result = session.execute(
+            update(JobRow)
+            .where(
+                JobRow.id == job_id,
+                JobRow.state == JobState.RUNNING.value,
+                JobRow.lease_expires < now,
+            )
+            .values(
+                state=JobState.FAILED.value,
+                error=reason,
+                complete_time=now,
+                worker_id=None,
+                lease_expires=None,
+            )
+            .execution_options(synchronize_session=False)
+        )
+        if _rowcount(result) != 1:
+            return False
+        _touch_model(session, row.tuned_model_id, now)
+        return True
 
     def renew_lease(self, job_id: str, worker_id: str, lease_seconds: float) -> bool:
         """Extend the lease; False when this worker no longer holds the job."""
@@ -171,13 +211,17 @@ class JobRepository:
             return _rowcount(result) == 1
 
     def release(self, job_id: str, worker_id: str) -> bool:
-        """Give a RUNNING job back to the queue (worker shutting down); it resumes later."""
+        """Give a RUNNING job back to the queue (worker shutting down); it resumes later.
+
+        A graceful hand-back does not use up one of the job's attempts.
+        """
         return self._move(
             job_id,
             worker_id,
             JobState.QUEUED,
             from_states=(JobState.RUNNING,),
             complete=False,
+            extra={"attempts": JobRow.attempts - 1},
         )
 
     # -- progress ------------------------------------------------------------------------------
@@ -245,6 +289,7 @@ class JobRepository:
         complete: bool,
         error: str | None = None,
         all_steps: bool = False,
+        extra: dict[str, Any] | None = None,
     ) -> bool:
         """Compare-and-set a state change; with `worker_id`, only while that worker holds it."""
         now = self._clock()
@@ -255,6 +300,7 @@ class JobRepository:
             values["error"] = error
         if all_steps:
             values["completed_steps"] = JobRow.total_steps
+        values.update(extra or {})
         conditions = [JobRow.id == job_id, JobRow.state.in_([s.value for s in from_states])]
         if worker_id is not None:
             conditions.append(JobRow.worker_id == worker_id)

@@ -191,4 +191,5 @@ def _row_from_job(job: TuningJob) -> JobRow:
         worker_id=job.worker_id,
         lease_expires=job.lease_expires,
         cancel_requested=job.cancel_requested,
+        attempts=job.attempts,
     )

@@ -85,6 +85,8 @@ class JobRow(Base):
     worker_id: Mapped[str | None] = mapped_column(String(200))
     lease_expires: Mapped[datetime | None] = mapped_column(UTCDateTime())
     cancel_requested: Mapped[bool] = mapped_column(default=False)
+    # Claims that did not end in a graceful hand-back: 1 while the first worker trains it.
+    attempts: Mapped[int] = mapped_column(default=0, server_default="0")
 
 
 class SnapshotRow(Base):

@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 
 from tunery.api.deps import Owner, Services, Svc
 from tunery.api.errors import error_body, internal_error
-from tunery.api.schemas import (
+from tunery.api.schemas.generate import (
     ContentIn,
     CountTokensRequest,
     CountTokensResponse,

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from tunery.api.deps import Owner, Svc
-from tunery.api.schemas import ModelList, ModelResource
+from tunery.api.schemas.models import ModelList, ModelResource
 from tunery.errors import InvalidArgument
 
 router = APIRouter(tags=["models"])

@@ -11,17 +11,15 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from tunery.api.deps import Owner, Svc
-from tunery.api.schemas import (
-    Empty,
-    Operation,
-    OperationList,
+from tunery.api.schemas.operations import Operation, OperationList, operation_from_domain
+from tunery.api.schemas.tuned_models import (
     TunedModelCreate,
     TunedModelList,
     TunedModelPatch,
     TunedModelResource,
     TuningExampleIn,
-    operation_from_domain,
 )
+from tunery.api.schemas.wire import Empty
 from tunery.engine.specs import Example
 from tunery.errors import InvalidArgument, NotFound
 from tunery.service.tuning import CreateRequest
