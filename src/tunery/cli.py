@@ -193,10 +193,7 @@ def models(
             from tunery.cli_local import list_local
 
             rows = list_local(_settings(data_dir, db_url))
-        table = Table("name", "kind", "state", "base", "display name")
-        for row in rows:
-            table.add_row(*row)
-        console.print(table)
+        _print_table(("name", "kind", "state", "base", "display name"), rows)
 
     _run(go)
 
@@ -208,10 +205,10 @@ def jobs(data_dir: DataDir = None, db_url: DbUrl = None) -> None:
     def go() -> None:
         from tunery.cli_local import list_jobs
 
-        table = Table("job", "tuned model", "state", "steps", "error")
-        for row in list_jobs(_settings(data_dir, db_url)):
-            table.add_row(*row)
-        console.print(table)
+        _print_table(
+            ("job", "tuned model", "state", "steps", "error"),
+            list_jobs(_settings(data_dir, db_url)),
+        )
 
     _run(go)
 
@@ -238,6 +235,18 @@ def keys_create(data_dir: DataDir = None, db_url: DbUrl = None) -> None:
 
     key = _run(lambda: create_key(_settings(data_dir, db_url)))
     console.print(key, highlight=False)
+
+
+def _print_table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """A rich table on a terminal; tab-separated lines, never truncated, in a pipe."""
+    if not console.is_terminal:
+        for row in [headers, *rows]:
+            sys.stdout.write("\t".join(row) + "\n")
+        return
+    table = Table(*headers)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
 
 
 def _progress(stream: Any) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 from types import FrameType
 
@@ -12,6 +13,18 @@ from tunery.settings import Settings
 
 log = logging.getLogger(__name__)
 WORKER_STOP_TIMEOUT_S = 60.0
+_KEY_PARAM = re.compile(r"([?&]key=)[^&\s]*")
+
+
+class RedactApiKeys(logging.Filter):
+    """Blanks `?key=...` in uvicorn's access log lines: API keys are never logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                _KEY_PARAM.sub(r"\1REDACTED", a) if isinstance(a, str) else a for a in record.args
+            )
+        return True
 
 
 def run_server(settings: Settings) -> None:
@@ -28,6 +41,7 @@ def run_server(settings: Settings) -> None:
     # that would end this process before `finally` stops the workers, leaving them orphaned
     # and training on.
     previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    logging.getLogger("uvicorn.access").addFilter(RedactApiKeys())
     try:
         uvicorn.run(
             create_app(settings),

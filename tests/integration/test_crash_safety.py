@@ -132,10 +132,10 @@ def test_serve_survives_sigterm_and_sigkill_mid_training_and_the_job_resumes_to_
     body = {
         "baseModel": TINY,
         "tuningTask": {
-            "hyperparameters": {"epochCount": 30, "batchSize": 1},
+            "hyperparameters": {"epochCount": 12, "batchSize": 1},
             "trainingData": {"examples": {"examples": EXAMPLES}},
         },
-    }  # 2 steps an epoch, checkpointed at each epoch's end: 60 steps
+    }  # 2 steps an epoch, checkpointed at each epoch's end: 24 steps
 
     # 1. SIGTERM: the worker finishes its step, checkpoints, and hands the job back.
     with serving(data_dir, log) as server:
@@ -143,7 +143,7 @@ def test_serve_survives_sigterm_and_sigkill_mid_training_and_the_job_resumes_to_
             f"{server.url}/v1beta/tunedModels?tunedModelId=crashy", json=body, timeout=30
         )
         assert created.status_code == 200, created.text
-        wait_until(lambda: steps_done(server, "crashy") >= 3, 120, "training to start")
+        wait_until(lambda: steps_done(server, "crashy") >= 2, 120, "training to start")
         assert server.terminate() == 0, log.read_text()[-3000:]
     released = job_of(data_dir, "crashy")
     assert released.state is JobState.QUEUED and released.worker_id is None, released
@@ -153,7 +153,7 @@ def test_serve_survives_sigterm_and_sigkill_mid_training_and_the_job_resumes_to_
     # 2. SIGKILL of the whole tree: the job is orphaned RUNNING, its lease runs out.
     with serving(data_dir, log) as server:
         wait_until(
-            lambda: steps_done(server, "crashy") >= released.completed_steps + 4,
+            lambda: steps_done(server, "crashy") >= released.completed_steps + 3,
             120,
             "the restarted server to resume training",
         )
@@ -169,7 +169,7 @@ def test_serve_survives_sigterm_and_sigkill_mid_training_and_the_job_resumes_to_
         model = server.model("crashy")
         assert model["state"] == "ACTIVE", log.read_text()[-3000:]
         steps = [s["step"] for s in model["tuningTask"]["snapshots"]]
-        assert steps == list(range(1, 61))  # no gaps, no duplicates
+        assert steps == list(range(1, 25))  # no gaps, no duplicates
         answer = httpx.post(
             f"{server.url}/v1beta/tunedModels/crashy:generateContent",
             json={"contents": [{"parts": [{"text": "count to 2"}]}]},
@@ -187,16 +187,27 @@ class Crash(BaseException):
     """Stands for SIGKILL at one point: nothing after it runs, no except Exception catches it."""
 
 
-def _train(data_dir: Path, work: Path, epochs: int = 2) -> Any:
-    base = BaseModelRegistry(data_dir / "base_models", "cpu").load(TINY)
-    examples = [Example("count to 1", "0"), Example("count to 2", "0 1")]
-    return train(base, examples, TrainSpec(epoch_count=epochs, batch_size=1), work_dir=work)
+TWO_EXAMPLES = [Example("count to 1", "0"), Example("count to 2", "0 1")]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    registry = BaseModelRegistry(tmp_path_factory.mktemp("base_models"), "cpu")
+    registry.register("tiny-gemma", tiny_model_path)
+    return registry.load(TINY)
+
+
+def _train(base: Any, work: Path, epochs: int = 2, steps: list[int] | None = None) -> Any:
+    """2 steps an epoch, checkpointed at each epoch's end."""
+    on_step = None if steps is None else (lambda r: steps.append(r.step))
+    spec = TrainSpec(epoch_count=epochs, batch_size=1)
+    return train(base, TWO_EXAMPLES, spec, work_dir=work, on_step=on_step)
 
 
 def test_a_crash_while_saving_the_adapter_leaves_none_served_and_the_rerun_finishes_it(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_base: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    work = data_dir / "tuned_models" / "m"
+    work = tmp_path / "m"
     real_save = train_module._replace_dir
 
     def crash_before_adapter_rename(src: Path, dst: Path) -> None:
@@ -209,12 +220,12 @@ def test_a_crash_while_saving_the_adapter_leaves_none_served_and_the_rerun_finis
 
     monkeypatch.setattr(train_module, "_replace_dir", crash_before_adapter_rename)
     with pytest.raises(Crash):
-        _train(data_dir, work)
+        _train(tiny_base, work)
     assert not (work / ADAPTER_DIR).exists()  # the half-written one is only ever a temp dir
     assert (work / CHECKPOINT_DIR / "state.pt").exists()
 
     monkeypatch.setattr(train_module, "_replace_dir", real_save)
-    result = _train(data_dir, work)
+    result = _train(tiny_base, work)
 
     assert result.stop_reason is StopReason.COMPLETED
     assert sorted(p.name for p in work.iterdir()) == [ADAPTER_DIR]
@@ -222,9 +233,9 @@ def test_a_crash_while_saving_the_adapter_leaves_none_served_and_the_rerun_finis
 
 
 def test_a_crash_between_the_two_renames_of_a_checkpoint_swap_keeps_the_previous_checkpoint(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_base: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    work = data_dir / "tuned_models" / "m"
+    work = tmp_path / "m"
     real_rename = os.rename
     swaps: list[str] = []
 
@@ -238,28 +249,20 @@ def test_a_crash_between_the_two_renames_of_a_checkpoint_swap_keeps_the_previous
 
     monkeypatch.setattr(train_module.os, "rename", rename)
     with pytest.raises(Crash):
-        _train(data_dir, work, epochs=3)
+        _train(tiny_base, work, epochs=3)
     assert not (work / CHECKPOINT_DIR).exists()
 
     monkeypatch.setattr(train_module.os, "rename", real_rename)
     steps: list[int] = []
-    base = BaseModelRegistry(data_dir / "base_models", "cpu").load(TINY)
-    examples = [Example("count to 1", "0"), Example("count to 2", "0 1")]
-    train(
-        base,
-        examples,
-        TrainSpec(epoch_count=3, batch_size=1),
-        work_dir=work,
-        on_step=lambda r: steps.append(r.step),
-    )
+    _train(tiny_base, work, epochs=3, steps=steps)
 
     assert steps == [3, 4, 5, 6]  # resumed from the first epoch's checkpoint, not from scratch
 
 
 def test_a_crash_after_the_adapter_is_saved_but_before_the_job_is_marked_done_keeps_it(
-    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_base: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    work = data_dir / "tuned_models" / "m"
+    work = tmp_path / "m"
     real_rmtree = shutil.rmtree
 
     def crash_after_checkpoint_removal(path: Any, *args: Any, **kwargs: Any) -> None:
@@ -269,20 +272,13 @@ def test_a_crash_after_the_adapter_is_saved_but_before_the_job_is_marked_done_ke
 
     monkeypatch.setattr(train_module.shutil, "rmtree", crash_after_checkpoint_removal)
     with pytest.raises(Crash):
-        _train(data_dir, work)
+        _train(tiny_base, work)
     monkeypatch.setattr(train_module.shutil, "rmtree", real_rmtree)
     adapter = work / ADAPTER_DIR / "adapter_model.safetensors"
     saved = adapter.stat().st_mtime_ns
 
     steps: list[int] = []
-    base = BaseModelRegistry(data_dir / "base_models", "cpu").load(TINY)
-    result = train(
-        base,
-        [Example("count to 1", "0"), Example("count to 2", "0 1")],
-        TrainSpec(epoch_count=2, batch_size=1),
-        work_dir=work,
-        on_step=lambda r: steps.append(r.step),
-    )
+    result = _train(tiny_base, work, steps=steps)
 
     assert result.stop_reason is StopReason.COMPLETED and result.steps_done == 4
     assert steps == []  # not trained again from scratch

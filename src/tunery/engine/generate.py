@@ -24,7 +24,7 @@ from tunery.engine.specs import (
     GenerationParams,
     StreamChunk,
 )
-from tunery.errors import InvalidArgument, NotFound
+from tunery.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,9 @@ class Generator:
         path = Path(adapter_dir).resolve()
         config = path / "adapter_config.json"
         if not config.exists():
-            raise NotFound(f"no adapter at {adapter_dir}")
+            raise FailedPrecondition(
+                f"the adapter files of {path.parent.name} are missing; tune the model again"
+            )
         weights = path / "adapter_model.safetensors"
         # A rewritten folder (same path, new weights) must not be served from the stale copy.
         mtime = (weights if weights.exists() else config).stat().st_mtime_ns
@@ -210,10 +212,17 @@ class Generator:
         name = f"tuned_{self._next_adapter}"
         self._next_adapter += 1
         log.info("loading adapter %s as %s", path, name)
-        if self._peft is None:
-            self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
-        else:
-            self._peft.load_adapter(str(path), adapter_name=name)
+        try:
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
+            else:
+                self._peft.load_adapter(str(path), adapter_name=name)
+        except Exception as e:  # a truncated or corrupt file: this model's problem only
+            log.exception("adapter %s cannot be loaded", path)
+            raise FailedPrecondition(
+                f"the adapter files of {path.parent.name} are damaged and cannot be loaded "
+                f"({type(e).__name__}); tune the model again"
+            ) from e
         self._peft.eval()
         self._peft.set_adapter(name)
         if cached is not None:

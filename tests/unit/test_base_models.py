@@ -1,0 +1,89 @@
+"""The base-model registry: names, registration rules, and a conversion cache that concurrent
+first uses cannot corrupt."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tunery.engine import base_models
+from tunery.engine.base_models import DEFAULT_BASE_MODEL, BaseModelRegistry
+from tunery.errors import InvalidArgument, NotFound
+
+
+def test_embedded_model_is_listed_first_and_found_with_or_without_prefix(tmp_path: Path) -> None:
+    registry = BaseModelRegistry(tmp_path)
+    assert registry.list()[0].name == DEFAULT_BASE_MODEL
+    assert registry.get("models/gemma-3-270m") == registry.get("gemma-3-270m")
+    with pytest.raises(NotFound, match="models/nope"):
+        registry.get("models/nope")
+
+
+def test_register_hf_dir_persists_and_reads_limits(tmp_path: Path) -> None:
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 2048}))
+    BaseModelRegistry(tmp_path / "models").register("mine", model, description="d")
+
+    again = BaseModelRegistry(tmp_path / "models")  # a new process sees it
+    info = again.get("models/mine")
+    assert info.source == str(model.resolve()) and info.input_token_limit == 2048
+    assert [i.name for i in again.list()] == [DEFAULT_BASE_MODEL, "mine"]
+    assert again.model_dir("mine") == model.resolve()
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", ".hidden", "", "gemma-3-270m", "x" * 0])
+def test_register_refuses_bad_names(tmp_path: Path, name: str) -> None:
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with pytest.raises(InvalidArgument):
+        BaseModelRegistry(tmp_path / "models").register(name, model)
+
+
+def test_register_refuses_paths_that_are_no_model(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hi")
+    registry = BaseModelRegistry(tmp_path / "models")
+    for path in (tmp_path / "missing", tmp_path / "notes.txt", tmp_path):
+        with pytest.raises(InvalidArgument, match="not a .gguf file"):
+            registry.register("x", path)
+
+
+def test_concurrent_first_conversions_leave_one_whole_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The transformers dequantization is the slow edge; stand in a slow writer for it.
+    def slow_convert(_gguf: Path, out: Path) -> None:
+        out.mkdir()
+        for i in range(5):
+            (out / f"part{i}").write_text("x" * 1000)
+            time.sleep(0.02)
+
+    monkeypatch.setattr(base_models, "_convert_gguf", slow_convert)
+    registry = BaseModelRegistry(tmp_path)
+    results: list[Path] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(registry._converted("m", lambda work: work / "f.gguf"))
+        )
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert results == [tmp_path / "m"] * 4
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
+        "part0",
+        "part1",
+        "part2",
+        "part3",
+        "part4",
+        "tunery-converted.json",
+    ]
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp dirs left behind
