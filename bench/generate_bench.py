@@ -3,9 +3,9 @@ process, on the same base model and the same ~100-token prompt, greedy.
 
 Each side is timed twice per repeat: with 1 output token (time to first token: prompt prefill plus
 one step) and with N. Decode tokens/s is (tokens after the first) / (T_N - T_1); the median of
-`--repeats` runs is reported, after one warm-up run each.
+`--repeats` runs is reported, after one warm-up run each, the sides taking turns.
 
-    python bench/generate_bench.py [--data-dir DIR] [--max-tokens 128] [--repeats 3]
+    python bench/generate_bench.py [--data-dir DIR] [--max-tokens 128] [--repeats 3] [--threads N]
 
 The last line is the ratio of decode speeds.
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,27 +55,38 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def time_side(name: str, decode: Decode, max_tokens: int, repeats: int) -> Timing:
-    """Median TTFT and decode speed over `repeats`, after one warm-up of each length."""
-    decode(1)
-    decode(max_tokens)
-    firsts, rates, count = [], [], 0
-    for _ in range(repeats):
-        start = time.perf_counter()
+def time_sides(sides: list[tuple[str, Decode]], max_tokens: int, repeats: int) -> list[Timing]:
+    """Median TTFT and decode speed per side over `repeats`, after one warm-up of each length.
+
+    The sides take turns within each repeat, so a machine that gets busier or quieter during the
+    run skews them alike.
+    """
+    for _, decode in sides:
         decode(1)
-        t1 = time.perf_counter() - start
-        start = time.perf_counter()
-        count = decode(max_tokens)
-        tn = time.perf_counter() - start
-        firsts.append(t1)
-        rates.append((count - 1) / max(tn - t1, 1e-9))
-    return Timing(name, statistics.median(firsts), statistics.median(rates), count)
+        decode(max_tokens)
+    firsts: dict[str, list[float]] = {name: [] for name, _ in sides}
+    rates: dict[str, list[float]] = {name: [] for name, _ in sides}
+    counts: dict[str, int] = {}
+    for _ in range(repeats):
+        for name, decode in sides:
+            start = time.perf_counter()
+            decode(1)
+            t1 = time.perf_counter() - start
+            start = time.perf_counter()
+            counts[name] = decode(max_tokens)
+            tn = time.perf_counter() - start
+            firsts[name].append(t1)
+            rates[name].append((counts[name] - 1) / max(tn - t1, 1e-9))
+    return [
+        Timing(name, statistics.median(firsts[name]), statistics.median(rates[name]), counts[name])
+        for name, _ in sides
+    ]
 
 
 def tunery_side(generator: Generator) -> Decode:
     def decode(n: int) -> int:
         result = generator.generate(PROMPT, GenerationParams(max_output_tokens=n))
-        return result.candidates[0].token_count
+        return int(result.candidates[0].token_count)
 
     return decode
 
@@ -100,7 +110,10 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None, help="default: TUNERY_DATA_DIR")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for name in OFFLINE:  # the benches never touch the network
         os.environ[name] = "1"
     settings = Settings(data_dir=args.data_dir) if args.data_dir else Settings()
@@ -120,7 +133,7 @@ def main() -> None:
         model.eval()
         sides.append((f"transformers ({dtype_name(dtype)})", hf_side(model, input_ids)))
 
-    ours, *theirs = [time_side(name, d, args.max_tokens, args.repeats) for name, d in sides]
+    ours, *theirs = time_sides(sides, args.max_tokens, args.repeats)
     for t in (ours, *theirs):
         print(
             f"{t.name:<24} TTFT {t.ttft * 1000:7.1f} ms  decode {t.decode_tps:7.1f} tokens/s"
@@ -132,4 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

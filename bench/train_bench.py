@@ -7,7 +7,7 @@ Both sides get the same LoRA config (`TrainSpec().lora`), epochs, batch size, Ad
 own default (`bf16=True`) refuses to start unless `use_cpu=True`; `--trl-bf16` adds a bf16-autocast
 run. Trained tokens are counted once, with Tunery's tokenization, so tokens/s compare like for like.
 
-    python bench/train_bench.py [--data-dir DIR] [--trl-bf16]
+    python bench/train_bench.py [--data-dir DIR] [--trl-bf16] [--threads N]
 
 Needs TRL (not a runtime dependency): see bench/README.md. The last line is the ratio.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -76,7 +75,7 @@ def run_trl(
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig, SFTTrainer  # type: ignore[attr-defined]
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -132,7 +131,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, default=None, help="default: TUNERY_DATA_DIR")
     parser.add_argument("--trl-bf16", action="store_true", help="also time TRL with bf16 autocast")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     for name in OFFLINE:  # the benches never touch the network
         os.environ[name] = "1"
     settings = Settings(data_dir=args.data_dir) if args.data_dir else Settings()
@@ -167,4 +169,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -39,7 +39,7 @@ def fuzz(base_url: str, max_examples: int, seed: int | None = 0) -> FuzzReport:
             suppress_health_check=list(HealthCheck),
         )
         @given(case=operation.as_strategy())
-        def run(case: Any) -> None:
+        def run(case: Any, label: str = label) -> None:
             report.cases += 1
             report.by_operation[label] = report.by_operation.get(label, 0) + 1
             try:

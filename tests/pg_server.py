@@ -25,7 +25,9 @@ def find_pg_bin() -> Path | None:
     """The newest /usr/lib/postgresql/*/bin holding initdb and pg_ctl, else None."""
     found = sorted(
         glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-        key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0,
+        key=lambda p: (
+            int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0
+        ),
     )
     return Path(found[-1]).parent if found else None
 

@@ -107,29 +107,28 @@ def tune(
 ) -> None:
     """Tune BASE on DATA; shows a live progress bar, prints the tuned model's name."""
     from tunery.datasets import load_examples
+    from tunery.service.tuning import CreateRequest
 
     def go() -> None:
-        examples = load_examples(data)
-        hyper = {
-            "epochCount": epochs,
-            "batchSize": batch_size,
-            "learningRate": learning_rate,
-            "learningRateMultiplier": lr_multiplier,
-        }
-        hyper = {k: v for k, v in hyper.items() if v is not None}
+        request = CreateRequest(
+            base_model=base,
+            examples=tuple(load_examples(data)),
+            display_name=name,
+            description=description,
+            tuned_model_id=model_id,
+            epoch_count=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            learning_rate_multiplier=lr_multiplier,
+        )
         if server:
             from tunery.cli_remote import tune_remote
 
-            model = tune_remote(
-                server, api_key, base, examples, name, description, model_id, hyper, _progress
-            )
+            model = tune_remote(server, api_key, request, _progress)
         else:
             from tunery.cli_local import tune_local
 
-            settings = _settings(data_dir, db_url)
-            model = tune_local(
-                settings, base, examples, name, description, model_id, hyper, _progress
-            )
+            model = tune_local(_settings(data_dir, db_url), request, _progress)
         console.print(f"[green]tuned:[/green] {model}")
 
     _run(go)

@@ -9,11 +9,10 @@ from __future__ import annotations
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator
 
 from tunery.engine.base_models import BaseModelRegistry
-from tunery.engine.specs import Example, GenerationParams
+from tunery.engine.specs import GenerationParams
 from tunery.errors import FailedPrecondition
 from tunery.service.inference import InferenceService
 from tunery.service.tuning import CreateRequest, TuningService
@@ -31,30 +30,12 @@ def _services(settings: Settings) -> tuple[Store, BaseModelRegistry, TuningServi
 
 
 def tune_local(
-    settings: Settings,
-    base: str,
-    examples: Sequence[Example],
-    display_name: str,
-    description: str,
-    model_id: str | None,
-    hyperparameters: dict[str, Any],
-    show: Callable[[Iterator[Progress]], None],
+    settings: Settings, request: CreateRequest, show: Callable[[Iterator[Progress]], None]
 ) -> str:
     """Queue a job and train it in this process (a server's worker may pick it up instead)."""
     from tunery.worker import run_worker
 
     store, _registry, tuning = _services(settings)
-    request = CreateRequest(
-        base_model=base,
-        examples=tuple(examples),
-        display_name=display_name,
-        description=description,
-        tuned_model_id=model_id,
-        epoch_count=hyperparameters.get("epochCount"),
-        batch_size=hyperparameters.get("batchSize"),
-        learning_rate=hyperparameters.get("learningRate"),
-        learning_rate_multiplier=hyperparameters.get("learningRateMultiplier"),
-    )
     model = tuning.create(request, owner=None)
     stop = threading.Event()
     worker_id = f"cli-{secrets.token_hex(3)}"

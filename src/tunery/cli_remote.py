@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from tunery.client import TuneryClient
-from tunery.engine.specs import Example, GenerationParams
+from tunery.engine.specs import GenerationParams
 from tunery.errors import FailedPrecondition
+from tunery.service.tuning import CreateRequest
 
 Progress = tuple[int, int, int | None, float | None]
 POLL_SECONDS = 0.5
@@ -17,19 +18,12 @@ POLL_SECONDS = 0.5
 def tune_remote(
     server: str,
     api_key: str | None,
-    base: str,
-    examples: Sequence[Example],
-    display_name: str,
-    description: str,
-    model_id: str | None,
-    hyperparameters: dict[str, Any],
+    request: CreateRequest,
     show: Callable[[Iterator[Progress]], None],
 ) -> str:
     """Submit a tuning job and follow its operation until done; returns the tuned model name."""
     client = TuneryClient(server, api_key)
-    operation = client.create_tuned_model(
-        base, examples, display_name, description, model_id, hyperparameters
-    )
+    operation = client.create_tuned_model(request)
     final: dict[str, Any] = {}
 
     def follow() -> Iterator[Progress]:

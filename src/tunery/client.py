@@ -7,12 +7,12 @@ server's own message.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
-from tunery.engine.specs import Example, GenerationParams
+from tunery.engine.specs import GenerationParams
 from tunery.errors import (
     AlreadyExists,
     InvalidArgument,
@@ -23,6 +23,7 @@ from tunery.errors import (
     Unauthenticated,
     Unavailable,
 )
+from tunery.service.tuning import CreateRequest
 
 _BY_STATUS: dict[int, type[TuneryError]] = {
     400: InvalidArgument,
@@ -49,31 +50,31 @@ class TuneryClient:
             raise Unavailable(f"cannot reach the server: {exc}") from None
         return _json_or_raise(response)
 
-    def create_tuned_model(
-        self,
-        base_model: str,
-        examples: Sequence[Example],
-        display_name: str = "",
-        description: str = "",
-        tuned_model_id: str | None = None,
-        hyperparameters: dict[str, Any] | None = None,
-    ) -> dict[str, Any]:
+    def create_tuned_model(self, req: CreateRequest) -> dict[str, Any]:
+        """POST tunedModels with the request as the Gemini REST body; returns the Operation."""
+        base = req.base_model
+        hyperparameters = {
+            "epochCount": req.epoch_count,
+            "batchSize": req.batch_size,
+            "learningRate": req.learning_rate,
+            "learningRateMultiplier": req.learning_rate_multiplier,
+        }
         body = {
-            "baseModel": base_model if base_model.startswith("models/") else f"models/{base_model}",
-            "displayName": display_name,
-            "description": description,
+            "baseModel": base if base.startswith("models/") else f"models/{base}",
+            "displayName": req.display_name,
+            "description": req.description,
             "tuningTask": {
-                "hyperparameters": hyperparameters or {},
+                "hyperparameters": {k: v for k, v in hyperparameters.items() if v is not None},
                 "trainingData": {
                     "examples": {
                         "examples": [
-                            {"textInput": e.text_input, "output": e.output} for e in examples
+                            {"textInput": e.text_input, "output": e.output} for e in req.examples
                         ]
                     }
                 },
             },
         }
-        params = {"tunedModelId": tuned_model_id} if tuned_model_id else {}
+        params = {"tunedModelId": req.tuned_model_id} if req.tuned_model_id else {}
         return self._call("POST", "tunedModels", json=body, params=params)
 
     def get_operation(self, name: str) -> dict[str, Any]:

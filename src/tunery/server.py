@@ -29,13 +29,15 @@ class RedactApiKeys(logging.Filter):
 
 def run_server(settings: Settings) -> None:
     from tunery.api.app import create_app
+    from tunery.engine.base_models import DEFAULT_BASE_MODEL
     from tunery.worker import start_worker_process
 
     if not settings.api_keys:
         log.warning(
             "no API keys configured (TUNERY_API_KEYS): open access, every caller is trusted"
         )
-    workers = [start_worker_process(settings) for _ in range(settings.workers)]
+    preload = [DEFAULT_BASE_MODEL] if settings.preload else []
+    workers = [start_worker_process(settings, preload) for _ in range(settings.workers)]
     log.info("started %d training worker(s)", len(workers))
     # uvicorn re-raises the SIGTERM it shut down on once it is done; with the default handler
     # that would end this process before `finally` stops the workers, leaving them orphaned
@@ -44,7 +46,7 @@ def run_server(settings: Settings) -> None:
     logging.getLogger("uvicorn.access").addFilter(RedactApiKeys())
     try:
         uvicorn.run(
-            create_app(settings),
+            create_app(settings, preload=preload),
             host=settings.host,
             port=settings.port,
             log_level="info",

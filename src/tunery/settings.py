@@ -25,7 +25,10 @@ class Settings(BaseSettings):
     port: int = 8000
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # TUNERY_API_KEYS=k1,k2
     device: str = "auto"  # auto | cpu | cuda
-    threads: int | None = None  # torch threads; default: all cores
+    threads: int | None = None  # worker torch threads; default: all cores
+    api_threads: int | None = None  # API process torch threads (decode); default: all cores
+    preload: bool = True  # `tunery serve` loads the default base model at start (API + worker)
+    max_loaded_adapters: int = 128  # tuned adapters kept in memory per base model (LRU)
     workers: int = 1  # worker processes `tunery serve` starts
     lease_seconds: float = 30.0
     max_running_jobs_per_key: int = 2

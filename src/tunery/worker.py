@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
 from types import FrameType
@@ -31,7 +31,7 @@ from tunery.store.jobs import JobRepository
 log = logging.getLogger(__name__)
 
 CANCEL_POLL_S = 0.5  # how often a running job looks for a cancel request
-IDLE_POLL_S = 1.0  # how long an idle worker waits between claims
+IDLE_POLL_S = 0.2  # how long an idle worker waits between claims (one indexed SELECT)
 ERROR_BACKOFF_S = 5.0
 
 
@@ -53,14 +53,17 @@ def run_worker(
     *,
     worker_id: str | None = None,
     idle_poll_s: float = IDLE_POLL_S,
+    preload: Sequence[str] = (),
 ) -> None:
     """Claim and train jobs until `stop_event` is set or SIGTERM/SIGINT arrives.
 
     On a stop signal the running job finishes its step, checkpoints and goes back to the queue.
+    `preload`: base models to load in the background at start; claiming does not wait for them.
     """
     worker = Worker(settings, stop_event, worker_id=worker_id or default_worker_id())
     restore = _stop_on_signals(worker) if _in_main_thread() else None
     try:
+        worker.start_preload(preload)
         worker.run(idle_poll_s)
     finally:
         if restore is not None:
@@ -68,22 +71,22 @@ def run_worker(
         worker.close()
 
 
-def start_worker_process(settings: Settings) -> BaseProcess:
+def start_worker_process(settings: Settings, preload: Sequence[str] = ()) -> BaseProcess:
     """A fresh (spawned) process running `run_worker(settings)`; stop it with terminate()."""
     context = multiprocessing.get_context("spawn")
     process = context.Process(
-        target=_process_main, args=(settings,), name="tunery-worker", daemon=True
+        target=_process_main, args=(settings, list(preload)), name="tunery-worker", daemon=True
     )
     process.start()
     return process
 
 
-def _process_main(settings: Settings) -> None:
+def _process_main(settings: Settings, preload: Sequence[str] = ()) -> None:
     if not logging.getLogger().handlers:  # a spawned process starts with no logging config
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(processName)s %(name)s: %(message)s"
         )
-    run_worker(settings)
+    run_worker(settings, preload=preload)
 
 
 class Worker:
@@ -107,11 +110,35 @@ class Worker:
     def close(self) -> None:
         self.store.close()
 
-    def run(self, idle_poll_s: float) -> None:
+    def start_preload(self, names: Sequence[str]) -> None:
+        """Load `names` in a daemon thread. The registry loads each name once, under a lock of
+        its own: a job on a preloading base waits for that load (not a second one), a job on
+        another base loads its own at once, and claiming never waits."""
+        self._set_threads()
+        if names:
+            threading.Thread(
+                target=self._preload, args=(list(names),), name="tunery-preload", daemon=True
+            ).start()
+
+    def _preload(self, names: list[str]) -> None:
+        for name in names:
+            started = time.monotonic()
+            try:
+                self.registry.load(name)
+            except Exception:  # it will be loaded (and fail visibly) with a job that needs it
+                log.exception("worker %s: preloading %s failed", self.worker_id, name)
+            else:
+                took = time.monotonic() - started
+                log.info("worker %s: preloaded %s in %.1f s", self.worker_id, name, took)
+
+    def _set_threads(self) -> None:
         if self.settings.threads:
             import torch
 
             torch.set_num_threads(self.settings.threads)
+
+    def run(self, idle_poll_s: float) -> None:
+        self._set_threads()
         log.info("worker %s started", self.worker_id)
         while not self.stopping:
             try:

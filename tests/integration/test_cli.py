@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+from live_server import LiveServer
 
 
 def tunery(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
@@ -60,3 +63,53 @@ def test_models_lists_the_embedded_base_model(tmp_path: Path) -> None:
     result = tunery("models", data_dir=tmp_path / "d")
     assert result.returncode == 0, result.stderr
     assert "models/gemma-3-270m" in result.stdout
+
+
+def test_tune_and_generate_against_a_server(worker_server: LiveServer, tmp_path: Path) -> None:
+    data = tmp_path / "d.csv"
+    data.write_text("text_input,output\n1,2\n3,4\n5,6\n")
+    url = worker_server.url
+
+    tuned = tunery(
+        "tune",
+        str(data),
+        "--base",
+        "tiny-gemma",
+        "--epochs",
+        "2",
+        "--name",
+        "remote",
+        "--server",
+        url,
+        data_dir=tmp_path / "unused",
+    )
+    assert tuned.returncode == 0, tuned.stderr
+    match = re.search(r"tunedModels/remote-[a-z0-9]+", tuned.stdout)
+    assert match, tuned.stdout
+    assert "step 2/2" in tuned.stderr  # the live bar reached the end
+
+    listing = tunery("models", "--server", url, data_dir=tmp_path / "unused")
+    assert match.group(0) in listing.stdout and "ACTIVE" in listing.stdout
+    answer = tunery(
+        "generate",
+        match.group(0),
+        "1",
+        "--max-tokens",
+        "3",
+        "--server",
+        url,
+        data_dir=tmp_path / "unused",
+    )
+    assert answer.returncode == 0, answer.stderr
+    streamed = tunery(
+        "generate",
+        match.group(0),
+        "1",
+        "--max-tokens",
+        "3",
+        "--stream",
+        "--server",
+        url,
+        data_dir=tmp_path / "unused",
+    )
+    assert streamed.stdout == answer.stdout  # greedy: the same text either way

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -163,9 +162,7 @@ def test_serve_survives_sigterm_and_sigkill_mid_training_and_the_job_resumes_to_
 
     # 3. The next start resumes it from its checkpoint and finishes it.
     with serving(data_dir, log) as server:
-        wait_until(
-            lambda: server.model("crashy")["state"] != "CREATING", 180, "the job to finish"
-        )
+        wait_until(lambda: server.model("crashy")["state"] != "CREATING", 180, "the job to finish")
         model = server.model("crashy")
         assert model["state"] == "ACTIVE", log.read_text()[-3000:]
         steps = [s["step"] for s in model["tuningTask"]["snapshots"]]

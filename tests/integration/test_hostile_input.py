@@ -84,7 +84,9 @@ def test_weird_tuned_model_ids_are_not_found_and_touch_no_files(
     bait = settings.data_dir.parent / "bait"
     bait.mkdir(exist_ok=True)
     (bait / "keep.txt").write_text("keep")
-    before = sorted(p.relative_to(settings.data_dir.parent) for p in settings.data_dir.parent.rglob("*"))
+    before = sorted(
+        p.relative_to(settings.data_dir.parent) for p in settings.data_dir.parent.rglob("*")
+    )
 
     for method, suffix in (("GET", ""), ("DELETE", ""), ("POST", ":generateContent")):
         body = {"contents": [{"parts": [{"text": "hi"}]}]} if method == "POST" else None
@@ -92,7 +94,9 @@ def test_weird_tuned_model_ids_are_not_found_and_touch_no_files(
         assert response.status_code in (400, 404), (method, response.text)
         assert response.json()["error"]["status"] in ("NOT_FOUND", "INVALID_ARGUMENT")
 
-    after = sorted(p.relative_to(settings.data_dir.parent) for p in settings.data_dir.parent.rglob("*"))
+    after = sorted(
+        p.relative_to(settings.data_dir.parent) for p in settings.data_dir.parent.rglob("*")
+    )
     assert [p for p in before if p not in after] == []  # nothing deleted anywhere
     assert (bait / "keep.txt").read_text() == "keep"
 
@@ -105,7 +109,9 @@ def test_a_tuned_model_id_that_is_not_a_plain_slug_is_refused(
 ) -> None:
     body = {
         "baseModel": "models/tiny-gemma",
-        "tuningTask": {"trainingData": {"examples": {"examples": [{"textInput": "a", "output": "b"}]}}},
+        "tuningTask": {
+            "trainingData": {"examples": {"examples": [{"textInput": "a", "output": "b"}]}}
+        },
     }
     response = http.post("/v1beta/tunedModels", params={"tunedModelId": model_id}, json=body)
     assert response.status_code == 400, response.text

@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from pg_server import PostgresServer
-
 from sqlalchemy import create_engine, text
 
 from tunery.domain import Hyperparameters, JobState, ModelState, TunedModel, TuningJob
@@ -99,9 +98,7 @@ def test_racing_claimers_on_one_database_take_each_job_exactly_once(
 def test_two_workers_on_one_database_never_train_the_same_job(
     postgres: PostgresServer, data_dir: Path
 ) -> None:
-    settings = Settings(
-        data_dir=data_dir, db_url=postgres.new_database(), device="cpu", threads=1
-    )
+    settings = Settings(data_dir=data_dir, db_url=postgres.new_database(), device="cpu", threads=1)
     store = Store(settings.database_url)
     svc = TuningService(store, BaseModelRegistry(settings.models_dir, "cpu"), settings.adapters_dir)
     examples = tuple(Example(f"q{i}", f"a{i}") for i in range(2))

@@ -93,7 +93,9 @@ def test_a_diverging_job_fails_with_a_readable_error_and_the_server_keeps_servin
     refused = http.post("/v1beta/tunedModels/diverges:generateContent", json=GENERATE)
     assert refused.status_code == 400 and "training diverged" in refused.text
     assert tune(http, "healthy")["state"] == "ACTIVE"  # the worker went on
-    assert http.post("/v1beta/tunedModels/healthy:generateContent", json=GENERATE).status_code == 200
+    assert (
+        http.post("/v1beta/tunedModels/healthy:generateContent", json=GENERATE).status_code == 200
+    )
 
 
 @pytest.mark.parametrize("damage", ["truncated", "missing"])
@@ -115,9 +117,15 @@ def test_a_damaged_adapter_fails_only_its_own_model_with_a_clear_error(
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["status"] == "FAILED_PRECONDITION"
-    assert "adapter files of bad are" in error["message"] and "tune the model again" in error["message"]
+    assert (
+        "adapter files of bad are" in error["message"]
+        and "tune the model again" in error["message"]
+    )
     assert str(data_dir) not in error["message"]  # no server paths leak out
-    for ok in ("/v1beta/tunedModels/good:generateContent", "/v1beta/models/tiny-gemma:generateContent"):
+    for ok in (
+        "/v1beta/tunedModels/good:generateContent",
+        "/v1beta/models/tiny-gemma:generateContent",
+    ):
         assert http.post(ok, json=GENERATE).status_code == 200
 
 
@@ -154,13 +162,13 @@ def test_a_key_over_its_job_limit_gets_429_resource_exhausted(settings: Settings
     with live_server(limited) as server, httpx.Client(base_url=server.url, timeout=60) as http:
         for model_id in ("q1", "q2"):
             ok = http.post(
-                "/v1beta/tunedModels", params={"tunedModelId": model_id}, json=body(),
+                "/v1beta/tunedModels",
+                params={"tunedModelId": model_id},
+                json=body(),
                 headers={"x-goog-api-key": "k1"},
             )
             assert ok.status_code == 200, ok.text
-        refused = http.post(
-            "/v1beta/tunedModels", json=body(), headers={"x-goog-api-key": "k1"}
-        )
+        refused = http.post("/v1beta/tunedModels", json=body(), headers={"x-goog-api-key": "k1"})
         other_key = http.post("/v1beta/tunedModels", json=body(), headers={"x-goog-api-key": "k2"})
 
     assert refused.status_code == 429

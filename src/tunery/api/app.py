@@ -1,12 +1,17 @@
 """The FastAPI app: `create_app(settings)` wires store, registry and services in its lifespan,
-mounts every route under `/v1beta` and `/v1`, and adds `/healthz` and a request-size limit."""
+mounts every route under `/v1beta` and `/v1`, and adds `/healthz`, `/readyz` and a request-size
+limit."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
+from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import tunery
@@ -20,10 +25,16 @@ from tunery.settings import Settings
 from tunery.store import Store
 
 API_VERSIONS = ("v1beta", "v1")
+log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The whole HTTP surface for `settings`; nothing is built until the app starts."""
+def create_app(settings: Settings, *, preload: Sequence[str] = ()) -> FastAPI:
+    """The whole HTTP surface for `settings`; nothing is built until the app starts.
+
+    `preload`: base models to load (and warm up) in a background thread at start-up, so the
+    first request does not pay for them; `/healthz` answers at once, `/readyz` once they are in.
+    """
+    startup = Preloader(preload)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -39,9 +50,12 @@ def create_app(settings: Settings) -> FastAPI:
             settings=settings,
             registry=registry,
             tuning=tuning,
-            inference=InferenceService(registry, tuning),
+            inference=InferenceService(
+                registry, tuning, max_loaded_adapters=settings.max_loaded_adapters
+            ),
             auth=Authenticator(settings.api_keys, store.keys.hashes),
         )
+        startup.start(app.state.services.inference, settings.api_threads)
         try:
             yield
         finally:
@@ -63,10 +77,58 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
+        """The process is up and answering (base models may still be loading)."""
         return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    def readyz() -> JSONResponse:
+        """200 once the preloaded base models are in memory (at once if none), else 503."""
+        body = startup.status()
+        return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     return app
+
+
+class Preloader:
+    """Loads base models in a daemon thread and says how far it got (for `/readyz`)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self._done = threading.Event()
+        self._error: str | None = None
+
+    def start(self, inference: InferenceService, threads: int | None) -> None:
+        # Torch threads are per process; set them before any model runs here.
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        if not self.names:
+            self._done.set()
+            return
+        threading.Thread(
+            target=self._run, args=(inference,), name="tunery-preload", daemon=True
+        ).start()
+
+    def _run(self, inference: InferenceService) -> None:
+        started = time.monotonic()
+        try:
+            for name in self.names:
+                inference.preload(name)
+            log.info("preloaded %s in %.1f s", ", ".join(self.names), time.monotonic() - started)
+        except Exception as e:  # the server still serves; the model loads on first use instead
+            log.exception("preloading %s failed", ", ".join(self.names))
+            self._error = f"{type(e).__name__}: {e}"
+        finally:
+            self._done.set()
+
+    def status(self) -> dict[str, object]:
+        if not self._done.is_set():
+            return {"status": "loading", "models": self.names}
+        if self._error is not None:
+            return {"status": "failed", "models": self.names, "error": self._error}
+        return {"status": "ready", "models": self.names}
 
 
 class BodySizeLimit:

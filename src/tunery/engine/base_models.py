@@ -95,7 +95,8 @@ class BaseModelRegistry:
         self.models_dir = Path(models_dir)
         self.device = pick_device(device)
         self._loaded: dict[str, LoadedBase] = {}
-        self._lock = threading.Lock()
+        self._load_locks: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()  # guards the two dicts, never held while loading
 
     # -- names ---------------------------------------------------------------------------------
     def _registered(self) -> dict[str, dict[str, Any]]:
@@ -186,12 +187,28 @@ class BaseModelRegistry:
         return target
 
     def load(self, name: str) -> LoadedBase:
-        """Load (once per process) the model and tokenizer for `name`."""
+        """Load (once per process) the model and tokenizer for `name`.
+
+        One lock per name: a caller waiting for one model (a preload in the background, say)
+        never holds up a caller that needs another.
+        """
         key = short_name(name)
         with self._lock:
-            if key not in self._loaded:
-                self._loaded[key] = self._load(key)
-            return self._loaded[key]
+            if key in self._loaded:
+                return self._loaded[key]
+            name_lock = self._load_locks.setdefault(key, threading.Lock())
+        with name_lock:
+            with self._lock:
+                if key in self._loaded:
+                    return self._loaded[key]
+            loaded = self._load(key)
+            with self._lock:
+                self._loaded[key] = loaded
+            return loaded
+
+    def is_loaded(self, name: str) -> bool:
+        with self._lock:
+            return short_name(name) in self._loaded
 
     def _load(self, name: str) -> LoadedBase:
         from transformers import AutoModelForCausalLM, AutoTokenizer

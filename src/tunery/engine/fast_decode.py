@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 Weights = Literal["bf16", "int8"]
+_DROPOUTS = (torch.nn.Identity, torch.nn.Dropout)  # identities in eval mode
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Projections that read the same input run as one matmul: (group, members).
 _GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
@@ -52,7 +53,9 @@ class Linear:
         if self.w is not None:
             return F.linear(x, self.w)
         shape = x.shape
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]), self.q, self.scale)
+        y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(
+            x.reshape(-1, shape[-1]), self.q, self.scale
+        )
         return y.view(*shape[:-1], self.out_features)
 
 
@@ -98,7 +101,7 @@ class FastLora:
                 or getattr(module, "use_dora", {}).get(adapter, False)
                 or module.lora_B[adapter].bias is not None
                 or module.lora_A[adapter].bias is not None
-                or not isinstance(module.lora_dropout[adapter], torch.nn.Identity | torch.nn.Dropout)
+                or not isinstance(module.lora_dropout[adapter], _DROPOUTS)
             ):
                 return None
             found[(int(parts[-3]), parts[-1])] = module
@@ -244,7 +247,9 @@ class FastGemma3:
             self.layers.append(
                 _Layer(
                     sliding=config.layer_types[i] == "sliding_attention",
-                    qkv=Linear(torch.cat([w(attn.q_proj), w(attn.k_proj), w(attn.v_proj)]), weights),
+                    qkv=Linear(
+                        torch.cat([w(attn.q_proj), w(attn.k_proj), w(attn.v_proj)]), weights
+                    ),
                     o=Linear(w(attn.o_proj), weights),
                     gu=Linear(torch.cat([w(mlp.gate_proj), w(mlp.up_proj)]), weights),
                     down=Linear(w(mlp.down_proj), weights),
@@ -323,7 +328,7 @@ class FastGemma3:
             qkv = layer.qkv(h)
             if lora is not None and "qkv" in lora.layers[i]:
                 qkv = lora.layers[i]["qkv"].add_to(qkv, h)
-            q = qkv[:, : nh * hd].view(b, nkv, nh // nkv, hd)  # query heads per kv head
+            q = qkv[:, : nh * hd].view(b, nh, 1, hd)
             k = qkv[:, nh * hd : (nh + nkv) * hd].view(b, nkv, 1, hd)
             v = qkv[:, (nh + nkv) * hd :].view(b, nkv, 1, hd)
             q = _rope(_rms(q, layer.q_norm, self.eps), cos, sin)
@@ -334,8 +339,9 @@ class FastGemma3:
             ck[:, :, slot : slot + 1] = k
             cv[:, :, slot : slot + 1] = v
             n = min(pos + 1, size)  # every filled slot is inside the window: no mask
-            # A kv head's query heads act as query positions that all see every key.
-            a = F.scaled_dot_product_attention(q, ck[:, :, :n], cv[:, :, :n], scale=self.scaling)
+            a = F.scaled_dot_product_attention(
+                q, ck[:, :, :n], cv[:, :, :n], scale=self.scaling, enable_gqa=True
+            )
             x = self._after_attention(x, a.reshape(b, nh * hd), layer, i, lora)
         cache.length = pos + 1
         return _rms(x, self.final_norm, self.eps)
@@ -394,7 +400,8 @@ class FastGemma3:
 
 
 def _norm_weight(norm: Any) -> torch.Tensor:
-    return (1.0 + norm.weight.detach().float()).contiguous()
+    weight: torch.Tensor = norm.weight.detach().float()
+    return (1.0 + weight).contiguous()
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,5 +1,10 @@
 """Generation on one shared base model: a KV-cached decode loop, sampling, stop sequences and
 streaming, with each tuned model's LoRA adapter loaded once onto that base as a named PEFT adapter.
+
+Two forwards run the loop: the transformers model with PEFT (`Backend.REFERENCE`, any base
+model), and `fast_decode.FastGemma3`, a hand-written Gemma 3 step with a preallocated KV cache
+(`Backend.FAST`: the same bf16 weights, the same tokens; `Backend.FAST_INT8`: int8 weights).
+A base model or adapter the fast forward does not support runs on the reference one.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +23,7 @@ import torch
 
 from tunery.engine.base_models import LoadedBase
 from tunery.engine.data import OUTPUT_PREFIX, encode_prompt
+from tunery.engine.fast_decode import FastGemma3, FastLora, KVCache
 from tunery.engine.specs import (
     Candidate,
     FinishReason,
@@ -33,6 +40,14 @@ MAX_LOADED_ADAPTERS = 64
 _END_OF_TURN = "<end_of_turn>"
 
 
+class Backend(StrEnum):
+    """Which forward decodes (see the module docstring)."""
+
+    REFERENCE = "reference"
+    FAST = "fast"
+    FAST_INT8 = "fast-int8"
+
+
 class Generator:
     """Decodes prompts with the base model or any tuned adapter on it; one request at a time.
 
@@ -41,8 +56,17 @@ class Generator:
     must not use that model afterwards; it runs in the worker process, which never builds one.
     """
 
-    def __init__(self, base: LoadedBase, max_adapters: int = MAX_LOADED_ADAPTERS) -> None:
+    def __init__(
+        self,
+        base: LoadedBase,
+        max_adapters: int = MAX_LOADED_ADAPTERS,
+        backend: Backend | str = Backend.FAST,
+    ) -> None:
         self._base = base
+        self._backend = Backend(backend)
+        self._fast: FastGemma3 | None = None  # built at the first fast decode
+        self._fast_loras: dict[str, FastLora | None] = {}  # PEFT adapter name → its fast form
+        self._active: str | None = None  # the PEFT adapter of the current decode
         self._model = base.model  # the causal LM; PEFT wraps it but keeps this object
         self._tokenizer = base.tokenizer
         self._peft: Any = None  # PeftModel, created with the first adapter
@@ -134,26 +158,18 @@ class Generator:
         Candidates share the prompt's KV cache and decode as one batch; a finished candidate's
         row is dropped from the batch so it costs nothing more.
         """
-        body = self._model.model  # the decoder stack: hidden states without the vocab head
         device = self._base.device
         rng = None
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
             rng = torch.Generator(device=device).manual_seed(seed)
-        from transformers import DynamicCache
-
         with self._adapter_active(adapter_dir):
-            cache = DynamicCache(config=self._model.config)
-            input_ids = torch.tensor([prompt_ids], device=device)  # (1, T)
-            hidden = body(input_ids=input_ids, cache=cache, use_cache=True).last_hidden_state
-            hidden = hidden[:, -1]  # (1, C): only the last position needs logits
+            run = self._forward(adapter_dir, len(prompt_ids) + params.max_output_tokens)
             n = len(texts)
-            if n > 1:
-                cache.batch_repeat_interleave(n)
-                hidden = hidden.expand(n, -1)
+            hidden = run.start(prompt_ids, n)  # (n, C): the prompt's last position, n times
             rows = list(range(n))  # candidate index of each batch row still decoding
             for step in range(params.max_output_tokens):
-                next_ids = _pick(self._logits(hidden), params, rng).tolist()  # (rows,)
+                next_ids = _pick(run.logits(hidden), params, rng).tolist()  # (rows,)
                 deltas = [""] * n
                 for tok, i in zip(next_ids, rows, strict=True):
                     deltas[i] = texts[i].push(tok, tok in self._eos_ids)
@@ -168,21 +184,32 @@ class Generator:
                 next_tensor = torch.tensor(next_ids, device=device)
                 if len(keep) < len(rows):
                     index = torch.tensor(keep, device=device)
-                    cache.batch_select_indices(index)
+                    run.select(index)
                     next_tensor = next_tensor[index]
                     rows = [rows[r] for r in keep]
-                out = body(input_ids=next_tensor[:, None], cache=cache, use_cache=True)
-                hidden = out.last_hidden_state[:, -1]  # (rows, C)
+                hidden = run.step(next_tensor)  # (rows, C)
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(B, C) hidden → (B, V) float32 logits, as the model's own forward computes them."""
-        logits: torch.Tensor = self._model.lm_head(hidden)
-        cap = getattr(self._model.config, "final_logit_softcapping", None)
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits.float()
+    def _forward(self, adapter_dir: Path | None, max_len: int) -> _Forward:
+        """The forward for this decode: fast where the model and the active adapter allow."""
+        if self._backend is not Backend.REFERENCE and FastGemma3.supports(self._model):
+            if self._fast is None:
+                int8 = self._backend is Backend.FAST_INT8
+                self._fast = FastGemma3(self._model, "int8" if int8 else "bf16")
+            lora = None
+            if adapter_dir is not None:
+                assert self._active is not None
+                if self._active not in self._fast_loras:
+                    self._fast_loras[self._active] = FastLora.from_peft(
+                        self._peft, self._active, self._fast
+                    )
+                lora = self._fast_loras[self._active]
+            if adapter_dir is None or lora is not None:
+                return _FastForward(self._fast, lora, max_len)
+            log.info("adapter %s runs on the reference forward", adapter_dir)
+        return _ReferenceForward(self._model)
 
     def _adapter_active(self, adapter_dir: Path | None) -> contextlib.AbstractContextManager[Any]:
+        self._active = None
         if adapter_dir is None:
             # The base model is the empty adapter slot: LoRA layers switched off for this call.
             return (
@@ -208,6 +235,7 @@ class Generator:
         if cached is not None and cached[0] == mtime:
             self._adapters.move_to_end(path)
             self._peft.set_adapter(cached[1])
+            self._active = cached[1]
             return
         name = f"tuned_{self._next_adapter}"
         self._next_adapter += 1
@@ -225,13 +253,96 @@ class Generator:
             ) from e
         self._peft.eval()
         self._peft.set_adapter(name)
+        self._active = name
         if cached is not None:
             self._peft.delete_adapter(cached[1])
+            self._fast_loras.pop(cached[1], None)
         self._adapters[path] = (mtime, name)
         self._adapters.move_to_end(path)
         while len(self._adapters) > self._max_adapters:
             _, (_, old) = self._adapters.popitem(last=False)
             self._peft.delete_adapter(old)
+            self._fast_loras.pop(old, None)
+
+
+class _Forward:
+    """One decode's model state: prefill, one-token steps, row selection, logits."""
+
+    def start(self, prompt_ids: list[int], n: int) -> torch.Tensor:
+        """Run the prompt; return its last position's hidden state for `n` rows, (n, C)."""
+        raise NotImplementedError
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B,) next tokens → (B, C) hidden states."""
+        raise NotImplementedError
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep only the batch rows in `index`."""
+        raise NotImplementedError
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, C) hidden → (B, V) float32 logits, as the model's own forward computes them."""
+        raise NotImplementedError
+
+
+class _ReferenceForward(_Forward):
+    """The transformers model (with PEFT's LoRA layers) and its DynamicCache."""
+
+    def __init__(self, model: Any) -> None:
+        from transformers import DynamicCache
+
+        self._model = model
+        self._body = model.model  # the decoder stack: hidden states without the vocab head
+        self._cache = DynamicCache(config=model.config)
+
+    def start(self, prompt_ids: list[int], n: int) -> torch.Tensor:
+        input_ids = torch.tensor([prompt_ids], device=self._model.device)  # (1, T)
+        out = self._body(input_ids=input_ids, cache=self._cache, use_cache=True)
+        hidden: torch.Tensor = out.last_hidden_state[:, -1]  # only the last position needs logits
+        if n > 1:
+            self._cache.batch_repeat_interleave(n)
+            hidden = hidden.expand(n, -1)
+        return hidden
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self._body(input_ids=tokens[:, None], cache=self._cache, use_cache=True)
+        hidden: torch.Tensor = out.last_hidden_state[:, -1]
+        return hidden
+
+    def select(self, index: torch.Tensor) -> None:
+        self._cache.batch_select_indices(index)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self._model.lm_head(hidden)
+        cap = getattr(self._model.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.float()
+
+
+class _FastForward(_Forward):
+    """`FastGemma3` with a cache sized for this decode."""
+
+    def __init__(self, fast: FastGemma3, lora: FastLora | None, max_len: int) -> None:
+        self._fast = fast
+        self._lora = lora
+        self._cache: KVCache = fast.new_cache(max_len)
+
+    def start(self, prompt_ids: list[int], n: int) -> torch.Tensor:
+        hidden = self._fast.prefill(prompt_ids, self._cache, self._lora)
+        if n > 1:
+            self._cache.repeat(n)
+            hidden = hidden.expand(n, -1)
+        return hidden
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._fast.step(tokens, self._cache, self._lora)
+
+    def select(self, index: torch.Tensor) -> None:
+        self._cache.select(index)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._fast.logits(hidden)
 
 
 class _TextStream:

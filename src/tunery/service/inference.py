@@ -13,11 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunery.domain import JobState, ModelState, TunedModel
-from tunery.engine.base_models import BaseModelInfo, BaseModelRegistry
+from tunery.engine.base_models import BaseModelInfo, BaseModelRegistry, short_name
 from tunery.engine.generate import Generator
 from tunery.engine.specs import MAX_INPUT_CHARS, Generation, GenerationParams, StreamChunk
 from tunery.errors import FailedPrecondition, InvalidArgument, NotFound
 from tunery.service.tuning import TuningService
+
+# Tuned adapters kept loaded per base model (LRU); rank-16 all-module LoRA on gemma-3-270m is
+# ~15 MB each in fp32, so 128 is ~2 GB at most.
+MAX_LOADED_ADAPTERS = 128
 
 
 @dataclass(frozen=True)
@@ -48,11 +52,28 @@ class Resolved:
 class InferenceService:
     """generateContent / streamGenerateContent / countTokens over base and tuned models."""
 
-    def __init__(self, registry: BaseModelRegistry, tuning: TuningService) -> None:
+    def __init__(
+        self,
+        registry: BaseModelRegistry,
+        tuning: TuningService,
+        max_loaded_adapters: int = MAX_LOADED_ADAPTERS,
+    ) -> None:
         self.registry = registry
         self.tuning = tuning
+        self.max_loaded_adapters = max_loaded_adapters
         self._generators: dict[str, Generator] = {}
         self._generators_lock = threading.Lock()
+
+    # -- start-up ------------------------------------------------------------------------------
+    def preload(self, base_model: str) -> None:
+        """Load `base_model`, build its Generator and run one 1-token decode, so the first request
+        pays for none of it (weights, lazy kernel set-up). Blocking; call it from a thread."""
+        generator = self._generator(self.registry.get(base_model))
+        generator.generate("Hello", GenerationParams(max_output_tokens=1))
+
+    def is_loaded(self, base_model: str) -> bool:
+        with self._generators_lock:
+            return short_name(base_model) in self._generators
 
     # -- names ---------------------------------------------------------------------------------
     def resolve(self, model_name: str, owner: str | None) -> Resolved:
@@ -123,8 +144,20 @@ class InferenceService:
         return resolved
 
     def _generator(self, base: BaseModelInfo) -> Generator:
-        """The base model's generator, loading the weights on first use."""
+        """The base model's generator, loading the weights on first use.
+
+        The weights load outside the lock (the registry loads each name once), so a request for
+        one base never waits for another base to load; only the Generator is made under it, so
+        there is one per base.
+        """
+        with self._generators_lock:
+            generator = self._generators.get(base.name)
+        if generator is not None:
+            return generator
+        loaded = self.registry.load(base.name)
         with self._generators_lock:
             if base.name not in self._generators:
-                self._generators[base.name] = Generator(self.registry.load(base.name))
+                self._generators[base.name] = Generator(
+                    loaded, max_adapters=self.max_loaded_adapters
+                )
             return self._generators[base.name]

@@ -1,4 +1,4 @@
-"""Jobs count their attempts, so a job whose worker keeps dying is failed instead of retried forever.
+"""Jobs count their attempts: a job whose worker keeps dying is failed, not retried forever.
 
 Revision ID: 0002_job_attempts
 Revises: 0001_initial
