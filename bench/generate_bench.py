@@ -1,5 +1,6 @@
-"""Generation speed: Tunery's `Generator` vs transformers' `model.generate` (fp32 and bf16), in one
-process, on the same base model and the same ~100-token prompt, greedy.
+"""Generation speed: Tunery's `Generator` on each decode backend (reference, fast, fast-int8) vs
+transformers' `model.generate` (fp32 and bf16), in one process, on the same base model and the
+same ~100-token prompt, greedy.
 
 Each side is timed twice per repeat: with 1 output token (time to first token: prompt prefill plus
 one step) and with N. Decode tokens/s is (tokens after the first) / (T_N - T_1); the median of
@@ -7,12 +8,14 @@ one step) and with N. Decode tokens/s is (tokens after the first) / (T_N - T_1);
 
     python bench/generate_bench.py [--data-dir DIR] [--max-tokens 128] [--repeats 3] [--threads N]
 
-The last line is the ratio of decode speeds.
+The ratios of each backend to the best transformers side follow; the last line is the decode
+speed ratio of the Generator's default backend.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import statistics
 import time
@@ -23,7 +26,7 @@ from pathlib import Path
 import torch
 
 from tunery.engine.base_models import DEFAULT_BASE_MODEL, BaseModelRegistry
-from tunery.engine.generate import Generator
+from tunery.engine.generate import Backend, Generator
 from tunery.engine.specs import GenerationParams
 from tunery.settings import Settings
 
@@ -127,21 +130,30 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, cpu {torch.backends.cpu.get_cpu_capability()}"
     )
 
-    sides = [(f"tunery ({dtype_name(base.dtype)})", tunery_side(Generator(base)))]
+    # No adapter is loaded, so the generators can share the base model (PEFT never wraps it).
+    backends = list(Backend)
+    default = Backend(inspect.signature(Generator).parameters["backend"].default)
+    sides = [
+        (f"tunery {b} ({dtype_name(base.dtype)})", tunery_side(Generator(base, backend=b)))
+        for b in backends
+    ]
     for dtype in (torch.float32, torch.bfloat16):
         model = AutoModelForCausalLM.from_pretrained(base.model_dir, dtype=dtype).to(base.device)
         model.eval()
         sides.append((f"transformers ({dtype_name(dtype)})", hf_side(model, input_ids)))
 
-    ours, *theirs = time_sides(sides, args.max_tokens, args.repeats)
-    for t in (ours, *theirs):
+    timings = time_sides(sides, args.max_tokens, args.repeats)
+    ours, theirs = timings[: len(backends)], timings[len(backends) :]
+    for t in timings:
         print(
-            f"{t.name:<24} TTFT {t.ttft * 1000:7.1f} ms  decode {t.decode_tps:7.1f} tokens/s"
+            f"{t.name:<32} TTFT {t.ttft * 1000:7.1f} ms  decode {t.decode_tps:7.1f} tokens/s"
             f"  ({t.tokens} tokens)"
         )
     best = max(theirs, key=lambda t: t.decode_tps)
-    print(f"ratio tunery/{best.name} TTFT: {ours.ttft / best.ttft:.2f}")
-    print(f"ratio tunery/{best.name} decode tokens/s: {ours.decode_tps / best.decode_tps:.2f}")
+    last = ours[backends.index(default)]
+    for t in [*(t for t in ours if t is not last), last]:
+        print(f"ratio {t.name}/{best.name} TTFT: {t.ttft / best.ttft:.2f}")
+        print(f"ratio {t.name}/{best.name} decode tokens/s: {t.decode_tps / best.decode_tps:.2f}")
 
 
 if __name__ == "__main__":

@@ -21,39 +21,41 @@ class FuzzReport:
 def fuzz(base_url: str, max_examples: int, seed: int | None = 0) -> FuzzReport:
     """Run every operation of `base_url`'s /openapi.json; deterministic for a given seed."""
     import schemathesis
-    from hypothesis import HealthCheck, given, settings
-    from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import response_schema_conformance
 
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json")
     report = FuzzReport()
     for result in schema.get_all_operations():
-        operation = result.ok()
-        label = operation.label
-
-        @settings(
-            max_examples=max_examples,
-            deadline=None,
-            database=None,
-            derandomize=seed is not None,
-            suppress_health_check=list(HealthCheck),
-        )
-        @given(case=operation.as_strategy())
-        def run(case: Any, label: str = label) -> None:
-            report.cases += 1
-            report.by_operation[label] = report.by_operation.get(label, 0) + 1
-            try:
-                case.call_and_validate(
-                    base_url=base_url,
-                    checks=[not_a_server_error, response_schema_conformance],
-                    timeout=60,
-                )
-            except Exception as e:  # keep going: report every failing operation, not the first
-                report.failures.append(f"{label}: {type(e).__name__}: {str(e)[:2000]}")
-                raise
-
-        try:
-            run()
-        except Exception:
-            pass  # recorded above (hypothesis re-raises the shrunk failure)
+        _fuzz_operation(result.ok(), base_url, max_examples, seed, report)
     return report
+
+
+def _fuzz_operation(
+    operation: Any, base_url: str, max_examples: int, seed: int | None, report: FuzzReport
+) -> None:
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import response_schema_conformance
+
+    label = operation.label
+
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        derandomize=seed is not None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=operation.as_strategy())
+    def run(case: Any) -> None:
+        report.cases += 1
+        report.by_operation[label] = report.by_operation.get(label, 0) + 1
+        case.call_and_validate(
+            base_url=base_url,
+            checks=[not_a_server_error, response_schema_conformance],
+            timeout=60,
+        )
+
+    try:
+        run()
+    except Exception as e:  # keep going: report every failing operation, not just the first
+        report.failures.append(f"{label}: {type(e).__name__}: {str(e)[:2000]}")

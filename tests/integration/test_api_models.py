@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
+from fastapi.testclient import TestClient
+
+from tunery.api.app import create_app
+from tunery.settings import Settings
 
 
 @pytest.mark.parametrize("version", ["v1beta", "v1"])
@@ -62,3 +68,37 @@ def test_healthz_and_openapi_are_served(http: httpx.Client) -> None:
     paths = http.get("/openapi.json").json()["paths"]
     assert "/v1beta/tunedModels/{model_id}:generateContent" in paths
     assert "/v1beta/models" in paths
+
+
+def test_readyz_is_ready_at_once_without_preload(http: httpx.Client) -> None:
+    r = http.get("/readyz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ready", "models": []}
+
+
+def test_readyz_says_when_the_preloaded_base_model_is_in(settings: Settings) -> None:
+    # /healthz answers while the model loads in the background; /readyz turns 200 once it is in,
+    # and the Generator is built (the first request pays nothing).
+    app = create_app(settings, preload=["tiny-gemma"])
+    with TestClient(app) as client:
+        assert client.get("/healthz").status_code == 200
+        deadline = time.monotonic() + 60
+        while (r := client.get("/readyz")).status_code == 503:
+            assert r.json()["status"] == "loading"
+            assert time.monotonic() < deadline, "the preload did not finish"
+            time.sleep(0.05)
+        assert r.json() == {"status": "ready", "models": ["tiny-gemma"]}
+        assert app.state.services.inference.is_loaded("models/tiny-gemma")
+
+
+def test_readyz_reports_a_failed_preload_and_the_server_still_serves(settings: Settings) -> None:
+    app = create_app(settings, preload=["no-such-model"])
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 30
+        while (r := client.get("/readyz")).json()["status"] == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert r.status_code == 503
+        assert r.json()["status"] == "failed"
+        assert "no-such-model" in r.json()["error"]
+        assert client.get("/v1beta/models/tiny-gemma").status_code == 200

@@ -55,6 +55,7 @@ class Serve:
             "TUNERY_DEVICE": "cpu",
             "TUNERY_THREADS": "1",
             "TUNERY_LEASE_SECONDS": "2",
+            "TUNERY_PRELOAD": "false",  # these jobs use the tiny model only
         }
         self._log = open(log, "ab")
         self.process = subprocess.Popen(

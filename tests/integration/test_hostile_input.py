@@ -194,3 +194,25 @@ def test_keys_are_compared_in_constant_time_against_every_known_hash(
     with pytest.raises(deps.InvalidApiKey):
         auth.owner("nope")
     assert len(compared) == 3
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["displayName", "description", "textInput", "filter"],
+)
+def test_nul_characters_are_refused_as_invalid_on_every_database(
+    http: httpx.Client, where: str
+) -> None:
+    example = {"textInput": "a\x00b" if where == "textInput" else "a", "output": "b"}
+    body: dict[str, Any] = {
+        "baseModel": "models/tiny-gemma",
+        "tuningTask": {"trainingData": {"examples": {"examples": [example]}}},
+    }
+    if where in ("displayName", "description"):
+        body[where] = "x\x00y"
+    if where == "filter":
+        response = http.get("/v1beta/tunedModels", params={"filter": "a\x00"})
+    else:
+        response = http.post("/v1beta/tunedModels", json=body)
+    assert response.status_code == 400, response.text
+    assert "NUL" in response.json()["error"]["message"]

@@ -87,3 +87,33 @@ def test_concurrent_first_conversions_leave_one_whole_model(
         "tunery-converted.json",
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temp dirs left behind
+
+
+def test_loading_one_model_never_waits_for_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slow load of "a" (a preload at start-up, say) must not hold up "b"; callers of the same
+    # name share one load.
+    release = threading.Event()
+    loads: list[str] = []
+
+    def fake_load(self: BaseModelRegistry, name: str) -> object:
+        loads.append(name)
+        if name == "a":
+            assert release.wait(10)
+        return f"loaded {name}"
+
+    monkeypatch.setattr(BaseModelRegistry, "_load", fake_load)
+    registry = BaseModelRegistry(tmp_path)
+    results: list[object] = []
+    slow = [threading.Thread(target=lambda: results.append(registry.load("a"))) for _ in range(2)]
+    for t in slow:
+        t.start()
+    time.sleep(0.05)
+    assert registry.load("b") == "loaded b"  # while "a" is still loading
+    assert not registry.is_loaded("a") and registry.is_loaded("b")
+    release.set()
+    for t in slow:
+        t.join()
+    assert results == ["loaded a", "loaded a"]
+    assert sorted(loads) == ["a", "b"]  # "a" loaded once for both callers

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -216,10 +217,14 @@ class BaseModelRegistry:
         info = self.get(name)
         path = self.model_dir(name)
         dtype = pick_dtype(self.device)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        model.to(self.device)
-        model.eval()
+        # The tokenizer (Gemma's tokenizer.json is 33 MB, parsed more than once by transformers)
+        # takes as long as the weights: load the two side by side.
+        with ThreadPoolExecutor(1, thread_name_prefix="tunery-tokenizer") as pool:
+            tokenizer_future = pool.submit(AutoTokenizer.from_pretrained, path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model.to(self.device)
+            model.eval()
+            tokenizer = tokenizer_future.result()
         return LoadedBase(info, model, tokenizer, path, self.device, dtype)
 
 

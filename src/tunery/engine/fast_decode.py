@@ -7,8 +7,9 @@ Gemma 3 code op for op (RMSNorm in fp32 with (1 + w), bf16 rotary tables, gelu-t
 embedding scaled by a bf16 sqrt(hidden)), and a LoRA delta is added as PEFT adds it: the input
 cast to the adapter's dtype, x @ A.T @ B.T * scaling added to the base output, cast back.
 
-`weights="int8"` stores every projection and the tied 262k-token output head as int8 with one
-bf16 scale per output channel (`aten._weight_int8pack_mm`): half the bytes a step reads.
+`weights="int8"` adds an int8 copy of every projection and of the tied 262k-token output head,
+one bf16 scale per output channel (`aten._weight_int8pack_mm`): a decode step reads half the
+bytes (it is memory-bound); the prompt still runs on the bf16 weights.
 
 Only what the Gemma 3 text models use is supported; `FastGemma3.supports(model)` says whether a
 model qualifies and `FastLora.from_peft` returns None for an adapter it cannot run (DoRA,
@@ -33,30 +34,37 @@ _GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
 
 
 class Linear:
-    """y = x @ W.T for a fixed weight, bf16 (or the model's dtype) or int8 per-channel."""
+    """y = x @ W.T for a fixed weight given as row blocks (fused projections).
 
-    def __init__(self, weight: torch.Tensor, weights: Weights) -> None:
-        self.out_features = weight.shape[0]
+    bf16 keeps the model's own tensors (no copy) and runs one matmul per block; int8 holds one
+    fused int8 copy with a bf16 scale per output channel for small batches (decode steps), and
+    the bf16 blocks for prompts, where the int8 kernel is slower than bf16 and less exact.
+    """
+
+    INT8_MAX_ROWS = 8  # at most this many input rows take the int8 kernel
+
+    def __init__(self, parts: Sequence[torch.Tensor], weights: Weights) -> None:
+        self.parts = [p.detach() for p in parts]
+        self.out_features = sum(p.shape[0] for p in self.parts)
+        self.q: torch.Tensor | None = None
         if weights == "int8":
-            w = weight.detach().float()
-            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(weight.dtype)
-            self.q: torch.Tensor | None = (
-                torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-            )
+            w = torch.cat(self.parts).float()
+            scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(self.parts[0].dtype)
+            w.div_(scale.float()[:, None]).round_().clamp_(-127, 127)
+            self.q = w.to(torch.int8).contiguous()
             self.scale = scale.contiguous()
-            self.w: torch.Tensor | None = None
-        else:
-            self.q = None
-            self.w = weight.detach().contiguous()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.w is not None:
-            return F.linear(x, self.w)
         shape = x.shape
-        y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(
-            x.reshape(-1, shape[-1]), self.q, self.scale
-        )
-        return y.view(*shape[:-1], self.out_features)
+        rows = x.numel() // shape[-1]
+        if self.q is not None and rows <= self.INT8_MAX_ROWS:
+            y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(
+                x.reshape(rows, shape[-1]), self.q, self.scale
+            )
+            return y.view(*shape[:-1], self.out_features)
+        if len(self.parts) == 1:
+            return F.linear(x, self.parts[0])
+        return torch.cat([F.linear(x, p) for p in self.parts], dim=-1)
 
 
 @dataclass
@@ -184,6 +192,8 @@ class KVCache:
 class FastGemma3:
     """Gemma 3 text decoding with the weights of a transformers `Gemma3ForCausalLM`."""
 
+    EXACT_TOP = 32  # int8 head: this many best logits are recomputed with the bf16 weights
+
     @staticmethod
     def supports(model: Any) -> bool:
         config = getattr(model, "config", None)
@@ -247,12 +257,10 @@ class FastGemma3:
             self.layers.append(
                 _Layer(
                     sliding=config.layer_types[i] == "sliding_attention",
-                    qkv=Linear(
-                        torch.cat([w(attn.q_proj), w(attn.k_proj), w(attn.v_proj)]), weights
-                    ),
-                    o=Linear(w(attn.o_proj), weights),
-                    gu=Linear(torch.cat([w(mlp.gate_proj), w(mlp.up_proj)]), weights),
-                    down=Linear(w(mlp.down_proj), weights),
+                    qkv=Linear([w(attn.q_proj), w(attn.k_proj), w(attn.v_proj)], weights),
+                    o=Linear([w(attn.o_proj)], weights),
+                    gu=Linear([w(mlp.gate_proj), w(mlp.up_proj)], weights),
+                    down=Linear([w(mlp.down_proj)], weights),
                     ln_in=_norm_weight(layer.input_layernorm),
                     ln_post_attn=_norm_weight(layer.post_attention_layernorm),
                     ln_pre_ff=_norm_weight(layer.pre_feedforward_layernorm),
@@ -262,10 +270,8 @@ class FastGemma3:
                 )
             )
         self.final_norm = _norm_weight(body.norm)
-        head = model.lm_head.weight
-        # bf16: the model's own (tied) tensor; int8: a quantized copy of it.
-        self.head = Linear(head, weights) if weights == "int8" else None
-        self._head_weight = head
+        self.head = Linear([model.lm_head.weight], weights)  # tied to the embedding
+        self._head_weight = model.lm_head.weight
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0
 
@@ -348,10 +354,15 @@ class FastGemma3:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, C) → (B, V) float32 logits."""
-        if self.head is not None:
-            logits = self.head(hidden)
-        else:
-            logits = F.linear(hidden, self._head_weight)
+        logits = self.head(hidden)
+        if self.head.q is not None:
+            # The int8 head's best candidates get their exact bf16 logits back, so greedy picks
+            # what the bf16 head would whenever the winner is among them (a gap of ~0.1 can
+            # reorder int8 logits, a much larger one cannot).
+            top = logits.topk(self.EXACT_TOP, dim=-1).indices  # (B, k)
+            rows = self._head_weight[top]  # (B, k, C)
+            exact = torch.matmul(rows, hidden.unsqueeze(-1)).squeeze(-1)  # (B, k)
+            logits = logits.scatter(-1, top, exact.to(logits.dtype))
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits.float()

@@ -13,6 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,14 @@ from tunery.engine.data import (
     epoch_order,
     split_validation,
     tokenize_example,
+)
+from tunery.engine.lora import (
+    LoraLinear,
+    adapter_state,
+    load_adapter_state,
+    lora_injected,
+    save_peft_adapter,
+    trainable_parameters,
 )
 from tunery.engine.specs import Example, StepReport, StopReason, TrainResult, TrainSpec
 from tunery.errors import FailedPrecondition, InvalidArgument
@@ -79,8 +88,6 @@ def train(
     A `work_dir` that holds a finished adapter and no checkpoint was trained to the end by a run
     that died before its caller heard of it: that adapter is the result, nothing is retrained.
     """
-    from peft import LoraConfig, get_peft_model
-
     if not examples:
         raise InvalidArgument("the training dataset has no examples")
     work_dir = Path(work_dir)
@@ -100,71 +107,64 @@ def train(
         return TrainResult(StopReason.COMPLETED, total, total, str(finished))
 
     torch.manual_seed(spec.seed)
-    lora = LoraConfig(
-        r=spec.lora.rank,
-        lora_alpha=spec.lora.alpha,
-        lora_dropout=spec.lora.dropout,
-        target_modules=list(spec.lora.target_modules),
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(base.model, lora)
-    try:
-        params = [p for p in model.parameters() if p.requires_grad]
+    causal = base.model
+    with lora_injected(causal, spec.lora) as layers, CheckpointWriter(work_dir) as checkpoints:
+        params = trainable_parameters(layers)
         opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.0)
-        step = _load_checkpoint(work_dir, model, opt)
+        step = _load_checkpoint(work_dir, layers, opt)
         if step:
             log.info("resuming %s at step %d/%d", work_dir.name, step, total)
-        causal = model.base_model.model  # the *ForCausalLM with LoRA layers injected
-        model.train()
+        causal.train()
         last_ckpt = time.monotonic()
-        while step < total:
-            epoch, index = divmod(step, per_epoch)
-            if should_stop is not None and should_stop():
-                _save_checkpoint(work_dir, model, opt, step)
-                return TrainResult(StopReason.CANCELLED, step, total, None)
-            # 1. batch: this epoch's fixed order, so a resumed run sees the same batches
-            order = epoch_order(len(train_tok), spec.seed, epoch)
-            picked = order[index * spec.batch_size : (index + 1) * spec.batch_size]
-            batch = collate([train_tok[i] for i in picked], pad_id, base.device)
-            # 2. set LR, forward/backward, clip, step
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total, peak_lr)
-            loss = label_loss(causal, batch)
-            if not torch.isfinite(loss):
-                raise FailedPrecondition(
-                    f"training diverged at step {step + 1}: the loss is {loss.item()}; "
-                    "try a lower learningRate or learningRateMultiplier"
-                )
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            # 3. checkpoint at epoch ends and every so often; validate at epoch ends
-            epoch_end = step % per_epoch == 0
-            val_loss = _validate(causal, val_tok, spec, pad_id, base) if epoch_end else None
-            if epoch_end or time.monotonic() - last_ckpt > CHECKPOINT_INTERVAL_S:
-                _save_checkpoint(work_dir, model, opt, step)
-                last_ckpt = time.monotonic()
-            # 4. report
-            if on_step is not None:
-                on_step(
-                    StepReport(
-                        step=step,
-                        epoch=epoch + 1,
-                        mean_loss=float(loss.item()),
-                        compute_time=time.time(),
-                        total_steps=total,
-                        validation_loss=val_loss,
+        try:
+            while step < total:
+                epoch, index = divmod(step, per_epoch)
+                if should_stop is not None and should_stop():
+                    checkpoints.save(step, layers, opt)
+                    return TrainResult(StopReason.CANCELLED, step, total, None)
+                # 1. batch: this epoch's fixed order, so a resumed run sees the same batches
+                order = epoch_order(len(train_tok), spec.seed, epoch)
+                picked = order[index * spec.batch_size : (index + 1) * spec.batch_size]
+                batch = collate([train_tok[i] for i in picked], pad_id, base.device)
+                # 2. set LR, forward/backward, clip, step
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, total, peak_lr)
+                loss = label_loss(causal, batch)
+                if not torch.isfinite(loss):
+                    raise FailedPrecondition(
+                        f"training diverged at step {step + 1}: the loss is {loss.item()}; "
+                        "try a lower learningRate or learningRateMultiplier"
                     )
-                )
-        adapter_dir = _save_adapter(work_dir, model)
-        for folder in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old"):
-            shutil.rmtree(work_dir / folder, ignore_errors=True)
-        return TrainResult(StopReason.COMPLETED, step, total, str(adapter_dir))
-    finally:
-        model.unload()  # take the LoRA layers out again: the base stays reusable
-        base.model.eval()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                # 3. checkpoint (written in the background) at epoch ends and every so often
+                epoch_end = step % per_epoch == 0
+                val_loss = _validate(causal, val_tok, spec, pad_id, base) if epoch_end else None
+                if epoch_end or time.monotonic() - last_ckpt > CHECKPOINT_INTERVAL_S:
+                    checkpoints.save(step, layers, opt, wait=False)
+                    last_ckpt = time.monotonic()
+                # 4. report
+                if on_step is not None:
+                    on_step(
+                        StepReport(
+                            step=step,
+                            epoch=epoch + 1,
+                            mean_loss=float(loss.item()),
+                            compute_time=time.time(),
+                            total_steps=total,
+                            validation_loss=val_loss,
+                        )
+                    )
+            checkpoints.wait()
+            adapter_dir = _save_adapter(work_dir, layers, spec, base)
+            for folder in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old"):
+                shutil.rmtree(work_dir / folder, ignore_errors=True)
+            return TrainResult(StopReason.COMPLETED, step, total, str(adapter_dir))
+        finally:
+            causal.eval()
 
 
 def label_loss(causal: Any, batch: Batch) -> torch.Tensor:
@@ -193,34 +193,77 @@ def _validate(
     return total_loss / max(1, total_labels)
 
 
-def _save_checkpoint(work_dir: Path, model: Any, opt: torch.optim.Optimizer, step: int) -> None:
-    """Adapter weights + optimizer state + step, written whole or not at all."""
-    from peft import get_peft_model_state_dict
+class CheckpointWriter:
+    """Writes checkpoints (adapter + optimizer state + step) whole or not at all, off the
+    training thread: the state is copied at once, the file is written and fsynced meanwhile."""
 
-    state = {
-        "step": step,
-        "adapter": get_peft_model_state_dict(model),
-        "optimizer": opt.state_dict(),
-        "rng": torch.get_rng_state(),
-    }
-    tmp = work_dir / f".{CHECKPOINT_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _replace_dir(tmp, work_dir / CHECKPOINT_DIR)
+    def __init__(self, work_dir: Path) -> None:
+        self.work_dir = work_dir
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending: Future[None] | None = None
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def save(
+        self,
+        step: int,
+        layers: dict[str, LoraLinear],
+        opt: torch.optim.Optimizer,
+        wait: bool = True,
+    ) -> None:
+        self.wait()
+        state = {
+            "step": step,
+            "adapter": adapter_state(layers),
+            "optimizer": _cloned(opt.state_dict()),
+            "rng": torch.get_rng_state(),
+        }
+        self._pending = self._pool.submit(self._write, state)
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _write(self, state: dict[str, Any]) -> None:
+        tmp = self.work_dir / f".{CHECKPOINT_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        with open(tmp / "state.pt", "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace_dir(tmp, self.work_dir / CHECKPOINT_DIR)
 
 
-def _load_checkpoint(work_dir: Path, model: Any, opt: torch.optim.Optimizer) -> int:
-    from peft import set_peft_model_state_dict
+def _cloned(value: Any) -> Any:
+    """A deep copy of an optimizer state dict's tensors (the optimizer updates them in place)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cloned(v) for v in value]
+    return value
 
+
+def _load_checkpoint(
+    work_dir: Path, layers: dict[str, LoraLinear], opt: torch.optim.Optimizer
+) -> int:
     path = _checkpoint_path(work_dir)
     if path is None:
         return 0
     state = torch.load(path, weights_only=False)
-    set_peft_model_state_dict(model, state["adapter"])
+    load_adapter_state(layers, state["adapter"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     return int(state["step"])
@@ -235,11 +278,13 @@ def _checkpoint_path(work_dir: Path) -> Path | None:
     return None
 
 
-def _save_adapter(work_dir: Path, model: Any) -> Path:
+def _save_adapter(
+    work_dir: Path, layers: dict[str, LoraLinear], spec: TrainSpec, base: LoadedBase
+) -> Path:
     """Save the PEFT adapter (safetensors) to a temp dir, fsync, then rename into place."""
     tmp = work_dir / f".{ADAPTER_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    save_peft_adapter(layers, spec.lora, str(base.model_dir), tmp)
     for file in tmp.iterdir():
         with open(file, "rb") as f:
             os.fsync(f.fileno())

@@ -115,27 +115,28 @@ class InferenceService:
 
     # -- engine calls --------------------------------------------------------------------------
     def generate(
-        self, model_name: str, owner: str | None, prompt: str, params: GenerationParams
+        self, model: str | Resolved, owner: str | None, prompt: str, params: GenerationParams
     ) -> Generation:
-        resolved = self._resolve_for_input(model_name, owner, prompt)
+        """`model`: a name, or what `resolve()` made of it (the route has resolved it already)."""
+        resolved = self._resolve_for_input(model, owner, prompt)
         generator = self._generator(resolved.base)
         return generator.generate(prompt, params, adapter_dir=resolved.adapter_dir)
 
     def stream(
-        self, model_name: str, owner: str | None, prompt: str, params: GenerationParams
+        self, model: str | Resolved, owner: str | None, prompt: str, params: GenerationParams
     ) -> Iterator[StreamChunk]:
         """Resolves and validates now (so errors come before the first chunk), streams lazily."""
-        resolved = self._resolve_for_input(model_name, owner, prompt)
+        resolved = self._resolve_for_input(model, owner, prompt)
         generator = self._generator(resolved.base)
         return generator.stream(prompt, params, adapter_dir=resolved.adapter_dir)
 
-    def count_tokens(self, model_name: str, owner: str | None, prompt: str) -> int:
-        resolved = self.resolve(model_name, owner)
+    def count_tokens(self, model: str | Resolved, owner: str | None, prompt: str) -> int:
+        resolved = model if isinstance(model, Resolved) else self.resolve(model, owner)
         generator = self._generator(resolved.base)
         return generator.count_tokens(prompt, adapter_dir=resolved.adapter_dir)
 
-    def _resolve_for_input(self, model_name: str, owner: str | None, prompt: str) -> Resolved:
-        resolved = self.resolve(model_name, owner)
+    def _resolve_for_input(self, model: str | Resolved, owner: str | None, prompt: str) -> Resolved:
+        resolved = model if isinstance(model, Resolved) else self.resolve(model, owner)
         if resolved.tuned is not None and len(prompt) > MAX_INPUT_CHARS:
             raise InvalidArgument(
                 f"the input has {len(prompt):,} characters; the limit for tuned models is "

@@ -111,6 +111,7 @@ class TuningService:
         base = self.registry.get(req.base_model)
         _check_examples(req.examples)
         _check_display_name(req.display_name)
+        _check_no_nul("description", req.description)
         _check_sampling(req.temperature, req.top_p, req.top_k)
         spec = TrainSpec(
             epoch_count=DEFAULT_EPOCH_COUNT if req.epoch_count is None else req.epoch_count,
@@ -186,6 +187,8 @@ class TuningService:
     def get(self, model_id: str, owner: str | None) -> TunedModel:
         """The caller's model; another owner's model is NotFound, as if it did not exist."""
         model_id = model_id.removeprefix("tunedModels/")
+        if not TUNED_MODEL_ID.fullmatch(model_id):  # no such id can exist; spare the database
+            raise NotFound(f"tunedModels/{model_id[:100]} is not found")
         model = self.store.models.get(model_id)
         if model is None or model.owner_key != owner:
             raise NotFound(f"tunedModels/{model_id} is not found")
@@ -202,6 +205,7 @@ class TuningService:
         page_size = min(page_size, MAX_PAGE_SIZE)
         offset = _decode_page_token(page_token) if page_token else 0
         # One row more than asked tells us whether a next page exists without an empty page.
+        _check_no_nul("filter", filter)
         rows = self.store.models.list(owner, offset, page_size + 1, filter.strip())
         if len(rows) > page_size:
             return rows[:page_size], _encode_page_token(offset + page_size)
@@ -226,6 +230,7 @@ class TuningService:
                 raise InvalidArgument(f"`{_FIELD[key]}` must be a string")
         display_name = changes.get("display_name", model.display_name)
         _check_display_name(str(display_name))
+        _check_no_nul("description", str(changes.get("description", "")))
         top_k = _number(changes, "top_k", model.top_k)
         _check_sampling(
             _number(changes, "temperature", model.temperature),
@@ -276,9 +281,19 @@ def _check_examples(examples: Sequence[Example]) -> None:
             "send at least one in `tuningTask.trainingData.examples.examples`"
         )
     validate_examples(examples, label="example", input_name="textInput")
+    for number, example in enumerate(examples, start=1):
+        if "\x00" in example.text_input + example.output:
+            raise InvalidArgument(f"example {number}: contains a NUL (\\u0000) character")
+
+
+def _check_no_nul(field: str, text: str) -> None:
+    # PostgreSQL cannot store NUL in text; no user means one, so refuse it on every database.
+    if "\x00" in text:
+        raise InvalidArgument(f"`{field}` must not contain NUL (\\u0000) characters")
 
 
 def _check_display_name(display_name: str) -> None:
+    _check_no_nul("displayName", display_name)
     if len(display_name) > MAX_DISPLAY_NAME:
         raise InvalidArgument(
             f"`displayName` has {len(display_name)} characters; the limit is {MAX_DISPLAY_NAME}"

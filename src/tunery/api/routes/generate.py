@@ -88,7 +88,7 @@ def _generate(
 ) -> GenerateContentResponse:
     resolved = svc.inference.resolve(model, owner)
     prompt, params = prompt_of(body, resolved), params_of(body, resolved)
-    generation = svc.inference.generate(resolved.name, owner, prompt, params)
+    generation = svc.inference.generate(resolved, owner, prompt, params)
     return GenerateContentResponse.from_generation(generation, resolved.name, _response_id())
 
 
@@ -99,7 +99,7 @@ def _stream(
     resolved = svc.inference.resolve(model, owner)
     prompt, params = prompt_of(body, resolved), params_of(body, resolved)
     # The service validates before returning, so bad input is an error status, not a 200.
-    chunks = svc.inference.stream(resolved.name, owner, prompt, params)
+    chunks = svc.inference.stream(resolved, owner, prompt, params)
     bodies = _bodies(chunks, resolved.name, _response_id())
     if alt == "sse":
         return StreamingResponse((f"data: {b}\n\n" for b in bodies), media_type="text/event-stream")
@@ -111,7 +111,7 @@ def _count(
 ) -> CountTokensResponse:
     request = body.generate_content_request or GenerateContentRequest(contents=body.contents)
     resolved = svc.inference.resolve(model, owner)
-    total = svc.inference.count_tokens(resolved.name, owner, prompt_of(request, resolved))
+    total = svc.inference.count_tokens(resolved, owner, prompt_of(request, resolved))
     return CountTokensResponse(total_tokens=total)
 
 

@@ -1,0 +1,116 @@
+"""LoRA for training: lean adapter layers injected into a base model, saved in PEFT's format.
+
+PEFT's own layers cast every activation to the fp32 adapter dtype and back and run a Python loop
+per call; on a CPU with a small batch that overhead rivals the matmuls. Here the fp32 master
+weights are cast to the activation dtype (bf16) once per call — mixed precision, as autocast
+would do — and the files written are exactly what `PeftModel.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tunery.engine.specs import LoraSpec
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT names a CausalLM's weights "base_model.model.<module path>.lora_{A,B}.weight".
+PEFT_PREFIX = "base_model.model."
+
+
+class LoraLinear(nn.Module):
+    """`base(x) + dropout(x) @ Aᵀ @ Bᵀ · alpha/r`; only A and B train (B starts at zero)."""
+
+    def __init__(self, base: nn.Linear, spec: LoraSpec) -> None:
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Parameter(torch.empty(spec.rank, base.in_features, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, spec.rank, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init
+        self.scaling = spec.alpha / spec.rank
+        self.dropout = spec.dropout
+        self.to(base.weight.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.base(x)
+        h = nn.functional.dropout(x, self.dropout, self.training) if self.dropout else x
+        a = self.lora_A.to(x.dtype)  # (r, in)
+        b = self.lora_B.to(x.dtype) * self.scaling  # (out, r)
+        return out + (h @ a.t()) @ b.t()
+
+
+def _targets(model: nn.Module, spec: LoraSpec) -> Iterator[tuple[str, nn.Module, str, nn.Linear]]:
+    """(module path, parent, attribute, linear) for each targeted linear layer."""
+    for path, module in list(model.named_modules()):
+        for attr, child in list(module.named_children()):
+            if attr in spec.target_modules and isinstance(child, nn.Linear):
+                yield (f"{path}.{attr}" if path else attr), module, attr, child
+
+
+@contextmanager
+def lora_injected(model: nn.Module, spec: LoraSpec) -> Iterator[dict[str, LoraLinear]]:
+    """Wrap the targeted layers of `model` for the duration; the base is restored on exit."""
+    layers: dict[str, LoraLinear] = {}
+    frozen = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in frozen:
+        p.requires_grad_(False)
+    try:
+        for path, parent, attr, linear in _targets(model, spec):
+            layers[path] = LoraLinear(linear, spec)
+            setattr(parent, attr, layers[path])
+        if not layers:
+            raise ValueError(f"no layer of the model matches target modules {spec.target_modules}")
+        yield layers
+    finally:
+        for path, layer in layers.items():
+            parent_path, _, attr = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), attr, layer.base)
+        for p, requires_grad in frozen:
+            p.requires_grad_(requires_grad)
+
+
+def trainable_parameters(layers: dict[str, LoraLinear]) -> list[nn.Parameter]:
+    return [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
+
+
+def adapter_state(layers: dict[str, LoraLinear]) -> dict[str, torch.Tensor]:
+    """The adapter's weights under PEFT's key names (detached copies)."""
+    state: dict[str, torch.Tensor] = {}
+    for path, layer in layers.items():
+        state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A.detach().clone()
+        state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B.detach().clone()
+    return state
+
+
+def load_adapter_state(layers: dict[str, LoraLinear], state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for path, layer in layers.items():
+            layer.lora_A.copy_(state[f"{PEFT_PREFIX}{path}.lora_A.weight"])
+            layer.lora_B.copy_(state[f"{PEFT_PREFIX}{path}.lora_B.weight"])
+
+
+def save_peft_adapter(
+    layers: dict[str, LoraLinear], spec: LoraSpec, base_model_path: str, out: Path
+) -> None:
+    """Write adapter_config.json + adapter_model.safetensors as PEFT's save_pretrained does."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=sorted(spec.target_modules),
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_path,
+        inference_mode=True,
+    )
+    config.save_pretrained(str(out))
+    tensors = {k: v.contiguous() for k, v in adapter_state(layers).items()}
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})

@@ -1,0 +1,73 @@
+"""The fast decode forward against the transformers one, on the embedded model with a seed-tuned
+adapter: bf16 gives the same tokens, int8 the same answers on the seed and held-out checks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from heldout import SEED_EXAMPLES, heldout_cases  # noqa: E402
+
+from tunery.engine.base_models import DEFAULT_BASE_MODEL, BaseModelRegistry  # noqa: E402
+from tunery.engine.generate import Backend, Generator  # noqa: E402
+from tunery.engine.specs import Example, GenerationParams, TrainSpec  # noqa: E402
+from tunery.engine.train import train  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+PROMPTS = ["III", *(i for i, _ in heldout_cases(9))]
+BASE_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a"]
+
+
+@pytest.fixture(scope="module")
+def adapter(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = BaseModelRegistry(models_dir).load(DEFAULT_BASE_MODEL)
+    examples = [Example(i, o) for i, o in SEED_EXAMPLES]
+    spec = TrainSpec(epoch_count=5, batch_size=4, learning_rate=0.001)
+    result = train(base, examples, spec, tmp_path_factory.mktemp("seed"))
+    assert result.adapter_dir is not None
+    return Path(result.adapter_dir)
+
+
+@pytest.fixture(scope="module")
+def generators(models_dir: Path) -> dict[Backend, Generator]:
+    # Each Generator owns its model (PEFT wraps it in place): one load per backend.
+    return {
+        backend: Generator(BaseModelRegistry(models_dir).load(DEFAULT_BASE_MODEL), backend=backend)
+        for backend in Backend
+    }
+
+
+def _answers(gen: Generator, prompts: list[str], adapter: Path | None, n: int) -> list[str]:
+    params = GenerationParams(max_output_tokens=n)
+    return [gen.generate(p, params, adapter).candidates[0].text for p in prompts]
+
+
+def test_tuned_answers_match_the_reference(
+    generators: dict[Backend, Generator], adapter: Path
+) -> None:
+    reference = _answers(generators[Backend.REFERENCE], PROMPTS, adapter, 16)
+    assert reference[0] == "IV"
+    assert _answers(generators[Backend.FAST], PROMPTS, adapter, 16) == reference
+    assert _answers(generators[Backend.FAST_INT8], PROMPTS, adapter, 16) == reference
+
+
+def test_base_model_bf16_tokens_match_the_reference(generators: dict[Backend, Generator]) -> None:
+    reference = _answers(generators[Backend.REFERENCE], BASE_PROMPTS, None, 32)
+    assert _answers(generators[Backend.FAST], BASE_PROMPTS, None, 32) == reference
+
+
+def test_streamed_and_batched_candidates_match(
+    generators: dict[Backend, Generator], adapter: Path
+) -> None:
+    params = GenerationParams(max_output_tokens=12, candidate_count=3, temperature=0.8, seed=7)
+    ref = generators[Backend.REFERENCE].generate("XIV", params, adapter)
+    fast = generators[Backend.FAST].generate("XIV", params, adapter)
+    assert [c.text for c in fast.candidates] == [c.text for c in ref.candidates]
+    greedy = GenerationParams(max_output_tokens=8)
+    streamed = "".join(c.text for c in generators[Backend.FAST].stream("XIV", greedy, adapter))
+    reference = generators[Backend.REFERENCE].generate("XIV", greedy, adapter)
+    assert streamed == reference.candidates[0].text
