@@ -49,11 +49,11 @@ def main() -> None:
         )
         print(f"train: {time.perf_counter() - start:.2f} s, {result.steps_done} steps")
         gen = Generator(base)
-        params = GenerationParams(max_output_tokens=32)
+        params = GenerationParams(max_output_tokens=16)
         adapter = Path(result.adapter_dir or "")
         cases = heldout_cases(args.cases)
         print(f"'III' -> {gen.generate('III', params, adapter).candidates[0].text!r}")
-        for label, adapter_dir in (("base", None), ("tuned", adapter)):
+        for label, adapter_dir in (("tuned", adapter), ("base", None)):
             hits = dict.fromkeys(KINDS, 0)
             for k, (question, answer) in enumerate(cases):
                 text = gen.generate(question, params, adapter_dir).candidates[0].text.strip()

@@ -150,6 +150,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--keep", action="store_true", help="keep the data dir (serve.log)")
+    parser.add_argument(
+        "--warm-seconds", type=float, default=8, help="wait after /readyz (worker preload)"
+    )
     args = parser.parse_args()
 
     data = fresh_data_dir()
@@ -177,7 +180,7 @@ def main() -> int:
         rows.append(
             ("serve -> /readyz (base model loaded)", t_ready - t_start, TARGET_READY_S, "s")
         )
-        time.sleep(2)  # let the worker finish its own start-up: a "warm server"
+        time.sleep(args.warm_seconds)  # the worker preloads after the API: a "warm server"
 
         with httpx.Client(base_url=url, headers={"x-goog-api-key": KEY}, timeout=600) as http:
             client = sdk_client(url)  # imported and built before the clock starts

@@ -30,14 +30,20 @@ class RedactApiKeys(logging.Filter):
 def run_server(settings: Settings) -> None:
     from tunery.api.app import create_app
     from tunery.engine.base_models import DEFAULT_BASE_MODEL
-    from tunery.worker import start_worker_process
+    from tunery.worker import new_process_event, start_worker_process
 
     if not settings.api_keys:
         log.warning(
             "no API keys configured (TUNERY_API_KEYS): open access, every caller is trusted"
         )
     preload = [DEFAULT_BASE_MODEL] if settings.preload else []
-    workers = [start_worker_process(settings, preload) for _ in range(settings.workers)]
+    # Workers preload once the API process has its copy: on shared cores the two loads would
+    # slow each other, and the API's is the one the first requests wait for.
+    api_ready = new_process_event()
+    workers = [
+        start_worker_process(settings, preload, preload_after=api_ready)
+        for _ in range(settings.workers)
+    ]
     log.info("started %d training worker(s)", len(workers))
     # uvicorn re-raises the SIGTERM it shut down on once it is done; with the default handler
     # that would end this process before `finally` stops the workers, leaving them orphaned
@@ -46,7 +52,7 @@ def run_server(settings: Settings) -> None:
     logging.getLogger("uvicorn.access").addFilter(RedactApiKeys())
     try:
         uvicorn.run(
-            create_app(settings, preload=preload),
+            create_app(settings, preload=preload, on_ready=api_ready.set),
             host=settings.host,
             port=settings.port,
             log_level="info",

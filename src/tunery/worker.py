@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
+from multiprocessing.synchronize import Event as EventType
 from types import FrameType
 from typing import Protocol
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 CANCEL_POLL_S = 0.5  # how often a running job looks for a cancel request
 IDLE_POLL_S = 0.2  # how long an idle worker waits between claims (one indexed SELECT)
 ERROR_BACKOFF_S = 5.0
+PRELOAD_WAIT_S = 60.0  # the longest a worker's preload waits for the API process's
 
 
 class StopSignal(Protocol):
@@ -54,16 +56,19 @@ def run_worker(
     worker_id: str | None = None,
     idle_poll_s: float = IDLE_POLL_S,
     preload: Sequence[str] = (),
+    preload_after: StopSignal | None = None,
 ) -> None:
     """Claim and train jobs until `stop_event` is set or SIGTERM/SIGINT arrives.
 
     On a stop signal the running job finishes its step, checkpoints and goes back to the queue.
     `preload`: base models to load in the background at start; claiming does not wait for them.
+    `preload_after`: an event to wait for (at most PRELOAD_WAIT_S) before preloading, so the API
+    process, which serves the first requests, loads its copy first on shared cores.
     """
     worker = Worker(settings, stop_event, worker_id=worker_id or default_worker_id())
     restore = _stop_on_signals(worker) if _in_main_thread() else None
     try:
-        worker.start_preload(preload)
+        worker.start_preload(preload, preload_after)
         worker.run(idle_poll_s)
     finally:
         if restore is not None:
@@ -71,22 +76,35 @@ def run_worker(
         worker.close()
 
 
-def start_worker_process(settings: Settings, preload: Sequence[str] = ()) -> BaseProcess:
-    """A fresh (spawned) process running `run_worker(settings)`; stop it with terminate()."""
+def start_worker_process(
+    settings: Settings, preload: Sequence[str] = (), preload_after: StopSignal | None = None
+) -> BaseProcess:
+    """A fresh (spawned) process running `run_worker(settings)`; stop it with terminate().
+    `preload_after` must come from `new_process_event()`."""
     context = multiprocessing.get_context("spawn")
     process = context.Process(
-        target=_process_main, args=(settings, list(preload)), name="tunery-worker", daemon=True
+        target=_process_main,
+        args=(settings, list(preload), preload_after),
+        name="tunery-worker",
+        daemon=True,
     )
     process.start()
     return process
 
 
-def _process_main(settings: Settings, preload: Sequence[str] = ()) -> None:
+def new_process_event() -> EventType:
+    """An event a worker process started by `start_worker_process` can wait on."""
+    return multiprocessing.get_context("spawn").Event()
+
+
+def _process_main(
+    settings: Settings, preload: Sequence[str] = (), preload_after: StopSignal | None = None
+) -> None:
     if not logging.getLogger().handlers:  # a spawned process starts with no logging config
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(processName)s %(name)s: %(message)s"
         )
-    run_worker(settings, preload=preload)
+    run_worker(settings, preload=preload, preload_after=preload_after)
 
 
 class Worker:
@@ -110,17 +128,20 @@ class Worker:
     def close(self) -> None:
         self.store.close()
 
-    def start_preload(self, names: Sequence[str]) -> None:
-        """Load `names` in a daemon thread. The registry loads each name once, under a lock of
-        its own: a job on a preloading base waits for that load (not a second one), a job on
-        another base loads its own at once, and claiming never waits."""
+    def start_preload(self, names: Sequence[str], after: StopSignal | None = None) -> None:
+        """Load `names` in a daemon thread (once `after` is set, or PRELOAD_WAIT_S passed). The
+        registry loads each name once, under a lock of its own: a job on a preloading base waits
+        for that load (not a second one), a job on another base loads its own at once, a job
+        claimed before the preload began loads its base itself, and claiming never waits."""
         self._set_threads()
         if names:
             threading.Thread(
-                target=self._preload, args=(list(names),), name="tunery-preload", daemon=True
+                target=self._preload, args=(list(names), after), name="tunery-preload", daemon=True
             ).start()
 
-    def _preload(self, names: list[str]) -> None:
+    def _preload(self, names: list[str], after: StopSignal | None) -> None:
+        if after is not None:
+            after.wait(PRELOAD_WAIT_S)
         for name in names:
             started = time.monotonic()
             try:

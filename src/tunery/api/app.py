@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
@@ -28,13 +28,19 @@ API_VERSIONS = ("v1beta", "v1")
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: Settings, *, preload: Sequence[str] = ()) -> FastAPI:
+def create_app(
+    settings: Settings,
+    *,
+    preload: Sequence[str] = (),
+    on_ready: Callable[[], object] | None = None,
+) -> FastAPI:
     """The whole HTTP surface for `settings`; nothing is built until the app starts.
 
     `preload`: base models to load (and warm up) in a background thread at start-up, so the
     first request does not pay for them; `/healthz` answers at once, `/readyz` once they are in.
+    `on_ready` is called once the preload has ended (loaded or failed).
     """
-    startup = Preloader(preload)
+    startup = Preloader(preload, on_ready)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -93,8 +99,9 @@ def create_app(settings: Settings, *, preload: Sequence[str] = ()) -> FastAPI:
 class Preloader:
     """Loads base models in a daemon thread and says how far it got (for `/readyz`)."""
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], on_ready: Callable[[], object] | None = None) -> None:
         self.names = list(names)
+        self._on_ready = on_ready
         self._done = threading.Event()
         self._error: str | None = None
 
@@ -105,7 +112,7 @@ class Preloader:
 
             torch.set_num_threads(threads)
         if not self.names:
-            self._done.set()
+            self._finish()
             return
         threading.Thread(
             target=self._run, args=(inference,), name="tunery-preload", daemon=True
@@ -121,7 +128,12 @@ class Preloader:
             log.exception("preloading %s failed", ", ".join(self.names))
             self._error = f"{type(e).__name__}: {e}"
         finally:
-            self._done.set()
+            self._finish()
+
+    def _finish(self) -> None:
+        self._done.set()
+        if self._on_ready is not None:
+            self._on_ready()
 
     def status(self) -> dict[str, object]:
         if not self._done.is_set():
