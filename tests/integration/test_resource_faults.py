@@ -138,10 +138,10 @@ def test_a_full_disk_while_saving_the_adapter_fails_the_job_and_keeps_the_checkp
     def full_disk(fd: int) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    def save_on_a_full_disk(work_dir: Path, model: Any) -> Path:
+    def save_on_a_full_disk(work_dir: Path, *args: Any) -> Path:
         monkeypatch.setattr(train_module.os, "fsync", full_disk)
         try:
-            return real_save(work_dir, model)
+            return real_save(work_dir, *args)
         finally:
             monkeypatch.undo()
 

@@ -10,9 +10,9 @@ import torch
 
 from tunery.engine.base_models import BaseModelInfo, LoadedBase
 from tunery.engine.data import format_prompt
-from tunery.engine.generate import Generator
+from tunery.engine.generate import Backend, Generator
 from tunery.engine.specs import FinishReason, GenerationParams
-from tunery.errors import InvalidArgument
+from tunery.errors import FailedPrecondition, InvalidArgument
 
 PROMPT = "The capital of France is"
 
@@ -169,19 +169,76 @@ def test_adapter_changes_output_and_base_output_returns_without_it(
     assert again_tuned == tuned
 
 
+@pytest.mark.parametrize("backend", [Backend.FAST, Backend.REFERENCE])
 def test_adapters_are_loaded_once_and_evicted_lru(
-    tiny_model_path: Path, adapter_dir: Path, tmp_path: Path
+    tiny_model_path: Path, adapter_dir: Path, tmp_path: Path, backend: Backend
 ) -> None:
     import shutil
 
     second = tmp_path / "second"
     shutil.copytree(adapter_dir, second)
-    gen = Generator(_load(tiny_model_path), max_adapters=1)
+    gen = Generator(_load(tiny_model_path), max_adapters=1, backend=backend)
     params = _greedy(4)
     first_text = gen.generate(PROMPT, params, adapter_dir).candidates[0].text
     gen.generate(PROMPT, params, second)
-    assert set(gen._peft.peft_config) == {"tuned_1"}  # the first was evicted
+    if backend is Backend.FAST:
+        assert list(gen._loras) == [second.resolve()]  # the first was evicted
+        assert gen._peft is None  # the fast path never builds PEFT modules
+    else:
+        assert set(gen._peft.peft_config) == {"tuned_1"}
+        assert not gen._loras
     assert gen.generate(PROMPT, params, adapter_dir).candidates[0].text == first_text
+
+
+def test_fast_adapter_is_one_bf16_copy_of_the_file(
+    tiny_model_path: Path, adapter_dir: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    gen = Generator(_load(tiny_model_path))
+    gen.generate(PROMPT, _greedy(2), adapter_dir)
+    ((_, lora),) = gen._loras.values()
+    assert lora is not None
+    params = sum(t.numel() for t in load_file(adapter_dir / "adapter_model.safetensors").values())
+    assert lora.nbytes == 2 * params  # no padding, no second copy
+
+
+def test_an_adapter_the_fast_path_cannot_run_falls_back_to_peft(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
+    config.init_lora_weights = False
+    get_peft_model(_load(tiny_model_path).model, config).save_pretrained(tmp_path / "dora")
+    ref = Generator(_load(tiny_model_path), backend=Backend.REFERENCE)
+    fast = Generator(_load(tiny_model_path))
+
+    text = fast.generate(PROMPT, _greedy(8), tmp_path / "dora").candidates[0].text
+
+    assert text == ref.generate(PROMPT, _greedy(8), tmp_path / "dora").candidates[0].text
+    assert fast._peft is not None and list(fast._loras.values())[0][1] is None
+
+
+def test_an_adapter_that_does_not_fit_the_base_is_a_clear_error(
+    tiny_model_path: Path, adapter_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "tuned" / "adapter"
+    shutil.copytree(adapter_dir, bad)
+    weights = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in weights if k.endswith("lora_A.weight"))
+    weights[key] = weights[key][:, :-1].contiguous()  # one input feature short
+    save_file(weights, bad / "adapter_model.safetensors")
+    gen = Generator(_load(tiny_model_path))
+
+    with pytest.raises(FailedPrecondition, match="adapter files of tuned are damaged"):
+        gen.generate(PROMPT, _greedy(2), bad)
+    assert gen.generate(PROMPT, _greedy(2), adapter_dir).candidates  # others still serve
 
 
 def test_text_stream_keeps_multibyte_characters_whole_and_holds_stop_prefixes(

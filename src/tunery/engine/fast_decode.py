@@ -4,29 +4,33 @@ cache, fused projections, optional int8 weight-only matmuls, and LoRA kept unmer
 The transformers forward spends most of a single-token step in module calls, mask building and
 cache bookkeeping; here a step is ~25 tensor ops per layer. Numerics follow the transformers
 Gemma 3 code op for op (RMSNorm in fp32 with (1 + w), bf16 rotary tables, gelu-tanh, the
-embedding scaled by a bf16 sqrt(hidden)), and a LoRA delta is added as PEFT adds it: the input
-cast to the adapter's dtype, x @ A.T @ B.T * scaling added to the base output, cast back.
+embedding scaled by a bf16 sqrt(hidden)), and a LoRA delta is added as PEFT adds its fp32 adapter:
+the input cast to fp32, x @ A.T @ B.T * scaling added to the base output in fp32, cast back.
 
 `weights="int8"` adds an int8 copy of every projection and of the tied 262k-token output head,
 one bf16 scale per output channel (`aten._weight_int8pack_mm`): a decode step reads half the
 bytes (it is memory-bound); the prompt still runs on the bf16 weights.
 
 Only what the Gemma 3 text models use is supported; `FastGemma3.supports(model)` says whether a
-model qualifies and `FastLora.from_peft` returns None for an adapter it cannot run (DoRA,
-targets outside the seven projections, ...): the caller then uses the transformers path.
+model qualifies and `FastLora.load` (which reads a PEFT adapter folder itself: one copy of the
+weights, bf16, no PEFT modules) returns None for an adapter it cannot run (DoRA, targets outside
+the seven projections, ...): the caller then uses the transformers path with PEFT.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
 Weights = Literal["bf16", "int8"]
-_DROPOUTS = (torch.nn.Identity, torch.nn.Dropout)  # identities in eval mode
+_PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a CausalLM's module paths
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Projections that read the same input run as one matmul: (group, members).
 _GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
@@ -67,83 +71,134 @@ class Linear:
         return torch.cat([F.linear(x, p) for p in self.parts], dim=-1)
 
 
+class AdapterDamaged(ValueError):
+    """An adapter file that cannot be read or does not fit the base model."""
+
+
 @dataclass
-class _LoraPair:
-    """One fused group's LoRA: x @ a.T @ b.T, `b` block-diagonal with each member's scaling."""
+class _LoraGroup:
+    """One fused group's LoRA: u = x @ a.T once for the group (the members' A stacked), then
+    each member's u[r_lo:r_hi] @ b.T (scaling folded in) added to its columns of the output.
+
+    The weights are stored in `a.dtype` (bf16 to halve the memory) and computed in fp32, as
+    PEFT computes its fp32 adapter: input cast up, delta added in fp32, the sum cast back.
+    """
 
     a: torch.Tensor  # (r_total, in)
-    b: torch.Tensor  # (out_total, r_total)
+    parts: list[tuple[int, int, int, int, torch.Tensor]]  # out_lo, out_hi, r_lo, r_hi, b
 
     def add_to(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        delta = F.linear(F.linear(x.to(self.a.dtype), self.a), self.b)
-        return (base + delta).to(base.dtype)
+        u = F.linear(x.float(), self.a.float())
+        if len(self.parts) == 1 and self.parts[0][1] - self.parts[0][0] == base.shape[-1]:
+            b = self.parts[0][4]
+            return (base + F.linear(u, b.float())).to(base.dtype)
+        for lo, hi, r_lo, r_hi, b in self.parts:
+            # `base` is a fresh output of the fused matmul: writing into it is safe.
+            base[..., lo:hi] = base[..., lo:hi] + F.linear(u[..., r_lo:r_hi], b.float())
+        return base
 
 
 class FastLora:
-    """One adapter's LoRA weights, regrouped to match the fused projections (small: r x d)."""
+    """One adapter's LoRA weights, grouped like the fused projections: one copy, no padding."""
 
-    def __init__(self, layers: list[dict[str, _LoraPair]]) -> None:
+    def __init__(self, layers: list[dict[str, _LoraGroup]]) -> None:
         self.layers = layers
 
-    @classmethod
-    def from_peft(cls, peft_model: Any, adapter: str, fast: FastGemma3) -> FastLora | None:
-        """The adapter `adapter` loaded in `peft_model`, or None when it uses anything else
-        than plain LoRA on the seven per-layer projections."""
-        from peft.tuners.lora import LoraLayer
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            g.a.nbytes + sum(p[4].nbytes for p in g.parts)
+            for groups in self.layers
+            for g in groups.values()
+        )
 
-        found: dict[tuple[int, str], Any] = {}
-        for name, module in peft_model.named_modules():
-            if not isinstance(module, LoraLayer):
-                continue
-            has = adapter in module.lora_A or adapter in getattr(module, "lora_embedding_A", {})
-            if not has:
-                continue
-            parts = name.split(".")
-            if (
-                len(parts) < 3
-                or parts[-1] not in PROJECTIONS
-                or not parts[-3].isdigit()
-                or parts[-4] != "layers"
-                or adapter not in module.lora_A
-                or adapter in getattr(module, "lora_variant", {})  # DoRA and friends
-                or getattr(module, "use_dora", {}).get(adapter, False)
-                or module.lora_B[adapter].bias is not None
-                or module.lora_A[adapter].bias is not None
-                or not isinstance(module.lora_dropout[adapter], _DROPOUTS)
-            ):
-                return None
-            found[(int(parts[-3]), parts[-1])] = module
-        if not found:
+    @classmethod
+    def load(
+        cls, adapter_dir: Path, fast: FastGemma3, dtype: torch.dtype = torch.bfloat16
+    ) -> FastLora | None:
+        """A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) for `fast`'s
+        model, its weights stored in `dtype`. None when the adapter uses anything beyond plain
+        LoRA on the seven per-layer projections (the caller then runs PEFT); AdapterDamaged
+        (or the reader's own error) when a file is unreadable or does not fit the model."""
+        from safetensors import safe_open
+
+        try:
+            config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise AdapterDamaged(f"adapter_config.json: {e}") from e
+        if not isinstance(config, dict):
+            raise AdapterDamaged("adapter_config.json is not an object")
+        if (
+            config.get("peft_type", "LORA") != "LORA"
+            or config.get("use_dora")
+            or config.get("lora_bias")
+            or config.get("use_qalora")
+            or config.get("rank_pattern")
+            or config.get("alpha_pattern")
+            or config.get("layer_replication")
+            or config.get("modules_to_save")
+            or config.get("bias", "none") != "none"
+            or config.get("fan_in_fan_out")
+        ):
             return None
-        layers: list[dict[str, _LoraPair]] = []
+        try:
+            rank = int(config["r"])
+            alpha = float(config["lora_alpha"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise AdapterDamaged(f"adapter_config.json: bad r / lora_alpha ({e})") from e
+        if rank < 1:
+            raise AdapterDamaged(f"adapter_config.json: r = {rank}")
+        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+        weights: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                module, _, kind = key.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
+                target = fast.lora_targets.get(module)
+                if not key.startswith(_PEFT_PREFIX) or target is None:
+                    return None  # another module (embeddings, head, ...): PEFT's job
+                if kind not in ("A.weight", "B.weight"):
+                    return None  # biases, magnitudes, ...
+                t = f.get_tensor(key)
+                if not t.is_floating_point():
+                    raise AdapterDamaged(f"{key}: dtype {t.dtype}")
+                if kind == "B.weight":
+                    t = t.float() * scaling  # folded in fp32, before any rounding
+                weights.setdefault(target, {})[kind[0]] = t.to(dtype)
+        if not weights:
+            return None
+        for (i, proj), pair in weights.items():
+            a, b = pair.get("A"), pair.get("B")
+            want_a = (rank, fast.in_features[proj])
+            want_b = (fast.out_features[proj], rank)
+            if a is None or b is None or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+                raise AdapterDamaged(
+                    f"layer {i} {proj}: A {None if a is None else tuple(a.shape)}, "
+                    f"B {None if b is None else tuple(b.shape)}; expected {want_a}, {want_b}"
+                )
+            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                raise AdapterDamaged(f"layer {i} {proj}: non-finite weights")
+
+        layers: list[dict[str, _LoraGroup]] = []
         for i in range(fast.n_layers):
-            groups: dict[str, _LoraPair] = {}
+            groups: dict[str, _LoraGroup] = {}
             for group, members in _GROUPS:
-                present = [m for m in members if (i, m) in found]
-                if not present:
-                    continue
-                a_parts, blocks = [], []
+                a_parts: list[torch.Tensor] = []
+                parts: list[tuple[int, int, int, int, torch.Tensor]] = []
+                lo = r_lo = 0
                 for m in members:
                     out = fast.out_features[m]
-                    if m in present:
-                        mod = found[(i, m)]
-                        a = mod.lora_A[adapter].weight.detach()
-                        b = mod.lora_B[adapter].weight.detach() * mod.scaling[adapter]
-                        a_parts.append(a)
-                        blocks.append((b, out))
-                    else:
-                        blocks.append((None, out))
-                dtype = a_parts[0].dtype
-                r_total = sum(a.shape[0] for a in a_parts)
-                b_full = torch.zeros(sum(o for _, o in blocks), r_total, dtype=dtype)
-                row = col = 0
-                for b, out in blocks:
-                    if b is not None:
-                        b_full[row : row + out, col : col + b.shape[1]] = b.to(dtype)
-                        col += b.shape[1]
-                    row += out
-                a_full = torch.cat([a.to(dtype) for a in a_parts]).to(fast.device)
-                groups[group] = _LoraPair(a_full.contiguous(), b_full.to(fast.device).contiguous())
+                    found = weights.get((i, m))
+                    if found is not None:
+                        r = found["A"].shape[0]
+                        a_parts.append(found["A"])
+                        b = found["B"].to(fast.device).contiguous()
+                        parts.append((lo, lo + out, r_lo, r_lo + r, b))
+                        r_lo += r
+                    lo += out
+                if parts:
+                    a_all = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts)
+                    groups[group] = _LoraGroup(a_all.to(fast.device).contiguous(), parts)
             layers.append(groups)
         return cls(layers)
 
@@ -250,6 +305,24 @@ class FastGemma3:
             module = getattr(module, "base_layer", module)
             weight: torch.Tensor = module.weight
             return weight
+
+        self.in_features = {
+            "q_proj": self.hidden, "k_proj": self.hidden, "v_proj": self.hidden, "o_proj": q_out,
+            "gate_proj": self.hidden, "up_proj": self.hidden,
+            "down_proj": config.intermediate_size,
+        }  # fmt: skip
+        # Module path in `model` (as PEFT names it) → (layer, projection) a LoRA may target.
+        projections: dict[int, tuple[int, str]] = {}
+        for i, layer in enumerate(body.layers[: self.n_layers]):
+            for proj in PROJECTIONS:
+                mlp = proj in ("gate_proj", "up_proj", "down_proj")
+                parent = layer.mlp if mlp else layer.self_attn
+                projections[id(getattr(parent, proj))] = (i, proj)
+        self.lora_targets: dict[str, tuple[int, str]] = {
+            name: projections[id(module)]
+            for name, module in model.named_modules()
+            if id(module) in projections
+        }
 
         self.layers: list[_Layer] = []
         for i, layer in enumerate(body.layers[: self.n_layers]):

@@ -1,10 +1,12 @@
 """Generation on one shared base model: a KV-cached decode loop, sampling, stop sequences and
-streaming, with each tuned model's LoRA adapter loaded once onto that base as a named PEFT adapter.
+streaming, with each tuned model's LoRA adapter loaded once (LRU) for that base.
 
 Two forwards run the loop: the transformers model with PEFT (`Backend.REFERENCE`, any base
 model), and `fast_decode.FastGemma3`, a hand-written Gemma 3 step with a preallocated KV cache
 (`Backend.FAST`: the same bf16 weights, the same tokens; `Backend.FAST_INT8`: int8 weights).
-A base model or adapter the fast forward does not support runs on the reference one.
+The fast forward reads an adapter's files itself and holds one bf16 copy of its A and B (about
+half the file, which is fp32), no PEFT modules; a base model or adapter it does not support runs
+on the reference forward, and only then does PEFT load that adapter into the model.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from tunery.errors import FailedPrecondition, InvalidArgument
 log = logging.getLogger(__name__)
 
 MAX_LOADED_ADAPTERS = 64
+# Stored dtype of an adapter's A and B on the fast path (computed in fp32, as PEFT does).
+FAST_LORA_DTYPE = torch.bfloat16
 # Gemma's chat turns end with this token; a model tuned or prompted in chat form stops there.
 _END_OF_TURN = "<end_of_turn>"
 
@@ -51,9 +55,10 @@ class Backend(StrEnum):
 class Generator:
     """Decodes prompts with the base model or any tuned adapter on it; one request at a time.
 
-    The first adapter wraps `base.model` in a PeftModel, which injects LoRA layers into it in
-    place: this object then owns the model, so make one Generator per loaded base. Training
-    must not use that model afterwards; it runs in the worker process, which never builds one.
+    The first adapter that runs on the reference forward wraps `base.model` in a PeftModel, which
+    injects LoRA layers into it in place: this object then owns the model, so make one Generator
+    per loaded base. Training must not use that model afterwards; it runs in the worker process,
+    which never builds one.
     """
 
     def __init__(
@@ -65,12 +70,12 @@ class Generator:
         self._base = base
         self._backend = Backend(backend)
         self._fast: FastGemma3 | None = None  # built at the first fast decode
-        self._fast_loras: dict[str, FastLora | None] = {}  # PEFT adapter name → its fast form
-        self._active: str | None = None  # the PEFT adapter of the current decode
+        # Fast-path LRU: resolved adapter folder → (mtime, weights; None: runs on PEFT).
+        self._loras: OrderedDict[Path, tuple[int, FastLora | None]] = OrderedDict()
         self._model = base.model  # the causal LM; PEFT wraps it but keeps this object
         self._tokenizer = base.tokenizer
         self._peft: Any = None  # PeftModel, created with the first adapter
-        self._adapters: OrderedDict[Path, tuple[int, str]] = OrderedDict()  # LRU: mtime, name
+        self._adapters: OrderedDict[Path, tuple[int, str]] = OrderedDict()  # PEFT LRU: mtime, name
         self._max_adapters = max_adapters
         self._next_adapter = 0
         self._lock = threading.Lock()  # a Lock (not RLock): a stream may resume on another thread
@@ -163,8 +168,7 @@ class Generator:
         if params.temperature > 0:
             seed = params.seed if params.seed is not None else secrets.randbits(63)
             rng = torch.Generator(device=device).manual_seed(seed)
-        with self._adapter_active(adapter_dir):
-            run = self._forward(adapter_dir, len(prompt_ids) + params.max_output_tokens)
+        with self._forward(adapter_dir, len(prompt_ids) + params.max_output_tokens) as run:
             n = len(texts)
             hidden = run.start(prompt_ids, n)  # (n, C): the prompt's last position, n times
             rows = list(range(n))  # candidate index of each batch row still decoding
@@ -189,53 +193,58 @@ class Generator:
                     rows = [rows[r] for r in keep]
                 hidden = run.step(next_tensor)  # (rows, C)
 
-    def _forward(self, adapter_dir: Path | None, max_len: int) -> _Forward:
-        """The forward for this decode: fast where the model and the active adapter allow."""
+    @contextlib.contextmanager
+    def _forward(self, adapter_dir: Path | None, max_len: int) -> Iterator[_Forward]:
+        """The forward for this decode: fast where the model and the adapter allow."""
         if self._backend is not Backend.REFERENCE and FastGemma3.supports(self._model):
             if self._fast is None:
                 int8 = self._backend is Backend.FAST_INT8
                 self._fast = FastGemma3(self._model, "int8" if int8 else "bf16")
-            lora = None
-            if adapter_dir is not None:
-                assert self._active is not None
-                if self._active not in self._fast_loras:
-                    self._fast_loras[self._active] = FastLora.from_peft(
-                        self._peft, self._active, self._fast
-                    )
-                lora = self._fast_loras[self._active]
+            lora = None if adapter_dir is None else self._fast_lora(adapter_dir, self._fast)
             if adapter_dir is None or lora is not None:
-                return _FastForward(self._fast, lora, max_len)
+                yield _FastForward(self._fast, lora, max_len)
+                return
             log.info("adapter %s runs on the reference forward", adapter_dir)
-        return _ReferenceForward(self._model)
-
-    def _adapter_active(self, adapter_dir: Path | None) -> contextlib.AbstractContextManager[Any]:
-        self._active = None
         if adapter_dir is None:
             # The base model is the empty adapter slot: LoRA layers switched off for this call.
-            return (
-                self._peft.disable_adapter() if self._peft is not None else contextlib.nullcontext()
-            )
+            off = self._peft.disable_adapter() if self._peft is not None else None
+            with off if off is not None else contextlib.nullcontext():
+                yield _ReferenceForward(self._model)
+            return
         self._peft_set_adapter(adapter_dir)
-        return contextlib.nullcontext()
+        yield _ReferenceForward(self._model)
+
+    def _fast_lora(self, adapter_dir: Path, fast: FastGemma3) -> FastLora | None:
+        """`adapter_dir`'s weights for the fast forward, read once (LRU of `max_adapters`);
+        None when the adapter needs PEFT."""
+        path = Path(adapter_dir).resolve()
+        mtime = _adapter_mtime(path)
+        cached = self._loras.get(path)
+        if cached is not None and cached[0] == mtime:
+            self._loras.move_to_end(path)
+            return cached[1]
+        log.info("loading adapter %s", path)
+        try:
+            lora = FastLora.load(path, fast, FAST_LORA_DTYPE)
+        except Exception as e:  # a truncated or corrupt file: this model's problem only
+            log.exception("adapter %s cannot be loaded", path)
+            raise _damaged(path, e) from e
+        self._loras[path] = (mtime, lora)
+        self._loras.move_to_end(path)
+        while len(self._loras) > self._max_adapters:
+            self._loras.popitem(last=False)
+        return lora
 
     def _peft_set_adapter(self, adapter_dir: Path) -> None:
         """Make `adapter_dir` the active adapter, loading it once (LRU of `max_adapters`)."""
         from peft import PeftModel
 
         path = Path(adapter_dir).resolve()
-        config = path / "adapter_config.json"
-        if not config.exists():
-            raise FailedPrecondition(
-                f"the adapter files of {path.parent.name} are missing; tune the model again"
-            )
-        weights = path / "adapter_model.safetensors"
-        # A rewritten folder (same path, new weights) must not be served from the stale copy.
-        mtime = (weights if weights.exists() else config).stat().st_mtime_ns
+        mtime = _adapter_mtime(path)
         cached = self._adapters.get(path)
         if cached is not None and cached[0] == mtime:
             self._adapters.move_to_end(path)
             self._peft.set_adapter(cached[1])
-            self._active = cached[1]
             return
         name = f"tuned_{self._next_adapter}"
         self._next_adapter += 1
@@ -247,22 +256,35 @@ class Generator:
                 self._peft.load_adapter(str(path), adapter_name=name)
         except Exception as e:  # a truncated or corrupt file: this model's problem only
             log.exception("adapter %s cannot be loaded", path)
-            raise FailedPrecondition(
-                f"the adapter files of {path.parent.name} are damaged and cannot be loaded "
-                f"({type(e).__name__}); tune the model again"
-            ) from e
+            raise _damaged(path, e) from e
         self._peft.eval()
         self._peft.set_adapter(name)
-        self._active = name
         if cached is not None:
             self._peft.delete_adapter(cached[1])
-            self._fast_loras.pop(cached[1], None)
         self._adapters[path] = (mtime, name)
         self._adapters.move_to_end(path)
         while len(self._adapters) > self._max_adapters:
             _, (_, old) = self._adapters.popitem(last=False)
             self._peft.delete_adapter(old)
-            self._fast_loras.pop(old, None)
+
+
+def _adapter_mtime(path: Path) -> int:
+    """The adapter's version: a rewritten folder (same path, new weights) must not be served
+    from a stale copy. FailedPrecondition when its files are gone."""
+    config = path / "adapter_config.json"
+    if not config.exists():
+        raise FailedPrecondition(
+            f"the adapter files of {path.parent.name} are missing; tune the model again"
+        )
+    weights = path / "adapter_model.safetensors"
+    return (weights if weights.exists() else config).stat().st_mtime_ns
+
+
+def _damaged(path: Path, e: Exception) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"the adapter files of {path.parent.name} are damaged and cannot be loaded "
+        f"({type(e).__name__}); tune the model again"
+    )
 
 
 class _Forward:
