@@ -94,3 +94,13 @@ def test_unexpected_error_is_500_envelope_without_internals(settings: Settings) 
     r = TestClient(app, raise_server_exceptions=False).get("/boom")
     assert "secret" not in error_of(r, 500, "INTERNAL")
     assert "Traceback" not in r.text
+
+
+def test_a_json_body_sent_as_a_form_is_read_as_json(http: httpx.Client) -> None:
+    # `curl -d '{...}'` without -H 'Content-Type: application/json' sends a form type
+    headers = {"content-type": "application/x-www-form-urlencoded"}
+    r = http.post(
+        "/v1beta/tunedModels", content=b'{"baseModel": "models/tiny-gemma"}', headers=headers
+    )
+    assert r.status_code == 400
+    assert "trainingData is required" in r.json()["error"]["message"]

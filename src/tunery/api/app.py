@@ -92,8 +92,23 @@ def create_app(
         body = startup.status()
         return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
+    app.add_middleware(JsonBodies)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_request_bytes)
     return app
+
+
+class JsonBodies:
+    """Every API body is JSON, whatever Content-Type says: Google's endpoints parse
+    `curl -d '{...}'` (sent as form-urlencoded) as JSON, so we do too."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(("/v1beta/", "/v1/")):
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
 
 
 class Preloader:
