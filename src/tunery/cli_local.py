@@ -93,7 +93,9 @@ def generate_local(
 
 def list_local(settings: Settings) -> list[tuple[str, ...]]:
     _store, registry, tuning = _services(settings)
-    rows = [(b.resource_name, "base", "ACTIVE", "", b.display_name) for b in registry.list()]
+    rows: list[tuple[str, ...]] = [
+        (b.resource_name, "base", "ACTIVE", "", b.display_name) for b in registry.list()
+    ]
     token: str | None = ""
     while token is not None:
         page, token = tuning.list(None, 1000, token or "")

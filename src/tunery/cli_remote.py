@@ -70,7 +70,7 @@ def generate_remote(
 
 def list_remote(server: str, api_key: str | None) -> list[tuple[str, ...]]:
     client = TuneryClient(server, api_key)
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (m["name"], "base", "ACTIVE", "", m.get("displayName", "")) for m in client.list_models()
     ]
     rows += [

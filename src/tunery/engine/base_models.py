@@ -143,14 +143,14 @@ class BaseModelRegistry:
         return self._info_from_entry(key, entries[key])
 
     def _info_from_entry(self, name: str, entry: dict[str, Any]) -> BaseModelInfo:
-        limits = _limits_from_config(Path(entry["path"])) if entry["kind"] == "hf" else {}
+        limit = _input_limit_from_config(Path(entry["path"])) if entry["kind"] == "hf" else None
         return replace(
             _EMBEDDED,
             name=name,
             source=entry["path"],
             display_name=name,
             description=entry.get("description") or f"Registered base model from {entry['path']}",
-            **limits,
+            input_token_limit=limit or _EMBEDDED.input_token_limit,
         )
 
     # -- weights -------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ class BaseModelRegistry:
         # takes as long as the weights: load the two side by side.
         with ThreadPoolExecutor(1, thread_name_prefix="tunery-tokenizer") as pool:
             tokenizer_future = pool.submit(AutoTokenizer.from_pretrained, path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             model.to(self.device)
             model.eval()
             tokenizer = tokenizer_future.result()
@@ -241,7 +241,9 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
 
     kwargs = {"gguf_file": gguf_path.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, dtype=torch.float32, **kwargs
+    )
     # The dequantized weights are plain tensors; drop the GGUF marker so they can be saved.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -250,13 +252,13 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _limits_from_config(path: Path) -> dict[str, int]:
+def _input_limit_from_config(path: Path) -> int | None:
     try:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError):
-        return {}
+        return None
     limit = config.get("max_position_embeddings")
-    return {"input_token_limit": int(limit)} if isinstance(limit, int) else {}
+    return limit if isinstance(limit, int) else None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

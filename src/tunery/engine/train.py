@@ -135,7 +135,7 @@ def train(
                         f"training diverged at step {step + 1}: the loss is {loss.item()}; "
                         "try a lower learningRate or learningRateMultiplier"
                     )
-                loss.backward()
+                loss.backward()  # type: ignore[no-untyped-call]
                 torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
