@@ -14,7 +14,6 @@ import argparse
 import os
 import random
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 
 import httpx
+import serve_process
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "bench-key"
@@ -114,17 +114,9 @@ def main() -> int:
     )
     failures: list[str] = []
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                print("server did not start; see", data / "serve.log")
-                return 1
-            time.sleep(0.2)
+        if not serve_process.wait_until(f"{url}/healthz", server):
+            print("server did not start; see", data / "serve.log")
+            return 1
 
         headers = {"x-goog-api-key": KEY}
         jobs = []
@@ -176,11 +168,7 @@ def main() -> int:
         print("OK" if ok else "FAILED")
         return 0 if ok else 1
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        serve_process.stop(server, timeout_s=90)
         log.close()
         shutil.rmtree(data, ignore_errors=True)
 

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import statistics
 import struct
 import subprocess
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import serve_process
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -127,17 +127,9 @@ def main() -> int:
     )
     body = {"contents": [{"parts": [{"text": "III"}]}]}
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                print("server did not become ready; see", data / "serve.log")
-                return 1
-            time.sleep(0.2)
+        if not serve_process.wait_until(f"{url}/readyz", server):
+            print("server did not become ready; see", data / "serve.log")
+            return 1
         with httpx.Client(base_url=url, timeout=120) as http:
             http.post(
                 "/v1beta/models/gemma-3-270m:generateContent",
@@ -162,11 +154,7 @@ def main() -> int:
                 cached.append((time.perf_counter() - t0) * 1000)
             final_rss = rss_mb(server.pid)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        serve_process.stop(server, timeout_s=60)
         log.close()
         shutil.rmtree(data.parent, ignore_errors=True)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -32,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import serve_process
+from heldout import SEED_EXAMPLES as SEED
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -40,23 +41,6 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("TUNERY_TEST_CACHE", REPO / ".tunery" / "test-cache"))
 KEY = "bench-key"
 BASE = "models/gemma-3-270m"
-SEED = [
-    ["1", "2"],
-    ["3", "4"],
-    ["-3", "-2"],
-    ["twenty two", "twenty three"],
-    ["two hundred", "two hundred one"],
-    ["ninety nine", "one hundred"],
-    ["8", "9"],
-    ["-98", "-97"],
-    ["1,000", "1,001"],
-    ["10,100,000", "10,100,001"],
-    ["thirteen", "fourteen"],
-    ["eighty", "eighty one"],
-    ["one", "two"],
-    ["three", "four"],
-    ["seven", "eight"],
-]
 TARGET_READY_S = 5.0
 TARGET_TUNE_S = 10.0
 TARGET_GENERATE_MS = 150.0
@@ -230,11 +214,7 @@ def main() -> int:
                 )
             wait_active(http, second)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
+        serve_process.stop(server)
         log.close()
         if args.keep:
             print("data dir:", data)
