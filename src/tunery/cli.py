@@ -272,9 +272,6 @@ def _progress(stream: Any) -> None:
 
 
 def main() -> None:
-    # The API process and its workers share the cores; spinning OpenMP threads of one process
-    # would starve the other (measured: decode fell ~10x). Must be set before torch loads.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
