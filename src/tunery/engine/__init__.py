@@ -13,10 +13,11 @@ Public surface (everything else is internal):
         total_steps(n_examples, spec) -> int
         train(base, examples, spec, work_dir, on_step=None, should_stop=None) -> TrainResult
             resumes from work_dir's last checkpoint when there is one; the final PEFT adapter
-            lands in work_dir / "adapter" (written to a temp dir, then renamed).
+            lands in work_dir / "adapter" (PEFT format; written to a temp dir, then renamed).
+            LoRA layers come from engine/lora.py (lean, mixed precision), not PEFT's.
 
-    from tunery.engine.generate import Generator
-        gen = Generator(base)
+    from tunery.engine.generate import Generator, Backend
+        gen = Generator(base, max_adapters=128, backend=Backend.FAST)   # or REFERENCE / FAST_INT8
         gen.generate(prompt, params, adapter_dir=None) -> Generation
         gen.stream(prompt, params, adapter_dir=None) -> Iterator[StreamChunk]
         gen.count_tokens(prompt, adapter_dir=None) -> int
