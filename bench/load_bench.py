@@ -16,7 +16,6 @@ import random
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -104,14 +103,7 @@ def main() -> int:
         "TUNERY_DEVICE": "cpu",
         "HF_HUB_OFFLINE": "1",
     }
-    log = open(data / "serve.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tunery", "serve", "--port", str(port), "--data-dir", str(data)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    server = serve_process.start(data, port, env)
     failures: list[str] = []
     try:
         if not serve_process.wait_until(f"{url}/healthz", server):
@@ -169,7 +161,6 @@ def main() -> int:
         return 0 if ok else 1
     finally:
         serve_process.stop(server, timeout_s=90)
-        log.close()
         shutil.rmtree(data, ignore_errors=True)
 
 

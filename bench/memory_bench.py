@@ -21,7 +21,6 @@ import os
 import shutil
 import statistics
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -117,14 +116,7 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNERY_WORKERS": "0"}
     env.pop("TUNERY_API_KEYS", None)
-    log = open(data / "serve.log", "wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tunery", "serve", "--port", str(port), "--data-dir", str(data)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    server = serve_process.start(data, port, env)
     body = {"contents": [{"parts": [{"text": "III"}]}]}
     try:
         if not serve_process.wait_until(f"{url}/readyz", server):
@@ -155,7 +147,6 @@ def main() -> int:
             final_rss = rss_mb(server.pid)
     finally:
         serve_process.stop(server, timeout_s=60)
-        log.close()
         shutil.rmtree(data.parent, ignore_errors=True)
 
     n = len(ids)

@@ -5,9 +5,23 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
+
+
+def start(data: Path, port: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`tunery serve` on `data` in its own process group, logging to `data/serve.log`."""
+    with open(data / "serve.log", "wb") as log:  # the child keeps its own handle
+        return subprocess.Popen(
+            [sys.executable, "-m", "tunery", "serve", "--port", str(port), "--data-dir", str(data)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def wait_until(url: str, server: subprocess.Popen[bytes], timeout_s: float = 300) -> bool:

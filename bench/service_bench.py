@@ -143,15 +143,8 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "TUNERY_API_KEYS": KEY, "HF_HUB_OFFLINE": "1"}
-    log = open(data / "serve.log", "wb")
     t_start = time.monotonic()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tunery", "serve", "--port", str(port), "--data-dir", str(data)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    server = serve_process.start(data, port, env)
     rows: list[tuple[str, float, float, str]] = []  # what, measured, target, unit
     try:
         t_health = wait_for(lambda: httpx.get(f"{url}/healthz").status_code == 200, 120, server)
@@ -215,7 +208,6 @@ def main() -> int:
             wait_active(http, second)
     finally:
         serve_process.stop(server)
-        log.close()
         if args.keep:
             print("data dir:", data)
         else:
