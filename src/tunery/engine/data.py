@@ -97,14 +97,21 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return [int(i) for i in torch.randperm(n, generator=gen)]
 
 
+def validation_count(n_examples: int, fraction: float) -> int:
+    """How many of `n_examples` are held out: `fraction` of them, at least 1, never all."""
+    if fraction <= 0 or n_examples < 2:
+        return 0
+    return min(n_examples - 1, max(1, round(n_examples * fraction)))
+
+
 def split_validation(
     examples: Sequence[Example], fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """Hold out `fraction` of the examples (at least 1 when fraction > 0) for validation loss."""
-    if fraction <= 0 or len(examples) < 2:
+    """Hold out `validation_count` examples, picked by `seed`, for the validation loss."""
+    n_val = validation_count(len(examples), fraction)
+    if n_val == 0:
         return list(examples), []
     order = epoch_order(len(examples), seed, epoch=-1)
-    n_val = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
     val = [examples[i] for i in order[:n_val]]
     train = [examples[i] for i in order[n_val:]]
     return train, val

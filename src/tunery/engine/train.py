@@ -28,6 +28,7 @@ from tunery.engine.data import (
     epoch_order,
     split_validation,
     tokenize_example,
+    validation_count,
 )
 from tunery.engine.lora import (
     LoraLinear,
@@ -58,7 +59,7 @@ def steps_per_epoch(n_train: int, batch_size: int) -> int:
 
 def total_steps(n_examples: int, spec: TrainSpec) -> int:
     """Optimizer steps a run over `n_examples` takes (validation examples excluded)."""
-    n_val = len(split_validation([Example("", "")] * n_examples, spec.validation_fraction, 0)[1])
+    n_val = validation_count(n_examples, spec.validation_fraction)
     return steps_per_epoch(n_examples - n_val, spec.batch_size) * spec.epoch_count
 
 
