@@ -7,16 +7,22 @@ model), and `fast_decode.FastGemma3`, a hand-written Gemma 3 step with a preallo
 The fast forward reads an adapter's files itself and holds one bf16 copy of its A and B (about
 half the file, which is fp32), no PEFT modules; a base model or adapter it does not support runs
 on the reference forward, and only then does PEFT load that adapter into the model.
+
+On `Backend.FAST`, single-candidate requests go to a `batching.BatchScheduler`: requests for any
+adapters decode together, one batched step per token, with the same tokens as alone. Everything
+else (the reference forward, int8 weights, several candidates) takes the model lock and decodes
+one request at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
 import threading
 from collections import OrderedDict
+from collections.abc import Generator as Gen
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -24,8 +30,10 @@ from typing import Any
 import torch
 
 from tunery.engine.base_models import LoadedBase
+from tunery.engine.batching import BatchScheduler
 from tunery.engine.data import OUTPUT_PREFIX, encode_prompt
 from tunery.engine.fast_decode import FastGemma3, FastLora, KVCache
+from tunery.engine.sampling import pick, rng_for
 from tunery.engine.specs import (
     Candidate,
     FinishReason,
@@ -53,7 +61,8 @@ class Backend(StrEnum):
 
 
 class Generator:
-    """Decodes prompts with the base model or any tuned adapter on it; one request at a time.
+    """Decodes prompts with the base model or any tuned adapter on it: batched across requests on
+    the fast bf16 forward, else one request at a time.
 
     The first adapter that runs on the reference forward wraps `base.model` in a PeftModel, which
     injects LoRA layers into it in place: this object then owns the model, so make one Generator
@@ -70,6 +79,10 @@ class Generator:
         self._base = base
         self._backend = Backend(backend)
         self._fast: FastGemma3 | None = None  # built at the first fast decode
+        self._batcher: BatchScheduler | None = None  # started at the first batched request
+        # Guards `_fast`, `_batcher` and `_loras`: request threads load adapters while the model
+        # lock may be held by a long decode that needs none of them.
+        self._fast_lock = threading.Lock()
         # Fast-path LRU: resolved adapter folder → (mtime, weights; None: runs on PEFT).
         self._loras: OrderedDict[Path, tuple[int, FastLora | None]] = OrderedDict()
         self._model = base.model  # the causal LM; PEFT wraps it but keeps this object
@@ -94,9 +107,14 @@ class Generator:
             _TextStream(self._tokenizer, params, adapter_dir is not None)
             for _ in range(params.candidate_count)
         ]
-        with self._lock:
-            for _ in self._decode(ids, params, adapter_dir, texts):
+        route = self._batch_route(params, adapter_dir)
+        if route is not None:
+            for _ in self._batched(ids, params, route, texts[0]):
                 pass
+        else:
+            with self._lock:
+                for _ in self._decode(ids, params, adapter_dir, texts):
+                    pass
         return Generation(
             candidates=tuple(
                 Candidate(t.text, t.finish_reason or FinishReason.MAX_TOKENS, t.token_count)
@@ -108,20 +126,32 @@ class Generator:
     def stream(
         self, prompt: str, params: GenerationParams, adapter_dir: Path | None = None
     ) -> Iterator[StreamChunk]:
-        """Text as it is decoded; the model stays locked until the iterator ends or is closed."""
+        """Text as it is decoded. Close the iterator to stop early: that frees the request's batch
+        row, or the model lock on the unbatched forwards."""
         if params.candidate_count != 1:
             raise InvalidArgument("`candidateCount` must be 1 when streaming")
-        # Validate now, not at the first next(), so bad input fails before a response starts.
+        # Validate (and load the adapter) now, not at the first next(), so bad input or a damaged
+        # adapter fails before a response starts.
         ids = self._checked_ids(prompt, params, adapter_dir)
-        return self._stream(ids, params, adapter_dir)
+        route = self._batch_route(params, adapter_dir)
+        return self._stream(ids, params, adapter_dir, route)
 
     # -- internals -----------------------------------------------------------------------------
     def _stream(
-        self, ids: list[int], params: GenerationParams, adapter_dir: Path | None
+        self,
+        ids: list[int],
+        params: GenerationParams,
+        adapter_dir: Path | None,
+        route: _Route | None,
     ) -> Iterator[StreamChunk]:
         text = _TextStream(self._tokenizer, params, adapter_dir is not None)
-        with self._lock:
-            for (delta,) in self._decode(ids, params, adapter_dir, [text]):
+        deltas: Gen[str, None, None]
+        if route is not None:
+            deltas = self._batched(ids, params, route, text)
+        else:
+            deltas = self._locked(ids, params, adapter_dir, text)
+        try:
+            for delta in deltas:
                 if text.finish_reason is not None:
                     yield StreamChunk(
                         delta,
@@ -131,6 +161,51 @@ class Generator:
                     )
                 elif delta:
                     yield StreamChunk(delta)
+        finally:
+            deltas.close()  # now, not when collected: frees the row or the lock at once
+
+    def _locked(
+        self, ids: list[int], params: GenerationParams, adapter_dir: Path | None, text: _TextStream
+    ) -> Gen[str, None, None]:
+        """One candidate's text deltas from the unbatched loop, holding the model lock."""
+        with self._lock:
+            for (delta,) in self._decode(ids, params, adapter_dir, [text]):
+                yield delta
+
+    def _batch_route(self, params: GenerationParams, adapter_dir: Path | None) -> _Route | None:
+        """The scheduler and adapter weights for this request, or None when it runs unbatched
+        (see the module docstring). Loads the adapter."""
+        if params.candidate_count != 1 or self._backend is not Backend.FAST:
+            return None
+        fast = self._fast_model()
+        if fast is None:
+            return None
+        lora = None if adapter_dir is None else self._fast_lora(adapter_dir, fast)
+        if adapter_dir is not None and lora is None:
+            return None  # PEFT runs this adapter
+        with self._fast_lock:
+            if self._batcher is None:
+                self._batcher = BatchScheduler(fast, self._eos_ids)
+            return _Route(self._batcher, lora)
+
+    def _batched(
+        self, ids: list[int], params: GenerationParams, route: _Route, text: _TextStream
+    ) -> Gen[str, None, None]:
+        """One candidate's text deltas from the batch scheduler; stops its row when the text
+        ends (a stop sequence) or the consumer closes this iterator."""
+        handle = route.scheduler.submit(ids, route.lora, params)
+        try:
+            for token in handle:
+                delta = text.push(token, token in self._eos_ids)
+                if text.finish_reason is None and text.token_count >= params.max_output_tokens:
+                    delta += text.finish(FinishReason.MAX_TOKENS)
+                yield delta
+                if text.finish_reason is not None:
+                    return
+            if text.finish_reason is None:  # not reached: the scheduler ends rows as above
+                yield text.finish(FinishReason.MAX_TOKENS)
+        finally:
+            handle.close()
 
     def _encode(self, prompt: str, adapter_dir: Path | None) -> list[int]:
         if adapter_dir is not None:
@@ -164,16 +239,13 @@ class Generator:
         row is dropped from the batch so it costs nothing more.
         """
         device = self._base.device
-        rng = None
-        if params.temperature > 0:
-            seed = params.seed if params.seed is not None else secrets.randbits(63)
-            rng = torch.Generator(device=device).manual_seed(seed)
+        rng = rng_for(params, device)
         with self._forward(adapter_dir, len(prompt_ids) + params.max_output_tokens) as run:
             n = len(texts)
             hidden = run.start(prompt_ids, n)  # (n, C): the prompt's last position, n times
             rows = list(range(n))  # candidate index of each batch row still decoding
             for step in range(params.max_output_tokens):
-                next_ids = _pick(run.logits(hidden), params, rng).tolist()  # (rows,)
+                next_ids = pick(run.logits(hidden), params, rng).tolist()  # (rows,)
                 deltas = [""] * n
                 for tok, i in zip(next_ids, rows, strict=True):
                     deltas[i] = texts[i].push(tok, tok in self._eos_ids)
@@ -196,13 +268,11 @@ class Generator:
     @contextlib.contextmanager
     def _forward(self, adapter_dir: Path | None, max_len: int) -> Iterator[_Forward]:
         """The forward for this decode: fast where the model and the adapter allow."""
-        if self._backend is not Backend.REFERENCE and FastGemma3.supports(self._model):
-            if self._fast is None:
-                int8 = self._backend is Backend.FAST_INT8
-                self._fast = FastGemma3(self._model, "int8" if int8 else "bf16")
-            lora = None if adapter_dir is None else self._fast_lora(adapter_dir, self._fast)
+        fast = self._fast_model()
+        if fast is not None:
+            lora = None if adapter_dir is None else self._fast_lora(adapter_dir, fast)
             if adapter_dir is None or lora is not None:
-                yield _FastForward(self._fast, lora, max_len)
+                yield _FastForward(fast, lora, max_len)
                 return
             log.info("adapter %s runs on the reference forward", adapter_dir)
         if adapter_dir is None:
@@ -214,9 +284,24 @@ class Generator:
         self._peft_set_adapter(adapter_dir)
         yield _ReferenceForward(self._model)
 
+    def _fast_model(self) -> FastGemma3 | None:
+        """The fast forward of this base, built once; None on the reference backend or for a
+        model it does not support."""
+        if self._backend is Backend.REFERENCE or not FastGemma3.supports(self._model):
+            return None
+        with self._fast_lock:
+            if self._fast is None:
+                int8 = self._backend is Backend.FAST_INT8
+                self._fast = FastGemma3(self._model, "int8" if int8 else "bf16")
+            return self._fast
+
     def _fast_lora(self, adapter_dir: Path, fast: FastGemma3) -> FastLora | None:
         """`adapter_dir`'s weights for the fast forward, read once (LRU of `max_adapters`);
         None when the adapter needs PEFT."""
+        with self._fast_lock:
+            return self._fast_lora_locked(adapter_dir, fast)
+
+    def _fast_lora_locked(self, adapter_dir: Path, fast: FastGemma3) -> FastLora | None:
         path = Path(adapter_dir).resolve()
         mtime = _adapter_mtime(path)
         cached = self._loras.get(path)
@@ -285,6 +370,14 @@ def _damaged(path: Path, e: Exception) -> FailedPrecondition:
         f"the adapter files of {path.parent.name} are damaged and cannot be loaded "
         f"({type(e).__name__}); tune the model again"
     )
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Where a batched request goes: the base's scheduler, with its adapter's fast weights."""
+
+    scheduler: BatchScheduler
+    lora: FastLora | None
 
 
 class _Forward:
@@ -426,29 +519,6 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
                 longest = k
                 break
     return longest
-
-
-def _pick(
-    logits: torch.Tensor, params: GenerationParams, rng: torch.Generator | None
-) -> torch.Tensor:
-    """(B, V) logits → (B,) next tokens: argmax, or temperature/top-k/top-p sampling."""
-    if rng is None:
-        return logits.argmax(dim=-1)
-    logits = logits / params.temperature
-    if params.top_k > 0:
-        values, index = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1)
-    elif params.top_p < 1.0:
-        values, index = logits.sort(dim=-1, descending=True)
-    else:
-        probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
-    if params.top_p < 1.0:
-        probs = values.softmax(dim=-1)
-        # Keep the smallest head whose mass reaches top_p (the first token always survives).
-        outside = probs.cumsum(dim=-1) - probs >= params.top_p
-        values = values.masked_fill(outside, float("-inf"))
-    choice = torch.multinomial(values.softmax(dim=-1), 1, generator=rng)  # (B, 1)
-    return index.gather(-1, choice).squeeze(-1)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -1,8 +1,9 @@
 """Inference: resolve a model name to a base model (+ a tuned adapter) and run the engine on it.
 
-One `Generator` per base model, built on first use; the Generator serializes requests on its
-model (a stream holds it until it ends or is closed), so adapters never interleave when FastAPI
-runs sync routes in its thread pool. Many tuned models share one base in memory.
+One `Generator` per base model, built on first use; on the fast backend it batches concurrent
+requests for any tuned models into one decode step (FastAPI runs sync routes in its thread pool,
+each waiting on its own request), else it serializes them on its model. Many tuned models share
+one base in memory.
 """
 
 from __future__ import annotations

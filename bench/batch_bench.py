@@ -1,0 +1,176 @@
+"""Many tuned models, one base: 32 concurrent streams spread over 8 tuned models against a real
+`tunery serve` on 127.0.0.1 (continuous batching), and as the baseline the same requests one at
+a time, in the same run on the same server.
+
+The 8 models are tuned through the API for 1 epoch each on 16 counting examples ("count from 7"
+→ "7, 8, 9, …", 64 numbers), so they are real, distinct adapters whose answers run long: each
+request streams (`alt=sse`) "count from N" with `maxOutputTokens` (64). Tokens/s counts the
+tokens the server reports generating (`usageMetadata.candidatesTokenCount`), whatever made a
+request stop; the tokens per request are printed.
+
+    .venv/bin/python bench/batch_bench.py [--streams 32] [--models 8] [--max-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import serve_process
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from service_bench import free_port, fresh_data_dir  # noqa: E402
+
+PROMPTS = [f"count from {n}" for n in (3, 17, 42, 105)]
+
+
+def counting(start: int) -> str:
+    return ", ".join(str(i) for i in range(start, start + 64))
+
+
+def tune_models(http: httpx.Client, count: int) -> list[str]:
+    """`count` tuned models via the API (1 epoch of the seed data each), waited until ACTIVE."""
+    examples = [{"textInput": f"count from {n}", "output": counting(n)} for n in range(5, 200, 12)]
+    names = []
+    for n in range(count):
+        body = {
+            "displayName": f"batch bench {n}",
+            "baseModel": "models/gemma-3-270m",
+            "tuningTask": {
+                "hyperparameters": {"epochCount": 1, "batchSize": 4, "learningRate": 0.001},
+                "trainingData": {"examples": {"examples": examples}},
+            },
+        }
+        r = http.post("/v1beta/tunedModels", json=body)
+        r.raise_for_status()
+        names.append(r.json()["metadata"]["tunedModel"])
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        states = [http.get(f"/v1beta/{m}").json()["state"] for m in names]
+        if all(s == "ACTIVE" for s in states):
+            return names
+        if "FAILED" in states:
+            raise RuntimeError(f"a tuning job failed: {states}")
+        time.sleep(1)
+    raise TimeoutError("tuning did not finish")
+
+
+def one_stream(http: httpx.Client, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    """Seconds for the whole stream and the generated tokens the server reports."""
+    body = {
+        "contents": [{"parts": [{"text": prompt}]}],
+        "generationConfig": {"maxOutputTokens": max_tokens},
+    }
+    t0 = time.perf_counter()
+    tokens = 0
+    with http.stream("POST", f"/v1beta/{model}:streamGenerateContent?alt=sse", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    raise RuntimeError(chunk["error"])
+                usage = chunk.get("usageMetadata")
+                if usage:
+                    tokens = int(usage.get("candidatesTokenCount", 0))
+    return time.perf_counter() - t0, tokens
+
+
+def run_load(
+    url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int
+) -> tuple[float, list[float], int]:
+    """All `jobs` with `concurrency` client threads: wall seconds, latencies, total tokens."""
+    latencies: list[float] = []
+    totals = [0]
+    lock = threading.Lock()
+    todo = list(reversed(jobs))
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=600) as http:
+            while True:
+                with lock:
+                    if not todo:
+                        return
+                    model, prompt = todo.pop()
+                seconds, tokens = one_stream(http, model, prompt, max_tokens)
+                with lock:
+                    latencies.append(seconds)
+                    totals[0] += tokens
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0, latencies, totals[0]
+
+
+def pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--streams", type=int, default=32)
+    parser.add_argument("--models", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--keep", action="store_true", help="keep the data dir and serve.log")
+    args = parser.parse_args()
+
+    data = fresh_data_dir()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNERY_MAX_RUNNING_JOBS_PER_KEY": "100"}
+    env.pop("TUNERY_API_KEYS", None)
+    server = serve_process.start(data, port, env)
+    try:
+        if not serve_process.wait_until(f"{url}/readyz", server):
+            print("server did not become ready; see", data / "serve.log")
+            return 1
+        with httpx.Client(base_url=url, timeout=600) as http:
+            t0 = time.monotonic()
+            models = tune_models(http, args.models)
+            print(f"{len(models)} tuned models ACTIVE in {time.monotonic() - t0:.0f} s (untimed)")
+            for m in models:  # load every adapter once, so neither side pays for it
+                one_stream(http, m, "Hello", 2)
+        jobs = [(models[k % len(models)], PROMPTS[k % len(PROMPTS)]) for k in range(args.streams)]
+
+        wall, lat, tokens = run_load(url, jobs, args.streams, args.max_tokens)
+        batched = tokens / wall
+        print(
+            f"batched:    {args.streams} concurrent streams over {len(models)} models: "
+            f"{tokens} tokens in {wall:.1f} s = {batched:.0f} tok/s; latency p50 "
+            f"{pct(lat, 50):.2f} s, p99 {pct(lat, 99):.2f} s; "
+            f"{tokens / len(lat):.0f} tokens/request"
+        )
+        wall1, lat1, tokens1 = run_load(url, jobs, 1, args.max_tokens)
+        serial = tokens1 / wall1
+        print(
+            f"one at a time: the same {len(jobs)} requests: {tokens1} tokens in {wall1:.1f} s = "
+            f"{serial:.0f} tok/s; latency p50 {pct(lat1, 50):.2f} s, p99 {pct(lat1, 99):.2f} s"
+        )
+        print(f"target: >= 1000 tok/s aggregate; measured {batched:.0f}")
+        print(f"ratio batched/one-at-a-time tok/s: {batched / serial:.2f}")
+        return 0
+    finally:
+        serve_process.stop(server, timeout_s=60)
+        if args.keep:
+            print("data dir kept:", data)
+        else:
+            shutil.rmtree(data.parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

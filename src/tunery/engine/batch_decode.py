@@ -1,0 +1,171 @@
+"""One decode step for many requests at once on a `FastGemma3`: each batch row has its own KV
+cache, position and LoRA adapter (or none), and gets the same bits whatever else is in the batch,
+so batching never changes an answer.
+
+What is shared and what is not (each choice measured on this CPU, bf16 weights):
+- The base projections and the vocab head run as one matmul over all rows, so the weights are read
+  once per step instead of once per request, which is where batching wins. oneDNN rounds each row
+  alike for 2 to `MAX_ROWS` rows (not beyond), but a 1-row matmul takes another kernel whose sums
+  differ in rare cancelling cases by one bf16 ulp: a lone row is therefore padded to two
+  (`pad_rows`), so a request decodes the same alone or batched. Against `FastGemma3.step` (1 row)
+  the tokens are the same unless such an ulp decides a near tie.
+- LoRA runs per adapter on its contiguous range of rows (rows are ordered by adapter), as
+  Punica/LoRAX group them. A 1-row fp32 `F.linear` (the single-stream path) and a many-row one
+  round differently, but a `bmm` of (m, 1, in) rows with the adapter's transposed weight expanded
+  over m matches the 1-row call exactly, so that is the form used.
+- Attention runs per row on that row's own cache (its length, its sliding-window ring): a padded
+  batch with a mask sums in another order and drifts by an ulp. It is ~25 µs per row and layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tunery.engine.fast_decode import FastGemma3, FastLora, KVCache, _Layer, _rms, _rope
+
+MAX_ROWS = 32  # rows per step whose matmuls stay bit-identical to 1-row matmuls (measured)
+# aten's bmm computes a product of fewer multiply-adds than this with its own loop, which rounds
+# unlike the BLAS call a 1-row `F.linear` makes: such (tiny) products run row by row instead.
+_BMM_NAIVE_BELOW = 400
+
+
+@dataclass(frozen=True)
+class _Group32:
+    """A `_LoraGroup` in fp32, transposed for `bmm`: at (in, r); parts' bt (r_part, out_part)."""
+
+    at: torch.Tensor
+    parts: tuple[tuple[int, int, int, int, torch.Tensor], ...]  # out_lo, out_hi, r_lo, r_hi, bt
+    full: bool  # one part covering every output column (PEFT's single-projection form)
+
+
+class Lora32:
+    """An adapter's weights as the batched step reads them: fp32 (what the single-stream path
+    converts to at every call, so converting once changes no bit), laid out for `bmm`."""
+
+    def __init__(self, lora: FastLora, fast: FastGemma3) -> None:
+        self.layers: list[dict[str, _Group32]] = []
+        for groups in lora.layers:
+            out: dict[str, _Group32] = {}
+            for name, g in groups.items():
+                width = sum(fast.out_features[m] for m in _MEMBERS[name])
+                parts = tuple((lo, hi, rl, rh, b.float().t()) for lo, hi, rl, rh, b in g.parts)
+                full = len(parts) == 1 and parts[0][1] - parts[0][0] == width
+                out[name] = _Group32(g.a.float().t(), parts, full)
+            self.layers.append(out)
+
+
+_MEMBERS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
+            "gu": ("gate_proj", "up_proj"), "down": ("down_proj",)}  # fmt: skip
+
+# A run of consecutive rows sharing one adapter: (first row, end row, its weights or None).
+Span = tuple[int, int, Lora32 | None]
+
+
+def step_rows(
+    fast: FastGemma3, tokens: torch.Tensor, caches: Sequence[KVCache], spans: Sequence[Span]
+) -> torch.Tensor:
+    """Feed one token per row (B,) at each row's next position; return hidden states (B, C).
+
+    `caches[r]` is row r's own batch-1 cache; `spans` cover the rows in order, one per adapter.
+    """
+    if tokens.shape[0] == 1:  # see the module docstring: never the 1-row kernels
+        both = [(lo, 2, lora) for lo, _, lora in spans]  # the pad row shares row 0's adapter
+        return step_rows(fast, tokens.repeat(2), [caches[0], _Shadow(caches[0])], both)[:1]
+    b = tokens.shape[0]
+    if not 0 < b <= MAX_ROWS or len(caches) != b:
+        raise ValueError(f"{b} rows (at most {MAX_ROWS}) and {len(caches)} caches")
+    positions = [c.length for c in caches]
+    if any(p >= c.max_len for p, c in zip(positions, caches, strict=True)):
+        raise ValueError("a cache is full")
+    hd, nh, nkv = fast.head_dim, fast.n_heads, fast.n_kv
+    x = F.embedding(tokens, fast.embed) * fast.embed_scale  # (B, C)
+    index = torch.tensor(positions, device=fast.device)
+    rope = {k: (c[index].view(b, 1, 1, hd), s[index].view(b, 1, 1, hd))
+            for k, (c, s) in fast._rope.items()}  # fmt: skip
+    for i, layer in enumerate(fast.layers):
+        cos, sin = rope["sliding" if layer.sliding else "full"]
+        h = _rms(x, layer.ln_in, fast.eps)
+        qkv = _add_lora(layer.qkv(h), h, spans, i, "qkv")
+        q = qkv[:, : nh * hd].view(b, nh, 1, hd)
+        k = qkv[:, nh * hd : (nh + nkv) * hd].view(b, nkv, 1, hd)
+        v = qkv[:, (nh + nkv) * hd :].view(b, nkv, 1, hd)
+        q = _rope(_rms(q, layer.q_norm, fast.eps), cos, sin)
+        k = _rope(_rms(k, layer.k_norm, fast.eps), cos, sin)
+        outs = []
+        for r, (cache, pos) in enumerate(zip(caches, positions, strict=True)):
+            size = cache.sizes[i]
+            slot = pos % size
+            ck, cv = cache.k[i], cache.v[i]
+            ck[:, :, slot : slot + 1] = k[r : r + 1]
+            cv[:, :, slot : slot + 1] = v[r : r + 1]
+            n = min(pos + 1, size)  # every filled slot is inside the window: no mask
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[r : r + 1], ck[:, :, :n], cv[:, :, :n], scale=fast.scaling, enable_gqa=True
+                )
+            )
+        a = torch.cat(outs).reshape(b, nh * hd)
+        x = _after_attention(fast, x, a, layer, i, spans)
+    for cache, pos in zip(caches, positions, strict=True):
+        cache.length = pos + 1
+    return _rms(x, fast.final_norm, fast.eps)
+
+
+def pad_rows(hidden: torch.Tensor) -> torch.Tensor:
+    """(1, C) → (2, C) by repeating the row, so a matmul on it takes the many-row kernel."""
+    return hidden.repeat(2, 1) if hidden.shape[0] == 1 else hidden
+
+
+class _Shadow(KVCache):
+    """A second view of a row's cache for the padding row: reads its keys and values, and its
+    writes land on the same slots with the same values (a harmless rewrite)."""
+
+    def __init__(self, cache: KVCache) -> None:  # noqa: D107 (no KVCache.__init__: no copy)
+        self.k, self.v, self.sizes = cache.k, cache.v, cache.sizes
+        self.length, self.max_len = cache.length, cache.max_len
+
+
+def _after_attention(
+    fast: FastGemma3, x: torch.Tensor, a: torch.Tensor, layer: _Layer, i: int, spans: Sequence[Span]
+) -> torch.Tensor:
+    """`FastGemma3._after_attention` with each row's own adapter."""
+    o = _add_lora(layer.o(a), a, spans, i, "o")
+    x = x + _rms(o, layer.ln_post_attn, fast.eps)
+    h = _rms(x, layer.ln_pre_ff, fast.eps)
+    gu = _add_lora(layer.gu(h), h, spans, i, "gu")
+    gate, up = gu.chunk(2, dim=-1)
+    m = F.gelu(gate, approximate="tanh") * up
+    d = _add_lora(layer.down(m), m, spans, i, "down")
+    return x + _rms(d, layer.ln_post_ff, fast.eps)
+
+
+def _add_lora(
+    base: torch.Tensor, x: torch.Tensor, spans: Sequence[Span], i: int, group: str
+) -> torch.Tensor:
+    """Add each span's LoRA delta to its rows of `base` (a fresh matmul output: written in
+    place), with the arithmetic of `_LoraGroup.add_to` on one row."""
+    for lo, hi, lora in spans:
+        g = lora.layers[i].get(group) if lora is not None else None
+        if g is None:
+            continue
+        u = _rows_matmul(x[lo:hi].float(), g.at)  # (m, r)
+        if g.full:
+            delta = _rows_matmul(u, g.parts[0][4])  # (m, out)
+            base[lo:hi] = (base[lo:hi] + delta).to(base.dtype)
+            continue
+        for c_lo, c_hi, r_lo, r_hi, bt in g.parts:
+            delta = _rows_matmul(u[:, r_lo:r_hi], bt)
+            base[lo:hi, c_lo:c_hi] = base[lo:hi, c_lo:c_hi] + delta
+    return base
+
+
+def _rows_matmul(x: torch.Tensor, wt: torch.Tensor) -> torch.Tensor:
+    """(m, k) @ (k, n), each row rounded exactly as a 1-row `F.linear(x_row, wt.t())`."""
+    m, k = x.shape
+    if k * wt.shape[1] < _BMM_NAIVE_BELOW:
+        return torch.cat([F.linear(x[j : j + 1], wt.t()) for j in range(m)])
+    return torch.bmm(x.unsqueeze(1), wt.expand(m, -1, -1)).squeeze(1)

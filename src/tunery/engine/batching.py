@@ -1,0 +1,207 @@
+"""Continuous batching on one base model: a background thread decodes every running request
+(each with its own tuned adapter, or none) in one batched step per token, admitting new requests
+between steps and retiring finished ones, so 32 streams over 8 tuned models share each read of
+the base weights instead of queueing for the model one at a time.
+
+Rows are bit-identical to decoding alone (see `batch_decode`), so a request's tokens do not depend
+on what else is running. Callers get token ids from a `Handle` and do the text work (detokenizing,
+stop sequences) on their own thread; closing the handle frees the row at the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from tunery.engine.batch_decode import MAX_ROWS, Lora32, Span, pad_rows, step_rows
+from tunery.engine.fast_decode import FastGemma3, FastLora, KVCache
+from tunery.engine.sampling import pick, rng_for
+from tunery.engine.specs import GenerationParams
+
+log = logging.getLogger(__name__)
+
+# New requests prefilled per step: a burst of arrivals delays the running rows' next token by at
+# most this many prompt passes.
+PREFILLS_PER_STEP = 4
+IDLE_EXIT_S = 60.0  # the decode thread ends after this long with nothing to do; submit restarts it
+
+_END = object()  # queue marker: no more tokens
+
+
+class Handle:
+    """One submitted request: iterate for its token ids (the EOS token included, as the last);
+    `close()` when no more are wanted (a stop sequence, a client gone) to free its batch row."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self.closed = False
+
+    def __iter__(self) -> Iterator[int]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, int)
+            yield item
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _put(self, item: object) -> None:
+        self._queue.put(item)
+
+
+@dataclass
+class _Row:
+    """A request's decode state on the scheduler thread."""
+
+    prompt: list[int]
+    lora: FastLora | None
+    params: GenerationParams
+    handle: Handle
+    rng: torch.Generator | None
+    cache: KVCache | None = None
+    next_token: int = 0  # fed at the next step
+    produced: int = 0
+    key: int = field(default=-1)  # adapter identity: rows are ordered by it into spans
+
+
+class BatchScheduler:
+    """Continuous batching over one `FastGemma3` (bf16 weights: see `batch_decode.MAX_ROWS`)."""
+
+    def __init__(
+        self,
+        fast: FastGemma3,
+        eos_ids: Collection[int],
+        max_rows: int = MAX_ROWS,
+        prefills_per_step: int = PREFILLS_PER_STEP,
+    ) -> None:
+        if not 0 < max_rows <= MAX_ROWS:
+            raise ValueError(f"max_rows must be in 1..{MAX_ROWS}")
+        self._fast = fast
+        self._eos = frozenset(eos_ids)
+        self._max_rows = max_rows
+        self._prefills = prefills_per_step
+        self._waiting: deque[_Row] = deque()
+        self._rows: list[_Row] = []  # decoding; touched by the decode thread only
+        self._lora32: dict[int, tuple[FastLora, Lora32]] = {}  # id(lora) → fp32 copy in use
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = 0  # rows admitted and not yet retired, as of the last step (locked)
+        self.peak_rows = 0  # most rows decoded in one step so far (for tests and benches)
+
+    def pending(self) -> int:
+        """Requests waiting or decoding; a closed one counts until its row is freed."""
+        with self._cond:
+            return len(self._waiting) + self._running
+
+    def submit(
+        self, prompt_ids: list[int], lora: FastLora | None, params: GenerationParams
+    ) -> Handle:
+        """Queue a request (its prompt already validated); its tokens arrive on the handle."""
+        handle = Handle()
+        row = _Row(list(prompt_ids), lora, params, handle, rng_for(params, self._fast.device))
+        row.key = -1 if lora is None else id(lora)
+        with self._cond:
+            self._waiting.append(row)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="tunery-batch-decode", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return handle
+
+    # -- the decode thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    if not self._waiting and not self._rows:
+                        self._cond.wait_for(lambda: bool(self._waiting), timeout=IDLE_EXIT_S)
+                        if not self._waiting:
+                            self._thread = None  # under the lock: submit starts a new one
+                            self._lora32.clear()
+                            return
+                    room = min(self._max_rows - len(self._rows), self._prefills)
+                    new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                    self._running = len(self._rows) + len(new)
+                try:
+                    self._iteration(new)
+                except Exception as e:  # a bug, or out of memory: fail these requests, go on
+                    log.exception("batched decode step failed")
+                    for row in self._rows + new:
+                        row.handle._put(e)
+                    self._rows = []
+                    self._lora32.clear()
+                with self._cond:
+                    self._running = len(self._rows)
+
+    def _iteration(self, new: list[_Row]) -> None:
+        """One step for the running rows, the prompts of `new`, then one token for each."""
+        fast = self._fast
+        rows = sorted((r for r in self._rows if not r.handle.closed), key=lambda r: r.key)
+        hidden: list[torch.Tensor] = []
+        if rows:
+            tokens = torch.tensor([r.next_token for r in rows], device=fast.device)
+            caches = [r.cache for r in rows if r.cache is not None]
+            hidden.append(step_rows(fast, tokens, caches, self._spans(rows)))
+        for row in new:
+            if row.handle.closed:
+                continue
+            try:
+                row.cache = fast.new_cache(len(row.prompt) + row.params.max_output_tokens)
+                hidden.append(fast.prefill(row.prompt, row.cache, row.lora))
+            except Exception as e:  # this request's problem only
+                log.exception("prefill failed")
+                row.handle._put(e)
+                continue
+            rows.append(row)
+        if not rows:
+            self._rows = []
+            return
+        self.peak_rows = max(self.peak_rows, len(rows))
+        logits = fast.logits(pad_rows(torch.cat(hidden)))  # (B, V); a lone row padded to 2
+        greedy = logits.argmax(dim=-1).tolist()
+        keep = []
+        for j, row in enumerate(rows):
+            token = greedy[j]
+            if row.rng is not None:  # sampled alone: its generator draws as in the solo loop
+                token = int(pick(logits[j : j + 1], row.params, row.rng))
+            row.produced += 1
+            row.handle._put(token)
+            if token in self._eos or row.produced >= row.params.max_output_tokens:
+                row.handle._put(_END)
+            else:
+                row.next_token = token
+                keep.append(row)
+        self._rows = keep
+        live = {r.key for r in keep}
+        for key in [k for k in self._lora32 if k not in live]:
+            del self._lora32[key]
+
+    def _spans(self, rows: list[_Row]) -> list[Span]:
+        """Runs of rows (sorted by adapter) sharing one adapter, with its fp32 weights."""
+        spans: list[Span] = []
+        start = 0
+        for j in range(1, len(rows) + 1):
+            if j == len(rows) or rows[j].key != rows[start].key:
+                lora = rows[start].lora
+                spans.append((start, j, None if lora is None else self._weights(lora)))
+                start = j
+        return spans
+
+    def _weights(self, lora: FastLora) -> Lora32:
+        cached = self._lora32.get(id(lora))
+        if cached is None or cached[0] is not lora:
+            cached = (lora, Lora32(lora, self._fast))
+            self._lora32[id(lora)] = cached
+        return cached[1]

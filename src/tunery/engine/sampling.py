@@ -1,0 +1,42 @@
+"""Choosing the next token from logits: greedy, or temperature / top-k / top-p sampling with a
+seeded generator. Shared by the single-stream decode loop and the batch scheduler, so a request
+samples the same tokens whichever of them runs it."""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+
+from tunery.engine.specs import GenerationParams
+
+
+def pick(
+    logits: torch.Tensor, params: GenerationParams, rng: torch.Generator | None
+) -> torch.Tensor:
+    """(B, V) logits → (B,) next tokens: argmax, or temperature/top-k/top-p sampling."""
+    if rng is None:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        values, index = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1)
+    elif params.top_p < 1.0:
+        values, index = logits.sort(dim=-1, descending=True)
+    else:
+        probs = logits.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+    if params.top_p < 1.0:
+        probs = values.softmax(dim=-1)
+        # Keep the smallest head whose mass reaches top_p (the first token always survives).
+        outside = probs.cumsum(dim=-1) - probs >= params.top_p
+        values = values.masked_fill(outside, float("-inf"))
+    choice = torch.multinomial(values.softmax(dim=-1), 1, generator=rng)  # (B, 1)
+    return index.gather(-1, choice).squeeze(-1)
+
+
+def rng_for(params: GenerationParams, device: torch.device) -> torch.Generator | None:
+    """The request's sampling generator (its seed, else a random one); None when greedy."""
+    if params.temperature <= 0:
+        return None
+    seed = params.seed if params.seed is not None else secrets.randbits(63)
+    return torch.Generator(device=device).manual_seed(seed)

@@ -1,0 +1,142 @@
+"""Continuous batching on a tiny random Gemma 3 (sliding window 64): rows for different adapters
+decoded in one batch get the bits they get alone, concurrent requests the tokens of the
+single-stream loop, and a closed request frees its row."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.unit.test_generate import _load
+from tunery.engine.base_models import LoadedBase
+from tunery.engine.batch_decode import Lora32, step_rows
+from tunery.engine.batching import BatchScheduler
+from tunery.engine.fast_decode import FastGemma3, FastLora
+from tunery.engine.generate import Backend, Generator, _TextStream
+from tunery.engine.specs import GenerationParams
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    " ".join(f"word{i}" for i in range(60)),  # > 64 tokens: the sliding window's ring wraps
+    "Once upon a time",
+    "1, 2, 3,",
+    "Hello",
+]
+
+
+def _adapter(base: LoadedBase, path: Path, seed: int, targets: list[str]) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4 + seed, lora_alpha=32, target_modules=targets)
+    config.init_lora_weights = False  # random B too, so each adapter changes the output
+    get_peft_model(_load(base.model_dir).model, config).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_path: Path) -> LoadedBase:
+    return _load(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def adapters(base: LoadedBase, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    tmp = tmp_path_factory.mktemp("adapters")
+    every = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return [
+        _adapter(base, tmp / "all", 1, every),
+        _adapter(base, tmp / "some", 2, ["q_proj", "v_proj", "down_proj"]),
+        _adapter(base, tmp / "mlp", 3, ["gate_proj", "down_proj"]),
+    ]
+
+
+@torch.inference_mode()
+def _solo(fast: FastGemma3, ids: list[int], lora: FastLora | None, n: int) -> list[int]:
+    """The single-stream fast loop: prefill, then one `FastGemma3.step` per token, greedy."""
+    cache = fast.new_cache(len(ids) + n)
+    hidden = fast.prefill(ids, cache, lora)
+    out: list[int] = []
+    for _ in range(n):
+        token = fast.logits(hidden).argmax(dim=-1)
+        out.append(int(token))
+        hidden = fast.step(token, cache, lora)
+    return out
+
+
+def test_batched_rows_are_bit_identical_to_rows_stepped_alone(
+    base: LoadedBase, adapters: list[Path]
+) -> None:
+    fast = FastGemma3(base.model)
+    loras = [FastLora.load(a, fast) for a in adapters]
+    assert all(lora is not None for lora in loras)
+    # Rows ordered by adapter: none, none, all, all, some, mlp.
+    rows = [None, None, loras[0], loras[0], loras[1], loras[2]]
+    weights = {id(lora): Lora32(lora, fast) for lora in loras if lora is not None}
+    spans = [(0, 2, None), (2, 4, weights[id(loras[0])]), (4, 5, weights[id(loras[1])])]
+    spans.append((5, 6, weights[id(loras[2])]))
+    with torch.inference_mode():
+        ids = [base.tokenizer(p)["input_ids"] for p in PROMPTS]
+        solo = [fast.new_cache(len(i) + 80) for i in ids]
+        batch = [fast.new_cache(len(i) + 80) for i in ids]
+        for i, lora, a, b in zip(ids, rows, solo, batch, strict=True):
+            fast.prefill(i, a, lora)
+            fast.prefill(i, b, lora)
+        for step in range(70):  # past the 64-token window for every row
+            tokens = torch.tensor([(7 * step + 3 * r) % 1000 + 10 for r in range(len(rows))])
+            batched = step_rows(fast, tokens, batch, spans)
+            for r, lora in enumerate(rows):
+                one = [(0, 1, None if lora is None else weights[id(lora)])]
+                alone = step_rows(fast, tokens[r : r + 1], [solo[r]], one)
+                assert torch.equal(batched[r : r + 1], alone), (step, r)
+
+
+def test_concurrent_requests_over_adapters_get_their_solo_tokens(
+    base: LoadedBase, adapters: list[Path]
+) -> None:
+    gen = Generator(base, backend=Backend.FAST)
+    fast = FastGemma3(base.model)
+    jobs = [(p, [None, *adapters][k % 4]) for k, p in enumerate(PROMPTS * 2)]
+    params = GenerationParams(max_output_tokens=40)
+    results: dict[int, str] = {}
+
+    def run(k: int) -> None:
+        prompt, adapter = jobs[k]
+        results[k] = gen.generate(prompt, params, adapter).candidates[0].text
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert gen._batcher is not None and gen._batcher.peak_rows > 4  # they did share steps
+    for k, (prompt, adapter) in enumerate(jobs):  # one at a time: a batch of one
+        assert gen.generate(prompt, params, adapter).candidates[0].text == results[k], k
+    for k, (prompt, adapter) in enumerate(jobs):  # the single-stream loop, `FastGemma3.step`
+        lora = None if adapter is None else FastLora.load(adapter, fast)
+        text = _TextStream(base.tokenizer, params, adapter is not None)
+        for token in _solo(fast, gen._encode(prompt, adapter), lora, 40):
+            text.push(token, token in gen._eos_ids)
+            if text.finish_reason is not None:
+                break
+        assert results[k] == text.text, k
+
+
+def test_closing_a_stream_frees_its_row(base: LoadedBase, adapters: list[Path]) -> None:
+    gen = Generator(base, backend=Backend.FAST)
+    stream = gen.stream(PROMPTS[0], GenerationParams(max_output_tokens=2000), adapters[0])
+    next(stream)
+    scheduler = gen._batcher
+    assert isinstance(scheduler, BatchScheduler) and scheduler.pending() == 1
+    stream.close()  # what the API does when the client goes away
+    deadline = time.monotonic() + 10
+    while scheduler.pending() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert scheduler.pending() == 0
+    again = gen.generate(PROMPTS[0], GenerationParams(max_output_tokens=3), adapters[0])
+    assert again.candidates[0].token_count == 3
