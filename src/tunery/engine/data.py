@@ -91,6 +91,52 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int, device: torch.dev
     )
 
 
+@dataclass(frozen=True)
+class PackedBatch:
+    """A batch's examples end to end in one row: no padding; attention stays within a segment."""
+
+    input_ids: torch.Tensor  # (T,) long
+    positions: torch.Tensor  # (T,) each token's position inside its own example
+    segments: torch.Tensor  # (T,) which example a token belongs to
+    label_positions: torch.Tensor  # (N,) indices into T of positions predicting a label
+    labels: torch.Tensor  # (N,)
+    bounds: tuple[tuple[int, int], ...]  # each example's [start, end) in the row
+
+    @property
+    def label_count(self) -> int:
+        return int(self.labels.numel())
+
+
+def pack(examples: Sequence[TokenizedExample], device: torch.device) -> PackedBatch:
+    """Lay `examples` end to end, listing only the positions that predict output tokens."""
+    ids: list[int] = []
+    positions: list[int] = []
+    segments: list[int] = []
+    label_positions: list[int] = []
+    labels: list[int] = []
+    starts: list[int] = []
+    for seg, ex in enumerate(examples):
+        start, n = len(ids), len(ex.input_ids)
+        starts.append(start)
+        ids.extend(ex.input_ids)
+        positions.extend(range(n))
+        segments.extend([seg] * n)
+        label_positions.extend(range(start + ex.prompt_len - 1, start + n - 1))
+        labels.extend(ex.input_ids[ex.prompt_len :])
+
+    def as_tensor(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    return PackedBatch(
+        as_tensor(ids),
+        as_tensor(positions),
+        as_tensor(segments),
+        as_tensor(label_positions),
+        as_tensor(labels),
+        tuple(zip(starts, starts[1:] + [len(ids)], strict=True)),
+    )
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The example order of one epoch: a function of (seed, epoch) only, so a resume replays it."""
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)

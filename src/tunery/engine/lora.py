@@ -36,6 +36,12 @@ class LoraLinear(nn.Module):
         self.dropout = spec.dropout
         self.to(base.weight.device)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight, so code that reads `module.weight` sees through the wrapper."""
+        weight: torch.Tensor = self.base.weight
+        return weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor = self.base(x)
         h = nn.functional.dropout(x, self.dropout, self.training) if self.dropout else x

@@ -26,10 +26,12 @@ from tunery.engine.data import (
     TokenizedExample,
     collate,
     epoch_order,
+    pack,
     split_validation,
     tokenize_example,
     validation_count,
 )
+from tunery.engine.fast_train import FastGemma3Train
 from tunery.engine.lora import (
     LoraLinear,
     adapter_state,
@@ -111,7 +113,11 @@ def train(
     causal = base.model
     with lora_injected(causal, spec.lora) as layers, CheckpointWriter(work_dir) as checkpoints:
         params = trainable_parameters(layers)
-        opt = torch.optim.AdamW(params, lr=peak_lr, weight_decay=0.0)
+        batch_loss = _batch_loss_fn(base, layers, spec, pad_id)
+        fused = _fused_adamw(params)
+        opt = torch.optim.AdamW(
+            params, lr=peak_lr, weight_decay=0.0, fused=fused, foreach=None if fused else True
+        )
         step = _load_checkpoint(work_dir, layers, opt)
         if step:
             log.info("resuming %s at step %d/%d", work_dir.name, step, total)
@@ -126,24 +132,23 @@ def train(
                 # 1. batch: this epoch's fixed order, so a resumed run sees the same batches
                 order = epoch_order(len(train_tok), spec.seed, epoch)
                 picked = order[index * spec.batch_size : (index + 1) * spec.batch_size]
-                batch = collate([train_tok[i] for i in picked], pad_id, base.device)
                 # 2. set LR, forward/backward, clip, step
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, total, peak_lr)
-                loss = label_loss(causal, batch)
+                loss = batch_loss([train_tok[i] for i in picked])
                 if not torch.isfinite(loss):
                     raise FailedPrecondition(
                         f"training diverged at step {step + 1}: the loss is {loss.item()}; "
                         "try a lower learningRate or learningRateMultiplier"
                     )
                 loss.backward()  # type: ignore[no-untyped-call]
-                torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
+                clip_grad_norm(params, GRAD_CLIP)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 # 3. checkpoint (written in the background) at epoch ends and every so often
                 epoch_end = step % per_epoch == 0
-                val_loss = _validate(causal, val_tok, spec, pad_id, base) if epoch_end else None
+                val_loss = _validate(batch_loss, val_tok, spec) if epoch_end else None
                 if epoch_end or time.monotonic() - last_ckpt > CHECKPOINT_INTERVAL_S:
                     checkpoints.save(step, layers, opt, wait=False)
                     last_ckpt = time.monotonic()
@@ -168,6 +173,42 @@ def train(
             causal.eval()
 
 
+BatchLoss = Callable[[Sequence[TokenizedExample]], torch.Tensor]
+
+
+def _batch_loss_fn(
+    base: LoadedBase, layers: dict[str, LoraLinear], spec: TrainSpec, pad_id: int
+) -> BatchLoss:
+    """The loss of a batch: the hand-written packed forward (`fast_train`) where the model and
+    LoRA targets allow it, else the transformers modules on a padded batch."""
+    lora = spec.lora
+    if (
+        FastGemma3Train.supports(base.model)
+        and FastGemma3Train.targets_fit(lora.target_modules)
+        and not lora.dropout  # the fused groups have no dropout on the LoRA input
+    ):
+        fast = FastGemma3Train(base.model, layers)
+        return lambda examples: fast.loss(pack(examples, base.device))
+    return lambda examples: label_loss(base.model, collate(examples, pad_id, base.device))
+
+
+def _fused_adamw(params: list[torch.nn.Parameter]) -> bool:
+    """Whether AdamW can run as one fused kernel (CPU and CUDA fp32) rather than a Python loop
+    over 250 small tensors, which costs more than the update itself on a CPU."""
+    return all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
+
+
+def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> None:
+    """`torch.nn.utils.clip_grad_norm_` in three multi-tensor ops: torch loops over the tensors
+    one by one on a CPU (500 small ops a step for 250 LoRA matrices)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, coef)
+
+
 def label_loss(causal: Any, batch: Batch) -> torch.Tensor:
     """Mean cross-entropy over label positions, with logits computed only there."""
     out = causal.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
@@ -182,15 +223,16 @@ def label_loss(causal: Any, batch: Batch) -> torch.Tensor:
 
 @torch.no_grad()
 def _validate(
-    causal: Any, val_tok: list[TokenizedExample], spec: TrainSpec, pad_id: int, base: LoadedBase
+    batch_loss: BatchLoss, val_tok: list[TokenizedExample], spec: TrainSpec
 ) -> float | None:
     if not val_tok:
         return None
     total_loss, total_labels = 0.0, 0
     for i in range(0, len(val_tok), spec.batch_size):
-        batch = collate(val_tok[i : i + spec.batch_size], pad_id, base.device)
-        total_loss += float(label_loss(causal, batch)) * batch.label_count
-        total_labels += batch.label_count
+        chunk = val_tok[i : i + spec.batch_size]
+        labels = sum(e.label_count for e in chunk)
+        total_loss += float(batch_loss(chunk)) * labels
+        total_labels += labels
     return total_loss / max(1, total_labels)
 
 

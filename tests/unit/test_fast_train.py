@@ -1,0 +1,98 @@
+"""The hand-written training forward computes the transformers model's loss and LoRA gradients."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from tunery.engine import fast_train
+from tunery.engine.data import TokenizedExample, collate, pack
+from tunery.engine.fast_train import FastGemma3Train
+from tunery.engine.lora import lora_injected, trainable_parameters
+from tunery.engine.specs import LoraSpec
+from tunery.engine.train import label_loss
+
+
+def _tiny_gemma(window: int) -> torch.nn.Module:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        sliding_window=window,
+        layer_types=["sliding_attention", "full_attention"],
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(config).eval()
+
+
+def _examples(lengths: list[int]) -> list[TokenizedExample]:
+    rng = random.Random(1)
+    return [
+        TokenizedExample(tuple(rng.randrange(1, 300) for _ in range(n)), prompt_len=max(1, n // 2))
+        for n in lengths
+    ]
+
+
+def _loss_and_grads(
+    fn: object, params: list[torch.nn.Parameter]
+) -> tuple[float, list[torch.Tensor]]:
+    loss = fn()  # type: ignore[operator]
+    loss.backward()
+    grads = [p.grad.detach().clone() for p in params]  # type: ignore[union-attr]
+    for p in params:
+        p.grad = None
+    return float(loss.detach()), grads
+
+
+@pytest.mark.parametrize(
+    ("lengths", "window"),
+    [
+        ([5, 9, 7], 64),  # short: one masked attention over the packed row
+        ([40, 3, 25], 8),  # sliding window shorter than the examples
+        ([150, 120, 30], 64),  # long: one attention per example, windowed on sliding layers
+    ],
+)
+def test_matches_the_transformers_forward_in_fp32(lengths: list[int], window: int) -> None:
+    model = _tiny_gemma(window)
+    examples = _examples(lengths)
+    with lora_injected(model, LoraSpec(rank=4, alpha=8)) as layers:
+        for layer in layers.values():
+            torch.nn.init.normal_(layer.lora_B, std=0.05)  # B starts at 0: give it a value
+        params = trainable_parameters(layers)
+        reference = _loss_and_grads(
+            lambda: label_loss(model, collate(examples, 0, torch.device("cpu"))), params
+        )
+        fast = FastGemma3Train(model, layers)
+        got = _loss_and_grads(lambda: fast.loss(pack(examples, torch.device("cpu"))), params)
+
+    assert got[0] == pytest.approx(reference[0], rel=1e-5)
+    for want, have in zip(reference[1], got[1], strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_and_per_example_attention_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _tiny_gemma(16)
+    examples = _examples([30, 12, 21])
+    with lora_injected(model, LoraSpec(rank=4, alpha=8)) as layers:
+        fast = FastGemma3Train(model, layers)
+        batch = pack(examples, torch.device("cpu"))
+        dense = float(fast.loss(batch))
+        monkeypatch.setattr(fast_train, "DENSE_ATTENTION_MAX_TOKENS", 0)
+        per_example = float(fast.loss(batch))
+    assert per_example == pytest.approx(dense, rel=1e-5)
+
+
+def test_partial_groups_are_refused_up_front() -> None:
+    assert FastGemma3Train.targets_fit(["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert not FastGemma3Train.targets_fit(["q_proj", "v_proj"])
+    assert not FastGemma3Train.targets_fit(["lm_head"])
