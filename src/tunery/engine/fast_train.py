@@ -210,33 +210,54 @@ def _frozen(module: Any) -> torch.Tensor:
     return weight
 
 
+# Label rows per pass of the output head: enough rows that each pass over its 262k×C weight is
+# compute-bound, few enough that the (rows × 262k) fp32 logits stay cache-sized.
+HEAD_CHUNK_ROWS = 256
+
+
 class _HeadLossFn(torch.autograd.Function):
-    """Mean cross-entropy of `hidden @ Eᵀ` against labels; logits only for these rows."""
+    """Mean cross-entropy of `hidden @ Eᵀ` against labels; logits only for these rows.
+
+    The forward also computes the input gradient, chunk by chunk of rows, so no (N × 262k)
+    logits or gradient tensor is ever whole: each chunk's logits become its softmax gradient in
+    place and go straight through Eᵀ. The backward only scales it.
+    """
 
     @staticmethod
     def forward(
         ctx: Any, hidden: torch.Tensor, head: FrozenWeight, labels: torch.Tensor, softcap: float
     ) -> torch.Tensor:
-        logits = head.forward(hidden).float()  # (N, V)
-        if softcap:
-            capped = torch.tanh(logits / softcap)
-            logits = capped * softcap
-        logp = torch.log_softmax(logits, dim=-1)
-        loss = -logp.gather(1, labels[:, None]).mean()
-        # d loss / d logits = (softmax - onehot) / N, kept for the backward in place of logits
-        grad = logp.exp_()
-        grad[torch.arange(labels.shape[0]), labels] -= 1.0
-        grad.div_(labels.shape[0])
-        if softcap:
-            grad.mul_(1.0 - capped * capped)
-        ctx.head = head
-        ctx.save_for_backward(grad.to(hidden.dtype))
-        return loss
+        n = labels.shape[0]
+        want_grad = ctx.needs_input_grad[0]
+        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for lo in range(0, n, HEAD_CHUNK_ROWS):
+            hi = min(n, lo + HEAD_CHUNK_ROWS)
+            rows = torch.arange(hi - lo, device=hidden.device)
+            logits = head.forward(hidden[lo:hi])  # (n_c, V) in the activation dtype
+            if softcap:
+                capped = torch.tanh(logits.float().div_(softcap))
+                logits = capped * softcap
+            # Softmax in the activation dtype (accumulated in fp32 inside): 4x faster than an
+            # fp32 one plus the cast for the matmul on a CPU. The label's probability then has
+            # bf16's 3 digits, so each token's loss is within ~0.004 of the fp32 value.
+            grad = torch.softmax(logits, dim=-1)
+            picked = grad[rows, labels[lo:hi]].float().clamp_min(torch.finfo(torch.float32).tiny)
+            total -= picked.log().sum()
+            if grad_hidden is None:
+                continue
+            # d loss / d logits = (softmax - onehot) / N; the 1/N is applied after Eᵀ (C ≪ V)
+            grad[rows, labels[lo:hi]] -= 1.0
+            if softcap:
+                grad.mul_((1.0 - capped * capped).to(grad.dtype))
+            grad_hidden[lo:hi] = head.backward(grad).div_(n)
+        ctx.save_for_backward(grad_hidden)
+        return total / n
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (grad,) = ctx.saved_tensors
-        return ctx.head.backward(grad) * g.to(grad.dtype), None, None, None
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * g.to(grad_hidden.dtype), None, None, None
 
 
 class _RmsNormFn(torch.autograd.Function):
@@ -282,34 +303,49 @@ def _dense_mask(batch: PackedBatch, window: int | None, groups: int) -> torch.Te
     return mask.repeat(groups, 1)
 
 
+def _causal_mask(n: int, window: int | None, groups: int, device: torch.device) -> torch.Tensor:
+    """Additive mask (groups·n, n) for one example: causal, inside `window` when given."""
+    pos = torch.arange(n, device=device)
+    offset = pos[:, None] - pos[None, :]
+    allowed = offset >= 0
+    if window is not None:
+        allowed &= offset < window
+    mask = torch.zeros((n, n), device=device).masked_fill_(~allowed, -torch.inf)
+    return mask.repeat(groups, 1)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """q (H, T, D), k/v (Hkv, T, D), additive mask (H/Hkv·T, T) → (T, H·D).
+
+    Plain matmuls with fp32 scores, as the fused kernels keep them: on a CPU the fused
+    (flash) kernel is several times slower than this at these sizes, forward and backward.
+    """
+    h, t, d = q.shape
+    qg = q.reshape(k.shape[0], -1, d)  # the heads sharing one KV head, stacked along rows
+    scores = torch.baddbmm(mask, qg.float(), k.float().transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return (probs @ v).view(h, t, d).transpose(0, 1).reshape(t, h * d)
+
+
 def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
     window: int | None, scale: float, mask: torch.Tensor | None,
 ) -> torch.Tensor:  # fmt: skip
     """q (H, T, D), k/v (Hkv, T, D) → (T, H·D): attention within each example, causal, and
-    within `window` positions when given. `mask` (see `_dense_mask`) selects the dense path."""
-    h, t, d = q.shape
+    within `window` positions when given. `mask` (see `_dense_mask`) selects one pass over the
+    whole row; without it each example attends on its own."""
     if mask is not None:
-        qg = q.reshape(k.shape[0], -1, d)  # heads sharing one KV head, stacked along rows
-        # scores in fp32, as the fused attention kernels keep them
-        scores = torch.baddbmm(mask, qg.float(), k.float().transpose(1, 2), alpha=scale)
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        return (probs @ v).view(h, t, d).transpose(0, 1).reshape(t, h * d)
+        return _attend(q, k, v, mask, scale)
+    groups = q.shape[0] // k.shape[0]
+    masks: dict[int, torch.Tensor] = {}
     outs = []
     for start, end in batch.bounds:
         n = end - start
-        qs, ks, vs = q[None, :, start:end], k[None, :, start:end], v[None, :, start:end]
-        if window is not None and n > window:
-            pos = torch.arange(n, device=q.device)
-            off = pos[:, None] - pos[None, :]
-            o = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=(off >= 0) & (off < window), scale=scale, enable_gqa=True
-            )
-        else:
-            o = F.scaled_dot_product_attention(
-                qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True
-            )
-        outs.append(o[0].transpose(0, 1).reshape(n, h * d))
+        if n not in masks:
+            masks[n] = _causal_mask(n, window, groups, q.device)
+        outs.append(_attend(q[:, start:end], k[:, start:end], v[:, start:end], masks[n], scale))
     return torch.cat(outs)
 
 

@@ -1,0 +1,145 @@
+"""Training throughput on mixed lengths: Tunery's packed LoRA loop vs TRL's SFTTrainer + PEFT, in
+one process, on a generated 2,000-example dataset whose examples are 10-400 tokens long.
+
+Both sides train one epoch over the same sample of that dataset (`--examples`, default 96: TRL in
+fp32 with full-vocabulary logits at every padded position needs minutes per hundred examples here;
+`--examples 2000` runs it all) with the same LoRA config, batch size and AdamW step. Trained tokens
+are counted once with Tunery's tokenization (no padding), so tokens/s compare like for like.
+
+It also prints the model FLOPs Tunery's run needed (forward + input gradients through the frozen
+body, 4·N per token, the LoRA and attention terms, and the 262k head at label positions only) over
+its wall time, against the bf16 matmul peak measured in the same process.
+
+    python bench/train_throughput_bench.py [--examples 96] [--batch-size 4] [--threads N]
+
+Needs TRL (see bench/README.md). The last line is the ratio of tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from train_bench import OFFLINE, Run, Stopwatch, run_trl
+
+from tunery.engine.base_models import DEFAULT_BASE_MODEL, BaseModelRegistry, LoadedBase
+from tunery.engine.data import TokenizedExample, tokenize_example
+from tunery.engine.specs import Example, TrainSpec
+from tunery.engine.train import train
+
+DATASET_SIZE = 2000
+MIN_TOKENS, MAX_TOKENS = 10, 400
+
+
+def generated_dataset(tokenizer: object, n: int, seed: int = 0) -> list[Example]:
+    """`n` input→output pairs of ordinary words, total length uniform in [10, 400] tokens: the
+    output is the input's words reversed, so a batch mixes short and long examples."""
+    vocab = [
+        piece[1:]
+        for piece in sorted(tokenizer.get_vocab())  # type: ignore[attr-defined]
+        if piece.startswith("▁") and piece[1:].isascii() and piece[1:].isalpha()
+        and 3 < len(piece) < 10
+    ]  # fmt: skip
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        target = rng.randint(MIN_TOKENS, MAX_TOKENS)
+        words = max(1, (target - 9) // 2)  # ~1 token a word, on each side, plus the template
+        text = [rng.choice(vocab) for _ in range(words)]
+        examples.append(Example(" ".join(text), " ".join(reversed(text))))
+    return examples
+
+
+def bf16_peak_tflops(size: int = 2048, repeats: int = 10) -> float:
+    """A large bf16 matmul's rate on this machine, same threads: the hardware's practical peak."""
+    a = torch.randn(size, size, dtype=torch.bfloat16)
+    b = torch.randn(size, size, dtype=torch.bfloat16)
+    a @ b  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def model_flops(base: LoadedBase, tokenized: list[TokenizedExample], rank: int) -> float:
+    """FLOPs one training pass over `tokenized` needs: 4·N per token through the frozen body
+    (forward, input gradients), LoRA's 6·r·(in+out) per token and projection, causal attention,
+    and the output head at label positions only (forward and input gradient)."""
+    config = base.model.config
+    body = sum(p.numel() for n, p in base.model.model.named_parameters() if "embed" not in n)
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    inter = config.intermediate_size
+    lora_io = (hidden + q) + 2 * (hidden + kv) + (q + hidden) + 3 * (hidden + inter)
+    tokens = sum(len(e.input_ids) for e in tokenized)
+    labels = sum(e.label_count for e in tokenized)
+    attention = sum(len(e.input_ids) ** 2 for e in tokenized) * 2 * q * layers * 2  # QKᵀ, PV
+    head = 4 * labels * config.vocab_size * hidden
+    return 4 * body * tokens + 6 * rank * lora_io * layers * tokens + 2 * attention + head
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--examples", type=int, default=96, help="how many examples both train on")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: TUNERY_DATA_DIR")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--skip-trl", action="store_true", help="Tunery and the peak only")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in OFFLINE:
+        os.environ[name] = "1"
+    from tunery.settings import Settings
+
+    settings = Settings(data_dir=args.data_dir) if args.data_dir else Settings()
+    base = BaseModelRegistry(settings.models_dir, device=settings.device).load(DEFAULT_BASE_MODEL)
+    spec = TrainSpec(epoch_count=1, batch_size=args.batch_size, learning_rate=0.001)
+    dataset = generated_dataset(base.tokenizer, DATASET_SIZE)
+    sample = random.Random(1).sample(dataset, min(args.examples, len(dataset)))
+    tokenized = [tokenize_example(base.tokenizer, e, spec.max_seq_len) for e in sample]
+    lengths = sorted(len(e.input_ids) for e in tokenized)
+    all_lengths = [
+        len(tokenize_example(base.tokenizer, e, spec.max_seq_len).input_ids) for e in dataset
+    ]
+    tokens = sum(lengths)
+    print(
+        f"dataset {len(dataset)} examples, {min(all_lengths)}-{max(all_lengths)} tokens "
+        f"(mean {sum(all_lengths) / len(all_lengths):.0f}); training on {len(sample)} of them, "
+        f"{tokens} tokens (median {lengths[len(lengths) // 2]}), batch {spec.batch_size}, 1 epoch, "
+        f"LoRA r={spec.lora.rank}; {torch.get_num_threads()} threads"
+    )
+    peak = bf16_peak_tflops()
+    with tempfile.TemporaryDirectory(prefix="tunery-bench-") as tmp:
+        work = Path(tmp)
+        losses: list[float] = []
+        watch = Stopwatch()
+        train(base, sample, spec, work / "tunery", on_step=lambda r: losses.append(r.mean_loss))
+        runs = [
+            Run(f"tunery ({str(base.dtype).removeprefix('torch.')})", *watch.read(), losses[-1])
+        ]
+        if not args.skip_trl:
+            runs.append(run_trl(base.model_dir, sample, spec, work, bf16=False))
+    flops = model_flops(base, tokenized, spec.lora.rank)
+    achieved = flops / runs[0].seconds / 1e12
+    for run in runs:
+        print(
+            f"{run.name:<22} {run.seconds:8.2f} s wall {run.cpu_seconds:8.2f} s cpu"
+            f"  {tokens / run.seconds:8.1f} trained tokens/s  final loss {run.final_loss:.3f}"
+        )
+    print(
+        f"tunery model FLOPs {flops / 1e12:.2f} T in {runs[0].seconds:.2f} s = {achieved:.3f} "
+        f"TFLOP/s; bf16 matmul peak here {peak:.3f} TFLOP/s -> {achieved / peak:.0%} of peak"
+    )
+    if len(runs) > 1:
+        print(f"ratio tunery/trl tokens/s: {runs[1].seconds / runs[0].seconds:.2f}")
+
+
+if __name__ == "__main__":
+    main()
