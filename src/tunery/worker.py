@@ -24,6 +24,7 @@ from typing import Protocol
 
 from tunery.domain import Snapshot, TuningJob
 from tunery.engine.base_models import BaseModelRegistry
+from tunery.engine.fast_train import FastGemma3Train, base_kernels
 from tunery.engine.specs import StepReport, StopReason, TrainSpec
 from tunery.settings import Settings
 from tunery.store import Store
@@ -145,7 +146,9 @@ class Worker:
         for name in names:
             started = time.monotonic()
             try:
-                self.registry.load(name)
+                base = self.registry.load(name)
+                if FastGemma3Train.supports(base.model):
+                    base_kernels(base.model)  # what training on this base builds first
             except Exception:  # it will be loaded (and fail visibly) with a job that needs it
                 log.exception("worker %s: preloading %s failed", self.worker_id, name)
             else:

@@ -14,13 +14,18 @@ Public surface (everything else is internal):
         train(base, examples, spec, work_dir, on_step=None, should_stop=None) -> TrainResult
             resumes from work_dir's last checkpoint when there is one; the final PEFT adapter
             lands in work_dir / "adapter" (PEFT format; written to a temp dir, then renamed).
-            LoRA layers come from engine/lora.py (lean, mixed precision), not PEFT's.
+            LoRA layers come from engine/lora.py (lean, mixed precision), not PEFT's. On Gemma 3
+            (the embedded model) the loss runs through engine/fast_train.py: each batch packed
+            into one row with no padding, fused LoRA groups, pre-packed oneDNN weights, head
+            logits only at label positions; other models through the transformers modules.
 
     from tunery.engine.generate import Generator, Backend
         gen = Generator(base, max_adapters=128, backend=Backend.FAST)   # or REFERENCE / FAST_INT8
         gen.generate(prompt, params, adapter_dir=None) -> Generation
         gen.stream(prompt, params, adapter_dir=None) -> Iterator[StreamChunk]
         gen.count_tokens(prompt, adapter_dir=None) -> int
+        On the FAST backend, single-candidate requests share one decode step per token across
+        requests and adapters (engine/batching.py, engine/batch_decode.py).
         With an adapter the prompt is wrapped in the training template (engine.data.format_prompt);
         without one it is sent to the base model as is.
 """
