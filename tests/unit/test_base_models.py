@@ -117,3 +117,30 @@ def test_loading_one_model_never_waits_for_another(
         t.join()
     assert results == ["loaded a", "loaded a"]
     assert sorted(loads) == ["a", "b"]  # "a" loaded once for both callers
+
+
+def test_tokenizer_loads_through_a_pickle_that_a_torn_file_cannot_break(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    first = base_models._cached_tokenizer(tiny_model_path, cache, "tiny")
+    (pickled,) = cache.glob("tiny-*.pkl")
+    again = base_models._cached_tokenizer(tiny_model_path, cache, "tiny")
+    text = "Input: two hundred one\nOutput: 201 ünïcödé"
+    assert again(text)["input_ids"] == first(text)["input_ids"]
+    assert (again.eos_token_id, again.pad_token_id) == (first.eos_token_id, first.pad_token_id)
+
+    pickled.write_bytes(pickled.read_bytes()[:100])  # a crash mid-write of an older version
+    rebuilt = base_models._cached_tokenizer(tiny_model_path, cache, "tiny")
+    assert rebuilt(text)["input_ids"] == first(text)["input_ids"]
+    assert pickled.stat().st_size > 100  # written whole again
+
+
+def test_a_registered_model_dir_is_left_untouched_by_the_tokenizer_cache(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    registry = BaseModelRegistry(tmp_path / "models")
+    registry.register("tiny", tiny_model_path)
+    registry.load("tiny")
+    assert list((tmp_path / "models" / base_models.TOKENIZER_CACHE_DIR).glob("tiny-*.pkl"))
+    assert not (tiny_model_path / base_models.TOKENIZER_CACHE_DIR).exists()
