@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +74,22 @@ def test_a_diverging_job_fails_with_a_readable_error_and_the_server_keeps_servin
     trained: tuple[LiveServer, httpx.Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, http = trained
-    real_loss = train_module.label_loss
+    real_loss_fn = train_module._batch_loss_fn
     calls = {"n": 0}
 
-    def exploding(causal: Any, batch: Any) -> torch.Tensor:
-        calls["n"] += 1  # the 2nd step's loss overflows, as a too-high learning rate makes it
-        loss = real_loss(causal, batch)
-        return loss * float("nan") if calls["n"] == 2 else loss
+    def exploding_loss_fn(*args: Any) -> Callable[[Any], torch.Tensor]:
+        batch_loss = real_loss_fn(*args)
 
-    monkeypatch.setattr(train_module, "label_loss", exploding)
+        def exploding(examples: Any) -> torch.Tensor:
+            calls["n"] += 1  # the 2nd step's loss overflows, as a too-high learning rate makes it
+            loss = batch_loss(examples)
+            return loss * float("nan") if calls["n"] == 2 else loss
+
+        return exploding
+
+    monkeypatch.setattr(train_module, "_batch_loss_fn", exploding_loss_fn)
     failed = tune(http, "diverges", epochs=2)
-    monkeypatch.setattr(train_module, "label_loss", real_loss)
+    monkeypatch.setattr(train_module, "_batch_loss_fn", real_loss_fn)
 
     assert failed["state"] == "FAILED"
     error = operation_error(http, "diverges")

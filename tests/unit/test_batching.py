@@ -140,3 +140,22 @@ def test_closing_a_stream_frees_its_row(base: LoadedBase, adapters: list[Path]) 
     assert scheduler.pending() == 0
     again = gen.generate(PROMPTS[0], GenerationParams(max_output_tokens=3), adapters[0])
     assert again.candidates[0].token_count == 3
+
+
+def test_close_ends_the_decode_thread_and_fails_running_requests(
+    base: LoadedBase, adapters: list[Path]
+) -> None:
+    gen = Generator(base, backend=Backend.FAST)
+    stream = gen.stream(PROMPTS[0], GenerationParams(max_output_tokens=2000), adapters[0])
+    next(stream)
+    scheduler = gen._batcher
+    assert isinstance(scheduler, BatchScheduler)
+    decode_thread = scheduler._thread
+    assert decode_thread is not None and decode_thread.is_alive()
+    scheduler.close()  # what process exit does (atexit)
+    assert not decode_thread.is_alive()
+    with pytest.raises(RuntimeError, match="shutting down"):
+        for _ in stream:
+            pass
+    with pytest.raises(RuntimeError, match="closed"):
+        scheduler.submit([2, 3], None, GenerationParams(max_output_tokens=1))

@@ -10,9 +10,11 @@ stop sequences) on their own thread; closing the handle frees the row at the nex
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
+import weakref
 from collections import deque
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
@@ -96,7 +98,19 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = 0  # rows admitted and not yet retired, as of the last step (locked)
+        self._closed = False
         self.peak_rows = 0  # most rows decoded in one step so far (for tests and benches)
+        _SCHEDULERS.add(self)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """End the decode thread (requests still waiting or decoding get an error); for process
+        exit, where a thread left inside torch can abort the interpreter's teardown."""
+        with self._cond:
+            self._closed = True
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout_s)
 
     def pending(self) -> int:
         """Requests waiting or decoding; a closed one counts until its row is freed."""
@@ -107,6 +121,8 @@ class BatchScheduler:
         self, prompt_ids: list[int], lora: FastLora | None, params: GenerationParams
     ) -> Handle:
         """Queue a request (its prompt already validated); its tokens arrive on the handle."""
+        if self._closed:
+            raise RuntimeError("the decode scheduler is closed")
         handle = Handle()
         row = _Row(list(prompt_ids), lora, params, handle, rng_for(params, self._fast.device))
         row.key = -1 if lora is None else id(lora)
@@ -125,12 +141,19 @@ class BatchScheduler:
         with torch.inference_mode():
             while True:
                 with self._cond:
+                    if not self._waiting and not self._rows and not self._closed:
+                        self._cond.wait_for(
+                            lambda: bool(self._waiting) or self._closed, timeout=IDLE_EXIT_S
+                        )
+                    if self._closed:
+                        for row in [*self._waiting, *self._rows]:
+                            row.handle._put(RuntimeError("the server is shutting down"))
+                        self._waiting.clear()
+                        self._rows = []
                     if not self._waiting and not self._rows:
-                        self._cond.wait_for(lambda: bool(self._waiting), timeout=IDLE_EXIT_S)
-                        if not self._waiting:
-                            self._thread = None  # under the lock: submit starts a new one
-                            self._lora32.clear()
-                            return
+                        self._thread = None  # under the lock: submit starts a new one
+                        self._lora32.clear()
+                        return
                     room = min(self._max_rows - len(self._rows), self._prefills)
                     new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
                     self._running = len(self._rows) + len(new)
@@ -205,3 +228,15 @@ class BatchScheduler:
             cached = (lora, Lora32(lora, self._fast))
             self._lora32[id(lora)] = cached
         return cached[1]
+
+
+_SCHEDULERS: weakref.WeakSet[BatchScheduler] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Stop every decode thread before the interpreter tears down: a one-shot process (the CLI's
+    `generate`) was seen to abort at exit ("terminate called without an active exception") with
+    the idle decode thread still alive."""
+    for scheduler in list(_SCHEDULERS):
+        scheduler.close()
