@@ -30,7 +30,7 @@ class RedactApiKeys(logging.Filter):
 def run_server(settings: Settings) -> None:
     from tunery.api.app import create_app
     from tunery.engine.base_models import DEFAULT_BASE_MODEL
-    from tunery.worker import new_process_event, start_worker_process
+    from tunery.worker import new_process_event, new_training_counter, start_worker_process
 
     if not settings.api_keys:
         log.warning(
@@ -40,8 +40,9 @@ def run_server(settings: Settings) -> None:
     # Workers preload once the API process has its copy: on shared cores the two loads would
     # slow each other, and the API's is the one the first requests wait for.
     api_ready = new_process_event()
+    training = new_training_counter()
     workers = [
-        start_worker_process(settings, preload, preload_after=api_ready)
+        start_worker_process(settings, preload, preload_after=api_ready, training_counter=training)
         for _ in range(settings.workers)
     ]
     log.info("started %d training worker(s)", len(workers))
@@ -52,7 +53,12 @@ def run_server(settings: Settings) -> None:
     logging.getLogger("uvicorn.access").addFilter(RedactApiKeys())
     try:
         uvicorn.run(
-            create_app(settings, preload=preload, on_ready=api_ready.set),
+            create_app(
+                settings,
+                preload=preload,
+                on_ready=api_ready.set,
+                training_jobs=lambda: int(training.value),
+            ),
             host=settings.host,
             port=settings.port,
             log_level="info",

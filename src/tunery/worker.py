@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from multiprocessing.process import BaseProcess
 from multiprocessing.synchronize import Event as EventType
 from types import FrameType
-from typing import Protocol
+from typing import Any, Protocol
 
 from tunery.domain import Snapshot, TuningJob
 from tunery.engine.base_models import BaseModelRegistry
@@ -58,6 +58,7 @@ def run_worker(
     idle_poll_s: float = IDLE_POLL_S,
     preload: Sequence[str] = (),
     preload_after: StopSignal | None = None,
+    training_counter: Counter | None = None,
 ) -> None:
     """Claim and train jobs until `stop_event` is set or SIGTERM/SIGINT arrives.
 
@@ -65,8 +66,11 @@ def run_worker(
     `preload`: base models to load in the background at start; claiming does not wait for them.
     `preload_after`: an event to wait for (at most PRELOAD_WAIT_S) before preloading, so the API
     process, which serves the first requests, loads its copy first on shared cores.
+    `training_counter`: a shared count (`new_training_counter()`) of jobs training right now,
+    which the API process reads to leave cores to them.
     """
     worker = Worker(settings, stop_event, worker_id=worker_id or default_worker_id())
+    worker.training_counter = training_counter
     restore = _stop_on_signals(worker) if _in_main_thread() else None
     try:
         worker.start_preload(preload, preload_after)
@@ -78,14 +82,18 @@ def run_worker(
 
 
 def start_worker_process(
-    settings: Settings, preload: Sequence[str] = (), preload_after: StopSignal | None = None
+    settings: Settings,
+    preload: Sequence[str] = (),
+    preload_after: StopSignal | None = None,
+    training_counter: Counter | None = None,
 ) -> BaseProcess:
     """A fresh (spawned) process running `run_worker(settings)`; stop it with terminate().
-    `preload_after` must come from `new_process_event()`."""
+    `preload_after` must come from `new_process_event()`, `training_counter` from
+    `new_training_counter()`."""
     context = multiprocessing.get_context("spawn")
     process = context.Process(
         target=_process_main,
-        args=(settings, list(preload), preload_after),
+        args=(settings, list(preload), preload_after, training_counter),
         name="tunery-worker",
         daemon=True,
     )
@@ -98,14 +106,24 @@ def new_process_event() -> EventType:
     return multiprocessing.get_context("spawn").Event()
 
 
+def new_training_counter() -> Counter:
+    """A count, shared with worker processes, of the jobs they are training right now."""
+    return multiprocessing.get_context("spawn").Value("i", 0)
+
+
 def _process_main(
-    settings: Settings, preload: Sequence[str] = (), preload_after: StopSignal | None = None
+    settings: Settings,
+    preload: Sequence[str] = (),
+    preload_after: StopSignal | None = None,
+    training_counter: Counter | None = None,
 ) -> None:
     if not logging.getLogger().handlers:  # a spawned process starts with no logging config
         logging.basicConfig(
             level=logging.INFO, format="%(asctime)s %(processName)s %(name)s: %(message)s"
         )
-    run_worker(settings, preload=preload, preload_after=preload_after)
+    run_worker(
+        settings, preload=preload, preload_after=preload_after, training_counter=training_counter
+    )
 
 
 class Worker:
@@ -118,6 +136,7 @@ class Worker:
         self.registry = BaseModelRegistry(settings.models_dir, device=settings.device)
         self._stop_event = stop_event
         self._shutdown = False  # a plain flag: the one thing a signal handler may touch
+        self.training_counter: Counter | None = None
 
     def shutdown(self) -> None:
         self._shutdown = True
@@ -187,6 +206,20 @@ class Worker:
                 time.sleep(min(left, 0.2))
 
 
+class Counter(Protocol):
+    """A `multiprocessing.Value("i")`: an int shared between processes, with its lock."""
+
+    value: int
+
+    def get_lock(self) -> Any: ...
+
+
+def _add(counter: Counter | None, delta: int) -> None:
+    if counter is not None:
+        with counter.get_lock():
+            counter.value += delta
+
+
 class JobRun:
     """Training one claimed job: heartbeat, progress, cancellation, and the final state."""
 
@@ -241,14 +274,19 @@ class JobRun:
             learning_rate_multiplier=hp.learning_rate_multiplier,
         )
         base = self.worker.registry.load(data.base_model)
-        result = train(
-            base,
-            data.examples,
-            spec,
-            work_dir=self.work_dir,
-            on_step=self.on_step,
-            should_stop=self.should_stop,
-        )
+        counter = self.worker.training_counter
+        _add(counter, 1)
+        try:
+            result = train(
+                base,
+                data.examples,
+                spec,
+                work_dir=self.work_dir,
+                on_step=self.on_step,
+                should_stop=self.should_stop,
+            )
+        finally:
+            _add(counter, -1)
         return result.stop_reason
 
     def on_step(self, report: StepReport) -> None:

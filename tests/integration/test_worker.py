@@ -204,3 +204,31 @@ def test_deleting_a_model_while_it_trains_stops_the_job_and_removes_its_folder(
 
     assert store.jobs.get(job.id) is None
     assert not svc.work_dir(model_id).exists()
+
+
+def test_the_shared_training_count_is_up_while_a_job_trains_and_back_after(
+    svc: TuningService, fast_settings: Settings
+) -> None:
+    from tunery.worker import new_training_counter
+
+    counter = new_training_counter()
+    seen: list[int] = []
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_worker,
+        args=(fast_settings, stop),
+        kwargs={"worker_id": "count", "idle_poll_s": 0.05, "training_counter": counter},
+    )
+    model_id = submit(svc, n=8, epochs=3)
+    thread.start()
+    try:
+        deadline = time.monotonic() + DEADLINE_S
+        while time.monotonic() < deadline and svc.get(model_id, None).state.name != "ACTIVE":
+            seen.append(int(counter.value))
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        thread.join(timeout=DEADLINE_S)
+    assert svc.get(model_id, None).state.name == "ACTIVE"
+    assert max(seen) == 1  # what the API reads to leave cores to training
+    assert counter.value == 0

@@ -159,3 +159,30 @@ def test_close_ends_the_decode_thread_and_fails_running_requests(
             pass
     with pytest.raises(RuntimeError, match="closed"):
         scheduler.submit([2, 3], None, GenerationParams(max_output_tokens=1))
+
+
+def test_each_step_decodes_with_the_thread_count_it_is_given(
+    base: LoadedBase, adapters: list[Path]
+) -> None:
+    from tunery.api.app import decode_thread_policy
+
+    before = torch.get_num_threads()
+    in_use: list[int] = []  # the decode thread's count each time it asks (OpenMP's is per thread)
+
+    def one_thread() -> int:
+        in_use.append(torch.get_num_threads())
+        return 1
+
+    gen = Generator(base, backend=Backend.FAST, decode_threads=one_thread)
+    out = gen.generate(PROMPTS[0], GenerationParams(max_output_tokens=3), adapters[0])
+    assert out.candidates[0].token_count == 3
+    assert len(in_use) >= 3  # asked before every step
+    assert set(in_use[1:]) == {1}  # and the steps after the first ran with one thread
+
+    jobs = [0]
+    policy = decode_thread_policy(None, lambda: jobs[0])
+    assert policy is not None and policy() == before
+    jobs[0] = 1
+    assert policy() == max(1, before // 2)
+    assert decode_thread_policy(2, lambda: 1) is None  # a count set by hand stays
+    assert decode_thread_policy(None, None) is None  # no workers on these cores

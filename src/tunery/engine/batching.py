@@ -16,7 +16,7 @@ import queue
 import threading
 import weakref
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -85,7 +85,9 @@ class BatchScheduler:
         eos_ids: Collection[int],
         max_rows: int = MAX_ROWS,
         prefills_per_step: int = PREFILLS_PER_STEP,
+        threads: Callable[[], int] | None = None,
     ) -> None:
+        """`threads`: asked before each step how many torch threads to decode with."""
         if not 0 < max_rows <= MAX_ROWS:
             raise ValueError(f"max_rows must be in 1..{MAX_ROWS}")
         self._fast = fast
@@ -99,6 +101,7 @@ class BatchScheduler:
         self._thread: threading.Thread | None = None
         self._running = 0  # rows admitted and not yet retired, as of the last step (locked)
         self._closed = False
+        self._threads = threads
         self.peak_rows = 0  # most rows decoded in one step so far (for tests and benches)
         _SCHEDULERS.add(self)
 
@@ -157,6 +160,10 @@ class BatchScheduler:
                     room = min(self._max_rows - len(self._rows), self._prefills)
                     new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
                     self._running = len(self._rows) + len(new)
+                if self._threads is not None:
+                    wanted = self._threads()
+                    if wanted != torch.get_num_threads():
+                        torch.set_num_threads(wanted)
                 try:
                     self._iteration(new)
                 except Exception as e:  # a bug, or out of memory: fail these requests, go on

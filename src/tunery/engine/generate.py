@@ -20,8 +20,8 @@ import contextlib
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Generator as Gen
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -75,9 +75,13 @@ class Generator:
         base: LoadedBase,
         max_adapters: int = MAX_LOADED_ADAPTERS,
         backend: Backend | str = Backend.FAST,
+        decode_threads: Callable[[], int] | None = None,
     ) -> None:
+        """`decode_threads`: asked before each batched decode step how many torch threads to use
+        (the server lowers it while jobs train on the same cores); None leaves torch's."""
         self._base = base
         self._backend = Backend(backend)
+        self._decode_threads = decode_threads
         self._fast: FastGemma3 | None = None  # built at the first fast decode
         self._batcher: BatchScheduler | None = None  # started at the first batched request
         # Guards `_fast`, `_batcher` and `_loras`: request threads load adapters while the model
@@ -185,7 +189,7 @@ class Generator:
             return None  # PEFT runs this adapter
         with self._fast_lock:
             if self._batcher is None:
-                self._batcher = BatchScheduler(fast, self._eos_ids)
+                self._batcher = BatchScheduler(fast, self._eos_ids, threads=self._decode_threads)
             return _Route(self._batcher, lora)
 
     def _batched(

@@ -9,7 +9,7 @@ one base in memory.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,10 +58,12 @@ class InferenceService:
         registry: BaseModelRegistry,
         tuning: TuningService,
         max_loaded_adapters: int = MAX_LOADED_ADAPTERS,
+        decode_threads: Callable[[], int] | None = None,
     ) -> None:
         self.registry = registry
         self.tuning = tuning
         self.max_loaded_adapters = max_loaded_adapters
+        self.decode_threads = decode_threads  # torch threads per batched decode step
         self._generators: dict[str, Generator] = {}
         self._generators_lock = threading.Lock()
 
@@ -160,6 +162,8 @@ class InferenceService:
         with self._generators_lock:
             if base.name not in self._generators:
                 self._generators[base.name] = Generator(
-                    loaded, max_adapters=self.max_loaded_adapters
+                    loaded,
+                    max_adapters=self.max_loaded_adapters,
+                    decode_threads=self.decode_threads,
                 )
             return self._generators[base.name]
