@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from tunery.domain import Snapshot, TuningJob
 from tunery.engine.base_models import BaseModelRegistry
-from tunery.engine.fast_train import FastGemma3Train, base_kernels
+from tunery.engine.fast_train import prepare_training
 from tunery.engine.specs import StepReport, StopReason, TrainSpec
 from tunery.settings import Settings
 from tunery.store import Store
@@ -69,8 +69,9 @@ def run_worker(
     `training_counter`: a shared count (`new_training_counter()`) of jobs training right now,
     which the API process reads to leave cores to them.
     """
-    worker = Worker(settings, stop_event, worker_id=worker_id or default_worker_id())
-    worker.training_counter = training_counter
+    worker = Worker(
+        settings, stop_event, worker_id or default_worker_id(), training_counter=training_counter
+    )
     restore = _stop_on_signals(worker) if _in_main_thread() else None
     try:
         worker.start_preload(preload, preload_after)
@@ -129,14 +130,20 @@ def _process_main(
 class Worker:
     """One worker's loop and state; `shutdown()` is safe to call from a signal handler."""
 
-    def __init__(self, settings: Settings, stop_event: StopSignal | None, worker_id: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        stop_event: StopSignal | None,
+        worker_id: str,
+        training_counter: Counter | None = None,
+    ) -> None:
         self.settings = settings
         self.worker_id = worker_id
         self.store = Store(settings.database_url)
         self.registry = BaseModelRegistry(settings.models_dir, device=settings.device)
         self._stop_event = stop_event
         self._shutdown = False  # a plain flag: the one thing a signal handler may touch
-        self.training_counter: Counter | None = None
+        self.training_counter = training_counter  # jobs training now, for the API process
 
     def shutdown(self) -> None:
         self._shutdown = True
@@ -165,9 +172,7 @@ class Worker:
         for name in names:
             started = time.monotonic()
             try:
-                base = self.registry.load(name)
-                if FastGemma3Train.supports(base.model):
-                    base_kernels(base.model)  # what training on this base builds first
+                prepare_training(self.registry.load(name).model)
             except Exception:  # it will be loaded (and fail visibly) with a job that needs it
                 log.exception("worker %s: preloading %s failed", self.worker_id, name)
             else:

@@ -25,7 +25,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tunery.engine.fast_decode import FastGemma3, FastLora, KVCache, _Layer, _rms, _rope
+from tunery.engine.fast_decode import (
+    GROUPS,
+    FastGemma3,
+    FastLora,
+    KVCache,
+    _Layer,
+    _rms,
+    _rope,
+)
 
 MAX_ROWS = 32  # rows per step whose matmuls stay bit-identical to 1-row matmuls (measured)
 # aten's bmm computes a product of fewer multiply-adds than this with its own loop, which rounds
@@ -58,8 +66,7 @@ class Lora32:
             self.layers.append(out)
 
 
-_MEMBERS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",),
-            "gu": ("gate_proj", "up_proj"), "down": ("down_proj",)}  # fmt: skip
+_MEMBERS = dict(GROUPS)
 
 # A run of consecutive rows sharing one adapter: (first row, end row, its weights or None).
 Span = tuple[int, int, Lora32 | None]

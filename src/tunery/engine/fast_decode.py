@@ -32,8 +32,9 @@ import torch.nn.functional as F
 Weights = Literal["bf16", "int8"]
 _PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a CausalLM's module paths
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Projections that read the same input run as one matmul: (group, members).
-_GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
+# Projections that read the same input run as one matmul: (group, members). The group names
+# are also `_Layer`'s attribute names for the fused weights.
+GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
            ("gu", ("gate_proj", "up_proj")), ("down", ("down_proj",)))  # fmt: skip
 
 
@@ -182,7 +183,7 @@ class FastLora:
         layers: list[dict[str, _LoraGroup]] = []
         for i in range(fast.n_layers):
             groups: dict[str, _LoraGroup] = {}
-            for group, members in _GROUPS:
+            for group, members in GROUPS:
                 a_parts: list[torch.Tensor] = []
                 parts: list[tuple[int, int, int, int, torch.Tensor]] = []
                 lo = r_lo = 0

@@ -31,14 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from tunery.engine.data import PackedBatch
-from tunery.engine.fast_decode import PROJECTIONS, FastGemma3, _rope
+from tunery.engine.fast_decode import GROUPS, PROJECTIONS, FastGemma3, _rope
 from tunery.engine.lora import LoraLinear
 
 block_diag: Any = torch.block_diag  # untyped in torch
-
-# Projections that read the same input, as one fused matmul: (group, members).
-GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
-          ("gu", ("gate_proj", "up_proj")), ("down", ("down_proj",)))  # fmt: skip
 
 
 class FrozenWeight:
@@ -48,27 +44,29 @@ class FrozenWeight:
     """
 
     def __init__(self, weight: torch.Tensor) -> None:
-        self.weight = weight.detach().contiguous()
-        self.out_features, self.in_features = self.weight.shape
+        weight = weight.detach().contiguous()
+        self.out_features, self.in_features = weight.shape
         self._fwd: torch.Tensor | None = None
         self._bwd: torch.Tensor | None = None
-        if _packing_available(self.weight):
-            self._fwd = torch.ops.mkldnn._reorder_linear_weight(self.weight, 64)
-            self._bwd = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous(), 64)
+        self._plain: torch.Tensor | None = weight
+        if _packing_available(weight):
+            self._fwd = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
+            self._bwd = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), 64)
+            self._plain = None  # the packed copies replace it (a fused group's is a copy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) → (N, out)."""
-        if self._fwd is not None:
-            y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self._fwd, None, "none", [], "")
-            return y
-        return F.linear(x, self.weight)
+        if self._plain is not None:
+            return F.linear(x, self._plain)
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self._fwd, None, "none", [], "")
+        return y
 
     def backward(self, g: torch.Tensor) -> torch.Tensor:
         """g (N, out) → (N, in)."""
-        if self._bwd is not None:
-            y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(g, self._bwd, None, "none", [], "")
-            return y
-        return g @ self.weight
+        if self._plain is not None:
+            return g @ self._plain
+        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(g, self._bwd, None, "none", [], "")
+        return y
 
 
 def _packing_available(weight: torch.Tensor) -> bool:
@@ -177,49 +175,40 @@ class _FlatParams:
         return out
 
 
-def _flatten(params: list[torch.nn.Parameter]) -> _FlatParams:
-    return _FlatParams(params)
-
-
 class _BaseKernels:
     """A base model's frozen weights as fused, pre-packed matmul operands (built once)."""
 
-    def __init__(self, model: Any) -> None:
-        self.groups: list[dict[str, FrozenWeight]] = []
-        for layer in model.model.layers:
-            modules = {
-                p: getattr(
-                    layer.mlp if p in ("gate_proj", "up_proj", "down_proj") else layer.self_attn, p
-                )
-                for p in PROJECTIONS
-            }
-            self.groups.append(
-                {
-                    group: FrozenWeight(torch.cat([_frozen(modules[m]) for m in members]))
-                    for group, members in GROUPS
-                }
-            )
-        self.head = FrozenWeight(model.lm_head.weight)
+    def __init__(self, fast: FastGemma3) -> None:
+        self.groups = [
+            {group: FrozenWeight(_stacked(getattr(layer, group).parts)) for group, _ in GROUPS}
+            for layer in fast.layers
+        ]
+        self.head = FrozenWeight(_stacked(fast.head.parts))
+
+
+def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 _KERNELS: weakref.WeakKeyDictionary[Any, _BaseKernels] = weakref.WeakKeyDictionary()
 _KERNELS_LOCK = threading.Lock()
 
 
-def base_kernels(model: Any) -> _BaseKernels:
-    """`model`'s fused, pre-packed frozen weights, built on first use (~1 s for gemma-3-270m on
-    2 cores, ~1 GB) and kept while the model lives; a worker builds them when it preloads."""
+def base_kernels(fast: FastGemma3, model: Any) -> _BaseKernels:
+    """`model`'s fused, pre-packed frozen weights (`fast` reads them), built on first use (~1 s
+    for gemma-3-270m on 2 cores, ~1 GB) and kept while the model lives."""
     with _KERNELS_LOCK:
         kernels = _KERNELS.get(model)
         if kernels is None:
-            kernels = _KERNELS[model] = _BaseKernels(model)
+            kernels = _KERNELS[model] = _BaseKernels(fast)
         return kernels
 
 
-def _frozen(module: Any) -> torch.Tensor:
-    """The base weight of a projection (a LoRA wrapper shows its base's)."""
-    weight: torch.Tensor = module.weight
-    return weight
+def prepare_training(model: Any) -> None:
+    """Build now what the first `train()` on `model` would (a worker does it when it preloads);
+    nothing for a model that trains through the transformers modules."""
+    if FastGemma3.supports(model):
+        base_kernels(FastGemma3(model), model)
 
 
 # Label rows per pass of the output head: enough rows that each pass over its 262k×C weight is
@@ -302,26 +291,20 @@ def _norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 DENSE_ATTENTION_MAX_TOKENS = 256
 
 
-def _dense_mask(batch: PackedBatch, window: int | None, groups: int) -> torch.Tensor:
-    """Additive mask (groups·T, T): 0 where a token may attend (same example, not ahead, inside
-    `window`), -inf elsewhere; repeated for the query heads that share a KV head."""
-    t = batch.input_ids.shape[0]
-    pos = torch.arange(t, device=batch.input_ids.device)
-    offset = pos[:, None] - pos[None, :]
-    allowed = (batch.segments[:, None] == batch.segments[None, :]) & (offset >= 0)
-    if window is not None:
-        allowed &= offset < window
-    mask = torch.zeros((t, t), device=pos.device).masked_fill_(~allowed, -torch.inf)
-    return mask.repeat(groups, 1)
-
-
-def _causal_mask(n: int, window: int | None, groups: int, device: torch.device) -> torch.Tensor:
-    """Additive mask (groups·n, n) for one example: causal, inside `window` when given."""
+def _mask(
+    n: int, window: int | None, groups: int, device: torch.device,
+    segments: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Additive mask (groups·n, n) over n tokens: 0 where a token may attend (not ahead, inside
+    `window` when given, in the same example when `segments` are given), -inf elsewhere;
+    repeated for the query heads that share a KV head."""
     pos = torch.arange(n, device=device)
     offset = pos[:, None] - pos[None, :]
     allowed = offset >= 0
     if window is not None:
         allowed &= offset < window
+    if segments is not None:
+        allowed &= segments[:, None] == segments[None, :]
     mask = torch.zeros((n, n), device=device).masked_fill_(~allowed, -torch.inf)
     return mask.repeat(groups, 1)
 
@@ -346,8 +329,8 @@ def _attention(
     window: int | None, scale: float, mask: torch.Tensor | None,
 ) -> torch.Tensor:  # fmt: skip
     """q (H, T, D), k/v (Hkv, T, D) → (T, H·D): attention within each example, causal, and
-    within `window` positions when given. `mask` (see `_dense_mask`) selects one pass over the
-    whole row; without it each example attends on its own."""
+    within `window` positions when given. `mask` (a `_mask` over the whole row) selects one pass
+    over it; without it each example attends on its own."""
     if mask is not None:
         return _attend(q, k, v, mask, scale)
     groups = q.shape[0] // k.shape[0]
@@ -356,7 +339,7 @@ def _attention(
     for start, end in batch.bounds:
         n = end - start
         if n not in masks:
-            masks[n] = _causal_mask(n, window, groups, q.device)
+            masks[n] = _mask(n, window, groups, q.device)
         outs.append(_attend(q[:, start:end], k[:, start:end], v[:, start:end], masks[n], scale))
     return torch.cat(outs)
 
@@ -368,7 +351,7 @@ class FastGemma3Train:
 
     def __init__(self, model: Any, layers: dict[str, LoraLinear]) -> None:
         self.spec = FastGemma3(model)  # config, norms, rotary tables; shares the weights
-        kernels = base_kernels(model)
+        kernels = base_kernels(self.spec, model)
         by_target = {self.spec.lora_targets[path]: layer for path, layer in layers.items()}
         self.groups: list[dict[str, _Group]] = []
         for i, frozen in enumerate(kernels.groups):
@@ -390,7 +373,7 @@ class FastGemma3Train:
             self.groups.append(groups)
         self.head = kernels.head
         self.softcap = float(self.spec.softcap or 0.0)
-        self._flat = _flatten(
+        self._flat = _FlatParams(
             [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
         )
 
@@ -414,7 +397,7 @@ class FastGemma3Train:
         if t <= DENSE_ATTENTION_MAX_TOKENS:
             for sliding in {layer.sliding for layer in f.layers}:
                 window = f.window if sliding else None
-                masks[sliding] = _dense_mask(batch, window, nh // nkv)
+                masks[sliding] = _mask(t, window, nh // nkv, x.device, batch.segments)
         for i, layer in enumerate(f.layers):
             groups = self.groups[i]
             cos, sin = rope["sliding" if layer.sliding else "full"]  # (T, D)
