@@ -16,6 +16,18 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     "$VENV/bin/python" -m pip install -q -e ".[test]"
     touch "$stamp"
 fi
+# The llama.cpp decode backend (optional, a ~4-minute source build): with TUNERY_LLAMACPP=1, or
+# when it is the chosen backend. Built without OpenMP: its thread pool then does not share
+# libgomp with torch, which throttles both when several threads use it (50 -> 29 tokens/s).
+if [ "${TUNERY_LLAMACPP:-}" = 1 ] || [ "${TUNERY_DECODE_BACKEND:-}" = llama-cpp ]; then
+    if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+        echo "building llama-cpp-python (a few minutes, once)"
+        CMAKE_ARGS="-DGGML_OPENMP=OFF -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" \
+        CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+            "$VENV/bin/python" -m pip install -q -e ".[llamacpp]"
+    fi
+fi
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ "${1:-}" = "test" ]; then

@@ -1,15 +1,19 @@
-"""Generation speed: Tunery's `Generator` on each decode backend (reference, fast, fast-int8) vs
-transformers' `model.generate` (fp32 and bf16), in one process, on the same base model and the
-same ~100-token prompt, greedy.
+"""Generation speed: Tunery's `Generator` on each decode backend (reference, fast, fast-int8, and
+llama-cpp when llama-cpp-python is installed) vs transformers' `model.generate` (fp32 and bf16)
+and plain llama.cpp (its own decode loop and greedy sampler on the same GGUF), in one process, on
+the same base model and the same ~100-token prompt, greedy. `--adapter DIR` applies a tuned
+model's adapter (PEFT folder) on every Tunery side.
 
 Each side is timed twice per repeat: with 1 output token (time to first token: prompt prefill plus
 one step) and with N. Decode tokens/s is (tokens after the first) / (T_N - T_1); the median of
 `--repeats` runs is reported, after one warm-up run each, the sides taking turns.
 
-    python bench/generate_bench.py [--data-dir DIR] [--max-tokens 128] [--repeats 3] [--threads N]
+    python bench/generate_bench.py [--data-dir DIR] [--adapter DIR] [--max-tokens 128]
+                                   [--repeats 3] [--threads N]
 
-The ratios of each backend to the best transformers side follow; the last line is the decode
-speed ratio of the Generator's default backend.
+The ratios of each backend to the best transformers side follow, then to llama.cpp; the last line
+is the decode speed ratio of the best Tunery backend to llama.cpp (or, without llama-cpp-python,
+of the Generator's default backend to transformers).
 """
 
 from __future__ import annotations
@@ -86,11 +90,51 @@ def time_sides(sides: list[tuple[str, Decode]], max_tokens: int, repeats: int) -
     ]
 
 
-def tunery_side(generator: Generator) -> Decode:
+def tunery_side(generator: Generator, adapter: Path | None) -> Decode:
     def decode(n: int) -> int:
-        result = generator.generate(PROMPT, GenerationParams(max_output_tokens=n))
+        result = generator.generate(PROMPT, GenerationParams(max_output_tokens=n), adapter)
         return int(result.candidates[0].token_count)
 
+    return decode
+
+
+def llama_cpp_side(
+    gguf: Path, prompt_ids: list[int], eos: set[int], lora: Path | None = None
+) -> Decode:
+    """llama.cpp alone: its model, context, decode loop and greedy sampler, with the GGUF LoRA
+    `lora` applied (no Tunery code runs). Extra buffer types are off, as in Tunery's backend
+    (their AMX kernel crashes here)."""
+    import ctypes
+
+    import llama_cpp as lc
+
+    lc.llama_backend_init()
+    params = lc.llama_model_default_params()
+    params.use_extra_bufts = False
+    model = lc.llama_model_load_from_file(str(gguf).encode(), params)
+    cparams = lc.llama_context_default_params()
+    cparams.n_ctx, cparams.n_batch = 1024, 512
+    cparams.n_threads = cparams.n_threads_batch = torch.get_num_threads()
+    ctx = lc.llama_init_from_model(model, cparams)
+    if lora is not None:
+        handle = lc.llama_adapter_lora_init(model, str(lora).encode())
+        adapters = (lc.llama_adapter_lora_p_ctypes * 1)(handle)
+        lc.llama_set_adapters_lora(ctx, adapters, 1, (ctypes.c_float * 1)(1.0))
+    sampler = lc.llama_sampler_init_greedy()
+    prompt = (lc.llama_token * len(prompt_ids))(*prompt_ids)
+    one = (lc.llama_token * 1)()
+
+    def decode(n: int) -> int:
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        lc.llama_decode(ctx, lc.llama_batch_get_one(prompt, len(prompt_ids)))
+        for produced in range(1, n + 1):
+            one[0] = lc.llama_sampler_sample(sampler, ctx, -1)
+            if one[0] in eos or produced == n:
+                return produced
+            lc.llama_decode(ctx, lc.llama_batch_get_one(one, 1))
+        return n
+
+    decode.keep = (model, ctx, sampler)  # type: ignore[attr-defined]
     return decode
 
 
@@ -114,6 +158,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--adapter", type=Path, default=None, help="a tuned PEFT adapter folder")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,11 +175,16 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, cpu {torch.backends.cpu.get_cpu_capability()}"
     )
 
-    # No adapter is loaded, so the generators can share the base model (PEFT never wraps it).
-    backends = list(Backend)
+    from tunery.engine import llamacpp
+
+    # Each generator owns the model once PEFT wraps it for an adapter (the reference backend).
+    backends = [b for b in Backend if b is not Backend.LLAMA_CPP or llamacpp.installed()]
     default = Backend(inspect.signature(Generator).parameters["backend"].default)
     sides = [
-        (f"tunery {b} ({dtype_name(base.dtype)})", tunery_side(Generator(base, backend=b)))
+        (
+            f"tunery {b} ({dtype_name(base.dtype)})",
+            tunery_side(Generator(base, backend=b), args.adapter),
+        )
         for b in backends
     ]
     for dtype in (torch.float32, torch.bfloat16):
@@ -142,8 +192,25 @@ def main() -> None:
         model.eval()
         sides.append((f"transformers ({dtype_name(dtype)})", hf_side(model, input_ids)))
 
+    gguf = base.gguf() if llamacpp.installed() else None
+    if gguf is not None:
+        tok = base.tokenizer
+        eos = {tok.eos_token_id, *tok.convert_tokens_to_ids(["<end_of_turn>"])}
+        lora = None
+        prompt_ids = input_ids[0].tolist()
+        if args.adapter is not None:  # the same adapter, as Tunery writes it for llama.cpp
+            from tunery.engine.data import encode_prompt
+            from tunery.engine.fast_decode import FastGemma3
+
+            lora = llamacpp.adapter_gguf(args.adapter.resolve(), FastGemma3(base.model), "gemma3")
+            prompt_ids = encode_prompt(tok, PROMPT)  # the tuned model's prompt template
+        name = "llama.cpp (GGUF" + (" + LoRA)" if lora else ")")
+        sides.append((name, llama_cpp_side(gguf, prompt_ids, eos, lora)))
+
     timings = time_sides(sides, args.max_tokens, args.repeats)
     ours, theirs = timings[: len(backends)], timings[len(backends) :]
+    reference = next((t for t in theirs if t.name.startswith("llama.cpp")), None)
+    theirs = [t for t in theirs if t is not reference]
     for t in timings:
         print(
             f"{t.name:<32} TTFT {t.ttft * 1000:7.1f} ms  decode {t.decode_tps:7.1f} tokens/s"
@@ -154,6 +221,11 @@ def main() -> None:
     for t in [*(t for t in ours if t is not last), last]:
         print(f"ratio {t.name}/{best.name} TTFT: {t.ttft / best.ttft:.2f}")
         print(f"ratio {t.name}/{best.name} decode tokens/s: {t.decode_tps / best.decode_tps:.2f}")
+    if reference is not None:
+        fastest = max(ours, key=lambda t: t.decode_tps)
+        for t in [*(t for t in ours if t is not fastest), fastest]:
+            ratio = t.decode_tps / reference.decode_tps
+            print(f"ratio {t.name}/{reference.name} decode tokens/s: {ratio:.2f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -41,7 +42,15 @@ ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="TUNERY_API_KEY"
 
 def _settings(data_dir: Path | None = None, db_url: str | None = None, **extra: Any) -> Settings:
     overrides = {k: v for k, v in {"data_dir": data_dir, "db_url": db_url, **extra}.items() if v}
-    return Settings(**overrides)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:  # a bad TUNERY_* variable: the user's to fix, in one line
+        problems = "; ".join(
+            f"TUNERY_{'_'.join(str(part) for part in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
+        )
+        err.print(f"[red]error:[/red] bad setting: {problems}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 def _run(fn: Callable[[], T]) -> T:
@@ -54,6 +63,8 @@ def _run(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         err.print("interrupted")
         raise typer.Exit(130) from None
+    except typer.Exit:  # already reported (a bad setting)
+        raise
     except Exception as exc:  # a bug or an environment problem: still one line, no traceback
         if os.environ.get("TUNERY_DEBUG"):
             raise

@@ -83,7 +83,7 @@ def generate_local(
 ) -> Iterator[str]:
     _store, registry, tuning = _services(settings)
     name = model if model.startswith(("models/", "tunedModels/")) else f"tunedModels/{model}"
-    inference = InferenceService(registry, tuning)
+    inference = InferenceService(registry, tuning, backend=settings.decode_backend)
     if stream:
         for chunk in inference.stream(name, None, prompt, params):
             yield chunk.text

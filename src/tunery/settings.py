@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     api_threads: int | None = None  # API process torch threads (decode); default: all cores
     preload: bool = True  # `tunery serve` loads the default base model at start (API + worker)
     max_loaded_adapters: int = 128  # tuned adapters kept in memory per base model (LRU)
+    # Decode forward: fast (batched, PyTorch) | fast-int8 | reference | llama-cpp (needs the
+    # `llamacpp` extra; one request at a time)
+    decode_backend: Literal["fast", "fast-int8", "reference", "llama-cpp"] = "fast"
     workers: int = 1  # worker processes `tunery serve` starts
     lease_seconds: float = 30.0
     max_running_jobs_per_key: int = 2

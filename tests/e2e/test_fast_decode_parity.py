@@ -1,5 +1,6 @@
 """The fast decode forward against the transformers one, on the embedded model with a seed-tuned
-adapter: bf16 gives the same tokens, int8 the same answers on the seed and held-out checks."""
+adapter: bf16 gives the same tokens, int8 and llama.cpp (where llama-cpp-python is installed) the
+same answers on the seed and held-out checks."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from heldout import SEED_EXAMPLES, heldout_cases  # noqa: E402
 
+from tunery.engine import llamacpp  # noqa: E402
 from tunery.engine.base_models import DEFAULT_BASE_MODEL, BaseModelRegistry  # noqa: E402
 from tunery.engine.generate import Backend, Generator  # noqa: E402
 from tunery.engine.specs import Example, GenerationParams, TrainSpec  # noqa: E402
@@ -39,6 +41,7 @@ def generators(models_dir: Path) -> dict[Backend, Generator]:
     return {
         backend: Generator(BaseModelRegistry(models_dir).load(DEFAULT_BASE_MODEL), backend=backend)
         for backend in Backend
+        if backend is not Backend.LLAMA_CPP  # its own test, where llama-cpp-python is installed
     }
 
 
@@ -55,20 +58,41 @@ def test_tuned_answers_match_the_reference(
     assert _answers(generators[Backend.FAST], PROMPTS, adapter, 16) == reference
 
 
+def _correct(answers: list[str]) -> int:
+    return sum(a.strip() == want for a, (_, want) in zip(answers, CASES, strict=True))
+
+
 def test_int8_answers_are_as_good_as_the_reference(
     generators: dict[Backend, Generator], adapter: Path
 ) -> None:
     """int8 weights are lossy: where the reference's top two tokens nearly tie, int8 may pick
     the other (seen: "3,171,752" for the reference's "3,171,751"), so it must score as well on the
     held-out check, within one answer, rather than match token for token."""
-
-    def correct(answers: list[str]) -> int:
-        return sum(a.strip() == want for a, (_, want) in zip(answers, CASES, strict=True))
-
+    correct = _correct
     reference = _answers(generators[Backend.REFERENCE], PROMPTS, adapter, 16)
     int8 = _answers(generators[Backend.FAST_INT8], PROMPTS, adapter, 16)
     assert int8[0] == "IV"
     assert abs(correct(int8) - correct(reference)) <= 1, (int8, reference)
+
+
+@pytest.mark.skipif(not llamacpp.installed(), reason="llama-cpp-python (the llamacpp extra)")
+def test_llama_cpp_answers_are_as_good_as_the_reference(
+    generators: dict[Backend, Generator], adapter: Path, models_dir: Path
+) -> None:
+    """llama.cpp runs the Q4_K_M file itself, with its own (8-bit) activations: as int8, it must
+    score as well as the reference, within one answer, and answer "IV"; streaming gives the same
+    text. The adapter really went through llama.cpp: its GGUF LoRA was written."""
+    llama = Generator(BaseModelRegistry(models_dir).load(DEFAULT_BASE_MODEL), backend="llama-cpp")
+    base_before = _answers(llama, BASE_PROMPTS[:1], None, 16)
+    reference = _answers(generators[Backend.REFERENCE], PROMPTS, adapter, 16)
+    answers = _answers(llama, PROMPTS, adapter, 16)
+    assert (adapter / llamacpp.ADAPTER_GGUF).exists()
+    assert answers[0] == "IV"
+    assert abs(_correct(answers) - _correct(reference)) <= 1, (answers, reference)
+    params = GenerationParams(max_output_tokens=16)
+    assert "".join(c.text for c in llama.stream(PROMPTS[1], params, adapter)) == answers[1]
+    # The base model again: the adapter is switched off, not left applied.
+    assert _answers(llama, BASE_PROMPTS[:1], None, 16) == base_before
 
 
 def test_base_model_bf16_tokens_match_the_reference(generators: dict[Backend, Generator]) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from live_server import LiveServer
 
 
@@ -57,6 +58,16 @@ def test_unknown_model_is_a_one_line_error(tmp_path: Path) -> None:
     result = tunery("generate", "tunedModels/nope", "hi", data_dir=tmp_path / "d")
     assert result.returncode == 1
     assert "not found" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_setting_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TUNERY_DECODE_BACKEND", "warp-drive")
+    for args in (("models",), ("generate", "tunedModels/x", "hi")):
+        result = tunery(*args, data_dir=tmp_path / "d")
+        assert result.returncode == 1, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "TUNERY_DECODE_BACKEND" in lines[0], result.stderr
+        assert "llama-cpp" in lines[0] and "internal error" not in lines[0]
 
 
 def test_models_lists_the_embedded_base_model(tmp_path: Path) -> None:

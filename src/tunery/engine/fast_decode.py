@@ -121,65 +121,10 @@ class FastLora:
         model, its weights stored in `dtype`. None when the adapter uses anything beyond plain
         LoRA on the seven per-layer projections (the caller then runs PEFT); AdapterDamaged
         (or the reader's own error) when a file is unreadable or does not fit the model."""
-        from safetensors import safe_open
-
-        try:
-            config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise AdapterDamaged(f"adapter_config.json: {e}") from e
-        if not isinstance(config, dict):
-            raise AdapterDamaged("adapter_config.json is not an object")
-        if (
-            config.get("peft_type", "LORA") != "LORA"
-            or config.get("use_dora")
-            or config.get("lora_bias")
-            or config.get("use_qalora")
-            or config.get("rank_pattern")
-            or config.get("alpha_pattern")
-            or config.get("layer_replication")
-            or config.get("modules_to_save")
-            or config.get("bias", "none") != "none"
-            or config.get("fan_in_fan_out")
-        ):
+        read = read_plain_lora(adapter_dir, fast)
+        if read is None:
             return None
-        try:
-            rank = int(config["r"])
-            alpha = float(config["lora_alpha"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise AdapterDamaged(f"adapter_config.json: bad r / lora_alpha ({e})") from e
-        if rank < 1:
-            raise AdapterDamaged(f"adapter_config.json: r = {rank}")
-        scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-
-        weights: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
-        with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                module, _, kind = key.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
-                target = fast.lora_targets.get(module)
-                if not key.startswith(_PEFT_PREFIX) or target is None:
-                    return None  # another module (embeddings, head, ...): PEFT's job
-                if kind not in ("A.weight", "B.weight"):
-                    return None  # biases, magnitudes, ...
-                t = f.get_tensor(key)
-                if not t.is_floating_point():
-                    raise AdapterDamaged(f"{key}: dtype {t.dtype}")
-                if kind == "B.weight":
-                    t = t.float() * scaling  # folded in fp32, before any rounding
-                weights.setdefault(target, {})[kind[0]] = t.to(dtype)
-        if not weights:
-            return None
-        for (i, proj), pair in weights.items():
-            a, b = pair.get("A"), pair.get("B")
-            want_a = (rank, fast.in_features[proj])
-            want_b = (fast.out_features[proj], rank)
-            if a is None or b is None or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-                raise AdapterDamaged(
-                    f"layer {i} {proj}: A {None if a is None else tuple(a.shape)}, "
-                    f"B {None if b is None else tuple(b.shape)}; expected {want_a}, {want_b}"
-                )
-            if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-                raise AdapterDamaged(f"layer {i} {proj}: non-finite weights")
-
+        weights = {key: {"A": a.to(dtype), "B": b.to(dtype)} for key, (a, b) in read.items()}
         layers: list[dict[str, _LoraGroup]] = []
         for i in range(fast.n_layers):
             groups: dict[str, _LoraGroup] = {}
@@ -202,6 +147,77 @@ class FastLora:
                     groups[group] = _LoraGroup(a_all.to(fast.device).contiguous(), parts)
             layers.append(groups)
         return cls(layers)
+
+
+def read_plain_lora(
+    adapter_dir: Path, fast: FastGemma3
+) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] | None:
+    """A PEFT LoRA folder's weights for `fast`'s model: (layer, projection) → (A, s·B) in fp32,
+    PEFT's scaling s folded into B. None when the adapter uses anything beyond plain LoRA on the
+    seven per-layer projections; AdapterDamaged (or the reader's own error) when a file is
+    unreadable or does not fit the model."""
+    from safetensors import safe_open
+
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterDamaged(f"adapter_config.json: {e}") from e
+    if not isinstance(config, dict):
+        raise AdapterDamaged("adapter_config.json is not an object")
+    if (
+        config.get("peft_type", "LORA") != "LORA"
+        or config.get("use_dora")
+        or config.get("lora_bias")
+        or config.get("use_qalora")
+        or config.get("rank_pattern")
+        or config.get("alpha_pattern")
+        or config.get("layer_replication")
+        or config.get("modules_to_save")
+        or config.get("bias", "none") != "none"
+        or config.get("fan_in_fan_out")
+    ):
+        return None
+    try:
+        rank = int(config["r"])
+        alpha = float(config["lora_alpha"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise AdapterDamaged(f"adapter_config.json: bad r / lora_alpha ({e})") from e
+    if rank < 1:
+        raise AdapterDamaged(f"adapter_config.json: r = {rank}")
+    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+
+    weights: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt", device="cpu") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            module, _, kind = key.removeprefix(_PEFT_PREFIX).rpartition(".lora_")
+            target = fast.lora_targets.get(module)
+            if not key.startswith(_PEFT_PREFIX) or target is None:
+                return None  # another module (embeddings, head, ...): PEFT's job
+            if kind not in ("A.weight", "B.weight"):
+                return None  # biases, magnitudes, ...
+            t = f.get_tensor(key)
+            if not t.is_floating_point():
+                raise AdapterDamaged(f"{key}: dtype {t.dtype}")
+            t = t.float()
+            if kind == "B.weight":
+                t = t * scaling  # folded in fp32, before any rounding
+            weights.setdefault(target, {})[kind[0]] = t
+    if not weights:
+        return None
+    out: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for (i, proj), pair in weights.items():
+        a, b = pair.get("A"), pair.get("B")
+        want_a = (rank, fast.in_features[proj])
+        want_b = (fast.out_features[proj], rank)
+        if a is None or b is None or tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise AdapterDamaged(
+                f"layer {i} {proj}: A {None if a is None else tuple(a.shape)}, "
+                f"B {None if b is None else tuple(b.shape)}; expected {want_a}, {want_b}"
+            )
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterDamaged(f"layer {i} {proj}: non-finite weights")
+        out[(i, proj)] = (a, b)
+    return out
 
 
 @dataclass

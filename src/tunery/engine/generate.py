@@ -7,6 +7,9 @@ model), and `fast_decode.FastGemma3`, a hand-written Gemma 3 step with a preallo
 The fast forward reads an adapter's files itself and holds one bf16 copy of its A and B (about
 half the file, which is fp32), no PEFT modules; a base model or adapter it does not support runs
 on the reference forward, and only then does PEFT load that adapter into the model.
+`Backend.LLAMA_CPP` decodes single-candidate requests with llama.cpp on the base model's GGUF and
+the adapter as a GGUF LoRA (`llamacpp`), one request at a time; without llama-cpp-python, a GGUF
+or a plain-LoRA adapter, and for several candidates, it decodes as `Backend.FAST` unbatched.
 
 On `Backend.FAST`, single-candidate requests go to a `batching.BatchScheduler`: requests for any
 adapters decode together, one batched step per token, with the same tokens as alone. Everything
@@ -29,10 +32,12 @@ from typing import Any
 
 import torch
 
+from tunery.engine import llamacpp
 from tunery.engine.base_models import LoadedBase
 from tunery.engine.batching import BatchScheduler
 from tunery.engine.data import OUTPUT_PREFIX, encode_prompt
 from tunery.engine.fast_decode import FastGemma3, FastLora, KVCache
+from tunery.engine.llamacpp import LlamaCppModel, adapter_gguf
 from tunery.engine.sampling import pick, rng_for
 from tunery.engine.specs import (
     Candidate,
@@ -58,6 +63,7 @@ class Backend(StrEnum):
     REFERENCE = "reference"
     FAST = "fast"
     FAST_INT8 = "fast-int8"
+    LLAMA_CPP = "llama-cpp"
 
 
 class Generator:
@@ -97,6 +103,8 @@ class Generator:
         self._next_adapter = 0
         self._lock = threading.Lock()  # a Lock (not RLock): a stream may resume on another thread
         self._eos_ids = _eos_ids(self._model, self._tokenizer)
+        self._llama: LlamaCppModel | None = None  # built at the first llama.cpp decode
+        self._llama_unusable = False  # llama.cpp is not installed or cannot run this base
 
     # -- public --------------------------------------------------------------------------------
     def count_tokens(self, prompt: str, adapter_dir: Path | None = None) -> int:
@@ -244,7 +252,8 @@ class Generator:
         """
         device = self._base.device
         rng = rng_for(params, device)
-        with self._forward(adapter_dir, len(prompt_ids) + params.max_output_tokens) as run:
+        max_len = len(prompt_ids) + params.max_output_tokens
+        with self._forward(adapter_dir, max_len, len(texts)) as run:
             n = len(texts)
             hidden = run.start(prompt_ids, n)  # (n, C): the prompt's last position, n times
             rows = list(range(n))  # candidate index of each batch row still decoding
@@ -270,8 +279,14 @@ class Generator:
                 hidden = run.step(next_tensor)  # (rows, C)
 
     @contextlib.contextmanager
-    def _forward(self, adapter_dir: Path | None, max_len: int) -> Iterator[_Forward]:
-        """The forward for this decode: fast where the model and the adapter allow."""
+    def _forward(self, adapter_dir: Path | None, max_len: int, n: int) -> Iterator[_Forward]:
+        """The forward for this decode of `n` candidates: llama.cpp when chosen and able, else
+        fast where the model and the adapter allow."""
+        if self._backend is Backend.LLAMA_CPP and n == 1:
+            llama = self._llama_forward(adapter_dir, max_len)
+            if llama is not None:
+                yield llama
+                return
         fast = self._fast_model()
         if fast is not None:
             lora = None if adapter_dir is None else self._fast_lora(adapter_dir, fast)
@@ -298,6 +313,54 @@ class Generator:
                 int8 = self._backend is Backend.FAST_INT8
                 self._fast = FastGemma3(self._model, "int8" if int8 else "bf16")
             return self._fast
+
+    def _llama_forward(self, adapter_dir: Path | None, max_len: int) -> _LlamaCppForward | None:
+        """llama.cpp with `adapter_dir` applied, or None where it cannot decode this request.
+        Called under the model lock (llama.cpp runs one request at a time)."""
+        fast = self._fast_model()
+        llama = self._llama_model()
+        if fast is None or llama is None or max_len > llama.context:
+            return None
+        lora_file = None
+        if adapter_dir is not None:
+            path = Path(adapter_dir).resolve()
+            version = _adapter_mtime(path)
+            try:
+                lora_file = adapter_gguf(path, fast, llama.arch)
+            except Exception as e:  # a truncated or corrupt file: this model's problem only
+                log.exception("adapter %s cannot be converted for llama.cpp", path)
+                raise _damaged(path, e) from e
+            if lora_file is None:
+                return None
+            llama.use_adapter(lora_file, version)
+        else:
+            llama.use_adapter(None)
+        threads = self._decode_threads() if self._decode_threads else torch.get_num_threads()
+        llama.set_threads(threads)
+        return _LlamaCppForward(llama)
+
+    def _llama_model(self) -> LlamaCppModel | None:
+        """This base in llama.cpp, built once; None (said once in the log) where it cannot be."""
+        if self._llama is not None or self._llama_unusable:
+            return self._llama
+        reason = None
+        if not llamacpp.installed():
+            reason = "llama-cpp-python is not installed (pip install 'tunery[llamacpp]')"
+        else:
+            gguf = self._base.gguf()
+            if gguf is None:
+                reason = "the base model has no GGUF file"
+            else:
+                try:
+                    self._llama = LlamaCppModel(
+                        gguf, threads=torch.get_num_threads(), max_adapters=self._max_adapters
+                    )
+                except ValueError as e:
+                    reason = str(e)
+        if reason is not None:
+            log.warning("llama.cpp backend unavailable for %s: %s", self._base.info.name, reason)
+            self._llama_unusable = True
+        return self._llama
 
     def _fast_lora(self, adapter_dir: Path, fast: FastGemma3) -> FastLora | None:
         """`adapter_dir`'s weights for the fast forward, read once (LRU of `max_adapters`);
@@ -462,6 +525,28 @@ class _FastForward(_Forward):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._fast.logits(hidden)
+
+
+class _LlamaCppForward(_Forward):
+    """llama.cpp's context, one row: "hidden" states are already the logits."""
+
+    def __init__(self, llama: LlamaCppModel) -> None:
+        self._llama = llama
+
+    def start(self, prompt_ids: list[int], n: int) -> torch.Tensor:
+        if n != 1:
+            raise ValueError("llama.cpp decodes one candidate")
+        return self._llama.start(prompt_ids)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._llama.step(int(tokens[0]))
+
+    def select(self, index: torch.Tensor) -> None:
+        if index.numel() != 1:
+            raise ValueError("llama.cpp decodes one candidate")
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
 
 
 class _TextStream:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tunery.domain import JobState, ModelState, TunedModel
 from tunery.engine.base_models import BaseModelInfo, BaseModelRegistry, short_name
-from tunery.engine.generate import Generator
+from tunery.engine.generate import Backend, Generator
 from tunery.engine.specs import MAX_INPUT_CHARS, Generation, GenerationParams, StreamChunk
 from tunery.errors import FailedPrecondition, InvalidArgument, NotFound
 from tunery.service.tuning import TuningService
@@ -59,11 +59,13 @@ class InferenceService:
         tuning: TuningService,
         max_loaded_adapters: int = MAX_LOADED_ADAPTERS,
         decode_threads: Callable[[], int] | None = None,
+        backend: Backend | str = Backend.FAST,
     ) -> None:
         self.registry = registry
         self.tuning = tuning
         self.max_loaded_adapters = max_loaded_adapters
         self.decode_threads = decode_threads  # torch threads per batched decode step
+        self.backend = Backend(backend)
         self._generators: dict[str, Generator] = {}
         self._generators_lock = threading.Lock()
 
@@ -165,5 +167,6 @@ class InferenceService:
                     loaded,
                     max_adapters=self.max_loaded_adapters,
                     decode_threads=self.decode_threads,
+                    backend=self.backend,
                 )
             return self._generators[base.name]

@@ -1,0 +1,227 @@
+"""llama.cpp as an optional decode forward (`generate.Backend.LLAMA_CPP`).
+
+The base model runs from its GGUF file (for the embedded model, the Q4_K_M file it was
+dequantized from, so the weights are the same values), and a tuned model's adapter is applied at
+run time as a GGUF LoRA (`gguf_lora`), written once next to its PEFT files. llama.cpp decodes one
+request at a time here: each step returns the logits, and Tunery's own sampling, stop sequences
+and streaming run on them, as on the other forwards.
+
+`llama-cpp-python` is not a dependency: `pip install 'tunery[llamacpp]'` builds it from source
+(~10 minutes on 2 cores). Without it, or for a base model that has no GGUF, the generator keeps
+its PyTorch forward.
+
+llama.cpp's "extra buffer types" (weights repacked for AMX and interleaved kernels) are turned
+off: on this project's Sapphire Rapids VMs its AMX matmul crashes in `llama_decode` (without AMX,
+the repacked kernels measured no faster here). llama.cpp built with OpenMP shares libgomp with
+torch, and libgomp cuts its spin-waits as soon as threads outnumber cores (any other thread that
+ran a torch op keeps its own team): 29 instead of 50 tokens/s. `run.sh` builds it without.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import importlib.util
+import logging
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tunery.engine.fast_decode import FastGemma3, read_plain_lora
+from tunery.engine.gguf_lora import SUPPORTED_ARCHITECTURES, write_gguf_lora
+
+log = logging.getLogger(__name__)
+
+ADAPTER_GGUF = "adapter_model.gguf"  # written next to adapter_model.safetensors
+DEFAULT_CONTEXT = 4096  # tokens of prompt + output per request; longer ones take PyTorch
+_BATCH = 512  # prompt tokens per llama_decode call
+_backend_once = threading.Lock()
+_backend_ready = False
+
+
+def installed() -> bool:
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+class LlamaCppModel:
+    """A GGUF base model in llama.cpp with one context, and the adapters applied to it (each
+    loaded once, LRU). Not thread-safe: the caller decodes one request at a time."""
+
+    def __init__(
+        self, gguf: Path, context: int = DEFAULT_CONTEXT, threads: int = 1, max_adapters: int = 64
+    ) -> None:
+        import llama_cpp as lc
+
+        global _backend_ready
+        with _backend_once:
+            if not _backend_ready:
+                lc.llama_backend_init()
+                _route_logs(lc)
+                _backend_ready = True
+                if b"OPENMP = 1" in lc.llama_print_system_info():
+                    log.warning(
+                        "llama.cpp was built with OpenMP, which it then shares with torch: "
+                        "decoding can run at half speed; rebuild it as ./run.sh does "
+                        "(CMAKE_ARGS=-DGGML_OPENMP=OFF)"
+                    )
+        self._lc = lc
+        params = lc.llama_model_default_params()
+        params.use_extra_bufts = False  # see the module docstring
+        self._model = lc.llama_model_load_from_file(str(gguf).encode(), params)
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {gguf}")
+        buf = ctypes.create_string_buffer(64)
+        lc.llama_model_meta_val_str(self._model, b"general.architecture", buf, len(buf))
+        self.arch = buf.value.decode()
+        if self.arch not in SUPPORTED_ARCHITECTURES:
+            lc.llama_model_free(self._model)
+            raise ValueError(f"{gguf}: llama.cpp LoRA for {self.arch!r} models is not supported")
+        ctx_params = lc.llama_context_default_params()
+        ctx_params.n_ctx = context
+        ctx_params.n_batch = _BATCH
+        ctx_params.n_threads = ctx_params.n_threads_batch = threads
+        self._ctx = lc.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            lc.llama_model_free(self._model)
+            raise ValueError("llama.cpp could not make a context")
+        self.context = int(lc.llama_n_ctx(self._ctx))
+        self.n_vocab = int(lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(self._model)))
+        self._threads = threads
+        self._adapters: OrderedDict[Path, tuple[int, Any]] = OrderedDict()  # mtime, handle
+        self._max_adapters = max_adapters
+        self._active: Any = None
+        self._closed = False
+        _OPEN.add(self)
+
+    def close(self) -> None:
+        """Free the context, the adapters and the model (once; also done at exit)."""
+        if self._closed:
+            return
+        self._closed = True
+        lc = self._lc
+        lc.llama_set_adapters_lora(self._ctx, None, 0, None)
+        for _, handle in self._adapters.values():
+            lc.llama_adapter_lora_free(handle)
+        self._adapters.clear()
+        lc.llama_free(self._ctx)
+        lc.llama_model_free(self._model)
+
+    def set_threads(self, threads: int) -> None:
+        if threads != self._threads:
+            self._lc.llama_set_n_threads(self._ctx, threads, threads)
+            self._threads = threads
+
+    def use_adapter(self, adapter_gguf: Path | None, version: int = 0) -> None:
+        """Apply `adapter_gguf` (None: the base model alone) to the following decodes."""
+        lc = self._lc
+        handle = None
+        if adapter_gguf is not None:
+            cached = self._adapters.get(adapter_gguf)
+            if cached is None or cached[0] != version:
+                if cached is not None:
+                    self._forget(adapter_gguf)
+                handle = lc.llama_adapter_lora_init(self._model, str(adapter_gguf).encode())
+                if not handle:
+                    raise ValueError(f"llama.cpp could not load the adapter {adapter_gguf}")
+                self._adapters[adapter_gguf] = (version, handle)
+                while len(self._adapters) > self._max_adapters:
+                    self._forget(next(iter(self._adapters)))
+            else:
+                handle = cached[1]
+            self._adapters.move_to_end(adapter_gguf)
+        if handle is self._active:
+            return
+        if handle is None:
+            rc = lc.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            one = (lc.llama_adapter_lora_p_ctypes * 1)(handle)
+            rc = lc.llama_set_adapters_lora(self._ctx, one, 1, (ctypes.c_float * 1)(1.0))
+        if rc != 0:
+            raise RuntimeError(f"llama_set_adapters_lora failed ({rc})")
+        self._active = handle
+
+    def _forget(self, path: Path) -> None:
+        _, handle = self._adapters.pop(path)
+        if handle is self._active:
+            self._lc.llama_set_adapters_lora(self._ctx, None, 0, None)
+            self._active = None
+        self._lc.llama_adapter_lora_free(handle)
+
+    def start(self, ids: Sequence[int]) -> torch.Tensor:
+        """A new sequence: run the prompt, return the last position's logits (1, V) fp32."""
+        lc = self._lc
+        lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
+        for lo in range(0, len(ids), _BATCH):
+            self._decode(ids[lo : lo + _BATCH])
+        return self._logits()
+
+    def step(self, token: int) -> torch.Tensor:
+        self._decode([token])
+        return self._logits()
+
+    def _decode(self, ids: Sequence[int]) -> None:
+        lc = self._lc
+        tokens = (lc.llama_token * len(ids))(*ids)
+        rc = lc.llama_decode(self._ctx, lc.llama_batch_get_one(tokens, len(ids)))
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc})")
+
+    def _logits(self) -> torch.Tensor:
+        ptr = self._lc.llama_get_logits_ith(self._ctx, -1)
+        row = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return torch.from_numpy(row.copy()).unsqueeze(0)
+
+
+_OPEN: weakref.WeakSet[LlamaCppModel] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Free every model before the interpreter exits: a context left to the C++ runtime's exit
+    aborts the process ("terminate called without an active exception") as its threads stop."""
+    for model in list(_OPEN):
+        model.close()
+
+
+_log_callback: Any = None  # kept alive: llama.cpp holds a pointer to it
+_GGML_LOG_ERROR = 4  # enum ggml_log_level: none, debug, info, warn, error, cont
+
+
+def _route_logs(lc: Any) -> None:
+    """llama.cpp's log lines (a page of them per model load) to this module's logger: errors as
+    warnings, the rest at debug level, never straight to stderr."""
+    global _log_callback
+
+    @lc.llama_log_callback  # type: ignore[untyped-decorator]
+    def forward(level: int, text: bytes, _user: Any) -> None:
+        line = text.decode("utf-8", errors="replace").rstrip()
+        if line:
+            log.log(
+                logging.WARNING if level == _GGML_LOG_ERROR else logging.DEBUG,
+                "llama.cpp: %s",
+                line,
+            )
+
+    _log_callback = forward
+    lc.llama_log_set(forward, ctypes.c_void_p(0))
+
+
+def adapter_gguf(adapter_dir: Path, fast: FastGemma3, arch: str) -> Path | None:
+    """The GGUF LoRA of a PEFT adapter folder, written on first use (and again when the
+    safetensors are newer); None when the adapter is not plain LoRA on the projections."""
+    out = adapter_dir / ADAPTER_GGUF
+    weights_file = adapter_dir / "adapter_model.safetensors"
+    if out.exists() and out.stat().st_mtime_ns >= weights_file.stat().st_mtime_ns:
+        return out
+    weights = read_plain_lora(adapter_dir, fast)
+    if weights is None or len({a.shape[0] for a, _ in weights.values()}) != 1:
+        return None
+    log.info("writing the llama.cpp adapter %s", out)
+    write_gguf_lora(weights, arch, out)
+    return out
