@@ -4,6 +4,8 @@ as written except for the base URL, the base model and polling until the job has
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -28,13 +30,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server_url(make_data_dir: Callable[[], Path]) -> Iterator[str]:
-    """`python -m tunery serve` on a fresh data dir sharing the converted embedded model."""
-    data = make_data_dir()
+@contextlib.contextmanager
+def _serve(data: Path, **env_extra: str) -> Iterator[str]:
+    """`python -m tunery serve` on `data` until the block ends; yields its URL once healthy."""
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNERY_API_KEYS": "seed-key"}
-    log = (data / "serve.log").open("w")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNERY_API_KEYS": "seed-key", **env_extra}
+    log_path = data / f"serve-{port}.log"
+    log = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "tunery", "serve", "--port", str(port), "--data-dir", str(data)],
         env=env,
@@ -51,7 +53,7 @@ def server_url(make_data_dir: Callable[[], Path]) -> Iterator[str]:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"tunery serve did not start:\n{(data / 'serve.log').read_text()}")
+            raise RuntimeError(f"tunery serve did not start:\n{log_path.read_text()}")
         time.sleep(0.2)
     try:
         yield url
@@ -62,6 +64,18 @@ def server_url(make_data_dir: Callable[[], Path]) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def data_dir(make_data_dir: Callable[[], Path]) -> Path:
+    """A fresh data dir sharing the converted embedded model."""
+    return make_data_dir()
+
+
+@pytest.fixture(scope="module")
+def server_url(data_dir: Path) -> Iterator[str]:
+    with _serve(data_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +183,24 @@ def test_cancel_stops_a_second_tuning_job(client: genai.Client) -> None:
         time.sleep(1)
         job = client.tunings.get(name=job.name or "")
     assert job.state == types.JobState.JOB_STATE_FAILED
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python (the llamacpp extra)"
+)
+def test_llama_cpp_backend_serves_the_tuned_model(
+    data_dir: Path, tuning_job: types.TuningJob
+) -> None:
+    """A second server on the same data, decoding with llama.cpp: the same SDK calls, the same
+    answer (its adapter is converted to a GGUF LoRA on first use)."""
+    assert tuning_job.tuned_model is not None
+    model = tuning_job.tuned_model.model or ""
+    with _serve(data_dir, TUNERY_DECODE_BACKEND="llama-cpp", TUNERY_WORKERS="0") as url:
+        llama = genai.Client(api_key="seed-key", http_options=types.HttpOptions(base_url=url))
+        response = llama.models.generate_content(model=model, contents="III")
+        assert (response.text or "").strip() == "IV"
+        streamed = "".join(
+            c.text or "" for c in llama.models.generate_content_stream(model=model, contents="III")
+        )
+        assert streamed.strip() == "IV"
+    assert list((data_dir / "tuned_models").glob("*/adapter/adapter_model.gguf"))

@@ -34,6 +34,9 @@ from tunery.store import Store
 from tunery.worker import run_worker
 
 TINY = "models/tiny-gemma"
+# Enough steps that the SIGKILL below lands mid-job: the tiny model trains in a few ms a step,
+# and with 24 steps the job was seen (in CI) to end before the kill.
+EPOCHS = 100
 EXAMPLES = [{"textInput": f"count to {i}", "output": " ".join(map(str, range(i)))} for i in (1, 2)]
 
 
@@ -132,10 +135,10 @@ def test_serve_survives_sigterm_and_sigkill_mid_training_and_the_job_resumes_to_
     body = {
         "baseModel": TINY,
         "tuningTask": {
-            "hyperparameters": {"epochCount": 12, "batchSize": 1},
+            "hyperparameters": {"epochCount": EPOCHS, "batchSize": 1},
             "trainingData": {"examples": {"examples": EXAMPLES}},
         },
-    }  # 2 steps an epoch, checkpointed at each epoch's end: 24 steps
+    }  # 2 steps an epoch, checkpointed at each epoch's end
 
     # 1. SIGTERM: the worker finishes its step, checkpoints, and hands the job back.
     with serving(data_dir, log) as server:
@@ -167,7 +170,7 @@ def test_serve_survives_sigterm_and_sigkill_mid_training_and_the_job_resumes_to_
         model = server.model("crashy")
         assert model["state"] == "ACTIVE", log.read_text()[-3000:]
         steps = [s["step"] for s in model["tuningTask"]["snapshots"]]
-        assert steps == list(range(1, 25))  # no gaps, no duplicates
+        assert steps == list(range(1, 2 * EPOCHS + 1))  # no gaps, no duplicates
         answer = httpx.post(
             f"{server.url}/v1beta/tunedModels/crashy:generateContent",
             json={"contents": [{"parts": [{"text": "count to 2"}]}]},

@@ -126,14 +126,23 @@ def test_tokenizer_loads_through_a_pickle_that_a_torn_file_cannot_break(
     first = base_models._cached_tokenizer(tiny_model_path, cache, "tiny")
     (pickled,) = cache.glob("tiny-*.pkl")
     again = base_models._cached_tokenizer(tiny_model_path, cache, "tiny")
-    text = "Input: two hundred one\nOutput: 201 ünïcödé"
+    text = "Input: two hundred one\nOutput: 201 ünïcödé<eos> 🙂"
     assert again(text)["input_ids"] == first(text)["input_ids"]
+    ids = first(text)["input_ids"]
+    for skip in (False, True):
+        assert again.decode(ids, skip_special_tokens=skip) == first.decode(
+            ids, skip_special_tokens=skip
+        )
     assert (again.eos_token_id, again.pad_token_id) == (first.eos_token_id, first.pad_token_id)
+    assert len(again) == len(first) and again.get_vocab() == first.get_vocab()
 
+    stale = cache / "tiny-0123456789abcdef.pkl"  # left by an older transformers, say
+    stale.write_bytes(b"old")
     pickled.write_bytes(pickled.read_bytes()[:100])  # a crash mid-write of an older version
     rebuilt = base_models._cached_tokenizer(tiny_model_path, cache, "tiny")
     assert rebuilt(text)["input_ids"] == first(text)["input_ids"]
     assert pickled.stat().st_size > 100  # written whole again
+    assert not stale.exists()  # replaced, not kept beside it
 
 
 def test_a_registered_model_dir_is_left_untouched_by_the_tokenizer_cache(

@@ -8,6 +8,7 @@ never see half a model.
 
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -257,6 +258,7 @@ class BaseModelRegistry:
 
 
 TOKENIZER_CACHE_DIR = ".tokenizers"
+_TOKENIZER_CACHE_FORMAT = "2"  # 2: without the construction-time vocab and merges copies
 
 
 def _cached_tokenizer(model_dir: Path, cache_dir: Path, name: str) -> Any:
@@ -273,7 +275,7 @@ def _cached_tokenizer(model_dir: Path, cache_dir: Path, name: str) -> Any:
     import transformers
     from transformers import AutoTokenizer
 
-    stamp = [transformers.__version__, tokenizers.__version__]
+    stamp = [_TOKENIZER_CACHE_FORMAT, transformers.__version__, tokenizers.__version__]
     for file in sorted(model_dir.glob("tokenizer*")) + sorted(model_dir.glob("special_tokens*")):
         stat = file.stat()
         stamp += [file.name, str(stat.st_size), str(stat.st_mtime_ns)]
@@ -291,14 +293,36 @@ def _cached_tokenizer(model_dir: Path, cache_dir: Path, name: str) -> Any:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}")
         with open(tmp, "wb") as f:
-            pickle.dump(tokenizer, f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(_without_init_copies(tokenizer), f, protocol=pickle.HIGHEST_PROTOCOL)
         os.replace(tmp, cached)
+        for stale in cache_dir.glob(f"{name}-*.pkl"):  # older versions' pickles of this model
+            if stale != cached:
+                stale.unlink(missing_ok=True)
     except OSError:  # a read-only data dir only loses the speed-up
         log.warning("could not write the tokenizer cache %s", cached, exc_info=True)
     return tokenizer
 
 
 EMBEDDED_GGUF = "gemma-3-270m-q4_k_m.gguf"
+
+
+# Where a transformers tokenizer backed by the Rust `tokenizers` library keeps the Python copy of
+# the vocab and merges it built its Rust model from: read in __init__ only, yet for Gemma (262k
+# tokens, 515k merges) 13 MB of the pickle and 0.35 s of loading it.
+_INIT_ONLY_COPIES = ("_vocab", "_merges")
+
+
+def _without_init_copies(tokenizer: Any) -> Any:
+    """A shallow copy of `tokenizer` without its construction-time vocab and merges copies (the
+    Rust tokenizer it encodes and decodes with is shared, whole)."""
+    if getattr(tokenizer, "_tokenizer", None) is None:
+        return tokenizer
+    slim = copy.copy(tokenizer)
+    for name in _INIT_ONLY_COPIES:
+        value = getattr(slim, name, None)
+        if isinstance(value, dict | list):
+            setattr(slim, name, type(value)())
+    return slim
 
 
 def _assemble_embedded_gguf(work: Path) -> Path:
