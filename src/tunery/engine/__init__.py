@@ -8,6 +8,7 @@ Public surface (everything else is internal):
         registry.get(name) -> BaseModelInfo             # name with or without "models/"; NotFound
         registry.register(name, path) -> BaseModelInfo  # HF model dir or .gguf file; persisted
         registry.load(name) -> LoadedBase               # cached per process; converts GGUF once
+        registry.gguf_file(name) -> Path | None         # the GGUF it comes from (for llama.cpp)
 
     from tunery.engine.train import train, total_steps
         total_steps(n_examples, spec) -> int
@@ -20,7 +21,9 @@ Public surface (everything else is internal):
             logits only at label positions; other models through the transformers modules.
 
     from tunery.engine.generate import Generator, Backend
-        gen = Generator(base, max_adapters=128, backend=Backend.FAST)   # or REFERENCE / FAST_INT8
+        gen = Generator(base, max_adapters=128, backend=Backend.FAST)
+            # or REFERENCE / FAST_INT8 / LLAMA_CPP (engine/llamacpp.py: the base GGUF in
+            # llama.cpp, adapters as GGUF LoRAs from engine/gguf_lora.py; optional extra)
         gen.generate(prompt, params, adapter_dir=None) -> Generation
         gen.stream(prompt, params, adapter_dir=None) -> Iterator[StreamChunk]
         gen.count_tokens(prompt, adapter_dir=None) -> int
