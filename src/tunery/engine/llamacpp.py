@@ -54,9 +54,16 @@ class LlamaCppModel:
     loaded once, LRU). Not thread-safe: the caller decodes one request at a time."""
 
     def __init__(
-        self, gguf: Path, context: int = DEFAULT_CONTEXT, threads: int = 1, max_adapters: int = 64
+        self,
+        gguf: Path,
+        context: int = DEFAULT_CONTEXT,
+        threads: int | None = None,
+        max_adapters: int = 64,
     ) -> None:
+        """`threads`: llama.cpp's decode threads (default: torch's count)."""
         import llama_cpp as lc
+
+        threads = threads or torch.get_num_threads()
 
         global _backend_ready
         with _backend_once:

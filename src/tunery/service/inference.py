@@ -21,7 +21,7 @@ from tunery.errors import FailedPrecondition, InvalidArgument, NotFound
 from tunery.service.tuning import TuningService
 
 # Tuned adapters kept loaded per base model (LRU); rank-16 all-module LoRA on gemma-3-270m is
-# ~15 MB each in fp32, so 128 is ~2 GB at most.
+# ~8 MB each in memory (bf16; the fp32 file is ~15 MB), so 128 is ~1 GB at most.
 MAX_LOADED_ADAPTERS = 128
 
 
