@@ -352,9 +352,7 @@ class Generator:
                 reason = "the base model has no GGUF file"
             else:
                 try:
-                    self._llama = LlamaCppModel(
-                        gguf, threads=torch.get_num_threads(), max_adapters=self._max_adapters
-                    )
+                    self._llama = LlamaCppModel(gguf, max_adapters=self._max_adapters)
                 except ValueError as e:
                     reason = str(e)
         if reason is not None:

@@ -6,9 +6,9 @@ run time as a GGUF LoRA (`gguf_lora`), written once next to its PEFT files. llam
 request at a time here: each step returns the logits, and Tunery's own sampling, stop sequences
 and streaming run on them, as on the other forwards.
 
-`llama-cpp-python` is not a dependency: `pip install 'tunery[llamacpp]'` builds it from source
-(~10 minutes on 2 cores). Without it, or for a base model that has no GGUF, the generator keeps
-its PyTorch forward.
+`llama-cpp-python` is not a dependency: the `llamacpp` extra builds it from source (3-4 minutes
+on 2 cores with the flags `run.sh` passes). Without it, or for a base model that has no GGUF,
+the generator keeps its PyTorch forward.
 
 llama.cpp's "extra buffer types" (weights repacked for AMX and interleaved kernels) are turned
 off: on this project's Sapphire Rapids VMs its AMX matmul crashes in `llama_decode` (without AMX,
@@ -226,8 +226,8 @@ def adapter_gguf(adapter_dir: Path, fast: FastGemma3, arch: str) -> Path | None:
     weights_file = adapter_dir / "adapter_model.safetensors"
     if out.exists() and out.stat().st_mtime_ns >= weights_file.stat().st_mtime_ns:
         return out
-    weights = read_plain_lora(adapter_dir, fast)
-    if weights is None or len({a.shape[0] for a, _ in weights.values()}) != 1:
+    weights = read_plain_lora(adapter_dir, fast)  # one rank: every A is checked against `r`
+    if weights is None:
         return None
     log.info("writing the llama.cpp adapter %s", out)
     write_gguf_lora(weights, arch, out)
