@@ -115,12 +115,15 @@ class FastLora:
 
     @classmethod
     def load(
-        cls, adapter_dir: Path, fast: FastGemma3, dtype: torch.dtype = torch.bfloat16
+        cls, adapter_dir: Path, fast: FastGemma3, dtype: torch.dtype = torch.float32
     ) -> FastLora | None:
         """A PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) for `fast`'s
-        model, its weights stored in `dtype`. None when the adapter uses anything beyond plain
-        LoRA on the seven per-layer projections (the caller then runs PEFT); AdapterDamaged
-        (or the reader's own error) when a file is unreadable or does not fit the model."""
+        model, its weights stored in `dtype`: fp32 by default, as PEFT keeps them (bf16 copies
+        would halve the memory, but they round A and s·B, which flipped a near tie on the
+        held-out check: "… eighty nine" where the reference said "… seventy nine"). None when
+        the adapter uses anything beyond plain LoRA on the seven per-layer projections (the
+        caller then runs PEFT); AdapterDamaged (or the reader's own error) when a file is
+        unreadable or does not fit the model."""
         read = read_plain_lora(adapter_dir, fast)
         if read is None:
             return None

@@ -51,8 +51,6 @@ from tunery.errors import FailedPrecondition, InvalidArgument
 log = logging.getLogger(__name__)
 
 MAX_LOADED_ADAPTERS = 64
-# Stored dtype of an adapter's A and B on the fast path (computed in fp32, as PEFT does).
-FAST_LORA_DTYPE = torch.bfloat16
 # Gemma's chat turns end with this token; a model tuned or prompted in chat form stops there.
 _END_OF_TURN = "<end_of_turn>"
 
@@ -375,7 +373,7 @@ class Generator:
             return cached[1]
         log.info("loading adapter %s", path)
         try:
-            lora = FastLora.load(path, fast, FAST_LORA_DTYPE)
+            lora = FastLora.load(path, fast)
         except Exception as e:  # a truncated or corrupt file: this model's problem only
             log.exception("adapter %s cannot be loaded", path)
             raise _damaged(path, e) from e
