@@ -201,9 +201,11 @@ def read_plain_lora(
             t = f.get_tensor(key)
             if not t.is_floating_point():
                 raise AdapterDamaged(f"{key}: dtype {t.dtype}")
-            t = t.float()
+            # An owned fp32 copy: the reader's tensor may map the file, which would stay mapped
+            # (and resident) as long as any tensor of it lives.
+            t = t.to(torch.float32, copy=True)
             if kind == "B.weight":
-                t = t * scaling  # folded in fp32, before any rounding
+                t.mul_(scaling)  # folded in fp32, before any rounding
             weights.setdefault(target, {})[kind[0]] = t
     if not weights:
         return None
