@@ -105,3 +105,47 @@ def test_validation_loss_is_reported_at_epoch_ends(tiny: LoadedBase, tmp_path: P
 def test_no_examples_is_a_clear_error(tiny: LoadedBase, tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="no examples"):
         train(tiny, [], SPEC, tmp_path / "run")
+
+
+def test_a_model_without_mlp_projection_names_trains_its_attention_projections(
+    data_dir: Path, tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """The default LoRA targets the MLP projections by their Llama/Gemma names; a model that has
+    none of them (OPT: fc1/fc2) gets its attention projections instead, and the saved adapter
+    says so, so PEFT and the generator load it."""
+    from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+    from tunery.engine.generate import Generator
+    from tunery.engine.specs import GenerationParams
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    config = OPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        word_embed_proj_dim=16,
+        ffn_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    source = tmp_path / "tiny-opt"
+    OPTForCausalLM(config).save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    registry = BaseModelRegistry(data_dir / "base_models")
+    registry.register("tiny-opt", source)
+    base = registry.load("tiny-opt")
+
+    examples = [Example("1", "2"), Example("3", "4")]
+    result = train(base, examples, TrainSpec(epoch_count=1, batch_size=2), tmp_path / "job")
+
+    assert result.stop_reason is StopReason.COMPLETED
+    keys = _adapter(result.adapter_dir or "")
+    assert any(".q_proj.lora_A" in k for k in keys)
+    assert any(".out_proj.lora_B" in k for k in keys)
+    assert not any(".fc1." in k or ".fc2." in k for k in keys)
+    text = Generator(base).generate("1", GenerationParams(max_output_tokens=3), result.adapter_dir)
+    assert text.candidates[0].token_count >= 1

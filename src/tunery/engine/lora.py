@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -56,6 +57,13 @@ def _targets(model: nn.Module, spec: LoraSpec) -> Iterator[tuple[str, nn.Module,
         for attr, child in list(module.named_children()):
             if attr in spec.target_modules and isinstance(child, nn.Linear):
                 yield (f"{path}.{attr}" if path else attr), module, attr, child
+
+
+def resolved_for(model: nn.Module, spec: LoraSpec) -> LoraSpec:
+    """`spec`, or with its fallback targets when `model` has none of its target modules."""
+    if any(True for _ in _targets(model, spec)):
+        return spec
+    return replace(spec, target_modules=spec.fallback_modules, fallback_modules=())
 
 
 @contextmanager

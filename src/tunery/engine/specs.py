@@ -40,6 +40,8 @@ class LoraSpec:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")
+    # Used instead when a model has none of the target modules under these names (OPT, say).
+    fallback_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "out_proj")
 
     def __post_init__(self) -> None:
         if self.rank < 1:

@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from tunery.engine.lora import (
     adapter_state,
     load_adapter_state,
     lora_injected,
+    resolved_for,
     save_peft_adapter,
     trainable_parameters,
 )
@@ -93,6 +95,7 @@ def train(
     """
     if not examples:
         raise InvalidArgument("the training dataset has no examples")
+    spec = replace(spec, lora=resolved_for(base.model, spec.lora))
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     tok = base.tokenizer
