@@ -60,8 +60,9 @@ def _targets(model: nn.Module, spec: LoraSpec) -> Iterator[tuple[str, nn.Module,
 
 
 def resolved_for(model: nn.Module, spec: LoraSpec) -> LoraSpec:
-    """`spec`, or with its fallback targets when `model` has none of its target modules."""
-    if any(True for _ in _targets(model, spec)):
+    """`spec`, or with its fallback targets when `model` has none of its target modules (with
+    no fallback, `spec` as is: `lora_injected` then names the targets that matched nothing)."""
+    if not spec.fallback_modules or any(True for _ in _targets(model, spec)):
         return spec
     return replace(spec, target_modules=spec.fallback_modules, fallback_modules=())
 

@@ -20,8 +20,8 @@ from tunery.engine.specs import MAX_INPUT_CHARS, Generation, GenerationParams, S
 from tunery.errors import FailedPrecondition, InvalidArgument, NotFound
 from tunery.service.tuning import TuningService
 
-# Tuned adapters kept loaded per base model (LRU); rank-16 all-module LoRA on gemma-3-270m is
-# ~8 MB each in memory (bf16; the fp32 file is ~15 MB), so 128 is ~1 GB at most.
+# Tuned adapters kept loaded per base model (LRU); the default rank-16 MLP LoRA on gemma-3-270m
+# is ~10 MB each in memory (fp32, as its file), so 128 is ~1.3 GB at most.
 MAX_LOADED_ADAPTERS = 128
 
 
