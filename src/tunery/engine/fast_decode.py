@@ -7,6 +7,12 @@ Gemma 3 code op for op (RMSNorm in fp32 with (1 + w), bf16 rotary tables, gelu-t
 embedding scaled by a bf16 sqrt(hidden)), and a LoRA delta is added as PEFT adds its fp32 adapter:
 the input cast to fp32, x @ A.T @ B.T * scaling added to the base output in fp32, cast back.
 
+On a CPU with oneDNN every fused projection and the head also get a copy pre-packed into oneDNN's
+blocked layout (`packed_weight`, built once per model and shared with training): a bf16 matmul
+then skips the per-call weight reorder, 1.3-1.8x faster for decode-sized inputs, and gives the
+same bits as `F.linear` on the plain weights (measured for 1 to 117 rows). It costs a second copy
+of the weights (~0.5 GB for gemma-3-270m), which buys ~1.5x decode throughput.
+
 `weights="int8"` adds an int8 copy of every projection and of the tied 262k-token output head,
 one bf16 scale per output channel (`aten._weight_int8pack_mm`): a decode step reads half the
 bytes (it is memory-bound); the prompt still runs on the bf16 weights.
@@ -21,7 +27,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+import threading
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -41,16 +49,21 @@ GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
 class Linear:
     """y = x @ W.T for a fixed weight given as row blocks (fused projections).
 
-    bf16 keeps the model's own tensors (no copy) and runs one matmul per block; int8 holds one
-    fused int8 copy with a bf16 scale per output channel for small batches (decode steps), and
-    the bf16 blocks for prompts, where the int8 kernel is slower than bf16 and less exact.
+    bf16 runs one matmul on the pre-packed fused copy where there is one, else one per block of
+    the model's own tensors; int8 adds one fused int8 copy with a bf16 scale per output channel
+    for small batches (decode steps), and keeps the bf16 path for prompts, where the int8 kernel
+    is slower than bf16 and less exact.
     """
 
     INT8_MAX_ROWS = 8  # at most this many input rows take the int8 kernel
 
-    def __init__(self, parts: Sequence[torch.Tensor], weights: Weights) -> None:
+    def __init__(
+        self, parts: Sequence[torch.Tensor], weights: Weights, packed: torch.Tensor | None = None
+    ) -> None:
+        """`packed`: the parts stacked and pre-packed (`packed_weight`), used instead of them."""
         self.parts = [p.detach() for p in parts]
         self.out_features = sum(p.shape[0] for p in self.parts)
+        self.packed = packed
         self.q: torch.Tensor | None = None
         if weights == "int8":
             w = torch.cat(self.parts).float()
@@ -67,9 +80,53 @@ class Linear:
                 x.reshape(rows, shape[-1]), self.q, self.scale
             )
             return y.view(*shape[:-1], self.out_features)
+        if self.packed is not None:
+            flat = x.reshape(rows, shape[-1])
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")
+            return y.view(*shape[:-1], self.out_features)
         if len(self.parts) == 1:
             return F.linear(x, self.parts[0])
         return torch.cat([F.linear(x, p) for p in self.parts], dim=-1)
+
+
+def packable(weight: torch.Tensor) -> bool:
+    """Whether `weight` can be pre-packed for oneDNN (a CPU build with it, bf16 or fp32)."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.bfloat16, torch.float32)
+        and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """W (out, in) reordered into oneDNN's blocked layout for `mkldnn._linear_pointwise`."""
+    packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 64)
+    return packed
+
+
+# model → name → its pre-packed weight; kept while the model lives
+_PACKED: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor | None]] = (
+    weakref.WeakKeyDictionary()
+)
+_PACKED_LOCK = threading.Lock()
+
+
+def packed_weight(
+    model: Any, name: str, parts: Callable[[], Sequence[torch.Tensor]]
+) -> torch.Tensor | None:
+    """`model`'s weight `name`, the tensors `parts()` stacked by rows, pre-packed once per model
+    (every `FastGemma3` of the model shares it); None where packing does not apply."""
+    with _PACKED_LOCK:
+        packs = _PACKED.setdefault(model, {})
+        if name not in packs:
+            tensors = [p.detach() for p in parts()]
+            packs[name] = (
+                pack(torch.cat(tensors) if len(tensors) > 1 else tensors[0])
+                if packable(tensors[0])
+                else None
+            )
+        return packs[name]
 
 
 class AdapterDamaged(ValueError):
@@ -346,16 +403,19 @@ class FastGemma3:
             if id(module) in projections
         }
 
+        def linear(name: str, parts: list[torch.Tensor]) -> Linear:
+            return Linear(parts, weights, packed_weight(model, name, lambda: parts))
+
         self.layers: list[_Layer] = []
         for i, layer in enumerate(body.layers[: self.n_layers]):
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 _Layer(
                     sliding=config.layer_types[i] == "sliding_attention",
-                    qkv=Linear([w(attn.q_proj), w(attn.k_proj), w(attn.v_proj)], weights),
-                    o=Linear([w(attn.o_proj)], weights),
-                    gu=Linear([w(mlp.gate_proj), w(mlp.up_proj)], weights),
-                    down=Linear([w(mlp.down_proj)], weights),
+                    qkv=linear(f"{i}.qkv", [w(attn.q_proj), w(attn.k_proj), w(attn.v_proj)]),
+                    o=linear(f"{i}.o", [w(attn.o_proj)]),
+                    gu=linear(f"{i}.gu", [w(mlp.gate_proj), w(mlp.up_proj)]),
+                    down=linear(f"{i}.down", [w(mlp.down_proj)]),
                     ln_in=_norm_weight(layer.input_layernorm),
                     ln_post_attn=_norm_weight(layer.post_attention_layernorm),
                     ln_pre_ff=_norm_weight(layer.pre_feedforward_layernorm),
@@ -365,7 +425,7 @@ class FastGemma3:
                 )
             )
         self.final_norm = _norm_weight(body.norm)
-        self.head = Linear([model.lm_head.weight], weights)  # tied to the embedding
+        self.head = linear("head", [model.lm_head.weight])  # tied to the embedding
         self._head_weight = model.lm_head.weight
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0

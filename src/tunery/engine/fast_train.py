@@ -11,7 +11,7 @@ bookkeeping for ~60 ops per layer, and pads every row of a batch to the longest.
 - **Pre-packed weights:** on a CPU with oneDNN the frozen weights are reordered once into oneDNN's
   blocked layout, for the forward (W) and for the backward (Wᵀ): a bf16 matmul with few rows then
   skips the per-call reorder, 1.5-3× faster for these shapes. They are built once per base model
-  and kept while the model lives.
+  and kept while the model lives; the forward's copies are the decode path's (`fast_decode`).
 - **Label-only logits:** the 262k-token head runs only at positions that predict a label.
 
 Numerics follow the transformers Gemma 3 code (see `fast_decode`); the LoRA delta is computed in
@@ -31,7 +31,15 @@ import torch
 import torch.nn.functional as F
 
 from tunery.engine.data import PackedBatch
-from tunery.engine.fast_decode import GROUPS, PROJECTIONS, FastGemma3, _rope
+from tunery.engine.fast_decode import (
+    GROUPS,
+    PROJECTIONS,
+    FastGemma3,
+    Linear,
+    _rope,
+    pack,
+    packable,
+)
 from tunery.engine.lora import LoraLinear
 
 block_diag: Any = torch.block_diag  # untyped in torch
@@ -40,26 +48,24 @@ block_diag: Any = torch.block_diag  # untyped in torch
 class FrozenWeight:
     """A frozen weight W (out, in) ready for `x @ W.T` (forward) and `g @ W` (backward).
 
-    With oneDNN on a CPU both are pre-packed matmul operands; elsewhere plain tensors.
+    The forward is the decode path's `Linear` (its pre-packed copy, shared); the backward gets
+    its own pre-packed Wᵀ with oneDNN on a CPU, else the stacked plain weight.
     """
 
-    def __init__(self, weight: torch.Tensor) -> None:
-        weight = weight.detach().contiguous()
-        self.out_features, self.in_features = weight.shape
-        self._fwd: torch.Tensor | None = None
+    def __init__(self, linear: Linear) -> None:
+        self._linear = linear
+        self.out_features = linear.out_features
+        parts = linear.parts
+        weight = torch.cat(parts) if len(parts) > 1 else parts[0]
         self._bwd: torch.Tensor | None = None
         self._plain: torch.Tensor | None = weight
-        if _packing_available(weight):
-            self._fwd = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
-            self._bwd = torch.ops.mkldnn._reorder_linear_weight(weight.t().contiguous(), 64)
-            self._plain = None  # the packed copies replace it (a fused group's is a copy)
+        if packable(weight):
+            self._bwd = pack(weight.t())
+            self._plain = None  # a fused group's stacked weight is a copy: not kept
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) → (N, out)."""
-        if self._plain is not None:
-            return F.linear(x, self._plain)
-        y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, self._fwd, None, "none", [], "")
-        return y
+        return self._linear(x)
 
     def backward(self, g: torch.Tensor) -> torch.Tensor:
         """g (N, out) → (N, in)."""
@@ -67,15 +73,6 @@ class FrozenWeight:
             return g @ self._plain
         y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(g, self._bwd, None, "none", [], "")
         return y
-
-
-def _packing_available(weight: torch.Tensor) -> bool:
-    return (
-        weight.device.type == "cpu"
-        and weight.dtype in (torch.bfloat16, torch.float32)
-        and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-    )
 
 
 class _LoraGroupFn(torch.autograd.Function):
@@ -176,18 +173,14 @@ class _FlatParams:
 
 
 class _BaseKernels:
-    """A base model's frozen weights as fused, pre-packed matmul operands (built once)."""
+    """A base model's frozen weights as fused matmul operands for forward and backward."""
 
     def __init__(self, fast: FastGemma3) -> None:
         self.groups = [
-            {group: FrozenWeight(_stacked(getattr(layer, group).parts)) for group, _ in GROUPS}
+            {group: FrozenWeight(getattr(layer, group)) for group, _ in GROUPS}
             for layer in fast.layers
         ]
-        self.head = FrozenWeight(_stacked(fast.head.parts))
-
-
-def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+        self.head = FrozenWeight(fast.head)
 
 
 _KERNELS: weakref.WeakKeyDictionary[Any, _BaseKernels] = weakref.WeakKeyDictionary()
@@ -195,8 +188,9 @@ _KERNELS_LOCK = threading.Lock()
 
 
 def base_kernels(fast: FastGemma3, model: Any) -> _BaseKernels:
-    """`model`'s fused, pre-packed frozen weights (`fast` reads them), built on first use (~1 s
-    for gemma-3-270m on 2 cores, ~1 GB) and kept while the model lives."""
+    """`model`'s frozen weights for training (`fast` reads them), built on first use (the
+    backward's pre-packed Wᵀ copies: ~0.2 s for gemma-3-270m on 2 cores, ~0.5 GB) and kept while
+    the model lives."""
     with _KERNELS_LOCK:
         kernels = _KERNELS.get(model)
         if kernels is None:
