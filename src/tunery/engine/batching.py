@@ -23,6 +23,7 @@ import torch
 
 from tunery.engine.batch_decode import MAX_ROWS, Lora32, Span, pad_rows, step_rows
 from tunery.engine.fast_decode import FastGemma3, FastLora, KVCache
+from tunery.engine.openmp import release_workers
 from tunery.engine.sampling import pick, rng_for
 from tunery.engine.specs import GenerationParams
 
@@ -145,6 +146,7 @@ class BatchScheduler:
             while True:
                 with self._cond:
                     if not self._waiting and not self._rows and not self._closed:
+                        release_workers()  # idle: leave the cores to other threads' teams
                         self._cond.wait_for(
                             lambda: bool(self._waiting) or self._closed, timeout=IDLE_EXIT_S
                         )

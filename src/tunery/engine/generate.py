@@ -38,6 +38,7 @@ from tunery.engine.batching import BatchScheduler
 from tunery.engine.data import OUTPUT_PREFIX, encode_prompt
 from tunery.engine.fast_decode import FastGemma3, FastLora, KVCache
 from tunery.engine.llamacpp import LlamaCppModel, adapter_gguf
+from tunery.engine.openmp import release_workers
 from tunery.engine.sampling import pick, rng_for
 from tunery.engine.specs import (
     Candidate,
@@ -203,6 +204,7 @@ class Generator:
     ) -> Gen[str, None, None]:
         """One candidate's text deltas from the batch scheduler; stops its row when the text
         ends (a stop sequence) or the consumer closes this iterator."""
+        release_workers()  # this thread now only waits: see `openmp`
         handle = route.scheduler.submit(ids, route.lora, params)
         try:
             for token in handle:
