@@ -250,6 +250,18 @@ class Generator:
         Candidates share the prompt's KV cache and decode as one batch; a finished candidate's
         row is dropped from the batch so it costs nothing more.
         """
+        try:
+            yield from self._decode_steps(prompt_ids, params, adapter_dir, texts)
+        finally:
+            release_workers()  # this thread's OpenMP team would slow the batch thread's steps
+
+    def _decode_steps(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        adapter_dir: Path | None,
+        texts: Sequence[_TextStream],
+    ) -> Iterator[list[str]]:
         device = self._base.device
         rng = rng_for(params, device)
         max_len = len(prompt_ids) + params.max_output_tokens
