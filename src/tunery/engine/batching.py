@@ -24,7 +24,7 @@ import torch
 from tunery.engine.batch_decode import MAX_ROWS, Lora32, Span, pad_rows, step_rows
 from tunery.engine.fast_decode import FastGemma3, FastLora, KVCache
 from tunery.engine.openmp import release_workers
-from tunery.engine.sampling import pick, rng_for
+from tunery.engine.sampling import greedy, pick, rng_for
 from tunery.engine.specs import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -201,13 +201,15 @@ class BatchScheduler:
             self._rows = []
             return
         self.peak_rows = max(self.peak_rows, len(rows))
-        logits = fast.logits(pad_rows(torch.cat(hidden)))  # (B, V); a lone row padded to 2
-        greedy = logits.argmax(dim=-1).tolist()
+        # (B, V) in bf16: the float32 copy the solo loop picks from is exact, so only the rows
+        # that sample take it. A lone row is padded to 2.
+        logits = fast.logits(pad_rows(torch.cat(hidden)), float32=False)
+        best = greedy(logits).tolist()
         keep = []
         for j, row in enumerate(rows):
-            token = greedy[j]
+            token = best[j]
             if row.rng is not None:  # sampled alone: its generator draws as in the solo loop
-                token = int(pick(logits[j : j + 1], row.params, row.rng))
+                token = int(pick(logits[j : j + 1].float(), row.params, row.rng))
             row.produced += 1
             row.handle._put(token)
             if token in self._eos or row.produced >= row.params.max_output_tokens:
