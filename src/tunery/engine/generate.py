@@ -251,44 +251,35 @@ class Generator:
         row is dropped from the batch so it costs nothing more.
         """
         try:
-            yield from self._decode_steps(prompt_ids, params, adapter_dir, texts)
+            device = self._base.device
+            rng = rng_for(params, device)
+            max_len = len(prompt_ids) + params.max_output_tokens
+            with self._forward(adapter_dir, max_len, len(texts)) as run:
+                n = len(texts)
+                hidden = run.start(prompt_ids, n)  # (n, C): the prompt's last position, n times
+                rows = list(range(n))  # candidate index of each batch row still decoding
+                for step in range(params.max_output_tokens):
+                    next_ids = pick(run.logits(hidden), params, rng).tolist()  # (rows,)
+                    deltas = [""] * n
+                    for tok, i in zip(next_ids, rows, strict=True):
+                        deltas[i] = texts[i].push(tok, tok in self._eos_ids)
+                    if step + 1 == params.max_output_tokens:
+                        for i in rows:
+                            if texts[i].finish_reason is None:
+                                deltas[i] += texts[i].finish(FinishReason.MAX_TOKENS)
+                    keep = [r for r, i in enumerate(rows) if texts[i].finish_reason is None]
+                    yield deltas
+                    if not keep:
+                        return
+                    next_tensor = torch.tensor(next_ids, device=device)
+                    if len(keep) < len(rows):
+                        index = torch.tensor(keep, device=device)
+                        run.select(index)
+                        next_tensor = next_tensor[index]
+                        rows = [rows[r] for r in keep]
+                    hidden = run.step(next_tensor)  # (rows, C)
         finally:
             release_workers()  # this thread's OpenMP team would slow the batch thread's steps
-
-    def _decode_steps(
-        self,
-        prompt_ids: list[int],
-        params: GenerationParams,
-        adapter_dir: Path | None,
-        texts: Sequence[_TextStream],
-    ) -> Iterator[list[str]]:
-        device = self._base.device
-        rng = rng_for(params, device)
-        max_len = len(prompt_ids) + params.max_output_tokens
-        with self._forward(adapter_dir, max_len, len(texts)) as run:
-            n = len(texts)
-            hidden = run.start(prompt_ids, n)  # (n, C): the prompt's last position, n times
-            rows = list(range(n))  # candidate index of each batch row still decoding
-            for step in range(params.max_output_tokens):
-                next_ids = pick(run.logits(hidden), params, rng).tolist()  # (rows,)
-                deltas = [""] * n
-                for tok, i in zip(next_ids, rows, strict=True):
-                    deltas[i] = texts[i].push(tok, tok in self._eos_ids)
-                if step + 1 == params.max_output_tokens:
-                    for i in rows:
-                        if texts[i].finish_reason is None:
-                            deltas[i] += texts[i].finish(FinishReason.MAX_TOKENS)
-                keep = [r for r, i in enumerate(rows) if texts[i].finish_reason is None]
-                yield deltas
-                if not keep:
-                    return
-                next_tensor = torch.tensor(next_ids, device=device)
-                if len(keep) < len(rows):
-                    index = torch.tensor(keep, device=device)
-                    run.select(index)
-                    next_tensor = next_tensor[index]
-                    rows = [rows[r] for r in keep]
-                hidden = run.step(next_tensor)  # (rows, C)
 
     @contextlib.contextmanager
     def _forward(self, adapter_dir: Path | None, max_len: int, n: int) -> Iterator[_Forward]:
