@@ -9,6 +9,7 @@ import torch
 
 from tunery.engine import fast_train
 from tunery.engine.data import TokenizedExample, collate, pack
+from tunery.engine.fast_decode import PROJECTIONS
 from tunery.engine.fast_train import FastGemma3Train
 from tunery.engine.lora import lora_injected, trainable_parameters
 from tunery.engine.specs import LoraSpec
@@ -62,10 +63,14 @@ def _loss_and_grads(
         ([150, 120, 30], 64),  # long: one attention per example, windowed on sliding layers
     ],
 )
-def test_matches_the_transformers_forward_in_fp32(lengths: list[int], window: int) -> None:
+@pytest.mark.parametrize("targets", [LoraSpec().target_modules, PROJECTIONS])
+def test_matches_the_transformers_forward_in_fp32(
+    lengths: list[int], window: int, targets: tuple[str, ...]
+) -> None:
+    """The default (MLP) targets, and all seven: groups of 1, 2 and 3 members."""
     model = _tiny_gemma(window)
     examples = _examples(lengths)
-    with lora_injected(model, LoraSpec(rank=4, alpha=8)) as layers:
+    with lora_injected(model, LoraSpec(rank=4, alpha=8, target_modules=targets)) as layers:
         for layer in layers.values():
             torch.nn.init.normal_(layer.lora_B, std=0.05)  # B starts at 0: give it a value
         params = trainable_parameters(layers)

@@ -42,8 +42,6 @@ from tunery.engine.fast_decode import (
 )
 from tunery.engine.lora import LoraLinear
 
-block_diag: Any = torch.block_diag  # untyped in torch
-
 
 class FrozenWeight:
     """A frozen weight W (out, in) ready for `x @ W.T` (forward) and `g @ W` (backward).
@@ -78,9 +76,9 @@ class FrozenWeight:
 class _LoraGroupFn(torch.autograd.Function):
     """y = x Wᵀ + s·(x Aᵀ) Bᵀ for a fused group; gradients for A and B only.
 
-    A is the members' A matrices stacked (R, in), so x is read once for all of them; B is their B
-    matrices on a block diagonal (out, R), so one matmul adds every member's delta to its own
-    columns. Both come in x's dtype; the gradients leave in fp32, B's as each member's block.
+    A is the members' A matrices stacked (R, in), so x is read once for all of them; each
+    member's B adds its delta to its own block of columns (a block-diagonal B would cost a copy
+    and twice the multiply-adds). A and the Bs come in x's dtype; the gradients leave in fp32.
     """
 
     @staticmethod
@@ -89,30 +87,33 @@ class _LoraGroupFn(torch.autograd.Function):
         x: torch.Tensor,
         weight: FrozenWeight,
         scaling: float,
-        low: tuple[torch.Tensor, torch.Tensor, list[tuple[int, int, int, int]]],
+        low: tuple[torch.Tensor, list[torch.Tensor], list[tuple[int, int, int, int]]],
         *ab: torch.Tensor,
     ) -> torch.Tensor:
-        """`ab` are the fp32 A₁, B₁, A₂, B₂... (for autograd); `low` is (A, B block, block
-        bounds) in x's dtype."""
-        a, b, blocks = low
+        """`ab` are the fp32 A₁, B₁, A₂, B₂... (for autograd); `low` is (A stacked, the Bs,
+        block bounds) in x's dtype."""
+        a, bs, blocks = low
         u = x @ a.t()  # (N, R)
-        y = weight.forward(x).addmm_(u, b.t(), alpha=scaling)  # (N, out)
+        y = weight.forward(x)  # (N, out), a fresh tensor
+        for (lo, hi, r_lo, r_hi), b in zip(blocks, bs, strict=True):
+            y[:, lo:hi].addmm_(u[:, r_lo:r_hi], b.t(), alpha=scaling)
         ctx.weight, ctx.scaling, ctx.blocks = weight, scaling, blocks
-        ctx.save_for_backward(x, a, b, u)
+        ctx.save_for_backward(x, a, u, *bs)
         return y
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, a, b, u = ctx.saved_tensors
+        x, a, u, *bs = ctx.saved_tensors
         s = ctx.scaling
         g = g.contiguous()
-        gu = g @ b  # (N, R)
-        grad_b = (g.t() @ u).float().mul_(s)  # (out, R); only the diagonal blocks are used
+        blocks = zip(ctx.blocks, bs, strict=True)
+        parts = [(g[:, lo:hi], u[:, r_lo:r_hi], b) for (lo, hi, r_lo, r_hi), b in blocks]
+        gu = torch.cat([g_m @ b for g_m, _, b in parts], dim=1) if len(parts) > 1 else g @ bs[0]
         grad_a = (gu.t() @ x).float().mul_(s)  # (R, in)
         gx = ctx.weight.backward(g).addmm_(gu, a, alpha=s)
         out: list[torch.Tensor | None] = [gx, None, None, None]
-        for lo, hi, r_lo, r_hi in ctx.blocks:
-            out += [grad_a[r_lo:r_hi], grad_b[lo:hi, r_lo:r_hi]]
+        for (_, _, r_lo, r_hi), (g_m, u_m, _) in zip(ctx.blocks, parts, strict=True):
+            out += [grad_a[r_lo:r_hi], (g_m.t() @ u_m).float().mul_(s)]
         return tuple(out)
 
 
@@ -143,8 +144,7 @@ class _Group:
             a_list = [cast[id(p)] for p in self.params[0::2]]
             b_list = [cast[id(p)] for p in self.params[1::2]]
             a = torch.cat(a_list) if len(a_list) > 1 else a_list[0]
-            b = block_diag(*b_list) if len(b_list) > 1 else b_list[0]
-            low = (a, b, self.blocks)
+            low = (a, b_list, self.blocks)
             y = _LoraGroupFn.apply(flat, self.weight, self.scaling, low, *self.params)  # type: ignore[no-untyped-call]
         else:
             y = _FrozenLinearFn.apply(flat, self.weight)  # type: ignore[no-untyped-call]
