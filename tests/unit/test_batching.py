@@ -81,7 +81,7 @@ def test_batched_rows_are_bit_identical_to_rows_stepped_alone(
     spans.append((5, 6, weights[id(loras[2])]))
     with torch.inference_mode():
         ids = [base.tokenizer(p)["input_ids"] for p in PROMPTS]
-        ids[4] = ids[0]  # rows 0 and 4 (other adapters) have equal lengths: one attention call
+        ids[4] = ids[0]  # rows 0 and 4 (other adapters) have equal lengths throughout
         solo = [fast.new_cache(len(i) + 80) for i in ids]
         batch = [fast.new_cache(len(i) + 80) for i in ids]
         for i, lora, a, b in zip(ids, rows, solo, batch, strict=True):

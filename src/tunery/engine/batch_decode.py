@@ -13,10 +13,8 @@ What is shared and what is not (each choice measured on this CPU, bf16 weights):
   Punica/LoRAX group them. A 1-row fp32 `F.linear` (the single-stream path) and a many-row one
   round differently, but a `bmm` of (m, 1, in) rows with the adapter's transposed weight expanded
   over m matches the 1-row call exactly, so that is the form used.
-- Attention runs on each row's own cache (its length, its sliding-window ring): a padded batch
-  with a mask sums in another order and drifts by an ulp. Rows whose caches hold the same number
-  of positions share one call (their keys and values stacked), which gives each row the bits of
-  its own call; a row of a length of its own costs ~25 µs per layer.
+- Attention runs per row on that row's own cache (its length, its sliding-window ring): a padded
+  batch with a mask sums in another order and drifts by an ulp. It is ~25 µs per row and layer.
 """
 
 from __future__ import annotations
@@ -95,7 +93,6 @@ def step_rows(
     index = torch.tensor(positions, device=fast.device)
     rope = {k: (c[index].view(b, 1, 1, hd), s[index].view(b, 1, 1, hd))
             for k, (c, s) in fast._rope.items()}  # fmt: skip
-    same_length: dict[bool, list[tuple[int, list[int]]]] = {}  # per layer kind, see below
     for i, layer in enumerate(fast.layers):
         cos, sin = rope["sliding" if layer.sliding else "full"]
         h = _rms(x, layer.ln_in, fast.eps)
@@ -105,43 +102,24 @@ def step_rows(
         v = qkv[:, (nh + nkv) * hd :].view(b, nkv, 1, hd)
         q = _rope(_rms(q, layer.q_norm, fast.eps), cos, sin)
         k = _rope(_rms(k, layer.k_norm, fast.eps), cos, sin)
-        if layer.sliding not in same_length:
-            same_length[layer.sliding] = _same_length(caches, positions, i)
-        a = q.new_empty(b, nh, 1, hd)
+        outs = []
         for r, (cache, pos) in enumerate(zip(caches, positions, strict=True)):
-            slot = pos % cache.sizes[i]
-            cache.k[i][:, :, slot : slot + 1] = k[r : r + 1]
-            cache.v[i][:, :, slot : slot + 1] = v[r : r + 1]
-        for n, rows in same_length[layer.sliding]:
-            # every filled slot is inside the window: no mask
-            if len(rows) == 1:
-                ks, vs = caches[rows[0]].k[i][:, :, :n], caches[rows[0]].v[i][:, :, :n]
-                a[rows[0]] = F.scaled_dot_product_attention(
-                    q[rows[0] : rows[0] + 1], ks, vs, scale=fast.scaling, enable_gqa=True
-                )[0]
-                continue
-            index = torch.tensor(rows, device=fast.device)
-            ks = torch.cat([caches[r].k[i][:, :, :n] for r in rows])
-            vs = torch.cat([caches[r].v[i][:, :, :n] for r in rows])
-            out = F.scaled_dot_product_attention(
-                q.index_select(0, index), ks, vs, scale=fast.scaling, enable_gqa=True
+            size = cache.sizes[i]
+            slot = pos % size
+            ck, cv = cache.k[i], cache.v[i]
+            ck[:, :, slot : slot + 1] = k[r : r + 1]
+            cv[:, :, slot : slot + 1] = v[r : r + 1]
+            n = min(pos + 1, size)  # every filled slot is inside the window: no mask
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[r : r + 1], ck[:, :, :n], cv[:, :, :n], scale=fast.scaling, enable_gqa=True
+                )
             )
-            a.index_copy_(0, index, out)
-        x = _after_attention(fast, x, a.reshape(b, nh * hd), layer, i, spans)
+        a = torch.cat(outs).reshape(b, nh * hd)
+        x = _after_attention(fast, x, a, layer, i, spans)
     for cache, pos in zip(caches, positions, strict=True):
         cache.length = pos + 1
     return _rms(x, fast.final_norm, fast.eps)
-
-
-def _same_length(
-    caches: Sequence[KVCache], positions: list[int], i: int
-) -> list[tuple[int, list[int]]]:
-    """The rows grouped by how many cached positions layer `i` attends over this step: rows of
-    one length share an attention call, which gives each the bits of its own (measured)."""
-    groups: dict[int, list[int]] = {}
-    for r, (cache, pos) in enumerate(zip(caches, positions, strict=True)):
-        groups.setdefault(min(pos + 1, cache.sizes[i]), []).append(r)
-    return list(groups.items())
 
 
 def pad_rows(hidden: torch.Tensor) -> torch.Tensor:
