@@ -26,8 +26,8 @@ def _pause_all() -> Callable[[int], int] | None:
     import torch  # noqa: F401  (loads the OpenMP runtime into the global namespace)
 
     try:
-        process = ctypes.CDLL(None)
-    except OSError:
+        process = ctypes.CDLL(None)  # the symbols the process has loaded (POSIX)
+    except (OSError, TypeError):  # Windows takes no None here
         return None
     function = getattr(process, "omp_pause_resource_all", None)
     if function is None:
