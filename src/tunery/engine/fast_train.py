@@ -137,14 +137,13 @@ class _Group:
     scaling: float
     blocks: list[tuple[int, int, int, int]]  # each member's (out_lo, out_hi, r_lo, r_hi)
 
-    def __call__(self, x: torch.Tensor, cast: dict[int, torch.Tensor]) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, cast: _Cast) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if self.params:
-            a_list = [cast[id(p)] for p in self.params[0::2]]
-            b_list = [cast[id(p)] for p in self.params[1::2]]
-            a = torch.cat(a_list) if len(a_list) > 1 else a_list[0]
-            low = (a, b_list, self.blocks)
+            # the members' As lie one after another in the flat buffer: stacked, they are a view
+            a = cast.stacked(self.params[0::2])
+            low = (a, [cast.of(p) for p in self.params[1::2]], self.blocks)
             y = _LoraGroupFn.apply(flat, self.weight, self.scaling, low, *self.params)  # type: ignore[no-untyped-call]
         else:
             y = _FrozenLinearFn.apply(flat, self.weight)  # type: ignore[no-untyped-call]
@@ -152,24 +151,40 @@ class _Group:
 
 
 class _FlatParams:
-    """Parameters re-pointed into one flat buffer, so all of them change dtype in one cast."""
+    """Parameters re-pointed into one flat buffer, in the given order, so all of them change
+    dtype in one cast."""
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
         self.params = params
         self.flat = torch.cat([p.detach().reshape(-1) for p in params])
+        self.offsets: dict[int, int] = {}
         offset = 0
         for p in params:
             p.data = self.flat[offset : offset + p.numel()].view_as(p)
+            self.offsets[id(p)] = offset
             offset += p.numel()
 
-    def cast(self, dtype: torch.dtype) -> dict[int, torch.Tensor]:
-        """id(param) → its current value in `dtype` (the parameter itself when already so)."""
-        low = self.flat.to(dtype)
-        out, offset = {}, 0
-        for p in self.params:
-            out[id(p)] = low[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
-        return out
+    def cast(self, dtype: torch.dtype) -> _Cast:
+        """The parameters' current values in `dtype` (the buffer itself when already so)."""
+        return _Cast(self.flat.to(dtype), self.offsets)
+
+
+@dataclass(frozen=True)
+class _Cast:
+    """One cast of a `_FlatParams` buffer, read as views."""
+
+    low: torch.Tensor
+    offsets: dict[int, int]
+
+    def of(self, p: torch.Tensor) -> torch.Tensor:
+        start = self.offsets[id(p)]
+        return self.low[start : start + p.numel()].view_as(p)
+
+    def stacked(self, ps: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Parameters of one width that lie one after another in the buffer, as one matrix."""
+        start = self.offsets[id(ps[0])]
+        rows = sum(p.shape[0] for p in ps)
+        return self.low[start : start + rows * ps[0].shape[1]].view(rows, ps[0].shape[1])
 
 
 class _BaseKernels:
@@ -255,16 +270,23 @@ class _HeadLossFn(torch.autograd.Function):
         return grad_hidden * g.to(grad_hidden.dtype), None, None, None
 
 
+_FUSED_RMS = hasattr(torch.ops.aten, "_fused_rms_norm")
+
+
 class _RmsNormFn(torch.autograd.Function):
-    """Gemma's RMSNorm, `x / rms(x) * (1 + w)` in fp32, cast back; frozen w. One autograd node
-    instead of the eight the plain ops leave."""
+    """Gemma's RMSNorm, `x / rms(x) * (1 + w)` in fp32, cast back; frozen w (any shape that
+    broadcasts over x). One autograd node instead of the eight the plain ops leave."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
-        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
+        if _FUSED_RMS:  # one kernel for x * rsqrt(mean(x²) + eps), the same bits as the ops
+            y, rstd = torch.ops.aten._fused_rms_norm(xf, [x.shape[-1]], None, eps)
+        else:
+            rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
+            y = xf * rstd
         ctx.save_for_backward(x, rstd, weight)
-        return (xf * rstd).mul_(weight).to(x.dtype)
+        return y.mul_(weight).to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -365,10 +387,17 @@ class FastGemma3Train:
                     lo, r_lo = hi, r_hi
                 groups[group] = _Group(frozen[group], params, scaling, blocks)
             self.groups.append(groups)
+        nh, nkv = self.spec.n_heads, self.spec.n_kv
+        self._qk_norms = [
+            torch.cat([layer.q_norm.expand(nh, -1), layer.k_norm.expand(nkv, -1)])
+            for layer in self.spec.layers
+        ]  # (H + Hkv, D): the q heads' norm weight, then the k heads'
         self.head = kernels.head
         self.softcap = float(self.spec.softcap or 0.0)
+        # each group's As first (stacked: one view), then its Bs
         self._flat = _FlatParams(
-            [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
+            [p for groups in self.groups for g in groups.values() for p in g.params[0::2]]
+            + [p for groups in self.groups for g in groups.values() for p in g.params[1::2]]
         )
 
     @staticmethod
@@ -383,7 +412,10 @@ class FastGemma3Train:
         f = self.spec
         t = batch.input_ids.shape[0]
         f._ensure_rope(int(batch.positions.max()) + 1)
-        rope = {kind: (c[batch.positions], s[batch.positions]) for kind, (c, s) in f._rope.items()}
+        rope = {
+            kind: (c[batch.positions].unsqueeze(1), s[batch.positions].unsqueeze(1))
+            for kind, (c, s) in f._rope.items()
+        }  # (T, 1, D): one table for every head
         x = F.embedding(batch.input_ids, f.embed) * f.embed_scale  # (T, C)
         cast = self._flat.cast(x.dtype)
         hd, nh, nkv = f.head_dim, f.n_heads, f.n_kv
@@ -394,14 +426,14 @@ class FastGemma3Train:
                 masks[sliding] = _mask(t, window, nh // nkv, x.device, batch.segments)
         for i, layer in enumerate(f.layers):
             groups = self.groups[i]
-            cos, sin = rope["sliding" if layer.sliding else "full"]  # (T, D)
+            cos, sin = rope["sliding" if layer.sliding else "full"]
             h = _norm(x, layer.ln_in, f.eps)
             qkv = groups["qkv"](h, cast)
-            q = qkv[:, : nh * hd].view(t, nh, hd).transpose(0, 1)
-            k = qkv[:, nh * hd : (nh + nkv) * hd].view(t, nkv, hd).transpose(0, 1)
+            # q and k heads normed (each with its own weight) and rotated as one tensor
+            qk = qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd)
+            qk = _rope(_norm(qk, self._qk_norms[i], f.eps), cos, sin)
+            q, k = qk[:, :nh].transpose(0, 1), qk[:, nh:].transpose(0, 1)
             v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd).transpose(0, 1)
-            q = _rope(_norm(q, layer.q_norm, f.eps), cos, sin)
-            k = _rope(_norm(k, layer.k_norm, f.eps), cos, sin)
             window = f.window if layer.sliding else None
             a = _attention(q, k, v, batch, window, f.scaling, masks[layer.sliding])
             x = x + _norm(groups["o"](a, cast), layer.ln_post_attn, f.eps)
