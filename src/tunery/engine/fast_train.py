@@ -280,6 +280,7 @@ class _RmsNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
+        y: torch.Tensor
         if _FUSED_RMS:  # one kernel for x * rsqrt(mean(x²) + eps), the same bits as the ops
             y, rstd = torch.ops.aten._fused_rms_norm(xf, [x.shape[-1]], None, eps)
         else:
