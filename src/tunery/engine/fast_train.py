@@ -110,7 +110,8 @@ class _LoraGroupFn(torch.autograd.Function):
         parts = [(g[:, lo:hi], u[:, r_lo:r_hi], b) for (lo, hi, r_lo, r_hi), b in blocks]
         gu = torch.cat([g_m @ b for g_m, _, b in parts], dim=1) if len(parts) > 1 else g @ bs[0]
         grad_a = (gu.t() @ x).float().mul_(s)  # (R, in)
-        gx = ctx.weight.backward(g).addmm_(gu, a, alpha=s)
+        # the input's gradient only where it is wanted (not below the first adapted layer)
+        gx = ctx.weight.backward(g).addmm_(gu, a, alpha=s) if ctx.needs_input_grad[0] else None
         out: list[torch.Tensor | None] = [gx, None, None, None]
         for (_, _, r_lo, r_hi), (g_m, u_m, _) in zip(ctx.blocks, parts, strict=True):
             out += [grad_a[r_lo:r_hi], (g_m.t() @ u_m).float().mul_(s)]
