@@ -149,10 +149,12 @@ def train(
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                # 3. checkpoint (written in the background) at epoch ends and every so often
+                # 3. checkpoint (written in the background) at epoch ends and every so often;
+                # not after the last step, where the adapter itself is written at once
                 epoch_end = step % per_epoch == 0
                 val_loss = _validate(batch_loss, val_tok, spec) if epoch_end else None
-                if epoch_end or time.monotonic() - last_ckpt > CHECKPOINT_INTERVAL_S:
+                due = epoch_end or time.monotonic() - last_ckpt > CHECKPOINT_INTERVAL_S
+                if due and step < total:
                     checkpoints.save(step, layers, opt, wait=False)
                     last_ckpt = time.monotonic()
                 # 4. report
