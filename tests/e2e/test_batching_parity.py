@@ -1,6 +1,6 @@
 """Continuous batching on the embedded model: concurrent requests over several adapters (and the
-base) get the greedy tokens of the single-stream fast loop (`FastGemma3.step`) and of running
-alone."""
+base) get the greedy tokens of running alone, and those of the single-stream fast loop
+(`FastGemma3.step`) up to a token that loop picked from a tie."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ PROMPTS = [
     "III",
     "List three colors:",
 ]
+# Two logits this close are a tie for the bf16 head: two bf16 steps at their size (16-32: 0.125).
+NEAR_TIE = 0.25
 EVERY = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -56,20 +58,28 @@ def adapters(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list
 
 
 @torch.inference_mode()
-def _solo_text(gen: Generator, fast: FastGemma3, prompt: str, adapter: Path | None) -> str:
+def _solo_run(
+    gen: Generator, fast: FastGemma3, prompt: str, adapter: Path | None
+) -> list[tuple[str, float]]:
+    """The single-stream fast loop (1-row `FastGemma3.step`): after each token, the text so far
+    and the gap between the two best logits the token was picked from."""
     params = GenerationParams(max_output_tokens=32)
     lora = None if adapter is None else FastLora.load(adapter, fast)
     ids = gen._encode(prompt, adapter)
     cache = fast.new_cache(len(ids) + 32)
     hidden = fast.prefill(ids, cache, lora)
     text = _TextStream(gen._tokenizer, params, adapter is not None)
+    trace = []
     for _ in range(32):
-        token = fast.logits(hidden).argmax(dim=-1)
+        logits = fast.logits(hidden)
+        top = logits[0].topk(2).values
+        token = logits.argmax(dim=-1)
         text.push(int(token), int(token) in gen._eos_ids)
+        trace.append((text.text, float(top[0] - top[1])))
         if text.finish_reason is not None:
             break
         hidden = fast.step(token, cache, lora)
-    return text.text
+    return trace
 
 
 def test_concurrent_requests_over_adapters_match_the_single_stream_loop(
@@ -92,5 +102,13 @@ def test_concurrent_requests_over_adapters_match_the_single_stream_loop(
 
     fast = FastGemma3(base.model)
     for k, (prompt, adapter) in enumerate(jobs):
-        assert results[k] == _solo_text(gen, fast, prompt, adapter), (k, prompt, adapter)
+        # Batching never changes an answer: the same text as the request alone.
         assert results[k] == gen.generate(prompt, params, adapter).candidates[0].text
+        # The 1-row loop takes other kernels, whose sums differ in the last bf16 bit now and
+        # then (more often on some CPUs than others): its text may part from the batched one,
+        # but only at a token it picked from a (near) tie.
+        trace = _solo_run(gen, fast, prompt, adapter)
+        if results[k] != trace[-1][0]:
+            parted = next(i for i, (t, _) in enumerate(trace) if not results[k].startswith(t))
+            gaps = [gap for _, gap in trace[: parted + 1]]
+            assert min(gaps) <= NEAR_TIE, (k, prompt, adapter, results[k], trace[-1][0], gaps)
