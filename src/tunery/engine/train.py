@@ -270,12 +270,10 @@ class CheckpointWriter:
         state = {
             "step": step,
             "adapter": adapter_state(layers),
-            "optimizer": opt.state_dict(),
+            "optimizer": _cloned(opt.state_dict()),
             "rng": torch.get_rng_state(),
         }
-        # Packing copies every tensor now (the optimizer updates its own in place) into one
-        # buffer per dtype: ~450 small tensors pickle 10x slower than three large ones.
-        self._pending = self._pool.submit(self._write, pack_tensors(state))
+        self._pending = self._pool.submit(self._write, state)
         if wait:
             self.wait()
 
@@ -295,50 +293,15 @@ class CheckpointWriter:
         _replace_dir(tmp, self.work_dir / CHECKPOINT_DIR)
 
 
-class _Slot:
-    """Where a packed tensor was: its buffer (by dtype), offset and shape."""
-
-    def __init__(self, dtype: torch.dtype, offset: int, shape: tuple[int, ...]) -> None:
-        self.dtype, self.offset, self.shape = dtype, offset, shape
-
-
-def pack_tensors(value: Any) -> dict[str, Any]:
-    """`value` (dicts, lists and tuples of tensors and plain values) with every tensor copied
-    into one flat CPU buffer per dtype; `unpack_tensors` restores it."""
-    parts: dict[torch.dtype, list[torch.Tensor]] = {}
-    sizes: dict[torch.dtype, int] = {}
-
-    def walk(v: Any) -> Any:
-        if isinstance(v, torch.Tensor):
-            slot = _Slot(v.dtype, sizes.get(v.dtype, 0), tuple(v.shape))
-            parts.setdefault(v.dtype, []).append(v.detach().reshape(-1).cpu())
-            sizes[v.dtype] = slot.offset + v.numel()
-            return slot
-        if isinstance(v, dict):
-            return {k: walk(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return type(v)(walk(x) for x in v)
-        return v
-
-    tree = walk(value)
-    buffers = {str(dtype): torch.cat(ts) for dtype, ts in parts.items()}
-    return {"packed": 1, "tree": tree, "buffers": buffers}
-
-
-def unpack_tensors(packed: dict[str, Any]) -> Any:
-    buffers = packed["buffers"]
-
-    def walk(v: Any) -> Any:
-        if isinstance(v, _Slot):
-            n = math.prod(v.shape)
-            return buffers[str(v.dtype)][v.offset : v.offset + n].view(v.shape).clone()
-        if isinstance(v, dict):
-            return {k: walk(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return type(v)(walk(x) for x in v)
-        return v
-
-    return walk(packed["tree"])
+def _cloned(value: Any) -> Any:
+    """A deep copy of an optimizer state dict's tensors (the optimizer updates them in place)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _cloned(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cloned(v) for v in value]
+    return value
 
 
 def _load_checkpoint(
@@ -348,8 +311,6 @@ def _load_checkpoint(
     if path is None:
         return 0
     state = torch.load(path, weights_only=False)
-    if isinstance(state, dict) and "packed" in state:
-        state = unpack_tensors(state)
     load_adapter_state(layers, state["adapter"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
