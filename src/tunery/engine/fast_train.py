@@ -156,7 +156,6 @@ class _FlatParams:
     dtype in one cast."""
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
-        self.params = params
         self.flat = torch.cat([p.detach().reshape(-1) for p in params])
         self.offsets: dict[int, int] = {}
         offset = 0
