@@ -202,7 +202,9 @@ def main() -> None:
             from tunery.engine.data import encode_prompt
             from tunery.engine.fast_decode import FastGemma3
 
-            lora = llamacpp.adapter_gguf(args.adapter.resolve(), FastGemma3(base.model), "gemma3")
+            lora = llamacpp.adapter_gguf(
+                args.adapter.resolve(), FastGemma3(base.config, base.weights), "gemma3"
+            )
             prompt_ids = encode_prompt(tok, PROMPT)  # the tuned model's prompt template
         name = "llama.cpp (GGUF" + (" + LoRA)" if lora else ")")
         sides.append((name, llama_cpp_side(gguf, prompt_ids, eos, lora)))

@@ -172,7 +172,9 @@ class Worker:
         for name in names:
             started = time.monotonic()
             try:
-                prepare_training(self.registry.load(name).model)
+                base = self.registry.load(name)
+                base.model  # noqa: B018 (training needs the transformers model: built now)
+                prepare_training(base.config, base.weights)
             except Exception:  # it will be loaded (and fail visibly) with a job that needs it
                 log.exception("worker %s: preloading %s failed", self.worker_id, name)
             else:

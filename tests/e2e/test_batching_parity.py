@@ -100,7 +100,7 @@ def test_concurrent_requests_over_adapters_match_the_single_stream_loop(
         t.join()
     assert gen._batcher is not None and gen._batcher.peak_rows > 4
 
-    fast = FastGemma3(base.model)
+    fast = FastGemma3(base.config, base.weights)
     for k, (prompt, adapter) in enumerate(jobs):
         # Batching never changes an answer: the same text as the request alone.
         assert results[k] == gen.generate(prompt, params, adapter).candidates[0].text

@@ -71,7 +71,7 @@ def _solo(fast: FastGemma3, ids: list[int], lora: FastLora | None, n: int) -> li
 def test_batched_rows_are_bit_identical_to_rows_stepped_alone(
     base: LoadedBase, adapters: list[Path]
 ) -> None:
-    fast = FastGemma3(base.model)
+    fast = FastGemma3(base.config, base.weights)
     loras = [FastLora.load(a, fast) for a in adapters]
     assert all(lora is not None for lora in loras)
     # Rows ordered by adapter: none, none, all, all, some, mlp.
@@ -100,7 +100,7 @@ def test_concurrent_requests_over_adapters_get_their_solo_tokens(
     base: LoadedBase, adapters: list[Path]
 ) -> None:
     gen = Generator(base, backend=Backend.FAST)
-    fast = FastGemma3(base.model)
+    fast = FastGemma3(base.config, base.weights)
     jobs = [(p, [None, *adapters][k % 4]) for k, p in enumerate(PROMPTS * 2)]
     params = GenerationParams(max_output_tokens=40)
     results: dict[int, str] = {}

@@ -51,7 +51,10 @@ def test_int8_hidden_states_stay_close(tiny_model_path: Path) -> None:
     base: LoadedBase = _load(tiny_model_path)
     ids = base.tokenizer("The capital of France is")["input_ids"]
     with torch.inference_mode():
-        bf16, int8 = FastGemma3(base.model, "bf16"), FastGemma3(base.model, "int8")
+        bf16, int8 = (
+            FastGemma3.of_model(base.model, "bf16"),
+            FastGemma3.of_model(base.model, "int8"),
+        )
         caches = bf16.new_cache(len(ids) + 1), int8.new_cache(len(ids) + 1)
         bf16.prefill(ids, caches[0], None)
         int8.prefill(ids, caches[1], None)

@@ -9,7 +9,7 @@ import torch
 
 from tunery.engine import fast_train
 from tunery.engine.data import TokenizedExample, collate, pack
-from tunery.engine.fast_decode import PROJECTIONS
+from tunery.engine.fast_decode import PROJECTIONS, FastGemma3
 from tunery.engine.fast_train import FastGemma3Train
 from tunery.engine.lora import lora_injected, trainable_parameters
 from tunery.engine.specs import LoraSpec
@@ -77,7 +77,7 @@ def test_matches_the_transformers_forward_in_fp32(
         reference = _loss_and_grads(
             lambda: label_loss(model, collate(examples, 0, torch.device("cpu"))), params
         )
-        fast = FastGemma3Train(model, layers)
+        fast = FastGemma3Train(FastGemma3.of_model(model), layers)
         got = _loss_and_grads(lambda: fast.loss(pack(examples, torch.device("cpu"))), params)
 
     assert got[0] == pytest.approx(reference[0], rel=1e-5)
@@ -89,7 +89,7 @@ def test_dense_and_per_example_attention_agree(monkeypatch: pytest.MonkeyPatch) 
     model = _tiny_gemma(16)
     examples = _examples([30, 12, 21])
     with lora_injected(model, LoraSpec(rank=4, alpha=8)) as layers:
-        fast = FastGemma3Train(model, layers)
+        fast = FastGemma3Train(FastGemma3.of_model(model), layers)
         batch = pack(examples, torch.device("cpu"))
         dense = float(fast.loss(batch))
         monkeypatch.setattr(fast_train, "DENSE_ATTENTION_MAX_TOKENS", 0)

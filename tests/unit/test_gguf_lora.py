@@ -24,7 +24,7 @@ RANK, ALPHA = 4, 64
 
 @pytest.fixture
 def fast(tiny_model_path: Path) -> FastGemma3:
-    return FastGemma3(_load(tiny_model_path).model)
+    return FastGemma3.of_model(_load(tiny_model_path).model)
 
 
 @pytest.fixture

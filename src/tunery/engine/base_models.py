@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,18 +54,97 @@ class BaseModelInfo:
         return f"models/{self.name}"
 
 
-@dataclass
 class LoadedBase:
-    """A base model in memory: the torch model, its tokenizer and where it runs."""
+    """A base model in memory: its config and weights, its tokenizer and where it runs.
 
-    info: BaseModelInfo
-    model: Any  # transformers PreTrainedModel (causal LM)
-    tokenizer: Any  # transformers tokenizer
-    model_dir: Path
-    device: torch.device
-    dtype: torch.dtype
-    # The GGUF file the model comes from (for llama.cpp), made on first call; None: a HF dir.
-    gguf: Callable[[], Path | None] = lambda: None
+    A model the fast forward runs (`FastGemma3.supports`) is read straight from its safetensors
+    files: serving it never imports transformers' modelling code (1.2 s of a server's start-up).
+    `model`, the transformers causal LM that training, PEFT and the reference forward use, is
+    built on first use around the same weight tensors (no second copy).
+    """
+
+    def __init__(
+        self,
+        info: BaseModelInfo,
+        model: Any,
+        tokenizer: Any,
+        model_dir: Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        gguf: Callable[[], Path | None] = lambda: None,
+        *,
+        config: Any = None,
+        weights: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Either `model` (a transformers causal LM), or None with `config` and `weights` (by
+        state-dict name) to build it from when it is first asked for. `gguf`: the GGUF file the
+        model comes from (for llama.cpp), made on first call; None for a HF dir."""
+        if model is None and (config is None or weights is None):
+            raise ValueError("a LoadedBase needs a model, or its config and weights")
+        self.info = info
+        self.tokenizer = tokenizer
+        self.model_dir = model_dir
+        self.device = device
+        self.dtype = dtype
+        self.gguf = gguf
+        self.config: Any = config if model is None else model.config
+        self._model = model
+        self._weights = weights
+        self._model_lock = threading.Lock()
+
+    @property
+    def model(self) -> Any:
+        """The transformers causal LM (in eval mode), built once, sharing `weights`."""
+        with self._model_lock:
+            if self._model is None:
+                self._model = _model_from_weights(self.config, self._weights or {}, self.dtype)
+            return self._model
+
+    @property
+    def has_model(self) -> bool:
+        """Whether `model` is built (else asking for it imports transformers' modelling code)."""
+        return self._model is not None
+
+    @property
+    def weights(self) -> Mapping[str, torch.Tensor]:
+        """The weights by state-dict name ("model.layers.0.mlp.up_proj.weight", ...)."""
+        if self._weights is None:
+            from tunery.engine.fast_decode import model_tensors
+
+            self._weights = model_tensors(self._model)
+        return self._weights
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The EOS ids of the model's config and generation config (the tokenizer's aside)."""
+        sources = [getattr(self.config, "eos_token_id", None)]
+        if self._model is not None:
+            generation = getattr(self._model, "generation_config", None)
+            sources.append(getattr(generation, "eos_token_id", None))
+        else:
+            try:
+                file = json.loads((self.model_dir / "generation_config.json").read_text())
+                sources.append(file.get("eos_token_id") if isinstance(file, dict) else None)
+            except (OSError, ValueError):
+                pass
+        ids: list[int] = []
+        for source in sources:
+            if isinstance(source, int):
+                ids.append(source)
+            elif isinstance(source, list | tuple):
+                ids += [int(i) for i in source]
+        return ids
+
+
+def _model_from_weights(
+    config: Any, weights: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> Any:
+    """The transformers causal LM for `config`, its parameters the `weights` tensors themselves."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    model = model_class.from_pretrained(None, config=config, state_dict=dict(weights), dtype=dtype)
+    return model.eval()
 
 
 _EMBEDDED = BaseModelInfo(
@@ -218,11 +297,12 @@ class BaseModelRegistry:
             return short_name(name) in self._loaded
 
     def _load(self, name: str) -> LoadedBase:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig
 
         info = self.get(name)
         path = self.model_dir(name)
         dtype = pick_dtype(self.device)
+        gguf = functools.partial(self.gguf_file, name)
         # The tokenizer (Gemma's tokenizer.json is 33 MB, parsed more than once by transformers)
         # takes as long as the weights: load the two side by side.
         with ThreadPoolExecutor(1, thread_name_prefix="tunery-tokenizer") as pool:
@@ -232,12 +312,19 @@ class BaseModelRegistry:
                 path / TOKENIZER_CACHE_DIR if ours else self.models_dir / TOKENIZER_CACHE_DIR
             )
             tokenizer_future = pool.submit(_cached_tokenizer, path, cache_dir, name)
-            model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-            model.to(self.device)
-            model.eval()
+            config = AutoConfig.from_pretrained(path)
+            weights = _fast_weights(path, config, dtype, self.device)
+            model: Any = None
+            if weights is None:
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                model.to(self.device)
+                model.eval()
             tokenizer = tokenizer_future.result()
-        gguf = functools.partial(self.gguf_file, name)
-        return LoadedBase(info, model, tokenizer, path, self.device, dtype, gguf)
+        return LoadedBase(
+            info, model, tokenizer, path, self.device, dtype, gguf, config=config, weights=weights
+        )
 
     def gguf_file(self, name: str) -> Path | None:
         """The GGUF file `name` comes from: the embedded model's Q4_K_M file, assembled into its
@@ -347,6 +434,34 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     model.hf_quantizer = None
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _fast_weights(
+    path: Path, config: Any, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor] | None:
+    """The weights of a model the fast forward runs, read from its safetensors files (in `dtype`,
+    on `device`); None for any other model, or one whose files lack a weight the forward reads
+    (it then loads through transformers, which also renames legacy checkpoint keys)."""
+    from safetensors.torch import load_file
+
+    from tunery.engine.fast_decode import FastGemma3
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():  # sharded
+        try:
+            files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+    else:
+        files = [path / "model.safetensors"]
+    if not FastGemma3.supports(config) or not all(f.is_file() for f in files):
+        return None
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        weights.update(load_file(file))
+    if any(name not in weights for name in FastGemma3.tensor_names(config)):
+        return None
+    return {name: t.to(device=device, dtype=dtype) for name, t in weights.items()}
 
 
 def _input_limit_from_config(path: Path) -> int | None:

@@ -18,7 +18,7 @@ tokens/s with an adapter) and 1.1x for a 32-row batched step.
 one bf16 scale per output channel (`aten._weight_int8pack_mm`): a decode step reads half the
 bytes (it is memory-bound); the prompt still runs on the bf16 weights.
 
-Only what the Gemma 3 text models use is supported; `FastGemma3.supports(model)` says whether a
+Only what the Gemma 3 text models use is supported; `FastGemma3.supports(config)` says whether a
 model qualifies and `FastLora.load` (which reads a PEFT adapter folder itself: one copy of the
 weights, bf16, no PEFT modules) returns None for an adapter it cannot run (DoRA, targets outside
 the seven projections, ...): the caller then uses the transformers path with PEFT.
@@ -30,21 +30,46 @@ import json
 import math
 import threading
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 Weights = Literal["bf16", "int8"]
+T = TypeVar("T")
 _PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a CausalLM's module paths
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Projections that read the same input run as one matmul: (group, members). The group names
 # are also `_Layer`'s attribute names for the fused weights.
 GROUPS = (("qkv", ("q_proj", "k_proj", "v_proj")), ("o", ("o_proj",)),
            ("gu", ("gate_proj", "up_proj")), ("down", ("down_proj",)))  # fmt: skip
+_EMBED = "model.embed_tokens.weight"
+_FINAL_NORM = "model.norm.weight"
+_HEAD = "lm_head.weight"
+_LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm")  # fmt: skip
+# Segments a LoRA wrapper adds to a wrapped weight's name: PEFT's `base_layer`, Tunery's `base`.
+_WRAPPER_SEGMENTS = frozenset({"base_layer", "base"})
+
+
+def _layer_name(i: int, proj: str) -> str:
+    part = "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    return f"model.layers.{i}.{part}.{proj}.weight"
+
+
+def model_tensors(model: Any) -> dict[str, torch.Tensor]:
+    """A transformers causal LM's weights by state-dict name, as its files name them: LoRA
+    wrappers (PEFT's or Tunery's) are seen through and their own weights left out."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        parts = name.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        tensors[".".join(p for p in parts if p not in _WRAPPER_SEGMENTS)] = param
+    return tensors
 
 
 class Linear:
@@ -106,20 +131,38 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-# model → name → its pre-packed weight; kept while the model lives
-_PACKED: weakref.WeakKeyDictionary[Any, dict[str, torch.Tensor | None]] = (
-    weakref.WeakKeyDictionary()
-)
+class ByTensor(Generic[T]):
+    """Values kept per tensor (by identity) while it lives; each made once, under a lock.
+
+    A `WeakKeyDictionary` cannot do this: its lookups compare tensors with `==`, elementwise.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[int, T] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: torch.Tensor, make: Callable[[], T]) -> T:
+        with self._lock:
+            ident = id(key)
+            if ident not in self._values:
+                self._values[ident] = make()
+                weakref.finalize(key, self._values.pop, ident, None)
+            return self._values[ident]
+
+
+# a model's embedding tensor → name → its pre-packed weight; kept while the weights live
+_PACKED: ByTensor[dict[str, torch.Tensor | None]] = ByTensor()
 _PACKED_LOCK = threading.Lock()
 
 
 def packed_weight(
-    model: Any, name: str, parts: Callable[[], Sequence[torch.Tensor]]
+    owner: torch.Tensor, name: str, parts: Callable[[], Sequence[torch.Tensor]]
 ) -> torch.Tensor | None:
-    """`model`'s weight `name`, the tensors `parts()` stacked by rows, pre-packed once per model
-    (every `FastGemma3` of the model shares it); None where packing does not apply."""
+    """A model's weight `name`, the tensors `parts()` stacked by rows, pre-packed once per model
+    (every `FastGemma3` of the model shares it); None where packing does not apply. `owner` is
+    the model's embedding tensor: it names the model and lives exactly as long as its weights."""
+    packs = _PACKED.get(owner, dict)
     with _PACKED_LOCK:
-        packs = _PACKED.setdefault(model, {})
         if name not in packs:
             tensors = [p.detach() for p in parts()]
             packs[name] = (
@@ -325,13 +368,20 @@ class KVCache:
 
 
 class FastGemma3:
-    """Gemma 3 text decoding with the weights of a transformers `Gemma3ForCausalLM`."""
+    """Gemma 3 text decoding with a `Gemma3ForCausalLM`'s config and weights.
+
+    The weights come by state-dict name (`tensors`, "model.layers.0.mlp.up_proj.weight", ...):
+    from the model's safetensors files, without transformers' modelling code, or from a
+    transformers model (`of_model`). They are shared, not copied.
+    """
 
     EXACT_TOP = 32  # int8 head: this many best logits are recomputed with the bf16 weights
 
     @staticmethod
-    def supports(model: Any) -> bool:
-        config = getattr(model, "config", None)
+    def supports(config: Any) -> bool:
+        """Whether a transformers config (or a model, for its config) describes a model this
+        forward runs."""
+        config = getattr(config, "config", config)
         if config is None or getattr(config, "model_type", None) != "gemma3_text":
             return False
         rope = getattr(config, "rope_parameters", None) or {}
@@ -346,13 +396,29 @@ class FastGemma3:
             )
         )
 
-    def __init__(self, model: Any, weights: Weights = "bf16") -> None:
-        config = model.config
-        body = model.model
+    @staticmethod
+    def tensor_names(config: Any) -> list[str]:
+        """The state-dict names the forward reads (the output head falls back to the tied
+        embedding when its own is absent)."""
+        names = [_EMBED, _FINAL_NORM]
+        for i in range(config.num_hidden_layers):
+            names += [_layer_name(i, proj) for proj in PROJECTIONS]
+            names += [f"model.layers.{i}.{norm}.weight" for norm in _LAYER_NORMS]
+        return names
+
+    @classmethod
+    def of_model(cls, model: Any, weights: Weights = "bf16") -> FastGemma3:
+        """The forward of a transformers model, seen through any LoRA layers injected in it."""
+        return cls(model.config, model_tensors(model), weights)
+
+    def __init__(
+        self, config: Any, tensors: Mapping[str, torch.Tensor], weights: Weights = "bf16"
+    ) -> None:
         self.weights = weights
         self.config = config
-        self.dtype: torch.dtype = body.embed_tokens.weight.dtype
-        self.device: torch.device = body.embed_tokens.weight.device
+        embed = tensors[_EMBED]
+        self.dtype: torch.dtype = embed.dtype
+        self.device: torch.device = embed.device
         self.n_layers = config.num_hidden_layers
         self.n_heads = config.num_attention_heads
         self.n_kv = config.num_key_value_heads
@@ -362,8 +428,9 @@ class FastGemma3:
         self.eps = config.rms_norm_eps
         self.scaling = config.query_pre_attn_scalar**-0.5
         self.softcap = getattr(config, "final_logit_softcapping", None)
-        self.embed = body.embed_tokens.weight  # shared with the model: no copy
-        self.embed_scale = body.embed_tokens.embed_scale.to(self.dtype)
+        self.embed = embed  # shared with the model: no copy
+        # Gemma3TextScaledWordEmbedding's scale: an fp32 sqrt(hidden) cast to the weights' dtype
+        self.embed_scale = torch.tensor(self.hidden**0.5).to(self.dtype).to(self.device)
         self.inv_freq = {
             t: 1.0
             / (
@@ -379,55 +446,48 @@ class FastGemma3:
             "gate_proj": config.intermediate_size, "up_proj": config.intermediate_size,
             "down_proj": self.hidden,
         }  # fmt: skip
-
-        def w(module: Any) -> torch.Tensor:
-            # A PEFT-wrapped projection keeps the frozen weight in `base_layer`.
-            module = getattr(module, "base_layer", module)
-            weight: torch.Tensor = module.weight
-            return weight
-
         self.in_features = {
             "q_proj": self.hidden, "k_proj": self.hidden, "v_proj": self.hidden, "o_proj": q_out,
             "gate_proj": self.hidden, "up_proj": self.hidden,
             "down_proj": config.intermediate_size,
         }  # fmt: skip
-        # Module path in `model` (as PEFT names it) → (layer, projection) a LoRA may target.
-        projections: dict[int, tuple[int, str]] = {}
-        for i, layer in enumerate(body.layers[: self.n_layers]):
-            for proj in PROJECTIONS:
-                mlp = proj in ("gate_proj", "up_proj", "down_proj")
-                parent = layer.mlp if mlp else layer.self_attn
-                projections[id(getattr(parent, proj))] = (i, proj)
+        # Module path (as PEFT names it in the causal LM) → (layer, projection) a LoRA may target.
         self.lora_targets: dict[str, tuple[int, str]] = {
-            name: projections[id(module)]
-            for name, module in model.named_modules()
-            if id(module) in projections
+            _layer_name(i, proj).removesuffix(".weight"): (i, proj)
+            for i in range(self.n_layers)
+            for proj in PROJECTIONS
         }
 
         def linear(name: str, parts: list[torch.Tensor]) -> Linear:
-            return Linear(parts, weights, packed_weight(model, name, lambda: parts))
+            return Linear(parts, weights, packed_weight(embed, name, lambda: parts))
+
+        def w(i: int, proj: str) -> torch.Tensor:
+            return tensors[_layer_name(i, proj)]
+
+        def norm(i: int, name: str) -> torch.Tensor:
+            return _norm_weight(tensors[f"model.layers.{i}.{name}.weight"])
 
         self.layers: list[_Layer] = []
-        for i, layer in enumerate(body.layers[: self.n_layers]):
-            attn, mlp = layer.self_attn, layer.mlp
+        for i in range(self.n_layers):
             self.layers.append(
                 _Layer(
                     sliding=config.layer_types[i] == "sliding_attention",
-                    qkv=linear(f"{i}.qkv", [w(attn.q_proj), w(attn.k_proj), w(attn.v_proj)]),
-                    o=linear(f"{i}.o", [w(attn.o_proj)]),
-                    gu=linear(f"{i}.gu", [w(mlp.gate_proj), w(mlp.up_proj)]),
-                    down=linear(f"{i}.down", [w(mlp.down_proj)]),
-                    ln_in=_norm_weight(layer.input_layernorm),
-                    ln_post_attn=_norm_weight(layer.post_attention_layernorm),
-                    ln_pre_ff=_norm_weight(layer.pre_feedforward_layernorm),
-                    ln_post_ff=_norm_weight(layer.post_feedforward_layernorm),
-                    q_norm=_norm_weight(attn.q_norm),
-                    k_norm=_norm_weight(attn.k_norm),
+                    qkv=linear(f"{i}.qkv", [w(i, "q_proj"), w(i, "k_proj"), w(i, "v_proj")]),
+                    o=linear(f"{i}.o", [w(i, "o_proj")]),
+                    gu=linear(f"{i}.gu", [w(i, "gate_proj"), w(i, "up_proj")]),
+                    down=linear(f"{i}.down", [w(i, "down_proj")]),
+                    ln_in=norm(i, "input_layernorm"),
+                    ln_post_attn=norm(i, "post_attention_layernorm"),
+                    ln_pre_ff=norm(i, "pre_feedforward_layernorm"),
+                    ln_post_ff=norm(i, "post_feedforward_layernorm"),
+                    q_norm=norm(i, "self_attn.q_norm"),
+                    k_norm=norm(i, "self_attn.k_norm"),
                 )
             )
-        self.final_norm = _norm_weight(body.norm)
-        self.head = linear("head", [model.lm_head.weight])  # tied to the embedding
-        self._head_weight = model.lm_head.weight
+        self.final_norm = _norm_weight(tensors[_FINAL_NORM])
+        head = tensors.get(_HEAD, embed)  # tied to the embedding unless the model has its own
+        self.head = linear("head", [head])
+        self._head_weight = head
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0
 
@@ -567,9 +627,8 @@ class FastGemma3:
         self._rope_len = length
 
 
-def _norm_weight(norm: Any) -> torch.Tensor:
-    weight: torch.Tensor = norm.weight.detach().float()
-    return (1.0 + weight).contiguous()
+def _norm_weight(weight: torch.Tensor) -> torch.Tensor:
+    return (1.0 + weight.detach().float()).contiguous()
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -21,9 +21,7 @@ a model qualifies; the caller otherwise trains through the transformers modules.
 
 from __future__ import annotations
 
-import threading
-import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +32,7 @@ from tunery.engine.data import PackedBatch
 from tunery.engine.fast_decode import (
     GROUPS,
     PROJECTIONS,
+    ByTensor,
     FastGemma3,
     Linear,
     _rope,
@@ -198,26 +197,22 @@ class _BaseKernels:
         self.head = FrozenWeight(fast.head)
 
 
-_KERNELS: weakref.WeakKeyDictionary[Any, _BaseKernels] = weakref.WeakKeyDictionary()
-_KERNELS_LOCK = threading.Lock()
+# a model's embedding tensor (see `fast_decode.packed_weight`) → its training kernels
+_KERNELS: ByTensor[_BaseKernels] = ByTensor()
 
 
-def base_kernels(fast: FastGemma3, model: Any) -> _BaseKernels:
-    """`model`'s frozen weights for training (`fast` reads them), built on first use (the
-    backward's pre-packed Wᵀ copies: ~0.2 s for gemma-3-270m on 2 cores, ~0.5 GB) and kept while
-    the model lives."""
-    with _KERNELS_LOCK:
-        kernels = _KERNELS.get(model)
-        if kernels is None:
-            kernels = _KERNELS[model] = _BaseKernels(fast)
-        return kernels
+def base_kernels(fast: FastGemma3) -> _BaseKernels:
+    """The frozen weights `fast` reads, for training: built on first use (the backward's
+    pre-packed Wᵀ copies: ~0.2 s for gemma-3-270m on 2 cores, ~0.5 GB) and kept while the
+    weights live."""
+    return _KERNELS.get(fast.embed, lambda: _BaseKernels(fast))
 
 
-def prepare_training(model: Any) -> None:
-    """Build now what the first `train()` on `model` would (a worker does it when it preloads);
-    nothing for a model that trains through the transformers modules."""
-    if FastGemma3.supports(model):
-        base_kernels(FastGemma3(model), model)
+def prepare_training(config: Any, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Build now what the first `train()` on this model would (a worker does it when it
+    preloads); nothing for a model that trains through the transformers modules."""
+    if FastGemma3.supports(config):
+        base_kernels(FastGemma3(config, tensors))
 
 
 # Label rows per pass of the output head: enough rows that each pass over its 262k×C weight is
@@ -366,9 +361,11 @@ class FastGemma3Train:
 
     supports = staticmethod(FastGemma3.supports)
 
-    def __init__(self, model: Any, layers: dict[str, LoraLinear]) -> None:
-        self.spec = FastGemma3(model)  # config, norms, rotary tables; shares the weights
-        kernels = base_kernels(self.spec, model)
+    def __init__(self, spec: FastGemma3, layers: dict[str, LoraLinear]) -> None:
+        """`spec`: the base model's forward (config, norms, rotary tables; its weights are the
+        frozen ones trained around); `layers`: the LoRA layers, by module path."""
+        self.spec = spec
+        kernels = base_kernels(spec)
         by_target = {self.spec.lora_targets[path]: layer for path, layer in layers.items()}
         self.groups: list[dict[str, _Group]] = []
         for i, frozen in enumerate(kernels.groups):

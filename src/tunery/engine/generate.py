@@ -94,14 +94,13 @@ class Generator:
         self._fast_lock = threading.Lock()
         # Fast-path LRU: resolved adapter folder → (mtime, weights; None: runs on PEFT).
         self._loras: OrderedDict[Path, tuple[int, FastLora | None]] = OrderedDict()
-        self._model = base.model  # the causal LM; PEFT wraps it but keeps this object
         self._tokenizer = base.tokenizer
         self._peft: Any = None  # PeftModel, created with the first adapter
         self._adapters: OrderedDict[Path, tuple[int, str]] = OrderedDict()  # PEFT LRU: mtime, name
         self._max_adapters = max_adapters
         self._next_adapter = 0
         self._lock = threading.Lock()  # a Lock (not RLock): a stream may resume on another thread
-        self._eos_ids = _eos_ids(self._model, self._tokenizer)
+        self._eos_ids = _eos_ids(base)
         self._llama: LlamaCppModel | None = None  # built at the first llama.cpp decode
         self._llama_unusable = False  # llama.cpp is not installed or cannot run this base
 
@@ -301,20 +300,22 @@ class Generator:
             # The base model is the empty adapter slot: LoRA layers switched off for this call.
             off = self._peft.disable_adapter() if self._peft is not None else None
             with off if off is not None else contextlib.nullcontext():
-                yield _ReferenceForward(self._model)
+                yield _ReferenceForward(self._base.model)
             return
         self._peft_set_adapter(adapter_dir)
-        yield _ReferenceForward(self._model)
+        yield _ReferenceForward(self._base.model)
 
     def _fast_model(self) -> FastGemma3 | None:
         """The fast forward of this base, built once; None on the reference backend or for a
         model it does not support."""
-        if self._backend is Backend.REFERENCE or not FastGemma3.supports(self._model):
+        if self._backend is Backend.REFERENCE or not FastGemma3.supports(self._base.config):
             return None
         with self._fast_lock:
             if self._fast is None:
                 int8 = self._backend is Backend.FAST_INT8
-                self._fast = FastGemma3(self._model, "int8" if int8 else "bf16")
+                self._fast = FastGemma3(
+                    self._base.config, self._base.weights, "int8" if int8 else "bf16"
+                )
             return self._fast
 
     def _llama_forward(self, adapter_dir: Path | None, max_len: int) -> _LlamaCppForward | None:
@@ -404,7 +405,9 @@ class Generator:
         log.info("loading adapter %s as %s", path, name)
         try:
             if self._peft is None:
-                self._peft = PeftModel.from_pretrained(self._model, str(path), adapter_name=name)
+                self._peft = PeftModel.from_pretrained(
+                    self._base.model, str(path), adapter_name=name
+                )
             else:
                 self._peft.load_adapter(str(path), adapter_name=name)
         except Exception as e:  # a truncated or corrupt file: this model's problem only
@@ -611,18 +614,12 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
     return longest
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+def _eos_ids(base: LoadedBase) -> frozenset[int]:
     """Every id that ends a turn: tokenizer/config/generation-config EOS and Gemma's end of turn."""
-    ids: set[int] = set()
-    sources = [tokenizer.eos_token_id, getattr(model.config, "eos_token_id", None)]
-    generation_config = getattr(model, "generation_config", None)
-    if generation_config is not None:
-        sources.append(generation_config.eos_token_id)
-    for source in sources:
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, list | tuple):
-            ids.update(int(i) for i in source)
+    tokenizer = base.tokenizer
+    ids = set(base.eos_token_ids)
+    if isinstance(tokenizer.eos_token_id, int):
+        ids.add(tokenizer.eos_token_id)
     end_of_turn = tokenizer.convert_tokens_to_ids(_END_OF_TURN)
     if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
         ids.add(end_of_turn)

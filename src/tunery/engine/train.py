@@ -32,6 +32,7 @@ from tunery.engine.data import (
     tokenize_example,
     validation_count,
 )
+from tunery.engine.fast_decode import FastGemma3
 from tunery.engine.fast_train import FastGemma3Train
 from tunery.engine.lora import (
     LoraLinear,
@@ -188,11 +189,11 @@ def _batch_loss_fn(
     LoRA targets allow it, else the transformers modules on a padded batch."""
     lora = spec.lora
     if (
-        FastGemma3Train.supports(base.model)
+        FastGemma3.supports(base.config)
         and FastGemma3Train.targets_fit(lora.target_modules)
         and not lora.dropout  # the fused groups have no dropout on the LoRA input
     ):
-        fast = FastGemma3Train(base.model, layers)
+        fast = FastGemma3Train(FastGemma3(base.config, base.weights), layers)
         return lambda examples: fast.loss(pack(examples, base.device))
     return lambda examples: label_loss(base.model, collate(examples, pad_id, base.device))
 
