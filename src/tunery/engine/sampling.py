@@ -38,6 +38,10 @@ def greedy(logits: torch.Tensor) -> torch.Tensor:
     """(B, V) → (B,) index of each row's largest logit, the first of equal ones (as argmax).
     `max` is 2-4x faster than `argmax` over a 262k vocabulary on a CPU (measured: 32 rows of
     bf16, 2.9 vs 13.6 ms)."""
+    if logits.shape[0] == 1 and logits.dtype == torch.float32 and logits.device.type == "cpu":
+        # One row (a single stream): numpy's argmax, the first of equal ones too, is ~10x faster
+        # than torch's max over 262k fp32 logits (12 vs 130 µs a token, measured).
+        return torch.tensor([int(logits[0].detach().numpy().argmax())])
     return logits.max(dim=-1).indices
 
 
