@@ -8,6 +8,9 @@ Public surface (everything else is internal):
         registry.get(name) -> BaseModelInfo             # name with or without "models/"; NotFound
         registry.register(name, path) -> BaseModelInfo  # HF model dir or .gguf file; persisted
         registry.load(name) -> LoadedBase               # cached per process; converts GGUF once
+            # base.config, base.weights (by state-dict name), base.tokenizer; base.model, the
+            # transformers causal LM, is built on first use around the same tensors (a Gemma 3
+            # served on the fast forward never imports transformers' modelling code)
         registry.gguf_file(name) -> Path | None         # the GGUF it comes from (for llama.cpp)
 
     from tunery.engine.train import train, total_steps
