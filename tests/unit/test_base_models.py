@@ -153,3 +153,30 @@ def test_a_registered_model_dir_is_left_untouched_by_the_tokenizer_cache(
     registry.load("tiny")
     assert list((tmp_path / "models" / base_models.TOKENIZER_CACHE_DIR).glob("tiny-*.pkl"))
     assert not (tiny_model_path / base_models.TOKENIZER_CACHE_DIR).exists()
+
+
+def test_a_gemma_3_loads_from_its_files_and_builds_its_model_on_the_same_tensors(
+    tmp_path: Path, tiny_model_path: Path
+) -> None:
+    import torch
+
+    from tunery.engine.fast_decode import FastGemma3
+
+    registry = BaseModelRegistry(tmp_path / "models")
+    registry.register("tiny", tiny_model_path)
+    base = registry.load("tiny")
+    assert base._model is None  # not built: serving the fast forward does not need it
+    fast = FastGemma3(base.config, base.weights)
+    ids = base.tokenizer("The capital of France is")["input_ids"]
+    with torch.inference_mode():
+        hidden = fast.prefill(ids, fast.new_cache(len(ids)), None)
+        ours = fast.logits(hidden)
+
+    model = base.model  # built now, around the loaded tensors
+    for name, param in model.named_parameters():
+        assert param.data_ptr() == base.weights[name].data_ptr(), name
+    with torch.inference_mode():
+        theirs = model(torch.tensor([ids])).logits[0, -1].float()
+    assert int(ours.argmax()) == int(theirs.argmax())
+    assert torch.allclose(ours[0], theirs, atol=0.05, rtol=0.02)
+    assert base.model is model  # once

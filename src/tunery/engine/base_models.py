@@ -97,13 +97,10 @@ class LoadedBase:
         """The transformers causal LM (in eval mode), built once, sharing `weights`."""
         with self._model_lock:
             if self._model is None:
-                self._model = _model_from_weights(self.config, self._weights or {}, self.dtype)
+                self._model = _model_from_weights(
+                    self.config, self._weights or {}, self.dtype, self.device
+                )
             return self._model
-
-    @property
-    def has_model(self) -> bool:
-        """Whether `model` is built (else asking for it imports transformers' modelling code)."""
-        return self._model is not None
 
     @property
     def weights(self) -> Mapping[str, torch.Tensor]:
@@ -137,14 +134,15 @@ class LoadedBase:
 
 
 def _model_from_weights(
-    config: Any, weights: Mapping[str, torch.Tensor], dtype: torch.dtype
+    config: Any, weights: Mapping[str, torch.Tensor], dtype: torch.dtype, device: torch.device
 ) -> Any:
-    """The transformers causal LM for `config`, its parameters the `weights` tensors themselves."""
+    """The transformers causal LM for `config`, its parameters the `weights` tensors themselves
+    (already on `device`, where its buffers go too)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     model = model_class.from_pretrained(None, config=config, state_dict=dict(weights), dtype=dtype)
-    return model.eval()
+    return model.to(device).eval()
 
 
 _EMBEDDED = BaseModelInfo(
