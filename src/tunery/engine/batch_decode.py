@@ -154,19 +154,21 @@ def _add_lora(
     base: torch.Tensor, x: torch.Tensor, spans: Sequence[Span], i: int, group: str
 ) -> torch.Tensor:
     """Add each span's LoRA delta to its rows of `base` (a fresh matmul output: written in
-    place), with the arithmetic of `_LoraGroup.add_to` on one row."""
+    place), with the arithmetic of `_LoraGroup.add_to` on one row: an in-place add of the fp32
+    delta into bf16 sums in fp32 and rounds once, as `(base + delta).to(bf16)` does."""
+    xf: torch.Tensor | None = None  # x in fp32, made once for all spans
     for lo, hi, lora in spans:
         g = lora.layers[i].get(group) if lora is not None else None
         if g is None:
             continue
-        u = _rows_matmul(x[lo:hi].float(), g.at)  # (m, r)
+        if xf is None:
+            xf = x.float()
+        u = _rows_matmul(xf[lo:hi], g.at)  # (m, r)
         if g.full:
-            delta = _rows_matmul(u, g.parts[0][4])  # (m, out)
-            base[lo:hi] = (base[lo:hi] + delta).to(base.dtype)
+            base[lo:hi].add_(_rows_matmul(u, g.parts[0][4]))  # (m, out)
             continue
         for c_lo, c_hi, r_lo, r_hi, bt in g.parts:
-            delta = _rows_matmul(u[:, r_lo:r_hi], bt)
-            base[lo:hi, c_lo:c_hi] = base[lo:hi, c_lo:c_hi] + delta
+            base[lo:hi, c_lo:c_hi].add_(_rows_matmul(u[:, r_lo:r_hi], bt))
     return base
 
 
