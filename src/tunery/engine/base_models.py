@@ -444,6 +444,8 @@ def _fast_weights(
 
     from tunery.engine.fast_decode import FastGemma3
 
+    if not FastGemma3.supports(config):
+        return None
     index = path / "model.safetensors.index.json"
     if index.exists():  # sharded
         try:
@@ -452,7 +454,7 @@ def _fast_weights(
             return None
     else:
         files = [path / "model.safetensors"]
-    if not FastGemma3.supports(config) or not all(f.is_file() for f in files):
+    if not all(f.is_file() for f in files):
         return None
     weights: dict[str, torch.Tensor] = {}
     for file in files:

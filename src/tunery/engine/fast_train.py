@@ -15,8 +15,9 @@ bookkeeping for ~60 ops per layer, and pads every row of a batch to the longest.
 - **Label-only logits:** the 262k-token head runs only at positions that predict a label.
 
 Numerics follow the transformers Gemma 3 code (see `fast_decode`); the LoRA delta is computed in
-the activation dtype from fp32 master weights, as `lora.LoraLinear` does. `supports()` says whether
-a model qualifies; the caller otherwise trains through the transformers modules.
+the activation dtype from fp32 master weights, as `lora.LoraLinear` does.
+`FastGemma3.supports()` says whether a model qualifies; the caller otherwise trains through the
+transformers modules.
 """
 
 from __future__ import annotations
@@ -358,8 +359,6 @@ def _attention(
 
 class FastGemma3Train:
     """Loss of a packed batch through a Gemma 3 model with `layers` (LoRA) injected."""
-
-    supports = staticmethod(FastGemma3.supports)
 
     def __init__(self, spec: FastGemma3, layers: dict[str, LoraLinear]) -> None:
         """`spec`: the base model's forward (config, norms, rotary tables; its weights are the
