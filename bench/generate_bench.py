@@ -2,7 +2,8 @@
 llama-cpp when llama-cpp-python is installed) vs transformers' `model.generate` (fp32 and bf16)
 and plain llama.cpp (its own decode loop and greedy sampler on the same GGUF), in one process, on
 the same base model and the same ~100-token prompt, greedy. `--adapter DIR` applies a tuned
-model's adapter (PEFT folder) on every Tunery side.
+model's adapter (PEFT folder) on every Tunery side. The llama-cpp backend runs twice: with prompt
+lookup (its default: drafts verified several tokens a forward, `engine.lookup`) and without.
 
 Each side is timed twice per repeat: with 1 output token (time to first token: prompt prefill plus
 one step) and with N. Decode tokens/s is (tokens after the first) / (T_N - T_1); the median of
@@ -187,6 +188,10 @@ def main() -> None:
         )
         for b in backends
     ]
+    if Backend.LLAMA_CPP in backends:  # what prompt lookup adds (`engine.lookup`)
+        plain = Generator(base, backend=Backend.LLAMA_CPP, prompt_lookup=False)
+        sides.append((f"tunery {Backend.LLAMA_CPP}, no lookup", tunery_side(plain, args.adapter)))
+    n_ours = len(sides)
     for dtype in (torch.float32, torch.bfloat16):
         model = AutoModelForCausalLM.from_pretrained(base.model_dir, dtype=dtype).to(base.device)
         model.eval()
@@ -210,7 +215,7 @@ def main() -> None:
         sides.append((name, llama_cpp_side(gguf, prompt_ids, eos, lora)))
 
     timings = time_sides(sides, args.max_tokens, args.repeats)
-    ours, theirs = timings[: len(backends)], timings[len(backends) :]
+    ours, theirs = timings[:n_ours], timings[n_ours:]
     reference = next((t for t in theirs if t.name.startswith("llama.cpp")), None)
     theirs = [t for t in theirs if t is not reference]
     for t in timings:

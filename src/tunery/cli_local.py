@@ -83,7 +83,9 @@ def generate_local(
 ) -> Iterator[str]:
     _store, registry, tuning = _services(settings)
     name = model if model.startswith(("models/", "tunedModels/")) else f"tunedModels/{model}"
-    inference = InferenceService(registry, tuning, backend=settings.decode_backend)
+    inference = InferenceService(
+        registry, tuning, backend=settings.decode_backend, prompt_lookup=settings.prompt_lookup
+    )
     if stream:
         for chunk in inference.stream(name, None, prompt, params):
             yield chunk.text

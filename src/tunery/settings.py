@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     # Decode forward: fast (batched, PyTorch) | fast-int8 | reference | llama-cpp (needs the
     # `llamacpp` extra; one request at a time)
     decode_backend: Literal["fast", "fast-int8", "reference", "llama-cpp"] = "fast"
+    prompt_lookup: bool = True  # llama-cpp greedy decoding verifies prompt-lookup drafts
     workers: int = 1  # worker processes `tunery serve` starts
     lease_seconds: float = 30.0
     max_running_jobs_per_key: int = 2

@@ -81,6 +81,7 @@ def create_app(
                 max_loaded_adapters=settings.max_loaded_adapters,
                 decode_threads=decode_thread_policy(settings.api_threads, training_jobs),
                 backend=settings.decode_backend,
+                prompt_lookup=settings.prompt_lookup,
             ),
             auth=Authenticator(settings.api_keys, store.keys.hashes),
         )

@@ -81,9 +81,11 @@ class Generator:
         max_adapters: int = MAX_LOADED_ADAPTERS,
         backend: Backend | str = Backend.FAST,
         decode_threads: Callable[[], int] | None = None,
+        prompt_lookup: bool = True,
     ) -> None:
         """`decode_threads`: asked before each batched decode step how many torch threads to use
-        (the server lowers it while jobs train on the same cores); None leaves torch's."""
+        (the server lowers it while jobs train on the same cores); None leaves torch's.
+        `prompt_lookup`: greedy decodes on llama.cpp verify prompt-lookup drafts (`lookup`)."""
         self._base = base
         self._backend = Backend(backend)
         self._decode_threads = decode_threads
@@ -103,6 +105,7 @@ class Generator:
         self._eos_ids = _eos_ids(base)
         self._llama: LlamaCppModel | None = None  # built at the first llama.cpp decode
         self._llama_unusable = False  # llama.cpp is not installed or cannot run this base
+        self._prompt_lookup = prompt_lookup
 
     # -- public --------------------------------------------------------------------------------
     def count_tokens(self, prompt: str, adapter_dir: Path | None = None) -> int:
@@ -254,6 +257,9 @@ class Generator:
             rng = rng_for(params, device)
             max_len = len(prompt_ids) + params.max_output_tokens
             with self._forward(adapter_dir, max_len, len(texts)) as run:
+                if rng is None and isinstance(run, _LlamaCppForward):
+                    yield from self._greedy(run.greedy(prompt_ids, params), params, texts[0])
+                    return
                 n = len(texts)
                 hidden = run.start(prompt_ids, n)  # (n, C): the prompt's last position, n times
                 rows = list(range(n))  # candidate index of each batch row still decoding
@@ -279,6 +285,21 @@ class Generator:
                     hidden = run.step(next_tensor)  # (rows, C)
         finally:
             release_workers()  # this thread's OpenMP team would slow the batch thread's steps
+
+    def _greedy(
+        self, tokens: Gen[int, None, None], params: GenerationParams, text: _TextStream
+    ) -> Iterator[list[str]]:
+        """One candidate's text deltas from a forward that picks its own greedy tokens."""
+        try:
+            for token in tokens:
+                delta = text.push(token, token in self._eos_ids)
+                if text.finish_reason is None and text.token_count >= params.max_output_tokens:
+                    delta += text.finish(FinishReason.MAX_TOKENS)
+                yield [delta]
+                if text.finish_reason is not None:
+                    return
+        finally:
+            tokens.close()
 
     @contextlib.contextmanager
     def _forward(self, adapter_dir: Path | None, max_len: int, n: int) -> Iterator[_Forward]:
@@ -341,7 +362,7 @@ class Generator:
             llama.use_adapter(None)
         threads = self._decode_threads() if self._decode_threads else torch.get_num_threads()
         llama.set_threads(threads)
-        return _LlamaCppForward(llama)
+        return _LlamaCppForward(llama, self._prompt_lookup)
 
     def _llama_model(self) -> LlamaCppModel | None:
         """This base in llama.cpp, built once; None (said once in the log) where it cannot be."""
@@ -534,8 +555,9 @@ class _FastForward(_Forward):
 class _LlamaCppForward(_Forward):
     """llama.cpp's context, one row: "hidden" states are already the logits."""
 
-    def __init__(self, llama: LlamaCppModel) -> None:
+    def __init__(self, llama: LlamaCppModel, lookup: bool) -> None:
         self._llama = llama
+        self._lookup = lookup
 
     def start(self, prompt_ids: list[int], n: int) -> torch.Tensor:
         if n != 1:
@@ -551,6 +573,10 @@ class _LlamaCppForward(_Forward):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
+
+    def greedy(self, prompt_ids: list[int], params: GenerationParams) -> Gen[int, None, None]:
+        """Greedy tokens, several per forward where prompt lookup finds text to repeat."""
+        return self._llama.greedy(prompt_ids, params.max_output_tokens, lookup=self._lookup)
 
 
 class _TextStream:

@@ -24,9 +24,10 @@ import ctypes
 import importlib.util
 import logging
 import threading
+import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ import torch
 
 from tunery.engine.fast_decode import FastGemma3, read_plain_lora
 from tunery.engine.gguf_lora import SUPPORTED_ARCHITECTURES, write_gguf_lora
+from tunery.engine.lookup import DRAFT_SIZES, DraftPolicy, ForwardCosts, NgramDrafter
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +105,8 @@ class LlamaCppModel:
         self._adapters: OrderedDict[Path, tuple[int, Any]] = OrderedDict()  # mtime, handle
         self._max_adapters = max_adapters
         self._active: Any = None
+        self._batch = lc.llama_batch_init(_BATCH, 0, 1)  # tokens at given positions, any outputs
+        self._costs = ForwardCosts()  # of its forwards with each draft size, for `greedy`
         self._closed = False
         _OPEN.add(self)
 
@@ -116,6 +120,7 @@ class LlamaCppModel:
         for _, handle in self._adapters.values():
             lc.llama_adapter_lora_free(handle)
         self._adapters.clear()
+        lc.llama_batch_free(self._batch)
         lc.llama_free(self._ctx)
         lc.llama_model_free(self._model)
 
@@ -171,6 +176,76 @@ class LlamaCppModel:
     def step(self, token: int) -> torch.Tensor:
         self._decode([token])
         return self._logits()
+
+    def greedy(
+        self, ids: Sequence[int], max_tokens: int, lookup: bool = True
+    ) -> Generator[int, None, None]:
+        """Greedy tokens after the prompt `ids`, up to `max_tokens` (close the iterator to stop).
+
+        With `lookup`, each step also feeds a prompt-lookup draft (`lookup.NgramDrafter`) and
+        keeps the longest prefix of it that the model itself predicts: the same tokens as one at
+        a time (up to the last bits of the logits: llama.cpp's batched kernels round differently),
+        several per forward when the output repeats text it has seen. `DraftPolicy` sizes the
+        drafts from this model's measured forward costs, and stops them where they miss.
+        """
+        drafter = NgramDrafter(ids)
+        policy = DraftPolicy(self._costs)
+        self.start(ids)
+        pos = len(ids)  # tokens in the KV cache
+        token = int(self._argmax(1)[0])
+        produced = 0
+        while True:
+            yield token
+            produced += 1
+            if produced == max_tokens:
+                return
+            lookup_draft: list[int] = []
+            if lookup:
+                drafter.extend((token,))
+                lookup_draft = drafter.draft(min(DRAFT_SIZES[-1], max_tokens - produced - 1))
+            draft = lookup_draft[: policy.size(len(lookup_draft))]
+            began = time.perf_counter()
+            self._decode_at([token, *draft], pos, every=bool(draft))
+            best = self._argmax(len(draft) + 1)  # the model's next token after each input
+            self._costs.record(len(draft), time.perf_counter() - began)
+            accepted = 0
+            while accepted < len(draft) and best[accepted] == draft[accepted]:
+                accepted += 1
+            policy.observe(lookup_draft, [*draft[:accepted], int(best[accepted])])
+            if accepted < len(draft):  # the rejected inputs leave the cache
+                mem = self._lc.llama_get_memory(self._ctx)
+                if not self._lc.llama_memory_seq_rm(mem, 0, pos + accepted + 1, -1):
+                    raise RuntimeError("llama.cpp could not drop a rejected draft from its cache")
+            pos += accepted + 1
+            for token in draft[:accepted]:
+                yield token
+                produced += 1
+                if produced == max_tokens:
+                    return
+                drafter.extend((token,))  # only drafts were accepted: lookup is on
+            token = int(best[accepted])
+
+    def _decode_at(self, ids: Sequence[int], pos: int, every: bool) -> None:
+        """Decode `ids` at positions pos, pos+1, ...: logits for every one, or for the last."""
+        batch = self._batch
+        batch.n_tokens = len(ids)
+        last = len(ids) - 1
+        for i, token in enumerate(ids):
+            batch.token[i] = token
+            batch.pos[i] = pos + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = every or i == last
+        rc = self._lc.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed ({rc})")
+
+    def _argmax(self, rows: int) -> np.ndarray:
+        """The largest logit's index in each of the last decode's `rows` outputs, read in place
+        (the first of equal ones, as `sampling.greedy`)."""
+        ptr = self._lc.llama_get_logits(self._ctx)
+        best: np.ndarray = np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab)).argmax(axis=1)
+        return best
 
     def _decode(self, ids: Sequence[int]) -> None:
         lc = self._lc

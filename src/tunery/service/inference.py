@@ -60,12 +60,14 @@ class InferenceService:
         max_loaded_adapters: int = MAX_LOADED_ADAPTERS,
         decode_threads: Callable[[], int] | None = None,
         backend: Backend | str = Backend.FAST,
+        prompt_lookup: bool = True,
     ) -> None:
         self.registry = registry
         self.tuning = tuning
         self.max_loaded_adapters = max_loaded_adapters
         self.decode_threads = decode_threads  # torch threads per batched decode step
         self.backend = Backend(backend)
+        self.prompt_lookup = prompt_lookup
         self._generators: dict[str, Generator] = {}
         self._generators_lock = threading.Lock()
 
@@ -168,5 +170,6 @@ class InferenceService:
                     max_adapters=self.max_loaded_adapters,
                     decode_threads=self.decode_threads,
                     backend=self.backend,
+                    prompt_lookup=self.prompt_lookup,
                 )
             return self._generators[base.name]
