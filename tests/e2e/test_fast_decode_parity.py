@@ -111,3 +111,34 @@ def test_streamed_and_batched_candidates_match(
     streamed = "".join(c.text for c in generators[Backend.FAST].stream("XIV", greedy, adapter))
     reference = generators[Backend.REFERENCE].generate("XIV", greedy, adapter)
     assert streamed == reference.candidates[0].text
+
+
+@pytest.mark.skipif(not llamacpp.installed(), reason="llama-cpp-python (the llamacpp extra)")
+def test_llama_cpp_prompt_lookup_gives_the_same_tokens_in_fewer_forwards(models_dir: Path) -> None:
+    """Greedy tokens with prompt-lookup drafts are the tokens one at a time; where the output
+    repeats (this prompt makes the base model loop), several come out of each forward. Where it
+    does not, the drafts stay off. `max_tokens` holds mid-draft, and closing the iterator early
+    leaves the model ready for the next request."""
+    base = BaseModelRegistry(models_dir).load(DEFAULT_BASE_MODEL)
+    gguf = base.gguf()
+    assert gguf is not None
+    model = llamacpp.LlamaCppModel(gguf, context=512)
+    looping = base.tokenizer("Write a short story about a robot.")["input_ids"]
+    plain = base.tokenizer("The capital of France is")["input_ids"]
+    try:
+        for ids, n in ((looping, 96), (plain, 32), (looping, 37)):
+            before = model.forwards
+            alone = list(model.greedy(ids, n, lookup=False))
+            one_at_a_time = model.forwards - before
+            before = model.forwards
+            drafted = list(model.greedy(ids, n))
+            assert drafted == alone
+            assert len(alone) == n  # neither prompt ends early
+            if ids is looping:
+                assert model.forwards - before < one_at_a_time / 2
+        tokens = model.greedy(looping, 96)
+        first = [next(tokens) for _ in range(40)]
+        tokens.close()
+        assert list(model.greedy(looping, 40)) == first
+    finally:
+        model.close()

@@ -107,6 +107,7 @@ class LlamaCppModel:
         self._active: Any = None
         self._batch = lc.llama_batch_init(_BATCH, 0, 1)  # tokens at given positions, any outputs
         self._costs = ForwardCosts()  # of its forwards with each draft size, for `greedy`
+        self.forwards = 0  # llama_decode calls so far
         self._closed = False
         _OPEN.add(self)
 
@@ -236,6 +237,7 @@ class LlamaCppModel:
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = every or i == last
+        self.forwards += 1
         rc = self._lc.llama_decode(self._ctx, batch)
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc})")
@@ -250,6 +252,7 @@ class LlamaCppModel:
     def _decode(self, ids: Sequence[int]) -> None:
         lc = self._lc
         tokens = (lc.llama_token * len(ids))(*ids)
+        self.forwards += 1
         rc = lc.llama_decode(self._ctx, lc.llama_batch_get_one(tokens, len(ids)))
         if rc != 0:
             raise RuntimeError(f"llama_decode failed ({rc})")
