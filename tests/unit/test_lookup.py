@@ -3,7 +3,7 @@ a draft (only once the model has been agreeing with the drafts, and only where t
 
 from __future__ import annotations
 
-from tunery.engine.lookup import DraftPolicy, ForwardCosts, NgramDrafter
+from tunery.engine.lookup import DraftPolicy, NgramDrafter
 
 
 def test_draft_is_what_followed_the_latest_earlier_occurrence_of_the_suffix() -> None:
@@ -31,23 +31,11 @@ def test_a_loop_drafts_its_next_turns() -> None:
     assert drafter.draft(7) == [9, 7, 8, 9, 7, 8, 9]
 
 
-def _costs(one: float, **drafted: float) -> ForwardCosts:
-    costs = ForwardCosts()
-    for size, seconds in [(0, one), *((int(k[1:]), v) for k, v in drafted.items())]:
-        costs.record(size, 1.0)  # the first forward of a size is not counted (buffers)
-        costs.record(size, seconds)
-    return costs
-
-
-def test_costs_are_relative_to_a_one_token_forward_and_skip_the_first() -> None:
-    costs = _costs(0.010, d3=0.031)
-    assert costs.relative(0) == 1.0
-    assert abs(costs.relative(3) - 3.1) < 1e-9
-    assert costs.relative(7) == 1 + 7 / 3  # not measured yet: a guess
+COSTS = {3: 3.1, 7: 3.9, 15: 5.2}  # llama.cpp's measured ones (`llamacpp.VERIFY_COSTS`)
 
 
 def test_policy_waits_for_evidence_then_drafts_while_the_model_agrees() -> None:
-    policy = DraftPolicy(_costs(0.010, d3=0.031, d7=0.039, d15=0.052))
+    policy = DraftPolicy(COSTS)
     assert policy.size(15) == 0  # nothing known about this text yet
     for _ in range(10):  # unverified steps where the lookup guessed the next token right
         policy.observe([4, 4], [4])
@@ -62,12 +50,11 @@ def test_policy_waits_for_evidence_then_drafts_while_the_model_agrees() -> None:
 def test_policy_counts_draft_tokens_up_to_the_first_disagreement() -> None:
     """Two of every three draft tokens agreed (the tokens after a disagreement are not compared):
     p = 2/3 makes a 3-token draft yield ~2.4 tokens, less than its forward costs (3.1)."""
-    costs = _costs(0.010, d3=0.031, d7=0.039, d15=0.052)
-    policy = DraftPolicy(costs)
+    policy = DraftPolicy(COSTS)
     for _ in range(30):
         policy.observe([1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 9])
     assert policy.size(15) == 0
-    agreeing = DraftPolicy(costs)
+    agreeing = DraftPolicy(COSTS)
     for _ in range(30):
         agreeing.observe([1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8])
     assert agreeing.size(15) == 15
@@ -75,7 +62,7 @@ def test_policy_counts_draft_tokens_up_to_the_first_disagreement() -> None:
 
 def test_expensive_drafts_are_not_verified_even_when_the_model_agrees() -> None:
     """Where a verifying forward costs as much as its tokens one at a time, drafts cannot pay."""
-    policy = DraftPolicy(_costs(0.010, d3=0.040, d7=0.080, d15=0.160))
+    policy = DraftPolicy({3: 4.0, 7: 8.0, 15: 16.0})
     for _ in range(30):
         policy.observe([4], [4])
     assert policy.size(15) == 0

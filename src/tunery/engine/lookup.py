@@ -5,7 +5,7 @@ draft the model agrees with is verified in one forward instead of one per token.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 MAX_NGRAM = 3  # the longest suffix looked up; longer matches predict better, shorter find more
 MIN_NGRAM = 2  # one token alone (a space, "the") predicts too little to be worth a draft
@@ -44,46 +44,21 @@ class NgramDrafter:
         return []
 
 
-DRAFT_SIZES = (3, 7, 15)  # with the input token, 4, 8 and 16 rows a verifying forward
-_EMA = 0.2  # weight of the newest timing in `ForwardCosts`
 _DECAY = 0.9  # weight of the older evidence at each draft token compared, in `DraftPolicy`
-
-
-class ForwardCosts:
-    """Seconds a forward of one token plus a draft of each size takes on this model, measured as
-    it decodes (a moving average: the machine's load changes). Shared by its requests."""
-
-    def __init__(self) -> None:
-        self._seconds: dict[int, float] = {}
-        self._seen: set[int] = set()
-
-    def record(self, drafted: int, seconds: float) -> None:
-        if drafted not in self._seen:  # the first forward of a size also allocates its buffers
-            self._seen.add(drafted)
-            return
-        old = self._seconds.get(drafted)
-        self._seconds[drafted] = seconds if old is None else old + _EMA * (seconds - old)
-
-    def relative(self, drafted: int) -> float:
-        """The cost of a forward with `drafted` draft tokens, in one-token forwards. Before it is
-        measured, a guess on the cheap side, so that a size gets tried once."""
-        one = self._seconds.get(0)
-        cost = self._seconds.get(drafted)
-        if drafted == 0:
-            return 1.0
-        if one is None or cost is None:
-            return 1.0 + drafted / 3
-        return cost / one
 
 
 class DraftPolicy:
     """One request's draft sizes. Every step compares the lookup's draft with the tokens the
     model then produced (verified or not, so the evidence is free), and drafts the size (0: none)
     with the most expected tokens per unit of forward cost: a d-token draft yields
-    1 + p + ... + p^d tokens when the model agrees with each draft token with probability p."""
+    1 + p + ... + p^d tokens when the model agrees with each draft token with probability p.
 
-    def __init__(self, costs: ForwardCosts) -> None:
-        self._costs = costs
+    The costs are fixed per forward, not timed as it runs: a timed choice would make a greedy
+    answer depend on the machine's load (the verifying forward rounds unlike one-token ones)."""
+
+    def __init__(self, costs: Mapping[int, float]) -> None:
+        """`costs`: draft size → the cost of its verifying forward, in one-token forwards."""
+        self._costs = dict(sorted(costs.items()))
         self._agreed = 0.0  # draft tokens the model agreed with, older ones weighing less
         self._compared = 1.0  # ... and all compared (a prior of one disagreement)
 
@@ -91,10 +66,10 @@ class DraftPolicy:
         """The draft size to verify when the lookup offers `available` tokens."""
         p = self._agreed / self._compared
         best, best_rate = 0, 1.0  # no draft: one token per one-token forward
-        for d in DRAFT_SIZES:
+        for d, cost in self._costs.items():
             if d > available:
                 break
-            rate = sum(p**i for i in range(d + 1)) / self._costs.relative(d)
+            rate = sum(p**i for i in range(d + 1)) / cost
             if rate > best_rate:
                 best, best_rate = d, rate
         return best
