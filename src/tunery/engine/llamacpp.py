@@ -47,6 +47,9 @@ _BATCH = 512  # prompt tokens per llama_decode call
 # llama.cpp takes a slower kernel for it. Measured on 2 Zen 5 cores: 10.1 ms for one token, 31 /
 # 39 / 52 ms for 3 / 7 / 15 drafts; rounded up here.
 VERIFY_COSTS = {3: 3.2, 7: 4.0, 15: 5.4}
+# A verified row whose two best logits are closer than this takes its token from a one-token
+# forward: batched and one-token forwards differ by up to ~0.5 in a logit (measured, max 0.49).
+NEAR_TIE = 0.5
 _backend_once = threading.Lock()
 _backend_ready = False
 
@@ -187,10 +190,12 @@ class LlamaCppModel:
         """Greedy tokens after the prompt `ids`, up to `max_tokens` (close the iterator to stop).
 
         With `lookup`, each step also feeds a prompt-lookup draft (`lookup.NgramDrafter`) and
-        keeps the longest prefix of it that the model itself predicts: the same tokens as one at
-        a time (up to the last bits of the logits: llama.cpp's batched kernels round differently),
-        several per forward when the output repeats text it has seen. `DraftPolicy` sizes the
-        drafts from `VERIFY_COSTS`, and only while the model has been agreeing with them.
+        keeps the longest prefix of it that the model itself predicts, several tokens per forward
+        when the output repeats text it has seen. `DraftPolicy` sizes the drafts from
+        `VERIFY_COSTS`, and only while the model has been agreeing with them. The tokens are those
+        of one at a time but for rounding: llama.cpp's batched kernels round unlike its one-token
+        ones, so a near tie in a verified row is decided by a one-token forward, and what is left
+        is the cache entries of accepted drafts (batch-computed) nudging a later near tie.
         """
         drafter = NgramDrafter(ids)
         policy = DraftPolicy(VERIFY_COSTS)
@@ -208,16 +213,24 @@ class LlamaCppModel:
                 drafter.extend((token,))
                 lookup_draft = drafter.draft(min(max(VERIFY_COSTS), max_tokens - produced - 1))
             draft = lookup_draft[: policy.size(len(lookup_draft))]
-            self._decode_at([token, *draft], pos, every=bool(draft))
-            best = self._argmax(len(draft) + 1)  # the model's next token after each input
+            inputs = [token, *draft]
+            self._decode_at(inputs, pos, every=bool(draft))
+            best = self._argmax(len(inputs))  # the model's next token after each input
             accepted = 0
             while accepted < len(draft) and best[accepted] == draft[accepted]:
                 accepted += 1
             policy.observe(lookup_draft, [*draft[:accepted], int(best[accepted])])
-            if accepted < len(draft):  # the rejected inputs leave the cache
+            tie = self._first_near_tie(best, accepted) if draft else None
+            if tie is not None:
+                accepted = tie  # the rows before it stand; its own input is fed again alone
+            kept = accepted + (tie is None)  # inputs that stay in the cache
+            if kept < len(inputs):
                 mem = self._lc.llama_get_memory(self._ctx)
-                if not self._lc.llama_memory_seq_rm(mem, 0, pos + accepted + 1, -1):
+                if not self._lc.llama_memory_seq_rm(mem, 0, pos + kept, -1):
                     raise RuntimeError("llama.cpp could not drop a rejected draft from its cache")
+            if tie is not None:
+                self._decode_at(inputs[tie : tie + 1], pos + tie, every=False)
+                best[tie] = self._argmax(1)[0]
             pos += accepted + 1
             for token in draft[:accepted]:
                 yield token
@@ -226,6 +239,17 @@ class LlamaCppModel:
                     return
                 drafter.extend((token,))  # only drafts were accepted: lookup is on
             token = int(best[accepted])
+
+    def _first_near_tie(self, best: np.ndarray, rows: int) -> int | None:
+        """The first of the last decode's rows 0..`rows` whose best logit is within `NEAR_TIE`
+        of another: there the batched forward's rounding may pick another token than a one-token
+        forward would, so that row's token is taken from a one-token forward instead."""
+        ptr = self._lc.llama_get_logits(self._ctx)
+        logits = np.ctypeslib.as_array(ptr, shape=(rows + 1, self.n_vocab))
+        for r in range(rows + 1):
+            if np.count_nonzero(logits[r] >= logits[r, best[r]] - NEAR_TIE) > 1:
+                return r
+        return None
 
     def _decode_at(self, ids: Sequence[int], pos: int, every: bool) -> None:
         """Decode `ids` at positions pos, pos+1, ...: logits for every one, or for the last."""
