@@ -26,7 +26,9 @@ Public surface (everything else is internal):
     from tunery.engine.generate import Generator, Backend
         gen = Generator(base, max_adapters=128, backend=Backend.FAST)
             # or REFERENCE / FAST_INT8 / LLAMA_CPP (engine/llamacpp.py: the base GGUF in
-            # llama.cpp, adapters as GGUF LoRAs from engine/gguf_lora.py; optional extra)
+            # llama.cpp, adapters as GGUF LoRAs from engine/gguf_lora.py; optional extra;
+            # greedy decodes verify prompt-lookup drafts from engine/lookup.py unless
+            # prompt_lookup=False)
         gen.generate(prompt, params, adapter_dir=None) -> Generation
         gen.stream(prompt, params, adapter_dir=None) -> Iterator[StreamChunk]
         gen.count_tokens(prompt, adapter_dir=None) -> int
