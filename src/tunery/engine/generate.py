@@ -23,7 +23,7 @@ import contextlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Generator as Gen
 from dataclasses import dataclass
 from enum import StrEnum
@@ -209,17 +209,23 @@ class Generator:
         release_workers()  # this thread now only waits: see `openmp`
         handle = route.scheduler.submit(ids, route.lora, params)
         try:
-            for token in handle:
-                delta = text.push(token, token in self._eos_ids)
-                if text.finish_reason is None and text.token_count >= params.max_output_tokens:
-                    delta += text.finish(FinishReason.MAX_TOKENS)
-                yield delta
-                if text.finish_reason is not None:
-                    return
+            yield from self._deltas(handle, params, text)
             if text.finish_reason is None:  # not reached: the scheduler ends rows as above
                 yield text.finish(FinishReason.MAX_TOKENS)
         finally:
             handle.close()
+
+    def _deltas(
+        self, tokens: Iterable[int], params: GenerationParams, text: _TextStream
+    ) -> Iterator[str]:
+        """`text`'s deltas as `tokens` come, until it ends (EOS, a stop sequence, max tokens)."""
+        for token in tokens:
+            delta = text.push(token, token in self._eos_ids)
+            if text.finish_reason is None and text.token_count >= params.max_output_tokens:
+                delta += text.finish(FinishReason.MAX_TOKENS)
+            yield delta
+            if text.finish_reason is not None:
+                return
 
     def _encode(self, prompt: str, adapter_dir: Path | None) -> list[int]:
         if adapter_dir is not None:
@@ -291,13 +297,8 @@ class Generator:
     ) -> Iterator[list[str]]:
         """One candidate's text deltas from a forward that picks its own greedy tokens."""
         try:
-            for token in tokens:
-                delta = text.push(token, token in self._eos_ids)
-                if text.finish_reason is None and text.token_count >= params.max_output_tokens:
-                    delta += text.finish(FinishReason.MAX_TOKENS)
+            for delta in self._deltas(tokens, params, text):
                 yield [delta]
-                if text.finish_reason is not None:
-                    return
         finally:
             tokens.close()
 

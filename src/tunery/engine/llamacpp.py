@@ -174,11 +174,15 @@ class LlamaCppModel:
 
     def start(self, ids: Sequence[int]) -> torch.Tensor:
         """A new sequence: run the prompt, return the last position's logits (1, V) fp32."""
+        self._prefill(ids)
+        return self._logits()
+
+    def _prefill(self, ids: Sequence[int]) -> None:
+        """Empty the cache and run the prompt (logits for its last position only)."""
         lc = self._lc
         lc.llama_memory_clear(lc.llama_get_memory(self._ctx), True)
         for lo in range(0, len(ids), _BATCH):
             self._decode(ids[lo : lo + _BATCH])
-        return self._logits()
 
     def step(self, token: int) -> torch.Tensor:
         self._decode([token])
@@ -199,7 +203,7 @@ class LlamaCppModel:
         """
         drafter = NgramDrafter(ids)
         policy = DraftPolicy(VERIFY_COSTS)
-        self.start(ids)
+        self._prefill(ids)
         pos = len(ids)  # tokens in the KV cache
         token = int(self._argmax(1)[0])
         produced = 0
@@ -244,8 +248,7 @@ class LlamaCppModel:
         """The first of the last decode's rows 0..`rows` whose best logit is within `NEAR_TIE`
         of another: there the batched forward's rounding may pick another token than a one-token
         forward would, so that row's token is taken from a one-token forward instead."""
-        ptr = self._lc.llama_get_logits(self._ctx)
-        logits = np.ctypeslib.as_array(ptr, shape=(rows + 1, self.n_vocab))
+        logits = self._outputs(rows + 1)
         for r in range(rows + 1):
             if np.count_nonzero(logits[r] >= logits[r, best[r]] - NEAR_TIE) > 1:
                 return r
@@ -270,9 +273,14 @@ class LlamaCppModel:
     def _argmax(self, rows: int) -> np.ndarray:
         """The largest logit's index in each of the last decode's `rows` outputs, read in place
         (the first of equal ones, as `sampling.greedy`)."""
-        ptr = self._lc.llama_get_logits(self._ctx)
-        best: np.ndarray = np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab)).argmax(axis=1)
+        best: np.ndarray = self._outputs(rows).argmax(axis=1)
         return best
+
+    def _outputs(self, rows: int) -> np.ndarray:
+        """The last decode's logits, (rows, V) fp32, in batch order: a view of llama.cpp's
+        buffer, valid until the next decode."""
+        ptr = self._lc.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(rows, self.n_vocab))
 
     def _decode(self, ids: Sequence[int]) -> None:
         lc = self._lc
