@@ -84,7 +84,11 @@ def generate_local(
     _store, registry, tuning = _services(settings)
     name = model if model.startswith(("models/", "tunedModels/")) else f"tunedModels/{model}"
     inference = InferenceService(
-        registry, tuning, backend=settings.decode_backend, prompt_lookup=settings.prompt_lookup
+        registry,
+        tuning,
+        backend=settings.decode_backend,
+        prompt_lookup=settings.prompt_lookup,
+        native_kernels=settings.native_kernels,
     )
     if stream:
         for chunk in inference.stream(name, None, prompt, params):

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     # `llamacpp` extra; one request at a time)
     decode_backend: Literal["fast", "fast-int8", "reference", "llama-cpp"] = "fast"
     prompt_lookup: bool = True  # llama-cpp greedy decoding verifies prompt-lookup drafts
+    # fast decode steps attend with a C kernel (built with the system compiler; off: torch)
+    native_kernels: bool = True
     workers: int = 1  # worker processes `tunery serve` starts
     lease_seconds: float = 30.0
     max_running_jobs_per_key: int = 2

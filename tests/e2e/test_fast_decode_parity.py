@@ -1,6 +1,7 @@
 """The fast decode forward against the transformers one, on the embedded model with a seed-tuned
-adapter: bf16 gives the same tokens, int8 and llama.cpp (where llama-cpp-python is installed) the
-same answers on the seed and held-out checks."""
+adapter: bf16 gives the same tokens (up to bf16 ties: its decode attention is a C kernel), int8
+and llama.cpp (where llama-cpp-python is installed) the same answers on the seed and held-out
+checks."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from heldout import SEED_EXAMPLES, heldout_cases  # noqa: E402
 
+from tests.greedy_ties import assert_greedy_up_to_ties, fast_tokens  # noqa: E402
 from tunery.engine import llamacpp  # noqa: E402
 from tunery.engine.base_models import DEFAULT_BASE_MODEL, BaseModelRegistry  # noqa: E402
 from tunery.engine.generate import Backend, Generator  # noqa: E402
@@ -50,12 +52,37 @@ def _answers(gen: Generator, prompts: list[str], adapter: Path | None, n: int) -
     return [gen.generate(p, params, adapter).candidates[0].text for p in prompts]
 
 
+def _same_up_to_ties(
+    generators: dict[Backend, Generator], prompts: list[str], adapter: Path | None, n: int
+) -> list[str]:
+    """The fast backend's answers, checked against the reference's: the same text, or (where
+    they part) fast's greedy tokens are each the reference model's best up to a bf16 tie (its
+    decode attention rounds in another order: see `greedy_ties`)."""
+    fast, reference = generators[Backend.FAST], generators[Backend.REFERENCE]
+    answers = _answers(fast, prompts, adapter, n)
+    want = _answers(reference, prompts, adapter, n)
+    parted = [k for k, (a, b) in enumerate(zip(answers, want, strict=True)) if a != b]
+    if parted:
+        from peft import PeftModel
+
+        models_dir = Path(reference._base.model_dir).parent
+        model = BaseModelRegistry(models_dir).load(DEFAULT_BASE_MODEL).model
+        if adapter is not None:
+            model = PeftModel.from_pretrained(model, adapter)
+        params = GenerationParams(max_output_tokens=n)
+        for k in parted:
+            ids, tokens = fast_tokens(fast, prompts[k], params, adapter)
+            assert_greedy_up_to_ties(model, ids, tokens)
+    return answers
+
+
 def test_tuned_answers_match_the_reference(
     generators: dict[Backend, Generator], adapter: Path
 ) -> None:
     reference = _answers(generators[Backend.REFERENCE], PROMPTS, adapter, 16)
     assert reference[0] == "IV"
-    assert _answers(generators[Backend.FAST], PROMPTS, adapter, 16) == reference
+    fast = _same_up_to_ties(generators, PROMPTS, adapter, 16)
+    assert fast[0] == "IV" and _correct(fast) == _correct(reference), (fast, reference)
 
 
 def _correct(answers: list[str]) -> int:
@@ -96,8 +123,7 @@ def test_llama_cpp_answers_are_as_good_as_the_reference(
 
 
 def test_base_model_bf16_tokens_match_the_reference(generators: dict[Backend, Generator]) -> None:
-    reference = _answers(generators[Backend.REFERENCE], BASE_PROMPTS, None, 32)
-    assert _answers(generators[Backend.FAST], BASE_PROMPTS, None, 32) == reference
+    _same_up_to_ties(generators, BASE_PROMPTS, None, 32)
 
 
 def test_streamed_and_batched_candidates_match(

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.greedy_ties import assert_greedy_up_to_ties, fast_tokens
 from tests.unit.test_generate import _load
 from tunery.engine.base_models import LoadedBase
 from tunery.engine.fast_decode import FastGemma3
 from tunery.engine.generate import Backend, Generator
+from tunery.engine.native import NativeAttention
 from tunery.engine.specs import GenerationParams
 
 LONG = " ".join(f"word{i}" for i in range(60))  # > 64 tokens: the windowed prompt mask
@@ -35,16 +37,37 @@ def _texts(
 
 
 @pytest.mark.parametrize("prompt", ["The capital of France is", LONG])
-def test_fast_matches_reference_past_the_window(
+def test_fast_with_torch_attention_matches_reference_past_the_window(
     tiny_model_path: Path, adapter_dir: Path, prompt: str
 ) -> None:
+    """With torch's attention (the reference's kernel) the fast forward gets the same bits."""
     ref = Generator(_load(tiny_model_path), backend=Backend.REFERENCE)
-    fast = Generator(_load(tiny_model_path), backend=Backend.FAST)
+    fast = Generator(_load(tiny_model_path), backend=Backend.FAST, native_kernels=False)
     greedy = GenerationParams(max_output_tokens=100)  # decodes past the 64-token window
     sampled = GenerationParams(max_output_tokens=20, candidate_count=3, temperature=1.0, seed=3)
     for adapter in (None, adapter_dir, None):
         for params in (greedy, sampled):
             assert _texts(fast, prompt, params, adapter) == _texts(ref, prompt, params, adapter)
+
+
+@pytest.mark.skipif(NativeAttention.load() is None, reason="no C compiler on this machine")
+@pytest.mark.parametrize("prompt", ["The capital of France is", LONG])
+def test_fast_with_native_attention_picks_the_reference_tokens_up_to_ties(
+    tiny_model_path: Path, adapter_dir: Path, prompt: str
+) -> None:
+    """The C attention kernel rounds in its own order: every greedy token, past the window and
+    with an adapter, is the reference forward's best or ties with it (`greedy_ties`)."""
+    from peft import PeftModel
+
+    fast = Generator(_load(tiny_model_path), backend=Backend.FAST)
+    assert fast._fast_model() is not None and fast._fast_model().native is not None
+    greedy = GenerationParams(max_output_tokens=100)  # decodes past the 64-token window
+    plain = _load(tiny_model_path).model
+    tuned = PeftModel.from_pretrained(_load(tiny_model_path).model, adapter_dir)
+    for adapter, model in ((None, plain), (adapter_dir, tuned)):
+        ids, tokens = fast_tokens(fast, prompt, greedy, adapter)
+        assert len(tokens) == 100
+        assert_greedy_up_to_ties(model, ids, tokens)
 
 
 def test_int8_hidden_states_stay_close(tiny_model_path: Path) -> None:

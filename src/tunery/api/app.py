@@ -82,6 +82,7 @@ def create_app(
                 decode_threads=decode_thread_policy(settings.api_threads, training_jobs),
                 backend=settings.decode_backend,
                 prompt_lookup=settings.prompt_lookup,
+                native_kernels=settings.native_kernels,
             ),
             auth=Authenticator(settings.api_keys, store.keys.hashes),
         )

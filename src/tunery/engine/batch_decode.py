@@ -102,6 +102,13 @@ def step_rows(
         v = qkv[:, (nh + nkv) * hd :].view(b, nkv, 1, hd)
         q = _rope(_rms(q, layer.q_norm, fast.eps), cos, sin)
         k = _rope(_rms(k, layer.k_norm, fast.eps), cos, sin)
+        if fast.native is not None:  # one call for every row: see `native`
+            a = fast.native.attend(
+                q.view(b, nh, hd), k.view(b, nkv * hd), qkv[:, (nh + nkv) * hd :],
+                [c.k[i][0] for c in caches], [c.v[i][0] for c in caches], index, fast.scaling,
+            )  # fmt: skip
+            x = _after_attention(fast, x, a, layer, i, spans)
+            continue
         outs = []
         for r, (cache, pos) in enumerate(zip(caches, positions, strict=True)):
             size = cache.sizes[i]

@@ -38,6 +38,8 @@ from typing import Any, Generic, Literal, TypeVar
 import torch
 import torch.nn.functional as F
 
+from tunery.engine.native import NativeAttention
+
 Weights = Literal["bf16", "int8"]
 T = TypeVar("T")
 _PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a CausalLM's module paths
@@ -412,8 +414,14 @@ class FastGemma3:
         return cls(model.config, model_tensors(model), weights)
 
     def __init__(
-        self, config: Any, tensors: Mapping[str, torch.Tensor], weights: Weights = "bf16"
+        self,
+        config: Any,
+        tensors: Mapping[str, torch.Tensor],
+        weights: Weights = "bf16",
+        native: bool = True,
     ) -> None:
+        """`native`: decode steps attend with the C kernel (`native`) where it builds and the
+        weights are bf16 on a CPU; else (or False) with torch, row by row."""
         self.weights = weights
         self.config = config
         embed = tensors[_EMBED]
@@ -429,6 +437,8 @@ class FastGemma3:
         self.scaling = config.query_pre_attn_scalar**-0.5
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.embed = embed  # shared with the model: no copy
+        cpu_bf16 = self.device.type == "cpu" and self.dtype == torch.bfloat16
+        self.native = NativeAttention.load() if native and cpu_bf16 else None
         # Gemma3TextScaledWordEmbedding's scale: an fp32 sqrt(hidden) cast to the weights' dtype
         self.embed_scale = torch.tensor(self.hidden**0.5).to(self.dtype).to(self.device)
         self.inv_freq = {
@@ -555,6 +565,15 @@ class FastGemma3:
             v = qkv[:, (nh + nkv) * hd :].view(b, nkv, 1, hd)
             q = _rope(_rms(q, layer.q_norm, self.eps), cos, sin)
             k = _rope(_rms(k, layer.k_norm, self.eps), cos, sin)
+            if self.native is not None:  # the kernel the batch scheduler's rows use
+                rows = range(b)
+                a = self.native.attend(
+                    q.view(b, nh, hd), k.view(b, nkv * hd), qkv[:, (nh + nkv) * hd :],
+                    [cache.k[i][r] for r in rows], [cache.v[i][r] for r in rows],
+                    torch.full((b,), pos, dtype=torch.int64), self.scaling,
+                )  # fmt: skip
+                x = self._after_attention(x, a, layer, i, lora)
+                continue
             size = cache.sizes[i]
             slot = pos % size
             ck, cv = cache.k[i], cache.v[i]

@@ -82,10 +82,12 @@ class Generator:
         backend: Backend | str = Backend.FAST,
         decode_threads: Callable[[], int] | None = None,
         prompt_lookup: bool = True,
+        native_kernels: bool = True,
     ) -> None:
         """`decode_threads`: asked before each batched decode step how many torch threads to use
         (the server lowers it while jobs train on the same cores); None leaves torch's.
-        `prompt_lookup`: greedy decodes on llama.cpp verify prompt-lookup drafts (`lookup`)."""
+        `prompt_lookup`: greedy decodes on llama.cpp verify prompt-lookup drafts (`lookup`).
+        `native_kernels`: the fast forward's decode steps attend with the C kernel (`native`)."""
         self._base = base
         self._backend = Backend(backend)
         self._decode_threads = decode_threads
@@ -106,6 +108,7 @@ class Generator:
         self._llama: LlamaCppModel | None = None  # built at the first llama.cpp decode
         self._llama_unusable = False  # llama.cpp is not installed or cannot run this base
         self._prompt_lookup = prompt_lookup
+        self._native = native_kernels
 
     # -- public --------------------------------------------------------------------------------
     def count_tokens(self, prompt: str, adapter_dir: Path | None = None) -> int:
@@ -336,7 +339,10 @@ class Generator:
             if self._fast is None:
                 int8 = self._backend is Backend.FAST_INT8
                 self._fast = FastGemma3(
-                    self._base.config, self._base.weights, "int8" if int8 else "bf16"
+                    self._base.config,
+                    self._base.weights,
+                    "int8" if int8 else "bf16",
+                    native=self._native,
                 )
             return self._fast
 

@@ -61,6 +61,7 @@ class InferenceService:
         decode_threads: Callable[[], int] | None = None,
         backend: Backend | str = Backend.FAST,
         prompt_lookup: bool = True,
+        native_kernels: bool = True,
     ) -> None:
         self.registry = registry
         self.tuning = tuning
@@ -68,6 +69,7 @@ class InferenceService:
         self.decode_threads = decode_threads  # torch threads per batched decode step
         self.backend = Backend(backend)
         self.prompt_lookup = prompt_lookup
+        self.native_kernels = native_kernels
         self._generators: dict[str, Generator] = {}
         self._generators_lock = threading.Lock()
 
@@ -171,5 +173,6 @@ class InferenceService:
                     decode_threads=self.decode_threads,
                     backend=self.backend,
                     prompt_lookup=self.prompt_lookup,
+                    native_kernels=self.native_kernels,
                 )
             return self._generators[base.name]
