@@ -13,7 +13,7 @@ from tests.unit.test_generate import _load
 from tunery.engine.base_models import LoadedBase
 from tunery.engine.fast_decode import FastGemma3
 from tunery.engine.generate import Backend, Generator
-from tunery.engine.native import NativeAttention
+from tunery.engine.native import NativeKernels
 from tunery.engine.specs import GenerationParams
 
 LONG = " ".join(f"word{i}" for i in range(60))  # > 64 tokens: the windowed prompt mask
@@ -50,7 +50,7 @@ def test_fast_with_torch_attention_matches_reference_past_the_window(
             assert _texts(fast, prompt, params, adapter) == _texts(ref, prompt, params, adapter)
 
 
-@pytest.mark.skipif(NativeAttention.load() is None, reason="no C compiler on this machine")
+@pytest.mark.skipif(NativeKernels.load() is None, reason="no C compiler on this machine")
 @pytest.mark.parametrize("prompt", ["The capital of France is", LONG])
 def test_fast_with_native_attention_picks_the_reference_tokens_up_to_ties(
     tiny_model_path: Path, adapter_dir: Path, prompt: str

@@ -31,9 +31,9 @@ from tunery.engine.fast_decode import (
     FastLora,
     KVCache,
     _Layer,
-    _rms,
     _rope,
 )
+from tunery.engine.native import LoraDesc, NativeKernels
 
 MAX_ROWS = 32  # rows per step whose matmuls stay bit-identical to 1-row matmuls (measured)
 # aten's bmm computes a product of fewer multiply-adds than this with its own loop, which rounds
@@ -51,11 +51,21 @@ class _Group32:
 
 
 class Lora32:
-    """An adapter's weights as the batched step reads them: fp32 (what the single-stream path
-    converts to at every call, so converting once changes no bit), laid out for `bmm`."""
+    """An adapter's weights as the batched step reads them: with the native kernels, its groups'
+    descs (no copy); else fp32 (what the single-stream path converts to at every call, so
+    converting once changes no bit), laid out for `bmm`."""
 
     def __init__(self, lora: FastLora, fast: FastGemma3) -> None:
         self.layers: list[dict[str, _Group32]] = []
+        self.descs: list[dict[str, LoraDesc]] | None = None
+        if fast.native is not None:  # B^T copies: while the adapter decodes, faster reads
+            descs = [
+                {name: LoraDesc.of(g.a, g.parts, transposed=True) for name, g in groups.items()}
+                for groups in lora.layers
+            ]
+            if all(d is not None for groups in descs for d in groups.values()):
+                self.descs = descs  # type: ignore[assignment]
+                return
         for groups in lora.layers:
             out: dict[str, _Group32] = {}
             for name, g in groups.items():
@@ -95,13 +105,12 @@ def step_rows(
             for k, (c, s) in fast._rope.items()}  # fmt: skip
     for i, layer in enumerate(fast.layers):
         cos, sin = rope["sliding" if layer.sliding else "full"]
-        h = _rms(x, layer.ln_in, fast.eps)
-        qkv = _add_lora(layer.qkv(h), h, spans, i, "qkv")
-        q = qkv[:, : nh * hd].view(b, nh, 1, hd)
-        k = qkv[:, nh * hd : (nh + nkv) * hd].view(b, nkv, 1, hd)
+        h = fast.norm_rows(x, layer.ln_in)
+        qkv = _add_lora(layer.qkv(h), h, spans, i, "qkv", fast.native)
+        q = fast.norm_rows(qkv[:, : nh * hd], layer.q_norm, nh).view(b, nh, 1, hd)
+        k = fast.norm_rows(qkv[:, nh * hd : (nh + nkv) * hd], layer.k_norm, nkv)
+        q, k = _rope(q, cos, sin), _rope(k.view(b, nkv, 1, hd), cos, sin)
         v = qkv[:, (nh + nkv) * hd :].view(b, nkv, 1, hd)
-        q = _rope(_rms(q, layer.q_norm, fast.eps), cos, sin)
-        k = _rope(_rms(k, layer.k_norm, fast.eps), cos, sin)
         if fast.native is not None:  # one call for every row: see `native`
             a = fast.native.attend(
                 q.view(b, nh, hd), k.view(b, nkv * hd), qkv[:, (nh + nkv) * hd :],
@@ -126,7 +135,7 @@ def step_rows(
         x = _after_attention(fast, x, a, layer, i, spans)
     for cache, pos in zip(caches, positions, strict=True):
         cache.length = pos + 1
-    return _rms(x, fast.final_norm, fast.eps)
+    return fast.norm_rows(x, fast.final_norm)
 
 
 def pad_rows(hidden: torch.Tensor) -> torch.Tensor:
@@ -147,22 +156,36 @@ def _after_attention(
     fast: FastGemma3, x: torch.Tensor, a: torch.Tensor, layer: _Layer, i: int, spans: Sequence[Span]
 ) -> torch.Tensor:
     """`FastGemma3._after_attention` with each row's own adapter."""
-    o = _add_lora(layer.o(a), a, spans, i, "o")
-    x = x + _rms(o, layer.ln_post_attn, fast.eps)
-    h = _rms(x, layer.ln_pre_ff, fast.eps)
-    gu = _add_lora(layer.gu(h), h, spans, i, "gu")
+    o = _add_lora(layer.o(a), a, spans, i, "o", fast.native)
+    x = x + fast.norm_rows(o, layer.ln_post_attn)
+    h = fast.norm_rows(x, layer.ln_pre_ff)
+    gu = _add_lora(layer.gu(h), h, spans, i, "gu", fast.native)
     gate, up = gu.chunk(2, dim=-1)
     m = F.gelu(gate, approximate="tanh") * up
-    d = _add_lora(layer.down(m), m, spans, i, "down")
-    return x + _rms(d, layer.ln_post_ff, fast.eps)
+    d = _add_lora(layer.down(m), m, spans, i, "down", fast.native)
+    return x + fast.norm_rows(d, layer.ln_post_ff)
 
 
 def _add_lora(
-    base: torch.Tensor, x: torch.Tensor, spans: Sequence[Span], i: int, group: str
+    base: torch.Tensor,
+    x: torch.Tensor,
+    spans: Sequence[Span],
+    i: int,
+    group: str,
+    native: NativeKernels | None,
 ) -> torch.Tensor:
     """Add each span's LoRA delta to its rows of `base` (a fresh matmul output: written in
     place), with the arithmetic of `_LoraGroup.add_to` on one row: an in-place add of the fp32
     delta into bf16 sums in fp32 and rounds once, as `(base + delta).to(bf16)` does."""
+    if native is not None:
+        work = [
+            (lo, hi, lora.descs[i].get(group))
+            for lo, hi, lora in spans
+            if lora is not None and lora.descs is not None
+        ]
+        if any(d is not None for _, _, d in work):
+            native.lora_add(base, x, work)
+        spans = [s for s in spans if s[2] is not None and s[2].descs is None]  # torch's to do
     xf: torch.Tensor | None = None  # x in fp32, made once for all spans
     for lo, hi, lora in spans:
         g = lora.layers[i].get(group) if lora is not None else None

@@ -204,7 +204,7 @@ class BatchScheduler:
         # (B, V) in bf16: the float32 copy the solo loop picks from is exact, so only the rows
         # that sample take it. A lone row is padded to 2.
         logits = fast.logits(pad_rows(torch.cat(hidden)), float32=False)
-        best = greedy(logits).tolist()
+        best = fast.native.argmax(logits) if fast.native is not None else greedy(logits).tolist()
         keep = []
         for j, row in enumerate(rows):
             token = best[j]

@@ -38,7 +38,7 @@ from typing import Any, Generic, Literal, TypeVar
 import torch
 import torch.nn.functional as F
 
-from tunery.engine.native import NativeAttention
+from tunery.engine.native import LoraDesc, NativeKernels
 
 Weights = Literal["bf16", "int8"]
 T = TypeVar("T")
@@ -190,8 +190,23 @@ class _LoraGroup:
 
     a: torch.Tensor  # (r_total, in)
     parts: list[tuple[int, int, int, int, torch.Tensor]]  # out_lo, out_hi, r_lo, r_hi, b
+    _desc: LoraDesc | None = None
+    _no_desc: bool = False
 
-    def add_to(self, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def desc(self) -> LoraDesc | None:
+        """These weights as the native LoRA kernel reads them (None: it cannot, not fp32)."""
+        if self._desc is None and not self._no_desc:
+            self._desc = LoraDesc.of(self.a, self.parts)
+            self._no_desc = self._desc is None
+        return self._desc
+
+    def add_to(
+        self, base: torch.Tensor, x: torch.Tensor, native: NativeKernels | None = None
+    ) -> torch.Tensor:
+        """base + the delta of x; with `native` (decode steps), by its LoRA kernel."""
+        desc = self.desc() if native is not None else None
+        if native is not None and desc is not None and base.dim() == 2:
+            return native.lora_add(base, x, [(0, base.shape[0], desc)])
         u = F.linear(x.float(), self.a.float())
         if len(self.parts) == 1 and self.parts[0][1] - self.parts[0][0] == base.shape[-1]:
             b = self.parts[0][4]
@@ -438,7 +453,7 @@ class FastGemma3:
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.embed = embed  # shared with the model: no copy
         cpu_bf16 = self.device.type == "cpu" and self.dtype == torch.bfloat16
-        self.native = NativeAttention.load() if native and cpu_bf16 else None
+        self.native = NativeKernels.load() if native and cpu_bf16 else None
         # Gemma3TextScaledWordEmbedding's scale: an fp32 sqrt(hidden) cast to the weights' dtype
         self.embed_scale = torch.tensor(self.hidden**0.5).to(self.dtype).to(self.device)
         self.inv_freq = {
@@ -556,15 +571,14 @@ class FastGemma3:
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
         for i, layer in enumerate(self.layers):
             cos, sin = rope["sliding" if layer.sliding else "full"]
-            h = _rms(x, layer.ln_in, self.eps)
+            h = self.norm_rows(x, layer.ln_in)
             qkv = layer.qkv(h)
             if lora is not None and "qkv" in lora.layers[i]:
-                qkv = lora.layers[i]["qkv"].add_to(qkv, h)
-            q = qkv[:, : nh * hd].view(b, nh, 1, hd)
-            k = qkv[:, nh * hd : (nh + nkv) * hd].view(b, nkv, 1, hd)
+                qkv = lora.layers[i]["qkv"].add_to(qkv, h, self.native)
+            q = self.norm_rows(qkv[:, : nh * hd], layer.q_norm, nh).view(b, nh, 1, hd)
+            k = self.norm_rows(qkv[:, nh * hd : (nh + nkv) * hd], layer.k_norm, nkv)
+            q, k = _rope(q, cos, sin), _rope(k.view(b, nkv, 1, hd), cos, sin)
             v = qkv[:, (nh + nkv) * hd :].view(b, nkv, 1, hd)
-            q = _rope(_rms(q, layer.q_norm, self.eps), cos, sin)
-            k = _rope(_rms(k, layer.k_norm, self.eps), cos, sin)
             if self.native is not None:  # the kernel the batch scheduler's rows use
                 rows = range(b)
                 a = self.native.attend(
@@ -572,7 +586,7 @@ class FastGemma3:
                     [cache.k[i][r] for r in rows], [cache.v[i][r] for r in rows],
                     torch.full((b,), pos, dtype=torch.int64), self.scaling,
                 )  # fmt: skip
-                x = self._after_attention(x, a, layer, i, lora)
+                x = self._after_attention(x, a, layer, i, lora, self.native)
                 continue
             size = cache.sizes[i]
             slot = pos % size
@@ -583,9 +597,17 @@ class FastGemma3:
             a = F.scaled_dot_product_attention(
                 q, ck[:, :, :n], cv[:, :, :n], scale=self.scaling, enable_gqa=True
             )
-            x = self._after_attention(x, a.reshape(b, nh * hd), layer, i, lora)
+            x = self._after_attention(x, a.reshape(b, nh * hd), layer, i, lora, self.native)
         cache.length = pos + 1
-        return _rms(x, self.final_norm, self.eps)
+        return self.norm_rows(x, self.final_norm)
+
+    def norm_rows(self, x: torch.Tensor, weight: torch.Tensor, heads: int = 1) -> torch.Tensor:
+        """(B, heads·n) → each head's n values RMS-normed (a decode step's rows): by the native
+        kernel where there is one."""
+        if self.native is not None:
+            return self.native.rms_norm(x, weight, self.eps, heads)
+        b = x.shape[0]
+        return _rms(x.view(b, heads, -1), weight, self.eps).view(b, -1)
 
     def logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """(B, C) → (B, V) logits, in float32 or (`float32=False`) the weights' dtype, whose
@@ -605,23 +627,34 @@ class FastGemma3:
 
     # -- internals -----------------------------------------------------------------------------
     def _after_attention(
-        self, x: torch.Tensor, a: torch.Tensor, layer: _Layer, i: int, lora: FastLora | None
+        self,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        layer: _Layer,
+        i: int,
+        lora: FastLora | None,
+        native: NativeKernels | None = None,
     ) -> torch.Tensor:
+        """The rest of layer i; `native`: LoRA by its kernel (decode steps)."""
         groups = lora.layers[i] if lora is not None else {}
+
+        def norm(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+            return _rms(t, weight, self.eps) if native is None else self.norm_rows(t, weight)
+
         o = layer.o(a)
         if "o" in groups:
-            o = groups["o"].add_to(o, a)
-        x = x + _rms(o, layer.ln_post_attn, self.eps)
-        h = _rms(x, layer.ln_pre_ff, self.eps)
+            o = groups["o"].add_to(o, a, native)
+        x = x + norm(o, layer.ln_post_attn)
+        h = norm(x, layer.ln_pre_ff)
         gu = layer.gu(h)
         if "gu" in groups:
-            gu = groups["gu"].add_to(gu, h)
+            gu = groups["gu"].add_to(gu, h, native)
         gate, up = gu.chunk(2, dim=-1)
         m = F.gelu(gate, approximate="tanh") * up
         d = layer.down(m)
         if "down" in groups:
-            d = groups["down"].add_to(d, m)
-        return x + _rms(d, layer.ln_post_ff, self.eps)
+            d = groups["down"].add_to(d, m, native)
+        return x + norm(d, layer.ln_post_ff)
 
     def _split_heads(
         self, qkv: torch.Tensor, t: int

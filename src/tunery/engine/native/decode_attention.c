@@ -2,42 +2,23 @@
  *
  * Every (row, kv head) is computed by one thread in an order fixed by the row's own cache
  * (its length, its ring), never by the batch: a row gets the same bits alone or among any
- * others. Inputs and caches are bf16; scores, softmax and sums are fp32.
+ * others. Inputs and caches are bf16; scores, softmax and sums are fp32, and the softmax weights
+ * are rounded to bf16 before they weigh V, as torch's bf16 attention on a CPU does.
  */
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
-#define LANES 16
+#include "bf16.h"
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0; /* NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-/* sum_d a[d] * b[d] over hd values: LANES running sums, then a fixed tree, then the tail */
+/* sum_d a[d] * b[d] over hd values: 16 running sums, then a fixed tree, then the tail */
 static inline float dot(const float *a, const uint16_t *b, int64_t hd) {
-    float acc[LANES] = {0};
+    f32x16 acc = {0};
     int64_t d = 0;
-    for (; d + LANES <= hd; d += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += a[d + l] * bf16_to_f32(b[d + l]);
-    for (int w = LANES / 2; w > 0; w /= 2)
-        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
-    float s = acc[0];
+    for (; d + LANES <= hd; d += LANES) acc += load_f32x16(a + d) * load_bf16x16(b + d);
+    float s = sum_lanes(acc);
     for (; d < hd; d++) s += a[d] * bf16_to_f32(b[d]);
     return s;
 }
@@ -51,9 +32,9 @@ static void attend(int64_t r, int64_t g, int64_t nh, int64_t nkv, int64_t hd,
     int64_t n = pos[r] + 1 < size[r] ? pos[r] + 1 : size[r];
     const uint16_t *k = k_cache[r] + g * size[r] * hd;
     const uint16_t *v = v_cache[r] + g * size[r] * hd;
-    float *qf = work;              /* (per, hd) */
-    float *acc = qf + per * hd;    /* (per, hd) */
-    float *p = acc + per * hd;     /* (per, n) */
+    float *qf = work;           /* (per, hd) */
+    float *acc = qf + per * hd; /* (per, hd) */
+    float *p = acc + per * hd;  /* (per, n) */
     for (int64_t h = 0; h < per; h++)
         for (int64_t d = 0; d < hd; d++)
             qf[h * hd + d] = bf16_to_f32(q[(r * nh + g * per + h) * hd + d]);
@@ -71,22 +52,27 @@ static void attend(int64_t r, int64_t g, int64_t nh, int64_t nkv, int64_t hd,
             ph[j] = bf16_to_f32(f32_to_bf16(e));
         }
         float *ah = acc + h * hd;
-        for (int64_t d = 0; d < hd; d++) ah[d] = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            const uint16_t *vj = v + j * hd;
-            float w = ph[j];
-            for (int64_t d = 0; d < hd; d++) ah[d] += w * bf16_to_f32(vj[d]);
+        int64_t d = 0;
+        for (; d + LANES <= hd; d += LANES) { /* 16 columns of the output at a time */
+            f32x16 sum = {0};
+            for (int64_t j = 0; j < n; j++) sum += ph[j] * load_bf16x16(v + j * hd + d);
+            memcpy(ah + d, &sum, sizeof sum);
         }
-        uint16_t *o = out + (r * nh + g * per + h) * hd;
+        for (; d < hd; d++) {
+            float sum = 0.0f;
+            for (int64_t j = 0; j < n; j++) sum += ph[j] * bf16_to_f32(v[j * hd + d]);
+            ah[d] = sum;
+        }
         float inverse = 1.0f / total;
-        for (int64_t d = 0; d < hd; d++) o[d] = f32_to_bf16(ah[d] * inverse);
+        uint16_t *o = out + (r * nh + g * per + h) * hd;
+        for (d = 0; d < hd; d++) o[d] = f32_to_bf16(ah[d] * inverse);
     }
 }
 
-/* q (B, nh, hd); k_new, v_new rows of (nkv, hd), k_stride and v_stride elements apart; k_cache[r] and
- * v_cache[r] (nkv, size[r], hd). Writes row r's new key and value at slot pos[r] % size[r],
- * then out (B, nh, hd) = attention over the slots filled so far. Returns 0, or -1 when out of
- * memory. */
+/* q (B, nh, hd); k_new, v_new rows of (nkv, hd), k_stride and v_stride elements apart;
+ * k_cache[r] and v_cache[r] (nkv, size[r], hd). Writes row r's new key and value at slot
+ * pos[r] % size[r], then out (B, nh, hd) = attention over the slots filled so far. Returns 0,
+ * or -1 when out of memory. */
 int tunery_decode_attention(int64_t rows, int64_t nh, int64_t nkv, int64_t hd,
                             const uint16_t *q, const uint16_t *k_new, int64_t k_stride,
                             const uint16_t *v_new, int64_t v_stride, uint16_t *const *k_cache,
@@ -105,10 +91,10 @@ int tunery_decode_attention(int64_t rows, int64_t nh, int64_t nkv, int64_t hd,
     }
     int64_t per = nh / nkv;
     int64_t tasks = rows * nkv;
+    int teams = tasks < threads ? (int)tasks : (threads > 0 ? threads : 1);
     int64_t each = 2 * per * hd + per * longest;
-    float *work = malloc(sizeof(float) * each * (tasks < threads ? tasks : threads));
+    float *work = malloc(sizeof(float) * each * teams);
     if (work == NULL) return -1;
-    int teams = tasks < threads ? (int)tasks : threads;
 #pragma omp parallel num_threads(teams)
     {
 #ifdef _OPENMP

@@ -1,0 +1,127 @@
+/* LoRA deltas for the rows of a decode step, each run of rows with its own adapter, added into
+ * the base projection's bf16 output: base += (x A^T) B^T per row, in fp32, rounded once.
+ *
+ * A row's sums run in an order fixed by its adapter alone (x A^T in 16 running sums and a fixed
+ * tree, u B^T over the rank in order), never by the other rows or the threads.
+ */
+#include <stdlib.h>
+
+#include "bf16.h"
+
+#define BLOCK 64 /* output columns per task */
+
+/* An adapter's group as `desc` describes it: in, r, parts, A (r, in) fp32, then for each part
+ * out columns [c_lo, c_hi), rank columns [r_lo, r_hi), B (c_hi - c_lo, r_hi - r_lo) fp32 and
+ * optionally (else NULL) B^T, a copy that spares transposing B's blocks at every call. */
+typedef struct {
+    int64_t c_lo, c_hi, r_lo, r_hi;
+    const float *b, *bt;
+} Part;
+
+typedef struct {
+    int64_t row_lo, row_hi, c_lo, c_hi, u_offset;
+    const Part *part;
+} Task;
+
+static float dot(const uint16_t *x, const float *a, int64_t n) {
+    f32x16 acc = {0};
+    int64_t d = 0;
+    for (; d + LANES <= n; d += LANES) acc += load_bf16x16(x + d) * load_f32x16(a + d);
+    float s = sum_lanes(acc);
+    for (; d < n; d++) s += bf16_to_f32(x[d]) * a[d];
+    return s;
+}
+
+/* out[0:n] (n <= 16) += u B^T for one row, B's 16 columns held rank-major in `bt`. */
+static void add_block(uint16_t *out, int64_t n, const float *u, const f32x16 *bt, int64_t rank) {
+    f32x16 acc = {0};
+    for (int64_t j = 0; j < rank; j++) acc += u[j] * bt[j];
+    if (n == LANES) {
+        store_bf16x16(out, load_bf16x16(out) + acc);
+        return;
+    }
+    float delta[LANES];
+    memcpy(delta, &acc, sizeof delta);
+    for (int64_t l = 0; l < n; l++) out[l] = f32_to_bf16(bf16_to_f32(out[l]) + delta[l]);
+}
+
+static void run_task(const Task *w, const float *u, int64_t r_max, uint16_t *base,
+                     int64_t base_stride, f32x16 *bt) {
+    const Part *p = w->part;
+    int64_t rank = p->r_hi - p->r_lo;
+    for (int64_t c = w->c_lo; c < w->c_hi; c += LANES) {
+        int64_t n = w->c_hi - c < LANES ? w->c_hi - c : LANES, width = p->c_hi - p->c_lo;
+        float *t = (float *)bt;
+        if (p->bt != NULL && n == LANES)
+            for (int64_t j = 0; j < rank; j++) bt[j] = load_f32x16(p->bt + j * width + c - p->c_lo);
+        else
+            for (int64_t l = 0; l < LANES; l++)
+                for (int64_t j = 0; j < rank; j++)
+                    t[j * LANES + l] = l < n ? p->b[(c - p->c_lo + l) * rank + j] : 0.0f;
+        for (int64_t row = w->row_lo; row < w->row_hi; row++) {
+            const float *ur = u + (w->u_offset + row - w->row_lo) * r_max + p->r_lo;
+            add_block(base + row * base_stride + c, n, ur, bt, rank);
+        }
+    }
+}
+
+int tunery_lora_add(int64_t spans, const int64_t *row_lo, const int64_t *row_hi,
+                    const int64_t *const *desc, const uint16_t *x, int64_t x_stride,
+                    uint16_t *base, int64_t base_stride, int threads) {
+    int64_t rows = 0, tasks = 0, r_max = 1;
+    for (int64_t s = 0; s < spans; s++) {
+        if (desc[s] == NULL) continue;
+        rows += row_hi[s] - row_lo[s];
+        r_max = desc[s][1] > r_max ? desc[s][1] : r_max;
+        const Part *parts = (const Part *)(desc[s] + 4);
+        for (int64_t p = 0; p < desc[s][2]; p++)
+            tasks += (parts[p].c_hi - parts[p].c_lo + BLOCK - 1) / BLOCK;
+    }
+    if (rows == 0) return 0;
+    float *u = malloc(sizeof(float) * rows * r_max);
+    int64_t *u_row = malloc(sizeof(int64_t) * 2 * rows); /* (row, span) of each u row */
+    Task *list = malloc(sizeof(Task) * tasks);
+    if (u == NULL || u_row == NULL || list == NULL) {
+        free(u), free(u_row), free(list);
+        return -1;
+    }
+    int64_t k = 0, t = 0;
+    for (int64_t s = 0; s < spans; s++) {
+        if (desc[s] == NULL) continue;
+        int64_t first = k;
+        for (int64_t row = row_lo[s]; row < row_hi[s]; row++, k++) {
+            u_row[2 * k] = row;
+            u_row[2 * k + 1] = s;
+        }
+        const Part *parts = (const Part *)(desc[s] + 4);
+        for (int64_t p = 0; p < desc[s][2]; p++)
+            for (int64_t c = parts[p].c_lo; c < parts[p].c_hi; c += BLOCK) {
+                int64_t end = c + BLOCK < parts[p].c_hi ? c + BLOCK : parts[p].c_hi;
+                list[t++] = (Task){row_lo[s], row_hi[s], c, end, first, &parts[p]};
+            }
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(threads > 0 ? threads : 1)
+    {
+        /* 1. u = x A^T, row by row */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < rows; i++) {
+            const int64_t *d = desc[u_row[2 * i + 1]];
+            const float *a = (const float *)(intptr_t)d[3];
+            const uint16_t *xr = x + u_row[2 * i] * x_stride;
+            for (int64_t j = 0; j < d[1]; j++) u[i * r_max + j] = dot(xr, a + j * d[0], d[0]);
+        }
+        /* 2. base += u B^T, a block of output columns of one part per task */
+        f32x16 *bt = aligned_alloc(64, sizeof(f32x16) * r_max);
+        if (bt == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(dynamic, 4)
+        for (int64_t i = 0; i < t; i++)
+            if (bt != NULL) run_task(&list[i], u, r_max, base, base_stride, bt);
+        free(bt);
+    }
+    free(u), free(u_row), free(list);
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,194 @@
+"""The C decode kernels against torch. Attention: each row on its own cache (ring slots, grouped
+query heads), within a bf16 step of torch's result, the same bits alone as in any batch and with
+any thread count, and the new keys and values written at their slots. LoRA: each run of rows
+with its own adapter (fused groups of parts), within a bf16 step of torch's fp32 delta, the same
+bits alone as among other adapters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tunery.engine.native import LoraDesc, NativeKernels
+
+native = NativeKernels.load()
+pytestmark = pytest.mark.skipif(native is None, reason="no C compiler on this machine")
+SCALE = 0.0625
+
+
+def _rows(
+    heads: int, groups: int, dim: int, sizes: list[int], positions: list[int], seed: int = 0
+) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    n = len(sizes)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).bfloat16()
+
+    return {
+        "q": rand(n, heads, dim),
+        "k": rand(n, groups * dim),
+        "qkv": rand(n, 3 * groups * dim),  # v is a strided slice of it, as in the decode step
+        "k_caches": [rand(groups, size, dim) for size in sizes],
+        "v_caches": [rand(groups, size, dim) for size in sizes],
+        "positions": torch.tensor(positions, dtype=torch.int64),
+    }
+
+
+def _attend(rows: dict, pick: list[int] | None = None) -> torch.Tensor:  # type: ignore[type-arg]
+    """The kernel on copies of the caches (all rows, or the rows in `pick`)."""
+    take = pick if pick is not None else list(range(rows["q"].shape[0]))
+    groups_dim = rows["k"].shape[1]
+    assert native is not None
+    return native.attend(
+        rows["q"][take],
+        rows["k"][take],
+        rows["qkv"][take][:, groups_dim : 2 * groups_dim],
+        [rows["k_caches"][r].clone() for r in take],
+        [rows["v_caches"][r].clone() for r in take],
+        rows["positions"][take],
+        SCALE,
+    )
+
+
+def _torch_attention(rows: dict, r: int) -> torch.Tensor:  # type: ignore[type-arg]
+    """Row r by torch: the new key and value at their slot, SDPA over the filled slots."""
+    k_cache, v_cache = rows["k_caches"][r].clone(), rows["v_caches"][r].clone()
+    groups, size, dim = k_cache.shape
+    pos = int(rows["positions"][r])
+    slot, n = pos % size, min(pos + 1, size)
+    k_cache[:, slot] = rows["k"][r].view(groups, dim)
+    v_cache[:, slot] = rows["qkv"][r, groups * dim : 2 * groups * dim].view(groups, dim)
+    q = rows["q"][r : r + 1].unsqueeze(2)  # (1, H, 1, D)
+    a = F.scaled_dot_product_attention(
+        q, k_cache[None, :, :n], v_cache[None, :, :n], scale=SCALE, enable_gqa=True
+    )
+    return a.reshape(-1)
+
+
+@pytest.mark.parametrize(("heads", "groups"), [(4, 1), (4, 2), (2, 2)])
+def test_kernel_rows_agree_with_torch_attention_within_a_bf16_step(heads: int, groups: int) -> None:
+    # A short row, one at the end of its cache, a ring that wrapped, a long full-attention row.
+    rows = _rows(heads, groups, 256, sizes=[40, 40, 64, 700], positions=[0, 39, 150, 600])
+    out = _attend(rows)
+    for r in range(4):
+        want = _torch_attention(rows, r).float()
+        got = out[r].float()
+        # Both round the softmax weights and the output to bf16 from fp32 sums in their own
+        # order: the same bits mostly, and otherwise a bf16 step of the row's largest value.
+        assert (got - want).abs().max() <= 2**-7 * want.abs().max(), r
+        assert (got == want).float().mean() > 0.7, r
+
+
+def test_a_row_gets_the_same_bits_alone_as_in_any_batch_and_with_any_threads() -> None:
+    rows = _rows(4, 1, 256, sizes=[64, 300, 64, 300, 64], positions=[5, 299, 64, 120, 200])
+    together = _attend(rows)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = _attend(rows)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(together, serial)
+    for r in range(5):
+        assert torch.equal(_attend(rows, [r])[0], together[r]), r
+    assert torch.equal(_attend(rows, [4, 1])[1], together[1])
+
+
+def test_the_new_key_and_value_land_in_their_slot_and_nothing_else_changes() -> None:
+    rows = _rows(4, 2, 64, sizes=[16, 100], positions=[37, 3])
+    k_caches = [c.clone() for c in rows["k_caches"]]
+    v_caches = [c.clone() for c in rows["v_caches"]]
+    assert native is not None
+    v = rows["qkv"][:, 128:256]
+    native.attend(rows["q"], rows["k"], v, k_caches, v_caches, rows["positions"], SCALE)
+    for r, slot in enumerate([37 % 16, 3]):
+        want_k, want_v = rows["k_caches"][r].clone(), rows["v_caches"][r].clone()
+        want_k[:, slot] = rows["k"][r].view(2, 64)
+        want_v[:, slot] = v[r].view(2, 64)
+        assert torch.equal(k_caches[r], want_k) and torch.equal(v_caches[r], want_v)
+
+
+def _adapter(seed: int, d_in: int, widths: list[int], ranks: list[int]) -> LoraDesc:
+    """A random fused-group LoRA: one part per (width, rank), A stacked over the parts."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(sum(ranks), d_in, generator=g) * 0.05
+    parts, lo, r_lo = [], 0, 0
+    for width, rank in zip(widths, ranks, strict=True):
+        parts.append((lo, lo + width, r_lo, r_lo + rank, torch.randn(width, rank, generator=g)))
+        lo, r_lo = lo + width, r_lo + rank
+    desc = LoraDesc.of(a, parts)
+    assert desc is not None
+    return desc
+
+
+def _torch_delta(desc: LoraDesc, x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    a, *bs = desc._tensors
+    u = x.float() @ a.float().t()
+    out = base.float().clone()
+    fields = desc._fields.tolist()
+    for k, b in enumerate(bs):
+        c_lo, c_hi, r_lo, r_hi = fields[4 + 6 * k : 8 + 6 * k]
+        out[:, c_lo:c_hi] += u[:, r_lo:r_hi] @ b.t()
+    return out
+
+
+def test_lora_rows_agree_with_torch_within_a_bf16_step_and_alone_as_among_others() -> None:
+    assert native is not None
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 200, generator=g).bfloat16()
+    base = torch.randn(7, 300, generator=g).bfloat16()
+    # Rows 0-1 a three-part group, 2 none, 3-5 one part over every column, 6 part of the columns.
+    three = _adapter(1, 200, [100, 50, 150], [8, 4, 16])
+    full = _adapter(2, 200, [300], [16])
+    some = _adapter(3, 200, [100], [5])
+    spans = [(0, 2, three), (2, 3, None), (3, 6, full), (6, 7, some)]
+    out = native.lora_add(base.clone(), x, spans)
+    assert torch.equal(out[2], base[2])  # no adapter: untouched
+    assert torch.equal(out[6, 100:], base[6, 100:])  # outside the adapter's part: untouched
+    for lo, hi, desc in spans:
+        if desc is None:
+            continue
+        want = _torch_delta(desc, x[lo:hi], base[lo:hi])
+        assert (out[lo:hi].float() - want).abs().max() <= 2**-7 * want.abs().max()
+        a, *bs = desc._tensors
+        fields = desc._fields.tolist()
+        parts = [(*fields[4 + 6 * k : 8 + 6 * k], b) for k, b in enumerate(bs)]
+        copy = LoraDesc.of(a, parts, transposed=True)  # B^T held: read another way, same bits
+        for r in range(lo, hi):  # alone: the same bits
+            for d in (desc, copy):
+                alone = native.lora_add(base[r : r + 1].clone(), x[r : r + 1], [(0, 1, d)])
+                assert torch.equal(alone[0], out[r]), r
+
+
+def test_argmax_is_the_first_of_the_largest_values_as_torch_max_finds_it() -> None:
+    assert native is not None
+    g = torch.Generator().manual_seed(9)
+    logits = torch.randn(5, 1003, generator=g).bfloat16()  # not a multiple of 16: a tail
+    logits[1, 7] = logits[1, 900] = 50.0  # a tie: the first wins
+    logits[2, 1001] = 60.0  # the best in the tail
+    logits[3] = -5.0  # all equal
+    logits[4, 20] = float("nan")  # torch's max returns the NaN
+    assert native.argmax(logits) == logits.max(dim=-1).indices.tolist()
+    assert native.argmax(logits)[:4] == [int(logits[0].float().argmax()), 7, 1001, 0]
+    short = torch.tensor([[1.0, 3.0, 2.0]]).bfloat16()  # shorter than one vector
+    assert native.argmax(short) == [1]
+
+
+def test_rms_norm_per_head_agrees_with_torch_within_a_bf16_step() -> None:
+    assert native is not None
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 3 * 40, generator=g).bfloat16() * 3  # 3 heads of 40: a tail of 8
+    weight = torch.rand(40, generator=g) + 0.5
+    got = native.rms_norm(x, weight, 1e-6, heads=3).float().view(6, 3, 40)
+    xf = x.float().view(6, 3, 40)
+    want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    assert ((got - want).abs() <= 2**-7 * want.abs() + 1e-6).all()
+    strided = torch.cat([x, x], dim=1)[:, :120]  # rows further apart than their width
+    assert torch.equal(
+        native.rms_norm(strided, weight, 1e-6, heads=3), native.rms_norm(x, weight, 1e-6, heads=3)
+    )
+    assert torch.equal(
+        native.rms_norm(x[2:3], weight, 1e-6, 3)[0], native.rms_norm(x, weight, 1e-6, 3)[2]
+    )
