@@ -17,6 +17,7 @@ from tunery.engine.batch_decode import Lora32, step_rows
 from tunery.engine.batching import BatchScheduler
 from tunery.engine.fast_decode import FastGemma3, FastLora
 from tunery.engine.generate import Backend, Generator, _TextStream
+from tunery.engine.native import NativeKernels
 from tunery.engine.specs import GenerationParams
 
 PROMPTS = [
@@ -68,10 +69,12 @@ def _solo(fast: FastGemma3, ids: list[int], lora: FastLora | None, n: int) -> li
     return out
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native kernels", "torch"])
 def test_batched_rows_are_bit_identical_to_rows_stepped_alone(
-    base: LoadedBase, adapters: list[Path]
+    base: LoadedBase, adapters: list[Path], native: bool
 ) -> None:
-    fast = FastGemma3(base.config, base.weights)
+    fast = FastGemma3(base.config, base.weights, native=native)
+    assert (fast.native is not None) == (native and NativeKernels.load() is not None)
     loras = [FastLora.load(a, fast) for a in adapters]
     assert all(lora is not None for lora in loras)
     # Rows ordered by adapter: none, none, all, all, some, mlp.

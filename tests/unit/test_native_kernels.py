@@ -6,6 +6,11 @@ bits alone as among other adapters."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -192,3 +197,23 @@ def test_rms_norm_per_head_agrees_with_torch_within_a_bf16_step() -> None:
     assert torch.equal(
         native.rms_norm(x[2:3], weight, 1e-6, 3)[0], native.rms_norm(x, weight, 1e-6, 3)[2]
     )
+
+
+def test_without_a_working_compiler_the_kernels_are_off_and_decoding_uses_torch(
+    tmp_path: Path,
+) -> None:
+    """A machine without a C compiler (here one that always fails) still decodes: `load()` is
+    None, logged, and a fresh process's fast forward attends with torch."""
+    script = (
+        "import torch\n"
+        "from tunery.engine.native import NativeKernels\n"
+        "assert NativeKernels.load() is None\n"
+        "print('torch only')\n"
+    )
+    env = {**os.environ, "CC": "/bin/false", "XDG_CACHE_HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "torch only"
+    assert "could not compile the native kernels" in done.stderr
