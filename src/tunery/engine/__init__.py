@@ -33,7 +33,9 @@ Public surface (everything else is internal):
         gen.stream(prompt, params, adapter_dir=None) -> Iterator[StreamChunk]
         gen.count_tokens(prompt, adapter_dir=None) -> int
         On the FAST backend, single-candidate requests share one decode step per token across
-        requests and adapters (engine/batching.py, engine/batch_decode.py).
+        requests and adapters (engine/batching.py, engine/batch_decode.py); its decode steps
+        attend, add LoRA deltas and norm rows with C kernels (engine/native/, compiled once per
+        machine with the system compiler) unless native_kernels=False or none compiles.
         With an adapter the prompt is wrapped in the training template (engine.data.format_prompt);
         without one it is sent to the base model as is.
 """

@@ -9,12 +9,13 @@ What is shared and what is not (each choice measured on this CPU, bf16 weights):
   differ in rare cancelling cases by one bf16 ulp: a lone row is therefore padded to two
   (`pad_rows`), so a request decodes the same alone or batched. Against `FastGemma3.step` (1 row)
   the tokens are the same unless such an ulp decides a near tie.
-- LoRA runs per adapter on its contiguous range of rows (rows are ordered by adapter), as
-  Punica/LoRAX group them. A 1-row fp32 `F.linear` (the single-stream path) and a many-row one
-  round differently, but a `bmm` of (m, 1, in) rows with the adapter's transposed weight expanded
-  over m matches the 1-row call exactly, so that is the form used.
-- Attention runs per row on that row's own cache (its length, its sliding-window ring): a padded
-  batch with a mask sums in another order and drifts by an ulp. It is ~25 µs per row and layer.
+- Attention, LoRA and the norms run per row, each row in an order fixed by its own cache and
+  adapter: by the C kernels (`native`, one call per layer for all rows) where they build, else
+  in torch. There LoRA runs per adapter on its contiguous range of rows (rows are ordered by
+  adapter), as Punica/LoRAX group them: a 1-row fp32 `F.linear` and a many-row one round
+  differently, but a `bmm` of (m, 1, in) rows with the adapter's transposed weight expanded over
+  m matches the 1-row call exactly; and attention is one SDPA per row (a padded batch with a mask
+  sums in another order), ~40 µs per row and layer with the slicing around it.
 """
 
 from __future__ import annotations
