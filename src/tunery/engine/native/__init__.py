@@ -170,32 +170,33 @@ class LoraDesc:
 def _library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        log.info("no C compiler: decode attention runs row by row in torch")
+        log.info("no C compiler: decode steps keep torch's kernels")
         return None
     source = b"".join(path.read_bytes() for path in [*_SOURCES, _HEADER])
     key = hashlib.sha256(source + repr((compiler, _FLAGS, _cpu())).encode()).hexdigest()[:16]
     target = _cache_dir() / f"tunery-kernels-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            built = Path(tmp) / target.name
-            sources = [str(path) for path in _SOURCES]
-            for openmp in (["-fopenmp"], []):  # a compiler without OpenMP builds them serial
-                cmd = [compiler, *_FLAGS, *openmp, "-o", str(built), *sources, "-lm"]
-                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-                if done.returncode == 0:
-                    break
-            else:
-                log.warning("could not compile the native kernels: %s", done.stderr[-500:])
-                return None
-            os.replace(built, target)  # atomic: concurrent processes see one whole file
-    import torch  # noqa: F401  (its libgomp is loaded first, so the kernel shares its threads)
-
     try:
-        return ctypes.CDLL(str(target))
-    except OSError as e:
-        log.warning("could not load %s: %s", target, e)
+        if not target.exists() and not _compile(compiler, target):
+            return None
+        return ctypes.CDLL(str(target))  # torch, imported above, brought the libgomp it shares
+    except OSError as e:  # an unwritable cache, a compiler that cannot run, a bad library
+        log.warning("native kernels unavailable (decode steps keep torch's kernels): %s", e)
         return None
+
+
+def _compile(compiler: str, target: Path) -> bool:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        sources = [str(path) for path in _SOURCES]
+        for openmp in (["-fopenmp"], []):  # a compiler without OpenMP builds them serial
+            cmd = [compiler, *_FLAGS, *openmp, "-o", str(built), *sources, "-lm"]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if done.returncode == 0:
+                os.replace(built, target)  # atomic: concurrent processes see one whole file
+                return True
+    log.warning("could not compile the native kernels: %s", done.stderr[-500:])
+    return False
 
 
 def _cache_dir() -> Path:
