@@ -221,3 +221,34 @@ def test_without_a_working_compiler_the_kernels_are_off_and_decoding_uses_torch(
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "torch only"
         assert says in done.stderr
+
+
+def test_q_and_k_norm_and_rope_agree_with_torch_within_bf16_steps_and_alone_as_batched() -> None:
+    assert native is not None
+    g = torch.Generator().manual_seed(6)
+    rows, nh, nkv, hd = 5, 4, 2, 32
+    qkv = torch.randn(rows, (nh + 2 * nkv) * hd, generator=g).bfloat16() * 2
+    q_w, k_w = torch.rand(hd, generator=g) + 0.5, torch.rand(hd, generator=g) + 0.5
+    angles = torch.arange(50).float()[:, None] * torch.rand(hd // 2, generator=g)[None]
+    angles = torch.cat([angles, angles], dim=-1)
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    positions = torch.tensor([0, 3, 49, 7, 20])
+    q, k = native.qk_norm_rope(qkv, (nh, nkv), (q_w, k_w), 1e-6, (cos, sin), positions)
+
+    def torch_side(x: torch.Tensor, w: torch.Tensor, heads: int) -> torch.Tensor:
+        xf = x.float().view(rows, heads, hd)
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w).bfloat16().float()
+        rotated = torch.cat([-y[..., hd // 2 :], y[..., : hd // 2]], dim=-1)
+        c, s = cos[positions].float()[:, None], sin[positions].float()[:, None]
+        return y * c + rotated * s
+
+    for got, want in (
+        (q.float(), torch_side(qkv[:, : nh * hd], q_w, nh)),
+        (k.float().view(rows, nkv, hd), torch_side(qkv[:, nh * hd : (nh + nkv) * hd], k_w, nkv)),
+    ):
+        assert ((got - want).abs() <= 2**-7 * want.abs() + 1e-3).all()
+    for r in range(rows):  # alone: the same bits
+        q1, k1 = native.qk_norm_rope(
+            qkv[r : r + 1], (nh, nkv), (q_w, k_w), 1e-6, (cos, sin), positions[r : r + 1]
+        )
+        assert torch.equal(q1[0], q[r]) and torch.equal(k1[0], k[r]), r

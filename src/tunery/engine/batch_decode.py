@@ -108,17 +108,21 @@ def step_rows(
         cos, sin = rope["sliding" if layer.sliding else "full"]
         h = fast.norm_rows(x, layer.ln_in)
         qkv = _add_lora(layer.qkv(h), h, spans, i, "qkv", fast.native)
+        if fast.native is not None:  # one call for every row: see `native`
+            qn, kn = fast.native.qk_norm_rope(
+                qkv, (nh, nkv), (layer.q_norm, layer.k_norm), fast.eps,
+                fast._rope["sliding" if layer.sliding else "full"], index,
+            )  # fmt: skip
+            a = fast.native.attend(
+                qn, kn, qkv[:, (nh + nkv) * hd :], [c.k[i][0] for c in caches],
+                [c.v[i][0] for c in caches], index, fast.scaling,
+            )  # fmt: skip
+            x = _after_attention(fast, x, a, layer, i, spans)
+            continue
         q = fast.norm_rows(qkv[:, : nh * hd], layer.q_norm, nh).view(b, nh, 1, hd)
         k = fast.norm_rows(qkv[:, nh * hd : (nh + nkv) * hd], layer.k_norm, nkv)
         q, k = _rope(q, cos, sin), _rope(k.view(b, nkv, 1, hd), cos, sin)
         v = qkv[:, (nh + nkv) * hd :].view(b, nkv, 1, hd)
-        if fast.native is not None:  # one call for every row: see `native`
-            a = fast.native.attend(
-                q.view(b, nh, hd), k.view(b, nkv * hd), qkv[:, (nh + nkv) * hd :],
-                [c.k[i][0] for c in caches], [c.v[i][0] for c in caches], index, fast.scaling,
-            )  # fmt: skip
-            x = _after_attention(fast, x, a, layer, i, spans)
-            continue
         outs = []
         for r, (cache, pos) in enumerate(zip(caches, positions, strict=True)):
             size = cache.sizes[i]

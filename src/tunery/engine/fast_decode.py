@@ -575,19 +575,22 @@ class FastGemma3:
             qkv = layer.qkv(h)
             if lora is not None and "qkv" in lora.layers[i]:
                 qkv = lora.layers[i]["qkv"].add_to(qkv, h, self.native)
+            if self.native is not None:  # the kernels the batch scheduler's rows use
+                rows, positions = range(b), torch.full((b,), pos, dtype=torch.int64)
+                qn, kn = self.native.qk_norm_rope(
+                    qkv, (nh, nkv), (layer.q_norm, layer.k_norm), self.eps,
+                    self._rope["sliding" if layer.sliding else "full"], positions,
+                )  # fmt: skip
+                a = self.native.attend(
+                    qn, kn, qkv[:, (nh + nkv) * hd :], [cache.k[i][r] for r in rows],
+                    [cache.v[i][r] for r in rows], positions, self.scaling,
+                )  # fmt: skip
+                x = self._after_attention(x, a, layer, i, lora, self.native)
+                continue
             q = self.norm_rows(qkv[:, : nh * hd], layer.q_norm, nh).view(b, nh, 1, hd)
             k = self.norm_rows(qkv[:, nh * hd : (nh + nkv) * hd], layer.k_norm, nkv)
             q, k = _rope(q, cos, sin), _rope(k.view(b, nkv, 1, hd), cos, sin)
             v = qkv[:, (nh + nkv) * hd :].view(b, nkv, 1, hd)
-            if self.native is not None:  # the kernel the batch scheduler's rows use
-                rows = range(b)
-                a = self.native.attend(
-                    q.view(b, nh, hd), k.view(b, nkv * hd), qkv[:, (nh + nkv) * hd :],
-                    [cache.k[i][r] for r in rows], [cache.v[i][r] for r in rows],
-                    torch.full((b,), pos, dtype=torch.int64), self.scaling,
-                )  # fmt: skip
-                x = self._after_attention(x, a, layer, i, lora, self.native)
-                continue
             size = cache.sizes[i]
             slot = pos % size
             ck, cv = cache.k[i], cache.v[i]

@@ -7,7 +7,8 @@
   neighbours' lengths. The kernel does each row alone, in an order fixed by that row's cache.
 - `lora_delta.c`: each run of rows with its own adapter, instead of two small matmuls per run,
   group and layer (8 ms of a 32-row step over 8 adapters).
-- `rows.c`: RMS norms in one call instead of eight ops, and the best logit of each row.
+- `rows.c`: RMS norms in one call instead of eight ops, q/k norms with RoPE in one call instead
+  of ~16, and the best logit of each row.
 
 Where no compiler works (or on a GPU, or weights that are not bf16) `NativeKernels.load()` is
 None and callers keep torch.
@@ -56,6 +57,10 @@ class NativeKernels:
         self._rms = library.tunery_rms_norm
         self._rms.argtypes = [i64, i64, i64, ptr, i64, ptr, ctypes.c_float, ptr, i64, i32]
         self._rms.restype = None
+        self._qk = library.tunery_qk_norm_rope
+        self._qk.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_float, ptr, ptr]
+        self._qk.argtypes += [ptr, ptr, ptr, i32]
+        self._qk.restype = None
 
     @staticmethod
     def load() -> NativeKernels | None:
@@ -141,6 +146,32 @@ class NativeKernels:
             width, torch.get_num_threads(),
         )  # fmt: skip
         return out
+
+    def qk_norm_rope(
+        self,
+        qkv: torch.Tensor,
+        heads: tuple[int, int],
+        weights: tuple[torch.Tensor, torch.Tensor],
+        eps: float,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gemma's q (B, nh, hd) and k (B, nkv·hd) from the fused qkv (B, ≥ (nh + nkv)·hd)
+        bf16: each head RMS-normed with its weight (q's, k's: (hd,) fp32), then rotated by the
+        (cos, sin) tables' (bf16, (positions, hd)) rows at `positions` (B,) int64."""
+        (nh, nkv), (q_w, k_w), (cos, sin) = heads, weights, rope
+        rows, hd = qkv.shape[0], cos.shape[1]
+        tensors = (qkv, q_w, k_w, cos, sin)
+        if qkv.stride(-1) != 1 or not all(t.is_contiguous() for t in tensors[1:]):
+            raise ValueError("contiguous rows, weights and tables")
+        q = torch.empty(rows, nh, hd, dtype=qkv.dtype)
+        k = torch.empty(rows, nkv * hd, dtype=qkv.dtype)
+        self._qk(
+            rows, nh, nkv, hd, qkv.data_ptr(), qkv.stride(0), q_w.data_ptr(), k_w.data_ptr(),
+            eps, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(),
+            k.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return q, k
 
 
 class LoraDesc:

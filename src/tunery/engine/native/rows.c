@@ -74,3 +74,38 @@ void tunery_rms_norm(int64_t rows, int64_t heads, int64_t n, const uint16_t *x,
         for (; d < n; d++) o[d] = f32_to_bf16(bf16_to_f32(xr[d]) * scale * w[d]);
     }
 }
+
+/* Gemma's q and k of each row: every head of the row's fused qkv RMS-normed (rounded to bf16,
+ * as `tunery_rms_norm` does), then rotated for the row's position (cos and sin: rows of bf16
+ * tables, `hd` wide), in fp32 and rounded once. q_out (B, nh, hd), k_out (B, nkv, hd). */
+void tunery_qk_norm_rope(int64_t rows, int64_t nh, int64_t nkv, int64_t hd, const uint16_t *qkv,
+                         int64_t stride, const float *q_w, const float *k_w, float eps,
+                         const uint16_t *cos, const uint16_t *sin, const int64_t *pos,
+                         uint16_t *q_out, uint16_t *k_out, int threads) {
+    int64_t heads = nh + nkv, half = hd / 2;
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static) \
+    if (rows * heads * hd > 32768)
+    for (int64_t t = 0; t < rows * heads; t++) {
+        int64_t r = t / heads, h = t % heads;
+        const uint16_t *x = qkv + r * stride + h * hd;
+        const float *w = h < nh ? q_w : k_w;
+        uint16_t *o = h < nh ? q_out + (r * nh + h) * hd : k_out + (r * nkv + h - nh) * hd;
+        const uint16_t *c = cos + pos[r] * hd, *s = sin + pos[r] * hd;
+        float y[hd];
+        float sum = 0.0f;
+        f32x16 acc = {0};
+        int64_t d = 0;
+        for (; d + LANES <= hd; d += LANES) {
+            f32x16 v = load_bf16x16(x + d);
+            acc += v * v;
+        }
+        sum = sum_lanes(acc);
+        for (; d < hd; d++) sum += bf16_to_f32(x[d]) * bf16_to_f32(x[d]);
+        float scale = 1.0f / sqrtf(sum / (float)hd + eps);
+        for (d = 0; d < hd; d++) y[d] = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[d]) * scale * w[d]));
+        for (d = 0; d < hd; d++) {
+            float rotated = d < half ? -y[d + half] : y[d - half];
+            o[d] = f32_to_bf16(y[d] * bf16_to_f32(c[d]) + rotated * bf16_to_f32(s[d]));
+        }
+    }
+}
