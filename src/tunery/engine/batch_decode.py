@@ -102,23 +102,19 @@ def step_rows(
     hd, nh, nkv = fast.head_dim, fast.n_heads, fast.n_kv
     x = F.embedding(tokens, fast.embed) * fast.embed_scale  # (B, C)
     index = torch.tensor(positions, device=fast.device)
-    rope = {k: (c[index].view(b, 1, 1, hd), s[index].view(b, 1, 1, hd))
-            for k, (c, s) in fast._rope.items()}  # fmt: skip
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # torch's RoPE only: rows' cos, sin
+    if fast.native is None:
+        rope = {k: (c[index].view(b, 1, 1, hd), s[index].view(b, 1, 1, hd))
+                for k, (c, s) in fast._rope.items()}  # fmt: skip
     for i, layer in enumerate(fast.layers):
-        cos, sin = rope["sliding" if layer.sliding else "full"]
         h = fast.norm_rows(x, layer.ln_in)
         qkv = _add_lora(layer.qkv(h), h, spans, i, "qkv", fast.native)
         if fast.native is not None:  # one call for every row: see `native`
-            qn, kn = fast.native.qk_norm_rope(
-                qkv, (nh, nkv), (layer.q_norm, layer.k_norm), fast.eps,
-                fast._rope["sliding" if layer.sliding else "full"], index,
-            )  # fmt: skip
-            a = fast.native.attend(
-                qn, kn, qkv[:, (nh + nkv) * hd :], [c.k[i][0] for c in caches],
-                [c.v[i][0] for c in caches], index, fast.scaling,
-            )  # fmt: skip
+            k_rows, v_rows = [c.k[i][0] for c in caches], [c.v[i][0] for c in caches]
+            a = fast.attend_native(i, qkv, k_rows, v_rows, index)
             x = _after_attention(fast, x, a, layer, i, spans)
             continue
+        cos, sin = rope["sliding" if layer.sliding else "full"]
         q = fast.norm_rows(qkv[:, : nh * hd], layer.q_norm, nh).view(b, nh, 1, hd)
         k = fast.norm_rows(qkv[:, nh * hd : (nh + nkv) * hd], layer.k_norm, nkv)
         q, k = _rope(q, cos, sin), _rope(k.view(b, nkv, 1, hd), cos, sin)

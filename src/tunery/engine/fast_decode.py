@@ -32,6 +32,7 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
@@ -190,21 +191,17 @@ class _LoraGroup:
 
     a: torch.Tensor  # (r_total, in)
     parts: list[tuple[int, int, int, int, torch.Tensor]]  # out_lo, out_hi, r_lo, r_hi, b
-    _desc: LoraDesc | None = None
-    _no_desc: bool = False
 
+    @cached_property
     def desc(self) -> LoraDesc | None:
         """These weights as the native LoRA kernel reads them (None: it cannot, not fp32)."""
-        if self._desc is None and not self._no_desc:
-            self._desc = LoraDesc.of(self.a, self.parts)
-            self._no_desc = self._desc is None
-        return self._desc
+        return LoraDesc.of(self.a, self.parts)
 
     def add_to(
         self, base: torch.Tensor, x: torch.Tensor, native: NativeKernels | None = None
     ) -> torch.Tensor:
         """base + the delta of x; with `native` (decode steps), by its LoRA kernel."""
-        desc = self.desc() if native is not None else None
+        desc = self.desc if native is not None else None
         if native is not None and desc is not None and base.dim() == 2:
             return native.lora_add(base, x, [(0, base.shape[0], desc)])
         u = F.linear(x.float(), self.a.float())
@@ -435,8 +432,8 @@ class FastGemma3:
         weights: Weights = "bf16",
         native: bool = True,
     ) -> None:
-        """`native`: decode steps attend with the C kernel (`native`) where it builds and the
-        weights are bf16 on a CPU; else (or False) with torch, row by row."""
+        """`native`: decode steps attend, add LoRA deltas and norm rows with the C kernels
+        (`native`) where they build and the weights are bf16 on a CPU; else (or False) torch."""
         self.weights = weights
         self.config = config
         embed = tensors[_EMBED]
@@ -577,14 +574,8 @@ class FastGemma3:
                 qkv = lora.layers[i]["qkv"].add_to(qkv, h, self.native)
             if self.native is not None:  # the kernels the batch scheduler's rows use
                 rows, positions = range(b), torch.full((b,), pos, dtype=torch.int64)
-                qn, kn = self.native.qk_norm_rope(
-                    qkv, (nh, nkv), (layer.q_norm, layer.k_norm), self.eps,
-                    self._rope["sliding" if layer.sliding else "full"], positions,
-                )  # fmt: skip
-                a = self.native.attend(
-                    qn, kn, qkv[:, (nh + nkv) * hd :], [cache.k[i][r] for r in rows],
-                    [cache.v[i][r] for r in rows], positions, self.scaling,
-                )  # fmt: skip
+                k_rows, v_rows = [cache.k[i][r] for r in rows], [cache.v[i][r] for r in rows]
+                a = self.attend_native(i, qkv, k_rows, v_rows, positions)
                 x = self._after_attention(x, a, layer, i, lora, self.native)
                 continue
             q = self.norm_rows(qkv[:, : nh * hd], layer.q_norm, nh).view(b, nh, 1, hd)
@@ -603,6 +594,26 @@ class FastGemma3:
             x = self._after_attention(x, a.reshape(b, nh * hd), layer, i, lora, self.native)
         cache.length = pos + 1
         return self.norm_rows(x, self.final_norm)
+
+    def attend_native(
+        self,
+        i: int,
+        qkv: torch.Tensor,
+        k_caches: Sequence[torch.Tensor],
+        v_caches: Sequence[torch.Tensor],
+        positions: torch.Tensor,
+    ) -> torch.Tensor:
+        """Layer i's attention of a decode step by the native kernels: each row's q/k norms and
+        RoPE from its fused qkv (B, ·), its new K/V written into its cache (`k_caches[r]`,
+        `v_caches[r]`: (nkv, size, hd)) at `positions[r]`, then attention; (B, nh·hd)."""
+        assert self.native is not None
+        layer, nh, nkv = self.layers[i], self.n_heads, self.n_kv
+        q, k = self.native.qk_norm_rope(
+            qkv, (nh, nkv), (layer.q_norm, layer.k_norm), self.eps,
+            self._rope["sliding" if layer.sliding else "full"], positions,
+        )  # fmt: skip
+        v = qkv[:, (nh + nkv) * self.head_dim :]
+        return self.native.attend(q, k, v, k_caches, v_caches, positions, self.scaling)
 
     def norm_rows(self, x: torch.Tensor, weight: torch.Tensor, heads: int = 1) -> torch.Tensor:
         """(B, heads·n) → each head's n values RMS-normed (a decode step's rows): by the native

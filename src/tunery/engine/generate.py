@@ -87,7 +87,7 @@ class Generator:
         """`decode_threads`: asked before each batched decode step how many torch threads to use
         (the server lowers it while jobs train on the same cores); None leaves torch's.
         `prompt_lookup`: greedy decodes on llama.cpp verify prompt-lookup drafts (`lookup`).
-        `native_kernels`: the fast forward's decode steps attend with the C kernel (`native`)."""
+        `native_kernels`: the fast forward's decode steps use the C kernels (`native`)."""
         self._base = base
         self._backend = Backend(backend)
         self._decode_threads = decode_threads
