@@ -58,14 +58,15 @@ def adapters(base: LoadedBase, tmp_path_factory: pytest.TempPathFactory) -> list
 
 @torch.inference_mode()
 def _solo(fast: FastGemma3, ids: list[int], lora: FastLora | None, n: int) -> list[int]:
-    """The single-stream fast loop: prefill, then one `FastGemma3.step` per token, greedy."""
+    """The single-stream fast loop: prefill, then one `FastGemma3.step` per token, greedy by
+    the scheduler's rule (`FastGemma3.best_tokens`)."""
     cache = fast.new_cache(len(ids) + n)
     hidden = fast.prefill(ids, cache, lora)
     out: list[int] = []
     for _ in range(n):
-        token = fast.logits(hidden).argmax(dim=-1)
-        out.append(int(token))
-        hidden = fast.step(token, cache, lora)
+        (token,) = fast.best_tokens(hidden)
+        out.append(token)
+        hidden = fast.step(torch.tensor([token]), cache, lora)
     return out
 
 

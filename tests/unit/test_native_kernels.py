@@ -252,3 +252,51 @@ def test_q_and_k_norm_and_rope_agree_with_torch_within_bf16_steps_and_alone_as_b
             qkv[r : r + 1], (nh, nkv), (q_w, k_w), 1e-6, (cos, sin), positions[r : r + 1]
         )
         assert torch.equal(q1[0], q[r]) and torch.equal(k1[0], k[r]), r
+
+
+def _head(vocab: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A bf16 head (vocab, dim) with an outlier column and a repeated row (an exact tie), and
+    rows of hidden states, one with a large outlier as Gemma's final states have."""
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(vocab, dim, generator=g) * 0.05).bfloat16()
+    w[:, 3] *= 8
+    w[7] *= 4  # the longest row: h = w[7] picks it
+    w[vocab - 5] = w[7]  # equal logits everywhere: the first (7) must win
+    h = torch.randn(40, dim, generator=g)
+    h[1, 11] = 60.0
+    h[2] = w[7].float() * 40  # its best token is 7 (and vocab - 5, tied)
+    return w, h.bfloat16()
+
+
+@pytest.mark.parametrize(("vocab", "dim"), [(1000, 64), (4099, 128)])
+def test_packed_head_picks_the_exact_fp32_argmax_alone_as_batched_and_with_any_threads(
+    vocab: int, dim: int
+) -> None:
+    assert native is not None
+    w, h = _head(vocab, dim)
+    head = native.pack_head(w)
+    if head is None:
+        pytest.skip("no AVX512-VNNI on this CPU")
+    exact = h.float() @ w.float().T  # fp32 logits: each row's first largest is the answer
+    want = [int(row.eq(row.max()).nonzero()[0]) for row in exact]
+    assert want[2] == 7
+    assert native.best_tokens(h, head) == want  # 40 rows: 8-row tiles and single rows
+    for r in (0, 1, 2, 39):
+        assert native.best_tokens(h[r : r + 1], head) == [want[r]]
+    torch.set_num_threads(1)
+    try:
+        assert native.best_tokens(h[:9], head) == want[:9]
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def test_packed_head_marks_a_row_that_is_not_finite_for_the_caller() -> None:
+    assert native is not None
+    w, h = _head(1000, 64)
+    head = native.pack_head(w)
+    if head is None:
+        pytest.skip("no AVX512-VNNI on this CPU")
+    h[3, 0] = float("nan")
+    h[5, 1] = float("inf")
+    best = native.best_tokens(h[:8], head)
+    assert best[3] == best[5] == -1 and all(t >= 0 for j, t in enumerate(best) if j not in (3, 5))

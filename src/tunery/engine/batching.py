@@ -24,7 +24,7 @@ import torch
 from tunery.engine.batch_decode import MAX_ROWS, Lora32, Span, pad_rows, step_rows
 from tunery.engine.fast_decode import FastGemma3, FastLora, KVCache
 from tunery.engine.openmp import release_workers
-from tunery.engine.sampling import greedy, pick, rng_for
+from tunery.engine.sampling import pick, rng_for
 from tunery.engine.specs import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -201,15 +201,21 @@ class BatchScheduler:
             self._rows = []
             return
         self.peak_rows = max(self.peak_rows, len(rows))
-        # (B, V) in bf16: the float32 copy the solo loop picks from is exact, so only the rows
-        # that sample take it. A lone row is padded to 2.
-        logits = fast.logits(pad_rows(torch.cat(hidden)), float32=False)
-        best = fast.native.argmax(logits) if fast.native is not None else greedy(logits).tolist()
+        states = torch.cat(hidden)
+        best = [0] * len(rows)
+        greedy_rows = [j for j, row in enumerate(rows) if row.rng is None]
+        sampled = [j for j, row in enumerate(rows) if row.rng is not None]
+        if greedy_rows:  # each row's token alone: see `FastGemma3.best_tokens`
+            picked = fast.best_tokens(states if not sampled else states[greedy_rows])
+            for j, token in zip(greedy_rows, picked, strict=True):
+                best[j] = token
+        if sampled:  # their full logits, (B, V) in bf16 (exact in fp32; a lone row padded)
+            logits = fast.logits(pad_rows(states[sampled]), float32=False)
+            for k, j in enumerate(sampled):  # its generator draws as in the solo loop
+                best[j] = int(pick(logits[k : k + 1].float(), rows[j].params, rows[j].rng))
         keep = []
         for j, row in enumerate(rows):
             token = best[j]
-            if row.rng is not None:  # sampled alone: its generator draws as in the solo loop
-                token = int(pick(logits[j : j + 1].float(), row.params, row.rng))
             row.produced += 1
             row.handle._put(token)
             if token in self._eos or row.produced >= row.params.max_output_tokens:

@@ -39,7 +39,8 @@ from typing import Any, Generic, Literal, TypeVar
 import torch
 import torch.nn.functional as F
 
-from tunery.engine.native import LoraDesc, NativeKernels
+from tunery.engine.native import LoraDesc, NativeKernels, PackedHead
+from tunery.engine.sampling import greedy
 
 Weights = Literal["bf16", "int8"]
 T = TypeVar("T")
@@ -510,6 +511,10 @@ class FastGemma3:
         head = tensors.get(_HEAD, embed)  # tied to the embedding unless the model has its own
         self.head = linear("head", [head])
         self._head_weight = head
+        # Greedy picks over the vocab without the full bf16 head (`native/head.c`): exact.
+        self.packed_head: PackedHead | None = None
+        if self.native is not None and self.softcap is None and weights == "bf16":
+            self.packed_head = self.native.pack_head(head)
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0
 
@@ -622,6 +627,24 @@ class FastGemma3:
             return self.native.rms_norm(x, weight, self.eps, heads)
         b = x.shape[0]
         return _rms(x.view(b, heads, -1), weight, self.eps).view(b, -1)
+
+    def best_tokens(self, hidden: torch.Tensor) -> list[int]:
+        """(B, C) → each row's greedy token: the argmax of its exact fp32 logits (the first of
+        equal ones) by the packed int8 head where there is one, each row alone (the same
+        token in any batch); else the argmax of the bf16 head's logits (a lone row padded to
+        two: see `batch_decode.pad_rows`)."""
+        if self.packed_head is not None and self.native is not None:
+            best = self.native.best_tokens(hidden.contiguous(), self.packed_head)
+            lost = [j for j, token in enumerate(best) if token < 0]  # a row with inf/NaN
+            if lost:
+                rows = hidden[lost]
+                logits = self.logits(rows.repeat(2, 1) if len(lost) == 1 else rows, False)
+                for j, token in zip(lost, self.native.argmax(logits), strict=False):
+                    best[j] = token
+            return best
+        logits = self.logits(hidden.repeat(2, 1) if hidden.shape[0] == 1 else hidden, False)
+        best = self.native.argmax(logits) if self.native is not None else greedy(logits).tolist()
+        return best[: hidden.shape[0]]
 
     def logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """(B, C) → (B, V) logits, in float32 or (`float32=False`) the weights' dtype, whose

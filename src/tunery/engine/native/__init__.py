@@ -35,7 +35,9 @@ log = logging.getLogger(__name__)
 Part = tuple[int, int, int, int, torch.Tensor]  # out_lo, out_hi, r_lo, r_hi, B (out_part, r_part)
 
 _HEADER = Path(__file__).with_name("bf16.h")
-_SOURCES = [Path(__file__).with_name(n) for n in ("decode_attention.c", "lora_delta.c", "rows.c")]
+_SOURCES = [
+    Path(__file__).with_name(n) for n in ("decode_attention.c", "lora_delta.c", "rows.c", "head.c")
+]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", f"-I{Path(__file__).parent}"]
 
 
@@ -61,6 +63,14 @@ class NativeKernels:
         self._qk.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_float, ptr, ptr]
         self._qk.argtypes += [ptr, ptr, ptr, i32]
         self._qk.restype = None
+        self._head_ok = bool(library.tunery_head_supported())
+        self._head_pack = library.tunery_head_pack
+        self._head_pack.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+        self._head_pack.restype = None
+        self._head_argmax = library.tunery_head_argmax
+        self._head_argmax.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+        self._head_argmax.argtypes += [ptr, i32]
+        self._head_argmax.restype = i32
 
     @staticmethod
     def load() -> NativeKernels | None:
@@ -172,6 +182,66 @@ class NativeKernels:
             k.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return q, k
+
+    def pack_head(self, weight: torch.Tensor) -> PackedHead | None:
+        """`weight` (V, C) bf16 packed for `best_tokens`; None where this CPU lacks the kernel
+        (AVX512-VNNI) or the shape does not fit it (C a multiple of 4)."""
+        if not self._head_ok or weight.dtype != torch.bfloat16 or weight.shape[1] % 4:
+            return None
+        weight = weight.contiguous()
+        head = PackedHead(weight)
+        self._head_pack(
+            weight.shape[0], weight.shape[1], weight.data_ptr(), head.int8.data_ptr(),
+            head.scale.data_ptr(), head.norm.data_ptr(), head.err_norm.data_ptr(),
+            head.offset.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return head
+
+    def best_tokens(self, hidden: torch.Tensor, head: PackedHead) -> list[int]:
+        """(B, C) bf16 → each row's index of its largest exact logit over the head (fp32 dot
+        products of the bf16 values), the first of equal ones; -1 for a row that is not
+        finite. See `head.c`."""
+        if hidden.dtype != torch.bfloat16 or hidden.stride(-1) != 1:
+            raise ValueError("bf16 rows, contiguous")
+        rows, c = hidden.shape
+        out = torch.empty(rows, dtype=torch.int64)
+        status = self._head_argmax(
+            rows, c, head.weight.shape[0], hidden.data_ptr(), hidden.stride(0),
+            head.int8.data_ptr(), head.scale.data_ptr(), head.norm.data_ptr(),
+            head.err_norm.data_ptr(), head.offset.data_ptr(), head.weight.data_ptr(),
+            head.scratch(rows).data_ptr(), out.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("head argmax: out of memory")
+        return out.tolist()
+
+
+class PackedHead:
+    """A vocab head (V, C) bf16 as `head.c` reads it: an int8 copy in its blocked layout and
+    each vocab row's scale, norms and offset; the bf16 weight itself (not copied) for the
+    exact logits of the candidates."""
+
+    BLOCK = 16  # vocab rows per packed block (head.c's BLOCK)
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        v, c = weight.shape
+        padded = -(-v // self.BLOCK) * self.BLOCK
+        self.weight = weight
+        self.int8 = torch.zeros(padded * c, dtype=torch.int8)
+        self.scale, self.norm, self.err_norm = (torch.zeros(padded) for _ in range(3))
+        self.offset = torch.zeros(padded, dtype=torch.int32)
+        self._scratch = torch.empty(0)  # each row's upper bounds, then its candidates
+
+    def scratch(self, rows: int) -> torch.Tensor:
+        """(rows, padded V) fp32 work space, kept between calls (its pages stay mapped)."""
+        need = rows * self.scale.numel()
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need)
+        return self._scratch
+
+    @property
+    def nbytes(self) -> int:
+        return self.int8.numel() + 16 * self.scale.numel()
 
 
 class LoraDesc:
