@@ -68,8 +68,8 @@ class NativeKernels:
         self._head_pack.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
         self._head_pack.restype = None
         self._head_argmax = library.tunery_head_argmax
-        self._head_argmax.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
-        self._head_argmax.argtypes += [ptr, i32]
+        self._head_argmax.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr]
+        self._head_argmax.argtypes += [i64, ptr, ptr, i32]
         self._head_argmax.restype = i32
 
     @staticmethod
@@ -197,10 +197,12 @@ class NativeKernels:
         )  # fmt: skip
         return head
 
-    def best_tokens(self, hidden: torch.Tensor, head: PackedHead) -> list[int]:
+    def best_tokens(
+        self, hidden: torch.Tensor, head: PackedHead, limit: int = 1 << 30
+    ) -> list[int]:
         """(B, C) bf16 → each row's index of its largest exact logit over the head (fp32 dot
         products of the bf16 values), the first of equal ones; -1 for a row that is not
-        finite. See `head.c`."""
+        finite or whose int8 scores leave more than `limit` candidates. See `head.c`."""
         if hidden.dtype != torch.bfloat16 or hidden.stride(-1) != 1:
             raise ValueError("bf16 rows, contiguous")
         rows, c = hidden.shape
@@ -208,7 +210,7 @@ class NativeKernels:
         status = self._head_argmax(
             rows, c, head.weight.shape[0], hidden.data_ptr(), hidden.stride(0),
             head.int8.data_ptr(), head.scale.data_ptr(), head.norm.data_ptr(),
-            head.err_norm.data_ptr(), head.offset.data_ptr(), head.weight.data_ptr(),
+            head.err_norm.data_ptr(), head.offset.data_ptr(), head.weight.data_ptr(), limit,
             head.scratch(rows).data_ptr(), out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:

@@ -258,11 +258,14 @@ static float dot_exact(const float *h, const uint16_t *w, int64_t c) {
 
 /* out[r] = the index of row r's largest logit h_r.W^T (W bf16 (v_count, c), packed by
  * tunery_head_pack), exact in fp32, the first of equal ones; -1 for a row that is not finite
- * (the caller takes it another way). Returns 0, or -1 out of memory / without the kernel. */
+ * or has more than `limit` candidates (the caller takes it another way). `upper`: room for
+ * rows x v_count rounded up to BLOCK floats. Returns 0, or -1 out of memory / without the
+ * kernel. */
 int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const uint16_t *h,
                        int64_t h_stride, const int8_t *packed, const float *scale,
                        const float *norm, const float *err_norm, const int32_t *offset,
-                       const uint16_t *w, float *upper, int64_t *out, int threads) {
+                       const uint16_t *w, int64_t limit, float *upper, int64_t *out,
+                       int threads) {
 #if HEAD_INT8
     if (threads < 1) threads = 1;
     int64_t blocks = (v_count + BLOCK - 1) / BLOCK, v_padded = blocks * BLOCK;
@@ -322,6 +325,10 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const uint16_t 
         for (int t = 1; t < threads; t++) most = _mm512_max_ps(most, lower_max[t * rows + r]);
         float *row_upper = upper + r * v_padded;
         int64_t n = candidates(row_upper, v_padded, _mm512_reduce_max_ps(most));
+        if (n > limit) { /* a flat row: exact logits for all of them would cost more */
+            out[r] = -1;
+            continue;
+        }
         const int32_t *token = (const int32_t *)row_upper;
         float top = -INFINITY;
         int64_t at = -1;
@@ -345,7 +352,7 @@ done:
     return status;
 #else
     (void)rows, (void)c, (void)v_count, (void)h, (void)h_stride, (void)packed, (void)scale;
-    (void)norm, (void)err_norm, (void)offset, (void)w, (void)upper, (void)out, (void)threads;
+    (void)norm, (void)err_norm, (void)offset, (void)w, (void)limit, (void)upper, (void)out, (void)threads;
     return -1;
 #endif
 }
