@@ -4,11 +4,12 @@ so batching never changes an answer.
 
 What is shared and what is not (each choice measured on this CPU, bf16 weights):
 - The base projections and the vocab head run as one matmul over all rows, so the weights are read
-  once per step instead of once per request, which is where batching wins. oneDNN rounds each row
-  alike for 2 to `MAX_ROWS` rows (not beyond), but a 1-row matmul takes another kernel whose sums
-  differ in rare cancelling cases by one bf16 ulp: a lone row is therefore padded to two
-  (`pad_rows`), so a request decodes the same alone or batched. Against `FastGemma3.step` (1 row)
-  the tokens are the same unless such an ulp decides a near tie.
+  once per step instead of once per request, which is where batching wins (greedy rows skip the
+  bf16 head where `FastGemma3.best_tokens` has its packed int8 copy, one pass for all rows).
+  oneDNN rounds each row alike for 2 to `MAX_ROWS` rows (not beyond), but a 1-row matmul takes
+  another kernel whose sums differ in rare cancelling cases by one bf16 ulp: a lone row is
+  therefore padded to two (`pad_rows`), so a request decodes the same alone or batched. Against
+  `FastGemma3.step` (1 row) the tokens are the same unless such an ulp decides a near tie.
 - Attention, LoRA and the norms run per row, each row in an order fixed by its own cache and
   adapter: by the C kernels (`native`, one call per layer for all rows) where they build, else
   in torch. There LoRA runs per adapter on its contiguous range of rows (rows are ordered by

@@ -9,6 +9,9 @@
   group and layer (8 ms of a 32-row step over 8 adapters).
 - `rows.c`: RMS norms in one call instead of eight ops, q/k norms with RoPE in one call instead
   of ~16, and the best logit of each row.
+- `head.c`: a greedy row's token without the full bf16 vocab head (10.7 GFLOP for 32 rows):
+  int8 scores of every token by AVX512-VNNI with a proven error bound each, then the exact
+  fp32 logits of the few whose bound reaches the best; the same pick as the exact argmax.
 
 Where no compiler works (or on a GPU, or weights that are not bf16) `NativeKernels.load()` is
 None and callers keep torch.
