@@ -36,8 +36,8 @@ Public surface (everything else is internal):
         requests and adapters (engine/batching.py, engine/batch_decode.py); its decode steps
         attend, add LoRA deltas and norm rows with C kernels (engine/native/, compiled once per
         machine with the system compiler) unless native_kernels=False or none compiles, and
-        greedy rows pick their token through a packed int8 copy of the vocab head (exact fp32
-        argmax; engine/native/head.c) where the CPU has AVX512-VNNI.
+        greedy rows pick their token through a packed int8 copy of the vocab head (the argmax
+        of exact logits rounded to bf16; engine/native/head.c) where the CPU has AVX512-VNNI.
         With an adapter the prompt is wrapped in the training template (engine.data.format_prompt);
         without one it is sent to the base model as is.
 """

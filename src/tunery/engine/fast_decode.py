@@ -515,7 +515,7 @@ class FastGemma3:
         head = tensors.get(_HEAD, embed)  # tied to the embedding unless the model has its own
         self.head = linear("head", [head])
         self._head_weight = head
-        # Greedy picks over the vocab without the full bf16 head (`native/head.c`): exact.
+        # Greedy picks over the vocab without the full bf16 head (`native/head.c`).
         self.packed_head: PackedHead | None = None
         if self.native is not None and self.softcap is None and weights == "bf16":
             self.packed_head = self.native.pack_head(head)
@@ -633,8 +633,9 @@ class FastGemma3:
         return _rms(x.view(b, heads, -1), weight, self.eps).view(b, -1)
 
     def best_tokens(self, hidden: torch.Tensor) -> list[int]:
-        """(B, C) → each row's greedy token: the argmax of its exact fp32 logits (the first of
-        equal ones) by the packed int8 head where there is one; else, or for a row it leaves
+        """(B, C) → each row's greedy token: the argmax of its exact fp32 logits rounded to bf16
+        (the first of equal ones, as greedy over the bf16 head picks) by the packed int8 head
+        where there is one; else, or for a row it leaves
         to others (flat, or not finite), the argmax of the bf16 head's logits (a lone row
         padded to two: see `batch_decode.pad_rows`). Which way a row takes depends on that row
         alone, so it gets the same token in any batch."""

@@ -11,7 +11,7 @@
   of ~16, and the best logit of each row.
 - `head.c`: a greedy row's token without the full bf16 vocab head (10.7 GFLOP for 32 rows):
   int8 scores of every token by AVX512-VNNI with a proven error bound each, then the exact
-  fp32 logits of the few whose bound reaches the best; the same pick as the exact argmax.
+  fp32 logits (rounded to bf16, as the head's are) of the few whose bound reaches the best.
 
 Where no compiler works (or on a GPU, or weights that are not bf16) `NativeKernels.load()` is
 None and callers keep torch.
@@ -203,8 +203,9 @@ class NativeKernels:
     def best_tokens(
         self, hidden: torch.Tensor, head: PackedHead, limit: int = 1 << 30
     ) -> list[int]:
-        """(B, C) bf16 → each row's index of its largest exact logit over the head (fp32 dot
-        products of the bf16 values), the first of equal ones; -1 for a row that is not
+        """(B, C) bf16 → each row's index of its largest logit over the head (exact fp32 dot
+        products of the bf16 values, rounded to bf16 as a bf16 head's are), the first of equal
+        ones; -1 for a row that is not
         finite or whose int8 scores leave more than `limit` candidates. See `head.c`."""
         if hidden.dtype != torch.bfloat16 or hidden.stride(-1) != 1:
             raise ValueError("bf16 rows, contiguous")

@@ -7,8 +7,9 @@
  * (Cauchy-Schwarz on the two quantization errors, which are known: |e_h.w| <= |e_h| |w| and
  * |q_h.e_w| <= |q_h| |e_w|), so every token whose upper bound reaches the best lower bound is a
  * candidate; only those get their exact fp32 dot product of the bf16 row and the bf16 weights.
- * The answer is the argmax of exact logits over the whole vocabulary (the first of equal ones):
- * no token outside the candidates can beat it.
+ * The answer is the argmax of the exact logits rounded to bf16 (as a bf16 head and greedy
+ * decoding over it pick: the first of equal ones) over the whole vocabulary: no token outside
+ * the candidates can beat or tie it.
  *
  * A row's answer depends only on that row and the weights (the candidate set is defined by the
  * final bounds, not by the scan order), so it is the same in any batch and with any thread count.
@@ -159,11 +160,11 @@ static void dot_1x1(const uint8_t *hq, int64_t groups, const int8_t *w, int32_t 
 
 /* The int8 sums of rows [r0, r0+NR) against the TILE-or-fewer blocks at `w`, then each
  * sum's bounds: the upper one stored in the row's `upper` (a padding token's: -inf), the lower
- * one raising the row's best lower bound (kept per lane in `lower_max`). */
+ * one raising the row's best lower bound (both kept per lane in `bounds_max`). */
 static inline __attribute__((always_inline)) void
 scan(const int NR, const int NV, int64_t r0, int64_t v0, int64_t v_count, int64_t groups,
      const uint8_t *hq, int64_t c, const int8_t *w, const float *scale, const float *norm,
-     const float *err_norm, const int32_t *offset, const row_info *info, __m512 *lower_max,
+     const float *err_norm, const int32_t *offset, const row_info *info, __m512 *bounds_max,
      float *upper, int64_t v_padded) {
     int32_t sums[ROWS][TILE][BLOCK] __attribute__((aligned(64)));
     if (NV == 1)
@@ -191,9 +192,11 @@ scan(const int NR, const int NV, int64_t r0, int64_t v0, int64_t v_count, int64_
             /* margins for the rounding of approx itself: a few ulps of it */
             bound = _mm512_fmadd_ps(_mm512_abs_ps(approx), _mm512_set1_ps(1e-6f), bound);
             __m512 lower = _mm512_mask_sub_ps(none, valid, approx, bound);
-            lower_max[r0 + i] = _mm512_max_ps(lower_max[r0 + i], lower);
-            _mm512_store_ps(upper + (r0 + i) * v_padded + v,
-                            _mm512_mask_add_ps(none, valid, approx, bound));
+            __m512 high = _mm512_mask_add_ps(none, valid, approx, bound);
+            __m512 *most = &bounds_max[2 * (r0 + i)];
+            most[0] = _mm512_max_ps(most[0], lower);
+            most[1] = _mm512_max_ps(most[1], high);
+            _mm512_store_ps(upper + (r0 + i) * v_padded + v, high);
         }
     }
 }
@@ -203,7 +206,7 @@ scan(const int NR, const int NV, int64_t r0, int64_t v0, int64_t v_count, int64_
 static void scan_blocks(int64_t rows, int64_t b_lo, int64_t b_hi, int64_t v_count, int64_t c,
                         const uint8_t *hq, const int8_t *packed, const float *scale,
                         const float *norm, const float *err_norm, const int32_t *offset,
-                        const row_info *info, __m512 *lower_max, float *upper,
+                        const row_info *info, __m512 *bounds_max, float *upper,
                         int64_t v_padded) {
     int64_t groups = c / 4;
     for (int64_t b = b_lo; b < b_hi; b += TILE) {
@@ -212,17 +215,17 @@ static void scan_blocks(int64_t rows, int64_t b_lo, int64_t b_hi, int64_t v_coun
         if (b + TILE <= b_hi) {
             for (; r + ROWS <= rows; r += ROWS)
                 scan(ROWS, TILE, r, b * BLOCK, v_count, groups, hq, c, w, scale, norm, err_norm,
-                     offset, info, lower_max, upper, v_padded);
+                     offset, info, bounds_max, upper, v_padded);
             for (; r < rows; r++)
                 scan(1, TILE, r, b * BLOCK, v_count, groups, hq, c, w, scale, norm, err_norm,
-                     offset, info, lower_max, upper, v_padded);
+                     offset, info, bounds_max, upper, v_padded);
         } else { /* the last, lone block */
             for (; r + ROWS <= rows; r += ROWS)
                 scan(ROWS, 1, r, b * BLOCK, v_count, groups, hq, c, w, scale, norm, err_norm,
-                     offset, info, lower_max, upper, v_padded);
+                     offset, info, bounds_max, upper, v_padded);
             for (; r < rows; r++)
                 scan(1, 1, r, b * BLOCK, v_count, groups, hq, c, w, scale, norm, err_norm,
-                     offset, info, lower_max, upper, v_padded);
+                     offset, info, bounds_max, upper, v_padded);
         }
     }
 }
@@ -257,7 +260,8 @@ static float dot_exact(const float *h, const uint16_t *w, int64_t c) {
 #endif
 
 /* out[r] = the index of row r's largest logit h_r.W^T (W bf16 (v_count, c), packed by
- * tunery_head_pack), exact in fp32, the first of equal ones; -1 for a row that is not finite
+ * tunery_head_pack), exact in fp32 then rounded to bf16 as a bf16 head rounds its logits, the
+ * first of equal ones; -1 for a row that is not finite
  * or has more than `limit` candidates (the caller takes it another way). `upper`: room for
  * rows x v_count rounded up to BLOCK floats. Returns 0, or -1 out of memory / without the
  * kernel. */
@@ -272,9 +276,10 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const uint16_t 
     uint8_t *hq = malloc(rows * c);
     float *hf = malloc(rows * c * sizeof *hf);
     row_info *info = malloc(rows * sizeof *info);
-    __m512 *lower_max = aligned_alloc(64, threads * rows * sizeof *lower_max);
+    /* per thread and row: the lanes' best lower and upper bounds */
+    __m512 *bounds_max = aligned_alloc(64, 2 * threads * rows * sizeof *bounds_max);
     int status = 0;
-    if (!hq || !hf || !info || !lower_max) {
+    if (!hq || !hf || !info || !bounds_max) {
         status = -1;
         goto done;
     }
@@ -301,7 +306,7 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const uint16_t 
         info[r].err_coef = nextafterf((float)(sqrt(err) + margin), INFINITY) * 1.0001f;
         info[r].quant_norm = nextafterf((float)sqrt(quant), INFINITY) * 1.0001f;
     }
-    for (int64_t i = 0; i < threads * rows; i++) lower_max[i] = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < 2 * threads * rows; i++) bounds_max[i] = _mm512_set1_ps(-INFINITY);
 
 #pragma omp parallel num_threads(threads)
     {
@@ -312,7 +317,7 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const uint16_t 
 #endif
         int64_t b_lo = blocks * t / nt, b_hi = blocks * (t + 1) / nt;
         scan_blocks(rows, b_lo, b_hi, v_count, c, hq, packed, scale, norm, err_norm, offset,
-                    info, lower_max + t * rows, upper, v_padded);
+                    info, bounds_max + 2 * t * rows, upper, v_padded);
     }
 
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
@@ -321,10 +326,17 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const uint16_t 
             out[r] = -1;
             continue;
         }
-        __m512 most = lower_max[r];
-        for (int t = 1; t < threads; t++) most = _mm512_max_ps(most, lower_max[t * rows + r]);
+        __m512 low = bounds_max[2 * r], high = bounds_max[2 * r + 1];
+        for (int t = 1; t < threads; t++) {
+            low = _mm512_max_ps(low, bounds_max[2 * (t * rows + r)]);
+            high = _mm512_max_ps(high, bounds_max[2 * (t * rows + r) + 1]);
+        }
+        /* The pick compares logits rounded to bf16: a token up to one bf16 step (<= 2^-7 of
+         * the value, which lies within [lower, upper]) below the best can round to a tie. */
+        float best = _mm512_reduce_max_ps(low), most = _mm512_reduce_max_ps(high);
+        float step = fmaxf(fabsf(best), fabsf(most)) * (1.0f / 128) * 1.01f;
         float *row_upper = upper + r * v_padded;
-        int64_t n = candidates(row_upper, v_padded, _mm512_reduce_max_ps(most));
+        int64_t n = candidates(row_upper, v_padded, best - step);
         if (n > limit) { /* a flat row: exact logits for all of them would cost more */
             out[r] = -1;
             continue;
@@ -336,7 +348,8 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const uint16_t 
             if (i + 4 < n) /* the weights' rows are far apart: fetch ahead */
                 for (int64_t off = 0; off < c * 2; off += 64)
                     _mm_prefetch((const char *)(w + (int64_t)token[i + 4] * c) + off, _MM_HINT_T0);
-            float logit = dot_exact(hf + r * c, w + (int64_t)token[i] * c, c);
+            float exact = dot_exact(hf + r * c, w + (int64_t)token[i] * c, c);
+            float logit = bf16_to_f32(f32_to_bf16(exact)); /* as the bf16 head rounds it */
             if (at < 0 || logit > top) {
                 top = logit;
                 at = token[i];
@@ -345,7 +358,7 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const uint16_t 
         out[r] = at;
     }
 done:
-    free(lower_max);
+    free(bounds_max);
     free(info);
     free(hf);
     free(hq);
