@@ -635,21 +635,21 @@ class FastGemma3:
     def best_tokens(self, hidden: torch.Tensor) -> list[int]:
         """(B, C) → each row's greedy token: the argmax of its exact fp32 logits rounded to bf16
         (the first of equal ones, as greedy over the bf16 head picks) by the packed int8 head
-        where there is one; else, or for a row it leaves
-        to others (flat, or not finite), the argmax of the bf16 head's logits (a lone row
-        padded to two: see `batch_decode.pad_rows`). Which way a row takes depends on that row
-        alone, so it gets the same token in any batch."""
-        if self.packed_head is not None and self.native is not None:
-            best = self.native.best_tokens(
-                hidden.contiguous(), self.packed_head, self.CANDIDATES_MAX
-            )
-            lost = [j for j, token in enumerate(best) if token < 0]
-            if lost:
-                rows = hidden[lost]
-                logits = self.logits(rows.repeat(2, 1) if len(lost) == 1 else rows, False)
-                for j, token in zip(lost, self.native.argmax(logits), strict=False):
-                    best[j] = token
-            return best
+        where there is one; else, or for a row it leaves to others (flat, or not finite), the
+        argmax of the bf16 head's logits. Which way a row takes depends on that row alone, so
+        it gets the same token in any batch."""
+        if self.packed_head is None or self.native is None:
+            return self._bf16_best(hidden)
+        best = self.native.best_tokens(hidden.contiguous(), self.packed_head, self.CANDIDATES_MAX)
+        lost = [j for j, token in enumerate(best) if token < 0]
+        if lost:
+            for j, token in zip(lost, self._bf16_best(hidden[lost]), strict=True):
+                best[j] = token
+        return best
+
+    def _bf16_best(self, hidden: torch.Tensor) -> list[int]:
+        """Greedy over the bf16 head's logits; a lone row padded to two (see
+        `batch_decode.pad_rows`)."""
         logits = self.logits(hidden.repeat(2, 1) if hidden.shape[0] == 1 else hidden, False)
         best = self.native.argmax(logits) if self.native is not None else greedy(logits).tolist()
         return best[: hidden.shape[0]]

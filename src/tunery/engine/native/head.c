@@ -365,7 +365,8 @@ done:
     return status;
 #else
     (void)rows, (void)c, (void)v_count, (void)h, (void)h_stride, (void)packed, (void)scale;
-    (void)norm, (void)err_norm, (void)offset, (void)w, (void)limit, (void)upper, (void)out, (void)threads;
+    (void)norm, (void)err_norm, (void)offset, (void)w, (void)limit, (void)upper, (void)out;
+    (void)threads;
     return -1;
 #endif
 }
