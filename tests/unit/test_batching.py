@@ -100,6 +100,29 @@ def test_batched_rows_are_bit_identical_to_rows_stepped_alone(
                 assert torch.equal(batched[r : r + 1], alone), (step, r)
 
 
+def test_prompts_prefilled_together_get_the_bits_they_get_alone(
+    base: LoadedBase, adapters: list[Path]
+) -> None:
+    fast = FastGemma3(base.config, base.weights)
+    loras = [None, *(FastLora.load(a, fast) for a in adapters)]
+    prompts = [base.tokenizer(p)["input_ids"] for p in PROMPTS]
+    prompts.append(prompts[0][:1])  # a one-token prompt: padded to two rows, alone or not
+    with torch.inference_mode():
+        jobs = [(ids, loras[k % len(loras)]) for k, ids in enumerate(prompts)]
+        alone = []
+        for ids, lora in jobs:
+            cache = fast.new_cache(len(ids) + 8)
+            alone.append((fast.prefill(ids, cache, lora), cache))
+        caches = [fast.new_cache(len(ids) + 8) for ids, _ in jobs]
+        together = fast.prefill_many([i for i, _ in jobs], caches, [lora for _, lora in jobs])
+        for k, ((hidden, cache), other) in enumerate(zip(alone, caches, strict=True)):
+            assert torch.equal(together[k : k + 1], hidden), k
+            assert other.length == cache.length == len(jobs[k][0])
+            n = min(cache.length, cache.sizes[0])  # the filled slots of layer 0's ring
+            assert torch.equal(other.k[0][:, :, :n], cache.k[0][:, :, :n]), k
+            assert torch.equal(other.v[-1][:, :, :n], cache.v[-1][:, :, :n]), k
+
+
 def test_concurrent_requests_over_adapters_get_their_solo_tokens(
     base: LoadedBase, adapters: list[Path]
 ) -> None:

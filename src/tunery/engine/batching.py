@@ -29,9 +29,9 @@ from tunery.engine.specs import GenerationParams
 
 log = logging.getLogger(__name__)
 
-# New requests prefilled per step: a burst of arrivals delays the running rows' next token by at
-# most this many prompt passes.
-PREFILLS_PER_STEP = 4
+# Prompt tokens prefilled per step, together (the first waiting prompt goes in however long): a
+# burst of arrivals delays the running rows' next token by about one forward over this many.
+PROMPT_TOKENS_PER_STEP = 256
 IDLE_EXIT_S = 60.0  # the decode thread ends after this long with nothing to do; submit restarts it
 
 _END = object()  # queue marker: no more tokens
@@ -85,7 +85,7 @@ class BatchScheduler:
         fast: FastGemma3,
         eos_ids: Collection[int],
         max_rows: int = MAX_ROWS,
-        prefills_per_step: int = PREFILLS_PER_STEP,
+        prompt_tokens: int = PROMPT_TOKENS_PER_STEP,
         threads: Callable[[], int] | None = None,
     ) -> None:
         """`threads`: asked before each step how many torch threads to decode with."""
@@ -94,7 +94,7 @@ class BatchScheduler:
         self._fast = fast
         self._eos = frozenset(eos_ids)
         self._max_rows = max_rows
-        self._prefills = prefills_per_step
+        self._prompt_tokens = prompt_tokens
         self._waiting: deque[_Row] = deque()
         self._rows: list[_Row] = []  # decoding; touched by the decode thread only
         self._lora32: dict[int, tuple[FastLora, Lora32]] = {}  # id(lora) → fp32 copy in use
@@ -159,8 +159,7 @@ class BatchScheduler:
                         self._thread = None  # under the lock: submit starts a new one
                         self._lora32.clear()
                         return
-                    room = min(self._max_rows - len(self._rows), self._prefills)
-                    new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
+                    new = self._admit()
                     self._running = len(self._rows) + len(new)
                 if self._threads is not None:
                     wanted = self._threads()
@@ -177,8 +176,23 @@ class BatchScheduler:
                 with self._cond:
                     self._running = len(self._rows)
 
+    def _admit(self) -> list[_Row]:
+        """Waiting requests for this step (locked): while there is a free row, up to
+        `prompt_tokens` prompt tokens in all, and always the first if a row is free."""
+        room = self._max_rows - len(self._rows)
+        new: list[_Row] = []
+        budget = self._prompt_tokens
+        while self._waiting and len(new) < room:
+            cost = len(self._waiting[0].prompt)
+            if new and cost > budget:
+                break
+            budget -= cost
+            new.append(self._waiting.popleft())
+        return new
+
     def _iteration(self, new: list[_Row]) -> None:
-        """One step for the running rows, the prompts of `new`, then one token for each."""
+        """One step for the running rows and the prompts of `new` (all prefilled together),
+        then one token for each."""
         fast = self._fast
         rows = sorted((r for r in self._rows if not r.handle.closed), key=lambda r: r.key)
         hidden: list[torch.Tensor] = []
@@ -186,17 +200,26 @@ class BatchScheduler:
             tokens = torch.tensor([r.next_token for r in rows], device=fast.device)
             caches = [r.cache for r in rows if r.cache is not None]
             hidden.append(step_rows(fast, tokens, caches, self._spans(rows)))
-        for row in new:
-            if row.handle.closed:
-                continue
-            try:
-                row.cache = fast.new_cache(len(row.prompt) + row.params.max_output_tokens)
-                hidden.append(fast.prefill(row.prompt, row.cache, row.lora))
-            except Exception as e:  # this request's problem only
-                log.exception("prefill failed")
-                row.handle._put(e)
-                continue
-            rows.append(row)
+        new = [row for row in new if not row.handle.closed]
+        try:
+            if new:
+                caches = [fast.new_cache(len(r.prompt) + r.params.max_output_tokens) for r in new]
+                prompts, loras = [r.prompt for r in new], [r.lora for r in new]
+                hidden.append(fast.prefill_many(prompts, caches, loras))
+                for row, cache in zip(new, caches, strict=True):
+                    row.cache = cache
+            rows += new
+        except Exception:  # out of memory, say: each alone, to fail only the one at fault
+            log.exception("prefill of %d prompts failed; trying each alone", len(new))
+            for row in new:
+                try:
+                    row.cache = fast.new_cache(len(row.prompt) + row.params.max_output_tokens)
+                    hidden.append(fast.prefill(row.prompt, row.cache, row.lora))
+                except Exception as e:  # this request's problem only
+                    log.exception("prefill failed")
+                    row.handle._put(e)
+                    continue
+                rows.append(row)
         if not rows:
             self._rows = []
             return

@@ -529,42 +529,85 @@ class FastGemma3:
 
     def prefill(self, ids: Sequence[int], cache: KVCache, lora: FastLora | None) -> torch.Tensor:
         """Run the prompt into an empty `cache`; return the last position's hidden (1, C)."""
-        t = len(ids)
-        if t > cache.max_len:
-            raise ValueError("the prompt does not fit the cache")
-        self._ensure_rope(cache.max_len)
-        x = F.embedding(torch.tensor([ids], device=self.device), self.embed) * self.embed_scale
-        window_mask = None
-        if t > self.window and any(layer.sliding for layer in self.layers):
-            pos = torch.arange(t, device=self.device)
-            offset = pos[:, None] - pos[None, :]
-            window_mask = (offset >= 0) & (offset < self.window)
+        return self.prefill_many([ids], [cache], [lora])
+
+    def prefill_many(
+        self,
+        prompts: Sequence[Sequence[int]],
+        caches: Sequence[KVCache],
+        loras: Sequence[FastLora | None],
+    ) -> torch.Tensor:
+        """Run each prompt into its own empty cache, with its own adapter (or none); return
+        each one's last position's hidden (N, C).
+
+        Each projection is one matmul over every prompt's rows, so the weights are read once
+        for all of them; the rest (norms, LoRA, attention) runs per prompt. A bf16 matmul's row
+        gets the same bits in any batch of ≥ 2 rows (`_shared_matmul`), so a prompt gets the
+        same bits alone or among others."""
+        if not len(prompts) == len(caches) == len(loras):
+            raise ValueError("one cache and one adapter (or None) per prompt")
+        for ids, cache in zip(prompts, caches, strict=True):
+            if not 0 < len(ids) <= cache.max_len:
+                raise ValueError("a prompt is empty or does not fit its cache")
+            self._ensure_rope(cache.max_len)
+        xs = [
+            F.embedding(torch.tensor([ids], device=self.device), self.embed) * self.embed_scale
+            for ids in prompts
+        ]  # (1, T, C) each
+        masks = [self._window_mask(len(ids)) for ids in prompts]
         for i, layer in enumerate(self.layers):
-            cos, sin = self._rope["sliding" if layer.sliding else "full"]
-            cos, sin = cos[:t], sin[:t]
-            h = _rms(x, layer.ln_in, self.eps)
-            qkv = layer.qkv(h)
-            if lora is not None and "qkv" in lora.layers[i]:
-                qkv = lora.layers[i]["qkv"].add_to(qkv, h)
-            q, k, v = self._split_heads(qkv, t)  # (1, H, T, D)
-            q = _rope(_rms(q, layer.q_norm, self.eps), cos, sin)
-            k = _rope(_rms(k, layer.k_norm, self.eps), cos, sin)
-            size = cache.sizes[i]
-            keep = range(max(0, t - size), t)  # a ring keeps the last `size` positions
-            slots = torch.tensor([p % size for p in keep], device=self.device)
-            cache.k[i][:, :, slots] = k[:, :, keep.start :]
-            cache.v[i][:, :, slots] = v[:, :, keep.start :]
-            if layer.sliding and window_mask is not None:
-                a = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=window_mask, scale=self.scaling, enable_gqa=True
-                )
-            else:
-                a = F.scaled_dot_product_attention(
-                    q, k, v, is_causal=t > 1, scale=self.scaling, enable_gqa=True
-                )
-            x = self._after_attention(x, a.transpose(1, 2).reshape(1, t, -1), layer, i, lora)
-        cache.length = t
-        return _rms(x[:, -1], self.final_norm, self.eps)
+            groups = [{} if lora is None else lora.layers[i] for lora in loras]
+            hs = [_rms(x, layer.ln_in, self.eps) for x in xs]
+            qkvs = _lora_each(_shared_matmul(layer.qkv, hs), hs, groups, "qkv")
+            attended = [
+                self._prompt_attention(i, qkv, cache, mask)
+                for qkv, cache, mask in zip(qkvs, caches, masks, strict=True)
+            ]
+            outs = _lora_each(_shared_matmul(layer.o, attended), attended, groups, "o")
+            xs = [x + _rms(o, layer.ln_post_attn, self.eps) for x, o in zip(xs, outs, strict=True)]
+            hs = [_rms(x, layer.ln_pre_ff, self.eps) for x in xs]
+            gus = _lora_each(_shared_matmul(layer.gu, hs), hs, groups, "gu")
+            ms = [_gelu_times(gu) for gu in gus]
+            ds = _lora_each(_shared_matmul(layer.down, ms), ms, groups, "down")
+            xs = [x + _rms(d, layer.ln_post_ff, self.eps) for x, d in zip(xs, ds, strict=True)]
+        for ids, cache in zip(prompts, caches, strict=True):
+            cache.length = len(ids)
+        return torch.cat([_rms(x[:, -1], self.final_norm, self.eps) for x in xs])
+
+    def _window_mask(self, t: int) -> torch.Tensor | None:
+        """A t-token prompt's sliding-window mask; None where the window holds all of it."""
+        if t <= self.window or not any(layer.sliding for layer in self.layers):
+            return None
+        pos = torch.arange(t, device=self.device)
+        offset = pos[:, None] - pos[None, :]
+        mask: torch.Tensor = (offset >= 0) & (offset < self.window)
+        return mask
+
+    def _prompt_attention(
+        self, i: int, qkv: torch.Tensor, cache: KVCache, window_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Layer i's attention over a whole prompt's fused qkv (1, T, ·): its K/V written into
+        the empty `cache`; returns (1, T, nh·hd)."""
+        layer, t = self.layers[i], qkv.shape[1]
+        cos, sin = self._rope["sliding" if layer.sliding else "full"]
+        cos, sin = cos[:t], sin[:t]
+        q, k, v = self._split_heads(qkv, t)  # (1, H, T, D)
+        q = _rope(_rms(q, layer.q_norm, self.eps), cos, sin)
+        k = _rope(_rms(k, layer.k_norm, self.eps), cos, sin)
+        size = cache.sizes[i]
+        keep = range(max(0, t - size), t)  # a ring keeps the last `size` positions
+        slots = torch.tensor([p % size for p in keep], device=self.device)
+        cache.k[i][:, :, slots] = k[:, :, keep.start :]
+        cache.v[i][:, :, slots] = v[:, :, keep.start :]
+        if layer.sliding and window_mask is not None:
+            a = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=window_mask, scale=self.scaling, enable_gqa=True
+            )
+        else:
+            a = F.scaled_dot_product_attention(
+                q, k, v, is_causal=t > 1, scale=self.scaling, enable_gqa=True
+            )
+        return a.transpose(1, 2).reshape(1, t, -1)
 
     def step(self, tokens: torch.Tensor, cache: KVCache, lora: FastLora | None) -> torch.Tensor:
         """Feed one token per batch row (B,) at the next position; return hidden (B, C)."""
@@ -726,6 +769,38 @@ class FastGemma3:
 
 def _norm_weight(weight: torch.Tensor) -> torch.Tensor:
     return (1.0 + weight.detach().float()).contiguous()
+
+
+def _shared_matmul(linear: Linear, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`linear` of each (1, T_j, in): one matmul over all their rows, split back (views).
+
+    oneDNN's bf16 matmul gives a row the same bits for any row count from 2 up (measured to
+    1,200 rows, 1 to 8 threads), not for a lone row: a lone row is padded to two. The int8
+    kernel (≤ `Linear.INT8_MAX_ROWS` rows) would change with the count: one call per input."""
+    if linear.q is not None:
+        return [linear(x) for x in inputs]
+    rows = torch.cat(list(inputs), dim=1) if len(inputs) > 1 else inputs[0]
+    if rows.shape[1] == 1:
+        return [linear(rows.repeat(1, 2, 1))[:, :1]]
+    return list(torch.split(linear(rows), [x.shape[1] for x in inputs], dim=1))
+
+
+def _lora_each(
+    bases: list[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    groups: Sequence[dict[str, _LoraGroup]],
+    name: str,
+) -> list[torch.Tensor]:
+    """Each prompt's projection output plus its own adapter's delta (where it has `name`)."""
+    return [
+        g[name].add_to(base, x) if name in g else base
+        for base, x, g in zip(bases, inputs, groups, strict=True)
+    ]
+
+
+def _gelu_times(gu: torch.Tensor) -> torch.Tensor:
+    gate, up = gu.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
