@@ -142,16 +142,17 @@ def _torch_delta(desc: LoraDesc, x: torch.Tensor, base: torch.Tensor) -> torch.T
 def test_lora_rows_agree_with_torch_within_a_bf16_step_and_alone_as_among_others() -> None:
     assert native is not None
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(7, 200, generator=g).bfloat16()
-    base = torch.randn(7, 300, generator=g).bfloat16()
-    # Rows 0-1 a three-part group, 2 none, 3-5 one part over every column, 6 part of the columns.
+    x = torch.randn(10, 200, generator=g).bfloat16()
+    base = torch.randn(10, 300, generator=g).bfloat16()
+    # Rows 0-1 a three-part group, 2 none, 3-7 one part over every column (4 rows at a time,
+    # then one), 8-9 part of the columns.
     three = _adapter(1, 200, [100, 50, 150], [8, 4, 16])
     full = _adapter(2, 200, [300], [16])
     some = _adapter(3, 200, [100], [5])
-    spans = [(0, 2, three), (2, 3, None), (3, 6, full), (6, 7, some)]
+    spans = [(0, 2, three), (2, 3, None), (3, 8, full), (8, 10, some)]
     out = native.lora_add(base.clone(), x, spans)
     assert torch.equal(out[2], base[2])  # no adapter: untouched
-    assert torch.equal(out[6, 100:], base[6, 100:])  # outside the adapter's part: untouched
+    assert torch.equal(out[8:, 100:], base[8:, 100:])  # outside the adapter's part: untouched
     for lo, hi, desc in spans:
         if desc is None:
             continue

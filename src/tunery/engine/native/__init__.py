@@ -253,10 +253,11 @@ class PackedHead:
 class LoraDesc:
     """One fused group's LoRA as `lora_delta.c` reads it: A (r, in) and each part's B
     (out_part, r_part), fp32 and contiguous (not copied: kept alive here), and their layout;
-    `transposed` adds a copy of each B^T, which the kernel reads faster (the same bits)."""
+    `transposed` adds a copy of each B^T in blocks of 16 output columns, (⌈out/16⌉, r, 16)
+    zero-padded, which the kernel reads as one contiguous run per block (the same bits)."""
 
     def __init__(self, a: torch.Tensor, parts: Sequence[Part], transposed: bool = False) -> None:
-        copies = [p[4].t().contiguous() if transposed else None for p in parts]
+        copies = [_blocked_transpose(p[4]) if transposed else None for p in parts]
         self._tensors = [a, *(p[4] for p in parts), *(c for c in copies if c is not None)]
         fields = [a.shape[1], a.shape[0], len(parts), a.data_ptr()]
         for (c_lo, c_hi, r_lo, r_hi, b), bt in zip(parts, copies, strict=True):
@@ -271,6 +272,14 @@ class LoraDesc:
         if all(t.dtype == torch.float32 and t.is_contiguous() and not t.is_cuda for t in tensors):
             return LoraDesc(a, parts, transposed)
         return None
+
+
+def _blocked_transpose(b: torch.Tensor) -> torch.Tensor:
+    """B (out, r) → (⌈out/16⌉, r, 16): block k holds B^T's columns 16k … 16k + 15."""
+    out, rank = b.shape
+    padded = torch.zeros(-(-out // 16) * 16, rank, dtype=b.dtype)
+    padded[:out] = b
+    return padded.view(-1, 16, rank).transpose(1, 2).contiguous()
 
 
 @cache

@@ -23,6 +23,71 @@ static inline float dot(const float *a, const uint16_t *b, int64_t hd) {
     return s;
 }
 
+/* Scores ph[0:n] → exp(score - max), rounded to bf16 in place; returns the fp32 weights' sum
+ * (V is summed with them rounded to bf16). */
+static float softmax_weights(float *ph, int64_t n) {
+    float m = -INFINITY;
+    for (int64_t j = 0; j < n; j++)
+        if (ph[j] > m) m = ph[j];
+    float total = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+        float e = expf(ph[j] - m);
+        total += e;
+        ph[j] = bf16_to_f32(f32_to_bf16(e));
+    }
+    return total;
+}
+
+/* acc[0:hd] = sum_j ph[j] * v[j], in order of j, 16 columns at a time, then the tail. */
+static void weigh_values(const float *ph, int64_t n, int64_t hd, const uint16_t *v, float *acc) {
+    int64_t d = 0;
+    for (; d + LANES <= hd; d += LANES) {
+        f32x16 sum = {0};
+        for (int64_t j = 0; j < n; j++) sum += ph[j] * load_bf16x16(v + j * hd + d);
+        memcpy(acc + d, &sum, sizeof sum);
+    }
+    for (; d < hd; d++) {
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n; j++) sum += ph[j] * bf16_to_f32(v[j * hd + d]);
+        acc[d] = sum;
+    }
+}
+
+/* The 4 query heads of one kv head at once (hd a multiple of 16): each K and V row read and
+ * widened once for all four, every sum in the order `dot` and `weigh_values` take. */
+static void attend4(int64_t n, int64_t hd, const float *qf, const uint16_t *k, const uint16_t *v,
+                    float scale, float *p, float *acc, float *totals) {
+    for (int64_t j = 0; j < n; j++) {
+        f32x16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        for (int64_t d = 0; d < hd; d += LANES) {
+            f32x16 kv = load_bf16x16(k + j * hd + d);
+            s0 += load_f32x16(qf + d) * kv;
+            s1 += load_f32x16(qf + hd + d) * kv;
+            s2 += load_f32x16(qf + 2 * hd + d) * kv;
+            s3 += load_f32x16(qf + 3 * hd + d) * kv;
+        }
+        p[j] = sum_lanes(s0) * scale;
+        p[n + j] = sum_lanes(s1) * scale;
+        p[2 * n + j] = sum_lanes(s2) * scale;
+        p[3 * n + j] = sum_lanes(s3) * scale;
+    }
+    for (int h = 0; h < 4; h++) totals[h] = softmax_weights(p + h * n, n);
+    for (int64_t d = 0; d < hd; d += LANES) {
+        f32x16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int64_t j = 0; j < n; j++) {
+            f32x16 vv = load_bf16x16(v + j * hd + d);
+            a0 += p[j] * vv;
+            a1 += p[n + j] * vv;
+            a2 += p[2 * n + j] * vv;
+            a3 += p[3 * n + j] * vv;
+        }
+        memcpy(acc + d, &a0, sizeof a0);
+        memcpy(acc + hd + d, &a1, sizeof a1);
+        memcpy(acc + 2 * hd + d, &a2, sizeof a2);
+        memcpy(acc + 3 * hd + d, &a3, sizeof a3);
+    }
+}
+
 /* Row r, kv head g: its query heads attend over the filled slots of the row's cache. */
 static void attend(int64_t r, int64_t g, int64_t nh, int64_t nkv, int64_t hd,
                    const uint16_t *q, uint16_t *const *k_cache, uint16_t *const *v_cache,
@@ -34,38 +99,25 @@ static void attend(int64_t r, int64_t g, int64_t nh, int64_t nkv, int64_t hd,
     const uint16_t *v = v_cache[r] + g * size[r] * hd;
     float *qf = work;           /* (per, hd) */
     float *acc = qf + per * hd; /* (per, hd) */
-    float *p = acc + per * hd;  /* (per, n) */
+    float *totals = acc + per * hd; /* (per,) */
+    float *p = totals + per;        /* (per, n) */
     for (int64_t h = 0; h < per; h++)
         for (int64_t d = 0; d < hd; d++)
             qf[h * hd + d] = bf16_to_f32(q[(r * nh + g * per + h) * hd + d]);
+    if (per == 4 && hd % LANES == 0) { /* Gemma 3's grouping: the 4 heads share each read */
+        attend4(n, hd, qf, k, v, scale, p, acc, totals);
+    } else {
+        for (int64_t h = 0; h < per; h++) {
+            float *ph = p + h * n;
+            for (int64_t j = 0; j < n; j++) ph[j] = dot(qf + h * hd, k + j * hd, hd) * scale;
+            totals[h] = softmax_weights(ph, n);
+            weigh_values(ph, n, hd, v, acc + h * hd);
+        }
+    }
     for (int64_t h = 0; h < per; h++) {
-        float *ph = p + h * n;
-        float m = -INFINITY;
-        for (int64_t j = 0; j < n; j++) {
-            ph[j] = dot(qf + h * hd, k + j * hd, hd) * scale;
-            if (ph[j] > m) m = ph[j];
-        }
-        float total = 0.0f; /* of the fp32 weights; V is summed with them rounded to bf16 */
-        for (int64_t j = 0; j < n; j++) {
-            float e = expf(ph[j] - m);
-            total += e;
-            ph[j] = bf16_to_f32(f32_to_bf16(e));
-        }
-        float *ah = acc + h * hd;
-        int64_t d = 0;
-        for (; d + LANES <= hd; d += LANES) { /* 16 columns of the output at a time */
-            f32x16 sum = {0};
-            for (int64_t j = 0; j < n; j++) sum += ph[j] * load_bf16x16(v + j * hd + d);
-            memcpy(ah + d, &sum, sizeof sum);
-        }
-        for (; d < hd; d++) {
-            float sum = 0.0f;
-            for (int64_t j = 0; j < n; j++) sum += ph[j] * bf16_to_f32(v[j * hd + d]);
-            ah[d] = sum;
-        }
-        float inverse = 1.0f / total;
+        float inverse = 1.0f / totals[h];
         uint16_t *o = out + (r * nh + g * per + h) * hd;
-        for (d = 0; d < hd; d++) o[d] = f32_to_bf16(ah[d] * inverse);
+        for (int64_t d = 0; d < hd; d++) o[d] = f32_to_bf16(acc[h * hd + d] * inverse);
     }
 }
 
@@ -92,7 +144,7 @@ int tunery_decode_attention(int64_t rows, int64_t nh, int64_t nkv, int64_t hd,
     int64_t per = nh / nkv;
     int64_t tasks = rows * nkv;
     int teams = tasks < threads ? (int)tasks : (threads > 0 ? threads : 1);
-    int64_t each = 2 * per * hd + per * longest;
+    int64_t each = 2 * per * hd + per + per * longest;
     float *work = malloc(sizeof(float) * each * teams);
     if (work == NULL) return -1;
 #pragma omp parallel num_threads(teams)

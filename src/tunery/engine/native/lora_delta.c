@@ -12,7 +12,8 @@
 
 /* An adapter's group as `desc` describes it: in, r, parts, A (r, in) fp32, then for each part
  * out columns [c_lo, c_hi), rank columns [r_lo, r_hi), B (c_hi - c_lo, r_hi - r_lo) fp32 and
- * optionally (else NULL) B^T, a copy that spares transposing B's blocks at every call. */
+ * optionally (else NULL) B^T in blocks of 16 columns, (ceil(width / 16), rank, 16) zero-padded,
+ * a copy that spares transposing B's blocks at every call. */
 typedef struct {
     int64_t c_lo, c_hi, r_lo, r_hi;
     const float *b, *bt;
@@ -30,6 +31,22 @@ static float dot(const uint16_t *x, const float *a, int64_t n) {
     float s = sum_lanes(acc);
     for (; d < n; d++) s += bf16_to_f32(x[d]) * a[d];
     return s;
+}
+
+/* u[k * u_stride] = x_k . a for 4 rows x_k (x_stride apart): dot()'s order each, a read once */
+static void dot4(const uint16_t *x, int64_t x_stride, const float *a, int64_t n, float *u,
+                 int64_t u_stride) {
+    f32x16 acc[4] = {{0}, {0}, {0}, {0}};
+    int64_t d = 0;
+    for (; d + LANES <= n; d += LANES) {
+        f32x16 av = load_f32x16(a + d);
+        for (int k = 0; k < 4; k++) acc[k] += load_bf16x16(x + k * x_stride + d) * av;
+    }
+    for (int k = 0; k < 4; k++) {
+        float s = sum_lanes(acc[k]);
+        for (int64_t e = d; e < n; e++) s += bf16_to_f32(x[k * x_stride + e]) * a[e];
+        u[k * u_stride] = s;
+    }
 }
 
 /* out[0:n] (n <= 16) += u B^T for one row, B's 16 columns held rank-major in `bt`. */
@@ -50,11 +67,12 @@ static void run_task(const Task *w, const float *u, int64_t r_max, uint16_t *bas
     const Part *p = w->part;
     int64_t rank = p->r_hi - p->r_lo;
     for (int64_t c = w->c_lo; c < w->c_hi; c += LANES) {
-        int64_t n = w->c_hi - c < LANES ? w->c_hi - c : LANES, width = p->c_hi - p->c_lo;
+        int64_t n = w->c_hi - c < LANES ? w->c_hi - c : LANES;
         float *t = (float *)bt;
-        if (p->bt != NULL && n == LANES)
-            for (int64_t j = 0; j < rank; j++) bt[j] = load_f32x16(p->bt + j * width + c - p->c_lo);
-        else
+        if (p->bt != NULL) { /* its block of 16 columns: rank rows of 16, zero-padded */
+            const float *block = p->bt + (c - p->c_lo) * rank;
+            for (int64_t j = 0; j < rank; j++) bt[j] = load_f32x16(block + j * LANES);
+        } else
             for (int64_t l = 0; l < LANES; l++)
                 for (int64_t j = 0; j < rank; j++)
                     t[j * LANES + l] = l < n ? p->b[(c - p->c_lo + l) * rank + j] : 0.0f;
@@ -80,16 +98,18 @@ int tunery_lora_add(int64_t spans, const int64_t *row_lo, const int64_t *row_hi,
     if (rows == 0) return 0;
     float *u = malloc(sizeof(float) * rows * r_max);
     int64_t *u_row = malloc(sizeof(int64_t) * 2 * rows); /* (row, span) of each u row */
+    int64_t *chunk = malloc(sizeof(int64_t) * rows);     /* first u row of each step 1 task */
     Task *list = malloc(sizeof(Task) * tasks);
-    if (u == NULL || u_row == NULL || list == NULL) {
-        free(u), free(u_row), free(list);
+    if (u == NULL || u_row == NULL || chunk == NULL || list == NULL) {
+        free(u), free(u_row), free(chunk), free(list);
         return -1;
     }
-    int64_t k = 0, t = 0;
+    int64_t k = 0, t = 0, chunks = 0;
     for (int64_t s = 0; s < spans; s++) {
         if (desc[s] == NULL) continue;
         int64_t first = k;
         for (int64_t row = row_lo[s]; row < row_hi[s]; row++, k++) {
+            if ((row - row_lo[s]) % 4 == 0) chunk[chunks++] = k;
             u_row[2 * k] = row;
             u_row[2 * k + 1] = s;
         }
@@ -103,13 +123,21 @@ int tunery_lora_add(int64_t spans, const int64_t *row_lo, const int64_t *row_hi,
     int failed = 0;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
-        /* 1. u = x A^T, row by row */
+        /* 1. u = x A^T: per rank row of A, up to 4 rows of a span at a time */
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < rows; i++) {
+        for (int64_t c = 0; c < chunks; c++) {
+            int64_t i = chunk[c], n = rows - i < 4 ? rows - i : 4;
             const int64_t *d = desc[u_row[2 * i + 1]];
             const float *a = (const float *)(intptr_t)d[3];
             const uint16_t *xr = x + u_row[2 * i] * x_stride;
-            for (int64_t j = 0; j < d[1]; j++) u[i * r_max + j] = dot(xr, a + j * d[0], d[0]);
+            if (n == 4 && u_row[2 * (i + 3) + 1] == u_row[2 * i + 1]) {
+                for (int64_t j = 0; j < d[1]; j++)
+                    dot4(xr, x_stride, a + j * d[0], d[0], u + i * r_max + j, r_max);
+                continue;
+            }
+            for (int64_t k = i; k < i + n && u_row[2 * k + 1] == u_row[2 * i + 1]; k++)
+                for (int64_t j = 0; j < d[1]; j++)
+                    u[k * r_max + j] = dot(x + u_row[2 * k] * x_stride, a + j * d[0], d[0]);
         }
         /* 2. base += u B^T, a block of output columns of one part per task */
         f32x16 *bt = aligned_alloc(64, sizeof(f32x16) * r_max);
@@ -122,6 +150,6 @@ int tunery_lora_add(int64_t spans, const int64_t *row_lo, const int64_t *row_hi,
             if (bt != NULL) run_task(&list[i], u, r_max, base, base_stride, bt);
         free(bt);
     }
-    free(u), free(u_row), free(list);
+    free(u), free(u_row), free(chunk), free(list);
     return failed ? -1 : 0;
 }
