@@ -6,7 +6,9 @@ The 8 models are tuned through the API for 1 epoch each on 16 counting examples 
 → "7, 8, 9, …", 64 numbers), so they are real, distinct adapters whose answers run long: each
 request streams (`alt=sse`) "count from N" with `maxOutputTokens` (64). Tokens/s counts the
 tokens the server reports generating (`usageMetadata.candidatesTokenCount`), whatever made a
-request stop; the tokens per request are printed.
+request stop; the tokens per request are printed. The load generator (`sse_load.py`: one
+asyncio loop, a keep-alive connection per stream) shares the cores with the server, so its CPU
+time is printed too.
 
     .venv/bin/python bench/batch_bench.py [--streams 32] [--models 8] [--max-tokens 64]
 """
@@ -14,17 +16,16 @@ request stop; the tokens per request are printed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import serve_process
+from sse_load import run_load
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -66,68 +67,6 @@ def tune_models(http: httpx.Client, count: int) -> list[str]:
     raise TimeoutError("tuning did not finish")
 
 
-def one_stream(http: httpx.Client, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
-    """Seconds for the whole stream and the generated tokens the server reports."""
-    body = {
-        "contents": [{"parts": [{"text": prompt}]}],
-        "generationConfig": {"maxOutputTokens": max_tokens},
-    }
-    t0 = time.perf_counter()
-    tokens = 0
-    with http.stream("POST", f"/v1beta/{model}:streamGenerateContent?alt=sse", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("data: "):
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    raise RuntimeError(chunk["error"])
-                usage = chunk.get("usageMetadata")
-                if usage:
-                    tokens = int(usage.get("candidatesTokenCount", 0))
-    return time.perf_counter() - t0, tokens
-
-
-def run_load(
-    url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int
-) -> tuple[float, list[float], int]:
-    """All `jobs` with `concurrency` client threads: wall seconds, latencies, total tokens.
-
-    Each thread's client is made and connected before the clock starts (an httpx client's
-    setup, its TLS context, costs ~15 ms of CPU: 32 of them would delay the load by ~0.5 s)."""
-    latencies: list[float] = []
-    totals = [0]
-    lock = threading.Lock()
-    todo = list(reversed(jobs))
-    clients = [httpx.Client(base_url=url, timeout=600) for _ in range(concurrency)]
-    for http in clients:
-        http.get("/healthz").raise_for_status()  # open its keep-alive connection
-    start = threading.Barrier(concurrency + 1)
-
-    def client(http: httpx.Client) -> None:
-        start.wait()
-        while True:
-            with lock:
-                if not todo:
-                    return
-                model, prompt = todo.pop()
-            seconds, tokens = one_stream(http, model, prompt, max_tokens)
-            with lock:
-                latencies.append(seconds)
-                totals[0] += tokens
-
-    threads = [threading.Thread(target=client, args=(http,)) for http in clients]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    for http in clients:
-        http.close()
-    return wall, latencies, totals[0]
-
-
 def pct(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
 
@@ -154,17 +93,19 @@ def main() -> int:
             t0 = time.monotonic()
             models = tune_models(http, args.models)
             print(f"{len(models)} tuned models ACTIVE in {time.monotonic() - t0:.0f} s (untimed)")
-            for m in models:  # load every adapter once, so neither side pays for it
-                one_stream(http, m, "Hello", 2)
+        # Load every adapter once, so neither side pays for it.
+        run_load(url, [(m, "Hello") for m in models], len(models), 2)
         jobs = [(models[k % len(models)], PROMPTS[k % len(PROMPTS)]) for k in range(args.streams)]
 
+        cpu0 = time.process_time()
         wall, lat, tokens = run_load(url, jobs, args.streams, args.max_tokens)
+        client_cpu = time.process_time() - cpu0
         batched = tokens / wall
         print(
             f"batched:    {args.streams} concurrent streams over {len(models)} models: "
             f"{tokens} tokens in {wall:.1f} s = {batched:.0f} tok/s; latency p50 "
             f"{pct(lat, 50):.2f} s, p99 {pct(lat, 99):.2f} s; "
-            f"{tokens / len(lat):.0f} tokens/request"
+            f"{tokens / len(lat):.0f} tokens/request; load generator CPU {client_cpu:.2f} s"
         )
         wall1, lat1, tokens1 = run_load(url, jobs, 1, args.max_tokens)
         serial = tokens1 / wall1

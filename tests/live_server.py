@@ -66,6 +66,7 @@ class LiveServer:
         self.port: int = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         app: Any = create_app(settings)
+        self.app = app  # its `state.services`, for tests that look inside
         if record:
             app = _Recorder(app, self.requests)
         config = uvicorn.Config(app, log_level="warning", lifespan="on")

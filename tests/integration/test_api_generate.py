@@ -131,6 +131,27 @@ def test_stream_without_sse_is_one_json_array(client: httpx.Client, tuned: str) 
     assert chunks[-1]["candidates"][0]["finishReason"] in ("STOP", "MAX_TOKENS")
 
 
+def test_a_client_gone_mid_stream_frees_its_batch_row(
+    worker_server: LiveServer, client: httpx.Client
+) -> None:
+    body = {**PROMPT, "generationConfig": {"maxOutputTokens": 8000, "temperature": 0}}
+    path = "/v1beta/models/tiny-gemma:streamGenerateContent?alt=sse"
+    with client.stream("POST", path, json=body) as r:
+        lines = r.iter_lines()
+        first = json.loads(next(line for line in lines if line).removeprefix("data: "))
+        assert "finishReason" not in first["candidates"][0]  # still decoding
+        scheduler = worker_server.app.state.services.inference._generators["tiny-gemma"]._batcher
+        assert scheduler.pending() == 1
+    # The connection is closed: the server notices, closes the stream and frees the row (long
+    # before its 8,000 tokens: ~30 s on this model).
+    wait_until(lambda: scheduler.pending() == 0, timeout=5, what="the row to be freed")
+    r = client.post(
+        "/v1beta/models/tiny-gemma:generateContent",
+        json=body | {"generationConfig": {"maxOutputTokens": 3}},
+    )
+    assert r.status_code == 200  # and the server serves on
+
+
 def test_count_tokens_on_tuned_and_base(client: httpx.Client, tuned: str) -> None:
     base = client.post("/v1beta/models/tiny-gemma:countTokens", json=PROMPT).json()
     wrapped = client.post(f"/v1beta/{tuned}:countTokens", json=PROMPT).json()

@@ -10,13 +10,14 @@ stop sequences) on their own thread; closing the handle frees the row at the nex
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import queue
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -38,11 +39,15 @@ _END = object()  # queue marker: no more tokens
 
 
 class Handle:
-    """One submitted request: iterate for its token ids (the EOS token included, as the last);
-    `close()` when no more are wanted (a stop sequence, a client gone) to free its batch row."""
+    """One submitted request: iterate for its token ids (the EOS token included, as the last),
+    or with `loop` (an asyncio loop) `async for` them on that loop, no thread waiting per
+    request; `close()` when no more are wanted (a stop sequence, a client gone) to free its
+    batch row."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._loop = loop
+        self._arrived: asyncio.Queue[object] | None = None if loop is None else asyncio.Queue()
         self.closed = False
 
     def __iter__(self) -> Iterator[int]:
@@ -55,11 +60,29 @@ class Handle:
             assert isinstance(item, int)
             yield item
 
+    async def __aiter__(self) -> AsyncIterator[int]:
+        if self._arrived is None:
+            raise RuntimeError("a handle made without a loop is iterated with `for`")
+        while True:
+            item = await self._arrived.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, int)
+            yield item
+
     def close(self) -> None:
         self.closed = True
 
     def _put(self, item: object) -> None:
-        self._queue.put(item)
+        if self._loop is None or self._arrived is None:
+            self._queue.put(item)
+            return
+        try:  # one wake-up of the loop runs every handle's put of a step
+            self._loop.call_soon_threadsafe(self._arrived.put_nowait, item)
+        except RuntimeError:  # the loop has closed: nobody is listening
+            self.closed = True
 
 
 @dataclass
@@ -122,12 +145,17 @@ class BatchScheduler:
             return len(self._waiting) + self._running
 
     def submit(
-        self, prompt_ids: list[int], lora: FastLora | None, params: GenerationParams
+        self,
+        prompt_ids: list[int],
+        lora: FastLora | None,
+        params: GenerationParams,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> Handle:
-        """Queue a request (its prompt already validated); its tokens arrive on the handle."""
+        """Queue a request (its prompt already validated); its tokens arrive on the handle (on
+        `loop`, for `async for`, when given)."""
         if self._closed:
             raise RuntimeError("the decode scheduler is closed")
-        handle = Handle()
+        handle = Handle(loop)
         row = _Row(list(prompt_ids), lora, params, handle, rng_for(params, self._fast.device))
         row.key = -1 if lora is None else id(lora)
         with self._cond:

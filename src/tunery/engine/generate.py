@@ -19,11 +19,12 @@ one request at a time.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
 from collections.abc import Generator as Gen
 from dataclasses import dataclass
 from enum import StrEnum
@@ -152,6 +153,20 @@ class Generator:
         route = self._batch_route(params, adapter_dir)
         return self._stream(ids, params, adapter_dir, route)
 
+    def stream_async(
+        self, prompt: str, params: GenerationParams, adapter_dir: Path | None = None
+    ) -> AsyncGenerator[StreamChunk, None] | Iterator[StreamChunk]:
+        """`stream` for an asyncio caller (validated now: call it off the loop, it may load an
+        adapter): on the batch scheduler, an async stream whose tokens come to the loop that
+        iterates it, no thread waiting per request; otherwise the blocking `stream`."""
+        if params.candidate_count != 1:
+            raise InvalidArgument("`candidateCount` must be 1 when streaming")
+        ids = self._checked_ids(prompt, params, adapter_dir)
+        route = self._batch_route(params, adapter_dir)
+        if route is None:
+            return self._stream(ids, params, adapter_dir, None)
+        return self._batched_async(ids, params, route, adapter_dir is not None)
+
     # -- internals -----------------------------------------------------------------------------
     def _stream(
         self,
@@ -168,17 +183,25 @@ class Generator:
             deltas = self._locked(ids, params, adapter_dir, text)
         try:
             for delta in deltas:
-                if text.finish_reason is not None:
-                    yield StreamChunk(
-                        delta,
-                        finish_reason=text.finish_reason,
-                        prompt_token_count=len(ids),
-                        output_token_count=text.token_count,
-                    )
-                elif delta:
-                    yield StreamChunk(delta)
+                if (chunk := _chunk(delta, text, ids)) is not None:
+                    yield chunk
         finally:
             deltas.close()  # now, not when collected: frees the row or the lock at once
+
+    async def _batched_async(
+        self, ids: list[int], params: GenerationParams, route: _Route, tuned: bool
+    ) -> AsyncGenerator[StreamChunk, None]:
+        """`_stream` on the batch scheduler, its tokens delivered to this loop."""
+        text = _TextStream(self._tokenizer, params, tuned)
+        handle = route.scheduler.submit(ids, route.lora, params, asyncio.get_running_loop())
+        try:
+            async for token in handle:
+                if (chunk := _chunk(self._delta(token, params, text), text, ids)) is not None:
+                    yield chunk
+                if text.finish_reason is not None:
+                    return
+        finally:
+            handle.close()
 
     def _locked(
         self, ids: list[int], params: GenerationParams, adapter_dir: Path | None, text: _TextStream
@@ -223,12 +246,16 @@ class Generator:
     ) -> Iterator[str]:
         """`text`'s deltas as `tokens` come, until it ends (EOS, a stop sequence, max tokens)."""
         for token in tokens:
-            delta = text.push(token, token in self._eos_ids)
-            if text.finish_reason is None and text.token_count >= params.max_output_tokens:
-                delta += text.finish(FinishReason.MAX_TOKENS)
-            yield delta
+            yield self._delta(token, params, text)
             if text.finish_reason is not None:
                 return
+
+    def _delta(self, token: int, params: GenerationParams, text: _TextStream) -> str:
+        """Push `token` to `text`; the text now safe to hand out (all of it once it ends)."""
+        delta = text.push(token, token in self._eos_ids)
+        if text.finish_reason is None and text.token_count >= params.max_output_tokens:
+            delta += text.finish(FinishReason.MAX_TOKENS)
+        return delta
 
     def _encode(self, prompt: str, adapter_dir: Path | None) -> list[int]:
         if adapter_dir is not None:
@@ -584,6 +611,19 @@ class _LlamaCppForward(_Forward):
     def greedy(self, prompt_ids: list[int], params: GenerationParams) -> Gen[int, None, None]:
         """Greedy tokens, several per forward where prompt lookup finds text to repeat."""
         return self._llama.greedy(prompt_ids, params.max_output_tokens, lookup=self._lookup)
+
+
+def _chunk(delta: str, text: _TextStream, ids: list[int]) -> StreamChunk | None:
+    """A stream's next piece: the last carries why it ended and the counts; None when there is
+    nothing to send yet (text held back)."""
+    if text.finish_reason is not None:
+        return StreamChunk(
+            delta,
+            finish_reason=text.finish_reason,
+            prompt_token_count=len(ids),
+            output_token_count=text.token_count,
+        )
+    return StreamChunk(delta) if delta else None
 
 
 class _TextStream:

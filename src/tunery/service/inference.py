@@ -9,7 +9,7 @@ one base in memory.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +138,15 @@ class InferenceService:
         resolved = self._resolve_for_input(model, owner, prompt)
         generator = self._generator(resolved.base)
         return generator.stream(prompt, params, adapter_dir=resolved.adapter_dir)
+
+    def stream_async(
+        self, model: str | Resolved, owner: str | None, prompt: str, params: GenerationParams
+    ) -> AsyncGenerator[StreamChunk, None] | Iterator[StreamChunk]:
+        """`stream` for an asyncio caller: see `Generator.stream_async` (blocking: call it on a
+        worker thread)."""
+        resolved = self._resolve_for_input(model, owner, prompt)
+        generator = self._generator(resolved.base)
+        return generator.stream_async(prompt, params, adapter_dir=resolved.adapter_dir)
 
     def count_tokens(self, model: str | Resolved, owner: str | None, prompt: str) -> int:
         resolved = model if isinstance(model, Resolved) else self.resolve(model, owner)

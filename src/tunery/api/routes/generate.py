@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Annotated, Any
 
+import anyio
 from fastapi import APIRouter, Query
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from tunery.api.deps import Owner, Services, Svc
@@ -53,17 +55,17 @@ def generate_tuned(
 
 
 @router.post("/models/{model_id}:streamGenerateContent")
-def stream_base(
+async def stream_base(
     model_id: str, body: GenerateContentRequest, svc: Svc, owner: Owner, alt: Alt = None
 ) -> StreamingResponse:
-    return _stream(f"models/{model_id}", body, svc, owner, alt)
+    return await _stream(f"models/{model_id}", body, svc, owner, alt)
 
 
 @router.post("/tunedModels/{model_id}:streamGenerateContent")
-def stream_tuned(
+async def stream_tuned(
     model_id: str, body: GenerateContentRequest, svc: Svc, owner: Owner, alt: Alt = None
 ) -> StreamingResponse:
-    return _stream(f"tunedModels/{model_id}", body, svc, owner, alt)
+    return await _stream(f"tunedModels/{model_id}", body, svc, owner, alt)
 
 
 @router.post("/models/{model_id}:countTokens", response_model=CountTokensResponse)
@@ -92,18 +94,30 @@ def _generate(
     return GenerateContentResponse.from_generation(generation, resolved.name, _response_id())
 
 
-def _stream(
+async def _stream(
     model: str, body: GenerateContentRequest, svc: Services, owner: str | None, alt: str | None
 ) -> StreamingResponse:
-    """SSE with `alt=sse` (google-genai), else one JSON array written piece by piece (GAPIC)."""
+    """SSE with `alt=sse` (google-genai), else one JSON array written piece by piece (GAPIC).
+
+    Resolving and validating (the store, the tokenizer, loading an adapter) run on a worker
+    thread and fail before a response starts, so bad input is an error status, not a 200. The
+    pieces then come to this loop (the batch scheduler's) or from worker threads (the rest)."""
+    name, chunks = await run_in_threadpool(_open_stream, model, body, svc, owner)
+    stream = chunks if isinstance(chunks, AsyncGenerator) else _in_threads(chunks)
+    pieces = _pieces(stream, name, _response_id())
+    if alt == "sse":
+        return StreamingResponse(
+            (f"data: {b}\n\n" async for b in pieces), media_type="text/event-stream"
+        )
+    return StreamingResponse(_json_array(pieces), media_type="application/json")
+
+
+def _open_stream(
+    model: str, body: GenerateContentRequest, svc: Services, owner: str | None
+) -> tuple[str, AsyncGenerator[StreamChunk, None] | Iterator[StreamChunk]]:
     resolved = svc.inference.resolve(model, owner)
     prompt, params = prompt_of(body, resolved), params_of(body, resolved)
-    # The service validates before returning, so bad input is an error status, not a 200.
-    chunks = svc.inference.stream(resolved, owner, prompt, params)
-    bodies = _bodies(chunks, resolved.name, _response_id())
-    if alt == "sse":
-        return StreamingResponse((f"data: {b}\n\n" for b in bodies), media_type="text/event-stream")
-    return StreamingResponse(_json_array(bodies), media_type="application/json")
+    return resolved.name, svc.inference.stream_async(resolved, owner, prompt, params)
 
 
 def _count(
@@ -115,10 +129,25 @@ def _count(
     return CountTokensResponse(total_tokens=total)
 
 
-def _bodies(chunks: Iterator[StreamChunk], model: str, response_id: str) -> Iterator[str]:
+async def _in_threads(chunks: Iterator[StreamChunk]) -> AsyncGenerator[StreamChunk, None]:
+    """A blocking stream, each next piece awaited on a worker thread; closed on a thread too,
+    however the caller stops (a client gone cancels us), which frees its model lock."""
+    try:
+        while (chunk := await anyio.to_thread.run_sync(next, chunks, None)) is not None:
+            yield chunk
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(close)
+
+
+async def _pieces(
+    chunks: AsyncGenerator[StreamChunk, None], model: str, response_id: str
+) -> AsyncGenerator[str, None]:
     """Each chunk as one line of JSON; an error mid-stream becomes a final `{"error": ...}`."""
     try:
-        for chunk in chunks:
+        async for chunk in chunks:
             out = GenerateContentResponse.from_chunk(chunk, model, response_id)
             yield out.model_dump_json(by_alias=True)
     except TuneryError as exc:
@@ -127,16 +156,17 @@ def _bodies(chunks: Iterator[StreamChunk], model: str, response_id: str) -> Iter
         log.exception("stream on %s failed", model)
         yield json.dumps({"error": error_body(internal_error())})
     finally:
-        # A client that went away closes us; close the engine's stream too, releasing its model.
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
+        # A client that went away closes us; close the engine's stream too, freeing its row.
+        with anyio.CancelScope(shield=True):
+            await chunks.aclose()
 
 
-def _json_array(bodies: Iterator[str]) -> Iterator[str]:
+async def _json_array(bodies: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
     yield "["
-    for i, b in enumerate(bodies):
-        yield ("" if i == 0 else ",\n") + b
+    first = True
+    async for b in bodies:
+        yield ("" if first else ",\n") + b
+        first = False
     yield "]"
 
 
