@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tunery.engine.native import LoraDesc, NativeKernels
+from tunery.engine.native import CacheTable, LoraDesc, NativeKernels
 
 native = NativeKernels.load()
 pytestmark = pytest.mark.skipif(native is None, reason="no C compiler on this machine")
@@ -50,8 +50,10 @@ def _attend(rows: dict, pick: list[int] | None = None) -> torch.Tensor:  # type:
         rows["q"][take],
         rows["k"][take],
         rows["qkv"][take][:, groups_dim : 2 * groups_dim],
-        [rows["k_caches"][r].clone() for r in take],
-        [rows["v_caches"][r].clone() for r in take],
+        CacheTable.of(
+            [rows["k_caches"][r].clone() for r in take],
+            [rows["v_caches"][r].clone() for r in take],
+        ),
         rows["positions"][take],
         SCALE,
     )
@@ -107,7 +109,8 @@ def test_the_new_key_and_value_land_in_their_slot_and_nothing_else_changes() -> 
     v_caches = [c.clone() for c in rows["v_caches"]]
     assert native is not None
     v = rows["qkv"][:, 128:256]
-    native.attend(rows["q"], rows["k"], v, k_caches, v_caches, rows["positions"], SCALE)
+    table = CacheTable.of(k_caches, v_caches)
+    native.attend(rows["q"], rows["k"], v, table, rows["positions"], SCALE)
     for r, slot in enumerate([37 % 16, 3]):
         want_k, want_v = rows["k_caches"][r].clone(), rows["v_caches"][r].clone()
         want_k[:, slot] = rows["k"][r].view(2, 64)

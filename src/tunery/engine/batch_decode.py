@@ -35,7 +35,7 @@ from tunery.engine.fast_decode import (
     _Layer,
     _rope,
 )
-from tunery.engine.native import LoraDesc, NativeKernels
+from tunery.engine.native import CacheTable, LoraDesc, NativeKernels
 
 MAX_ROWS = 32  # rows per step whose matmuls stay bit-identical to 1-row matmuls (measured)
 # aten's bmm computes a product of fewer multiply-adds than this with its own loop, which rounds
@@ -107,12 +107,12 @@ def step_rows(
     if fast.native is None:
         rope = {k: (c[index].view(b, 1, 1, hd), s[index].view(b, 1, 1, hd))
                 for k, (c, s) in fast._rope.items()}  # fmt: skip
+    tables = _cache_tables(caches, fast.n_kv) if fast.native is not None else []
     for i, layer in enumerate(fast.layers):
         h = fast.norm_rows(x, layer.ln_in)
         qkv = _add_lora(layer.qkv(h), h, spans, i, "qkv", fast.native)
         if fast.native is not None:  # one call for every row: see `native`
-            k_rows, v_rows = [c.k[i][0] for c in caches], [c.v[i][0] for c in caches]
-            a = fast.attend_native(i, qkv, k_rows, v_rows, index)
+            a = fast.attend_native(i, qkv, tables[i], index)
             x = _after_attention(fast, x, a, layer, i, spans)
             continue
         cos, sin = rope["sliding" if layer.sliding else "full"]
@@ -145,6 +145,15 @@ def pad_rows(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.repeat(2, 1) if hidden.shape[0] == 1 else hidden
 
 
+def _cache_tables(caches: Sequence[KVCache], kv_heads: int) -> list[CacheTable]:
+    """Every layer's `CacheTable` of the rows' batch-1 caches, made at once for a step."""
+    pointers = [c.pointers() for c in caches]
+    k = torch.tensor([p[0] for p in pointers], dtype=torch.int64).t().contiguous()  # (L, B)
+    v = torch.tensor([p[1] for p in pointers], dtype=torch.int64).t().contiguous()
+    sizes = torch.tensor([c.sizes for c in caches], dtype=torch.int64).t().contiguous()
+    return [CacheTable(k[i], v[i], sizes[i], kv_heads) for i in range(k.shape[0])]
+
+
 class _Shadow(KVCache):
     """A second view of a row's cache for the padding row: reads its keys and values, and its
     writes land on the same slots with the same values (a harmless rewrite)."""
@@ -152,6 +161,7 @@ class _Shadow(KVCache):
     def __init__(self, cache: KVCache) -> None:  # noqa: D107 (no KVCache.__init__: no copy)
         self.k, self.v, self.sizes = cache.k, cache.v, cache.sizes
         self.length, self.max_len = cache.length, cache.max_len
+        self._pointers = cache._pointers
 
 
 def _after_attention(

@@ -39,7 +39,7 @@ from typing import Any, Generic, Literal, TypeVar
 import torch
 import torch.nn.functional as F
 
-from tunery.engine.native import LoraDesc, NativeKernels, PackedHead
+from tunery.engine.native import CacheTable, LoraDesc, NativeKernels, PackedHead
 from tunery.engine.sampling import greedy
 
 Weights = Literal["bf16", "int8"]
@@ -371,15 +371,25 @@ class KVCache:
             self.sizes.append(size)
         self.length = 0  # positions written so far
         self.max_len = max_len
+        self._pointers: tuple[list[int], list[int]] | None = None
+
+    def pointers(self) -> tuple[list[int], list[int]]:
+        """Each layer's K and V data pointers (batch row 0), as the native attention reads a
+        batch-1 cache; made once."""
+        if self._pointers is None:
+            self._pointers = [k.data_ptr() for k in self.k], [v.data_ptr() for v in self.v]
+        return self._pointers
 
     def select(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index`."""
         self.k = [k.index_select(0, index) for k in self.k]
         self.v = [v.index_select(0, index) for v in self.v]
+        self._pointers = None
 
     def repeat(self, n: int) -> None:
         self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
         self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
+        self._pointers = None
 
 
 class FastGemma3:
@@ -626,8 +636,8 @@ class FastGemma3:
                 qkv = lora.layers[i]["qkv"].add_to(qkv, h, self.native)
             if self.native is not None:  # the kernels the batch scheduler's rows use
                 rows, positions = range(b), torch.full((b,), pos, dtype=torch.int64)
-                k_rows, v_rows = [cache.k[i][r] for r in rows], [cache.v[i][r] for r in rows]
-                a = self.attend_native(i, qkv, k_rows, v_rows, positions)
+                table = CacheTable.of([cache.k[i][r] for r in rows], [cache.v[i][r] for r in rows])
+                a = self.attend_native(i, qkv, table, positions)
                 x = self._after_attention(x, a, layer, i, lora, self.native)
                 continue
             q = self.norm_rows(qkv[:, : nh * hd], layer.q_norm, nh).view(b, nh, 1, hd)
@@ -648,16 +658,11 @@ class FastGemma3:
         return self.norm_rows(x, self.final_norm)
 
     def attend_native(
-        self,
-        i: int,
-        qkv: torch.Tensor,
-        k_caches: Sequence[torch.Tensor],
-        v_caches: Sequence[torch.Tensor],
-        positions: torch.Tensor,
+        self, i: int, qkv: torch.Tensor, caches: CacheTable, positions: torch.Tensor
     ) -> torch.Tensor:
         """Layer i's attention of a decode step by the native kernels: each row's q/k norms and
-        RoPE from its fused qkv (B, ·), its new K/V written into its cache (`k_caches[r]`,
-        `v_caches[r]`: (nkv, size, hd)) at `positions[r]`, then attention; (B, nh·hd)."""
+        RoPE from its fused qkv (B, ·), its new K/V written into its cache (`caches`, row r's
+        (nkv, size, hd) K and V) at `positions[r]`, then attention; (B, nh·hd)."""
         assert self.native is not None
         layer, nh, nkv = self.layers[i], self.n_heads, self.n_kv
         q, k = self.native.qk_norm_rope(
@@ -665,7 +670,7 @@ class FastGemma3:
             self._rope["sliding" if layer.sliding else "full"], positions,
         )  # fmt: skip
         v = qkv[:, (nh + nkv) * self.head_dim :]
-        return self.native.attend(q, k, v, k_caches, v_caches, positions, self.scaling)
+        return self.native.attend(q, k, v, caches, positions, self.scaling)
 
     def norm_rows(self, x: torch.Tensor, weight: torch.Tensor, heads: int = 1) -> torch.Tensor:
         """(B, heads·n) → each head's n values RMS-normed (a decode step's rows): by the native

@@ -86,29 +86,26 @@ class NativeKernels:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        k_caches: Sequence[torch.Tensor],
-        v_caches: Sequence[torch.Tensor],
+        caches: CacheTable,
         positions: torch.Tensor,
         scale: float,
     ) -> torch.Tensor:
         """Write each row's new key and value at its position's slot, then attend.
 
-        q (B, nh, hd) contiguous; k, v (B, nkv·hd) with any row stride; `k_caches[r]` and
-        `v_caches[r]` (nkv, size_r, hd) contiguous, a ring when `positions[r]` ≥ size_r;
-        `positions` (B,) int64. Returns (B, nh·hd) in bf16."""
+        q (B, nh, hd) contiguous; k, v (B, nkv·hd) with any row stride; `caches` row r's K and
+        V cache (nkv, size_r, hd) contiguous, a ring when `positions[r]` ≥ size_r; `positions`
+        (B,) int64. Returns (B, nh·hd) in bf16."""
         rows, nh, hd = q.shape
-        nkv = k_caches[0].shape[0]
         for t in (k, v):
             if t.stride(-1) != 1:
                 raise ValueError("k and v rows must be contiguous")
-        sizes = torch.tensor([c.shape[1] for c in k_caches], dtype=torch.int64)
-        kp = (ctypes.c_void_p * rows)(*[c.data_ptr() for c in k_caches])
-        vp = (ctypes.c_void_p * rows)(*[c.data_ptr() for c in v_caches])
+        if not caches.k.shape[0] == caches.v.shape[0] == caches.sizes.shape[0] == rows:
+            raise ValueError(f"{rows} rows and {caches.k.shape[0]} caches")
         out = torch.empty(rows, nh * hd, dtype=q.dtype)
         status = self._attend(
-            rows, nh, nkv, hd, q.data_ptr(), k.data_ptr(), k.stride(0), v.data_ptr(),
-            v.stride(0), kp, vp, positions.data_ptr(), sizes.data_ptr(), scale,
-            out.data_ptr(), torch.get_num_threads(),
+            rows, nh, caches.kv_heads, hd, q.data_ptr(), k.data_ptr(), k.stride(0), v.data_ptr(),
+            v.stride(0), caches.k.data_ptr(), caches.v.data_ptr(), positions.data_ptr(),
+            caches.sizes.data_ptr(), scale, out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
             raise MemoryError("decode attention: out of memory")
@@ -248,6 +245,28 @@ class PackedHead:
     @property
     def nbytes(self) -> int:
         return self.int8.numel() + 16 * self.scale.numel()
+
+
+class CacheTable:
+    """One layer's K and V caches of a step's rows as the attention kernel reads them: each
+    row's K and V data pointers and ring size, int64 (B,) each. The caches must outlive it."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, sizes: torch.Tensor, kv_heads: int):
+        self.k, self.v, self.sizes, self.kv_heads = k, v, sizes, kv_heads
+        self._alive: object = None
+
+    @staticmethod
+    def of(k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor]) -> CacheTable:
+        """From each row's (nkv, size, hd) K and V caches, contiguous."""
+        for t in (*k_caches, *v_caches):
+            if not t.is_contiguous():
+                raise ValueError("caches must be contiguous")
+        k = torch.tensor([c.data_ptr() for c in k_caches], dtype=torch.int64)
+        v = torch.tensor([c.data_ptr() for c in v_caches], dtype=torch.int64)
+        sizes = torch.tensor([c.shape[1] for c in k_caches], dtype=torch.int64)
+        table = CacheTable(k, v, sizes, k_caches[0].shape[0])
+        table._alive = (k_caches, v_caches)  # the caches live as long as the table
+        return table
 
 
 class LoraDesc:
