@@ -31,9 +31,13 @@ Public surface (everything else is internal):
             # prompt_lookup=False)
         gen.generate(prompt, params, adapter_dir=None) -> Generation
         gen.stream(prompt, params, adapter_dir=None) -> Iterator[StreamChunk]
+        gen.stream_async(prompt, params, adapter_dir=None)
+            -> AsyncGenerator[StreamChunk, None] (on the batch scheduler: its tokens come to the
+               loop iterating it) | Iterator[StreamChunk] (the rest: iterate it on a thread)
         gen.count_tokens(prompt, adapter_dir=None) -> int
         On the FAST backend, single-candidate requests share one decode step per token across
-        requests and adapters (engine/batching.py, engine/batch_decode.py); its decode steps
+        requests and adapters, new prompts prefilled together (engine/batching.py,
+        engine/batch_decode.py, FastGemma3.prefill_many); its decode steps
         attend, add LoRA deltas and norm rows with C kernels (engine/native/, compiled once per
         machine with the system compiler) unless native_kernels=False or none compiles, and
         greedy rows pick their token through a packed int8 copy of the vocab head (the argmax

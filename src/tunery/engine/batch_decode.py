@@ -6,9 +6,11 @@ What is shared and what is not (each choice measured on this CPU, bf16 weights):
 - The base projections and the vocab head run as one matmul over all rows, so the weights are read
   once per step instead of once per request, which is where batching wins (greedy rows skip the
   bf16 head where `FastGemma3.best_tokens` has its packed int8 copy, one pass for all rows).
-  oneDNN rounds each row alike for 2 to `MAX_ROWS` rows (not beyond), but a 1-row matmul takes
-  another kernel whose sums differ in rare cancelling cases by one bf16 ulp: a lone row is
-  therefore padded to two (`pad_rows`), so a request decodes the same alone or batched. Against
+  oneDNN's packed bf16 matmul rounds each row alike for any count from 2 rows up (measured to
+  1,200 rows, 1 to 8 threads; `MAX_ROWS` caps a step's requests, not for this), but a 1-row
+  matmul takes another kernel whose sums differ in rare cancelling cases by one bf16 ulp: a lone
+  row is therefore padded to two (`pad_rows`), so a request decodes the same alone or batched
+  (new prompts share their matmuls the same way: `FastGemma3.prefill_many`). Against
   `FastGemma3.step` (1 row) the tokens are the same unless such an ulp decides a near tie.
 - Attention, LoRA and the norms run per row, each row in an order fixed by its own cache and
   adapter: by the C kernels (`native`, one call per layer for all rows) where they build, else
@@ -37,7 +39,7 @@ from tunery.engine.fast_decode import (
 )
 from tunery.engine.native import CacheTable, LoraDesc, NativeKernels
 
-MAX_ROWS = 32  # rows per step whose matmuls stay bit-identical to 1-row matmuls (measured)
+MAX_ROWS = 32  # requests decoded per step at most
 # aten's bmm computes a product of fewer multiply-adds than this with its own loop, which rounds
 # unlike the BLAS call a 1-row `F.linear` makes: such (tiny) products run row by row instead.
 _BMM_NAIVE_BELOW = 400

@@ -3,9 +3,13 @@
 between steps and retiring finished ones, so 32 streams over 8 tuned models share each read of
 the base weights instead of queueing for the model one at a time.
 
-Rows are bit-identical to decoding alone (see `batch_decode`), so a request's tokens do not depend
-on what else is running. Callers get token ids from a `Handle` and do the text work (detokenizing,
-stop sequences) on their own thread; closing the handle frees the row at the next step.
+New prompts are prefilled together (`FastGemma3.prefill_many`, up to a prompt-token budget per
+step), so a burst of arrivals reads the weights once, not once per prompt. Rows and prompts get
+the bits they get alone (see `batch_decode`), so a request's tokens do not depend on what else is
+running. Callers get token ids from a `Handle` and do the text work (detokenizing, stop
+sequences) themselves: on their own thread, or on an asyncio loop the handle was made for (the
+API's streams: each step's tokens reach the loop in one wake-up, with no thread per request);
+closing the handle frees the row at the next step.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ class _Row:
 
 
 class BatchScheduler:
-    """Continuous batching over one `FastGemma3` (bf16 weights: see `batch_decode.MAX_ROWS`)."""
+    """Continuous batching over one `FastGemma3` (bf16 weights: see `batch_decode`)."""
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ the seven projections, ...): the caller then uses the transformers path with PEF
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import threading
@@ -550,39 +551,42 @@ class FastGemma3:
         """Run each prompt into its own empty cache, with its own adapter (or none); return
         each one's last position's hidden (N, C).
 
-        Each projection is one matmul over every prompt's rows, so the weights are read once
-        for all of them; the rest (norms, LoRA, attention) runs per prompt. A bf16 matmul's row
-        gets the same bits in any batch of ≥ 2 rows (`_shared_matmul`), so a prompt gets the
-        same bits alone or among others."""
+        The prompts' rows run as one (1, ΣT, C) sequence through every projection (one matmul,
+        the weights read once for all), norm, residual and activation, whose rows are each
+        computed alone (a bf16 matmul's row gets the same bits among any ≥ 2 rows:
+        `_project_each`); LoRA and attention run per prompt. So a prompt gets the same bits
+        alone or among others."""
         if not len(prompts) == len(caches) == len(loras):
             raise ValueError("one cache and one adapter (or None) per prompt")
         for ids, cache in zip(prompts, caches, strict=True):
             if not 0 < len(ids) <= cache.max_len:
                 raise ValueError("a prompt is empty or does not fit its cache")
             self._ensure_rope(cache.max_len)
-        xs = [
-            F.embedding(torch.tensor([ids], device=self.device), self.embed) * self.embed_scale
-            for ids in prompts
-        ]  # (1, T, C) each
-        masks = [self._window_mask(len(ids)) for ids in prompts]
+        lengths = [len(ids) for ids in prompts]
+        tokens = torch.tensor([[t for p in prompts for t in p]], device=self.device)
+        x = F.embedding(tokens, self.embed) * self.embed_scale  # (1, ΣT, C)
+        masks = [self._window_mask(t) for t in lengths]
         for i, layer in enumerate(self.layers):
             groups = [{} if lora is None else lora.layers[i] for lora in loras]
-            hs = [_rms(x, layer.ln_in, self.eps) for x in xs]
-            qkvs = _lora_each(_shared_matmul(layer.qkv, hs), hs, groups, "qkv")
-            attended = [
-                self._prompt_attention(i, qkv, cache, mask)
-                for qkv, cache, mask in zip(qkvs, caches, masks, strict=True)
-            ]
-            outs = _lora_each(_shared_matmul(layer.o, attended), attended, groups, "o")
-            xs = [x + _rms(o, layer.ln_post_attn, self.eps) for x, o in zip(xs, outs, strict=True)]
-            hs = [_rms(x, layer.ln_pre_ff, self.eps) for x in xs]
-            gus = _lora_each(_shared_matmul(layer.gu, hs), hs, groups, "gu")
-            ms = [_gelu_times(gu) for gu in gus]
-            ds = _lora_each(_shared_matmul(layer.down, ms), ms, groups, "down")
-            xs = [x + _rms(d, layer.ln_post_ff, self.eps) for x, d in zip(xs, ds, strict=True)]
-        for ids, cache in zip(prompts, caches, strict=True):
-            cache.length = len(ids)
-        return torch.cat([_rms(x[:, -1], self.final_norm, self.eps) for x in xs])
+            h = _rms(x, layer.ln_in, self.eps)
+            qkv = _project_each(layer.qkv, h, lengths, groups, "qkv")
+            a = torch.cat(
+                [
+                    self._prompt_attention(i, qkv, cache, mask)
+                    for qkv, cache, mask in zip(_slices(qkv, lengths), caches, masks, strict=True)
+                ],
+                dim=1,
+            )
+            o = _project_each(layer.o, a, lengths, groups, "o")
+            x = x + _rms(o, layer.ln_post_attn, self.eps)
+            h = _rms(x, layer.ln_pre_ff, self.eps)
+            m = _gelu_times(_project_each(layer.gu, h, lengths, groups, "gu"))
+            d = _project_each(layer.down, m, lengths, groups, "down")
+            x = x + _rms(d, layer.ln_post_ff, self.eps)
+        for t, cache in zip(lengths, caches, strict=True):
+            cache.length = t
+        last = torch.tensor(lengths, device=self.device).cumsum(0) - 1
+        return _rms(x[0, last], self.final_norm, self.eps)
 
     def _window_mask(self, t: int) -> torch.Tensor | None:
         """A t-token prompt's sliding-window mask; None where the window holds all of it."""
@@ -776,31 +780,35 @@ def _norm_weight(weight: torch.Tensor) -> torch.Tensor:
     return (1.0 + weight.detach().float()).contiguous()
 
 
-def _shared_matmul(linear: Linear, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """`linear` of each (1, T_j, in): one matmul over all their rows, split back (views).
+def _project_each(
+    linear: Linear,
+    x: torch.Tensor,
+    lengths: Sequence[int],
+    groups: Sequence[dict[str, _LoraGroup]],
+    name: str,
+) -> torch.Tensor:
+    """`linear` of prompts' rows x (1, ΣT, in), each prompt's slice plus its own adapter's delta
+    (where it has `name`), as its `add_to` computes it alone.
 
     oneDNN's bf16 matmul gives a row the same bits for any row count from 2 up (measured to
     1,200 rows, 1 to 8 threads), not for a lone row: a lone row is padded to two. The int8
-    kernel (≤ `Linear.INT8_MAX_ROWS` rows) would change with the count: one call per input."""
+    kernel (≤ `Linear.INT8_MAX_ROWS` rows) changes with the count: one call per prompt."""
     if linear.q is not None:
-        return [linear(x) for x in inputs]
-    rows = torch.cat(list(inputs), dim=1) if len(inputs) > 1 else inputs[0]
-    if rows.shape[1] == 1:
-        return [linear(rows.repeat(1, 2, 1))[:, :1]]
-    return list(torch.split(linear(rows), [x.shape[1] for x in inputs], dim=1))
+        base = torch.cat([linear(p) for p in _slices(x, lengths)], dim=1)
+    elif x.shape[1] == 1:
+        base = linear(x.repeat(1, 2, 1))[:, :1]
+    else:
+        base = linear(x)
+    if not any(name in g for g in groups):
+        return base
+    pieces = zip(_slices(base, lengths), _slices(x, lengths), groups, strict=True)
+    return torch.cat([g[name].add_to(b, p) if name in g else b for b, p, g in pieces], dim=1)
 
 
-def _lora_each(
-    bases: list[torch.Tensor],
-    inputs: Sequence[torch.Tensor],
-    groups: Sequence[dict[str, _LoraGroup]],
-    name: str,
-) -> list[torch.Tensor]:
-    """Each prompt's projection output plus its own adapter's delta (where it has `name`)."""
-    return [
-        g[name].add_to(base, x) if name in g else base
-        for base, x, g in zip(bases, inputs, groups, strict=True)
-    ]
+def _slices(x: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
+    """x (1, ΣT, ·) cut into each prompt's (1, T, ·) view."""
+    ends = list(itertools.accumulate(lengths))
+    return [x[:, end - t : end] for t, end in zip(lengths, ends, strict=True)]
 
 
 def _gelu_times(gu: torch.Tensor) -> torch.Tensor:

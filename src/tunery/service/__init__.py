@@ -24,6 +24,7 @@ Public surface (the api and cli call only this):
                                                        # FailedPrecondition while CREATING
         inf.generate(model_name, owner, prompt, params) -> Generation
         inf.stream(model_name, owner, prompt, params) -> Iterator[StreamChunk]
+        inf.stream_async(model_name, owner, prompt, params)  # Generator.stream_async's
         inf.count_tokens(model_name, owner, prompt) -> int
 
 `owner` is the hash of the caller's API key, or None when the server runs with open access.
