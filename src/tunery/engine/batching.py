@@ -55,26 +55,14 @@ class Handle:
         self.closed = False
 
     def __iter__(self) -> Iterator[int]:
-        while True:
-            item = self._queue.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, int)
-            yield item
+        while (token := _token(self._queue.get())) is not None:
+            yield token
 
     async def __aiter__(self) -> AsyncIterator[int]:
         if self._arrived is None:
             raise RuntimeError("a handle made without a loop is iterated with `for`")
-        while True:
-            item = await self._arrived.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            assert isinstance(item, int)
-            yield item
+        while (token := _token(await self._arrived.get())) is not None:
+            yield token
 
     def close(self) -> None:
         self.closed = True
@@ -87,6 +75,16 @@ class Handle:
             self._loop.call_soon_threadsafe(self._arrived.put_nowait, item)
         except RuntimeError:  # the loop has closed: nobody is listening
             self.closed = True
+
+
+def _token(item: object) -> int | None:
+    """What a handle's queue held: a token id, None at the end; an error is raised."""
+    if item is _END:
+        return None
+    if isinstance(item, BaseException):
+        raise item
+    assert isinstance(item, int)
+    return item
 
 
 @dataclass
