@@ -34,6 +34,7 @@ from tunery.engine.fast_decode import (
     FastGemma3,
     FastLora,
     KVCache,
+    _gelu_times,
     _Layer,
     _rope,
 )
@@ -174,8 +175,7 @@ def _after_attention(
     x = x + fast.norm_rows(o, layer.ln_post_attn)
     h = fast.norm_rows(x, layer.ln_pre_ff)
     gu = _add_lora(layer.gu(h), h, spans, i, "gu", fast.native)
-    gate, up = gu.chunk(2, dim=-1)
-    m = F.gelu(gate, approximate="tanh") * up
+    m = _gelu_times(gu)
     d = _add_lora(layer.down(m), m, spans, i, "down", fast.native)
     return x + fast.norm_rows(d, layer.ln_post_ff)
 

@@ -101,6 +101,10 @@ class _Row:
     produced: int = 0
     key: int = field(default=-1)  # adapter identity: rows are ordered by it into spans
 
+    def new_cache(self, fast: FastGemma3) -> KVCache:
+        """An empty cache for its prompt and every token it may produce."""
+        return fast.new_cache(len(self.prompt) + self.params.max_output_tokens)
+
 
 class BatchScheduler:
     """Continuous batching over one `FastGemma3` (bf16 weights: see `batch_decode`)."""
@@ -233,7 +237,7 @@ class BatchScheduler:
         new = [row for row in new if not row.handle.closed]
         try:
             if new:
-                caches = [fast.new_cache(len(r.prompt) + r.params.max_output_tokens) for r in new]
+                caches = [r.new_cache(fast) for r in new]
                 prompts, loras = [r.prompt for r in new], [r.lora for r in new]
                 hidden.append(fast.prefill_many(prompts, caches, loras))
                 for row, cache in zip(new, caches, strict=True):
@@ -243,7 +247,7 @@ class BatchScheduler:
             log.exception("prefill of %d prompts failed; trying each alone", len(new))
             for row in new:
                 try:
-                    row.cache = fast.new_cache(len(row.prompt) + row.params.max_output_tokens)
+                    row.cache = row.new_cache(fast)
                     hidden.append(fast.prefill(row.prompt, row.cache, row.lora))
                 except Exception as e:  # this request's problem only
                     log.exception("prefill failed")

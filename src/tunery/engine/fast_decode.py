@@ -746,8 +746,7 @@ class FastGemma3:
         gu = layer.gu(h)
         if "gu" in groups:
             gu = groups["gu"].add_to(gu, h, native)
-        gate, up = gu.chunk(2, dim=-1)
-        m = F.gelu(gate, approximate="tanh") * up
+        m = _gelu_times(gu)
         d = layer.down(m)
         if "down" in groups:
             d = groups["down"].add_to(d, m, native)
@@ -812,6 +811,7 @@ def _slices(x: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
 
 
 def _gelu_times(gu: torch.Tensor) -> torch.Tensor:
+    """Gemma's MLP activation of the fused gate/up output: gelu-tanh(gate) · up."""
     gate, up = gu.chunk(2, dim=-1)
     return F.gelu(gate, approximate="tanh") * up
 

@@ -36,6 +36,7 @@ from tunery.engine.fast_decode import (
     ByTensor,
     FastGemma3,
     Linear,
+    _gelu_times,
     _rope,
     pack,
     packable,
@@ -435,8 +436,7 @@ class FastGemma3Train:
             a = _attention(q, k, v, batch, window, f.scaling, masks[layer.sliding])
             x = x + _norm(groups["o"](a, cast), layer.ln_post_attn, f.eps)
             h = _norm(x, layer.ln_pre_ff, f.eps)
-            gate, up = groups["gu"](h, cast).chunk(2, dim=-1)
-            m = F.gelu(gate, approximate="tanh") * up
+            m = _gelu_times(groups["gu"](h, cast))
             x = x + _norm(groups["down"](m, cast), layer.ln_post_ff, f.eps)
         picked = x.index_select(0, batch.label_positions)
         hidden = _norm(picked, f.final_norm, f.eps)

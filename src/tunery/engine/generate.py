@@ -145,12 +145,7 @@ class Generator:
     ) -> Iterator[StreamChunk]:
         """Text as it is decoded. Close the iterator to stop early: that frees the request's batch
         row, or the model lock on the unbatched forwards."""
-        if params.candidate_count != 1:
-            raise InvalidArgument("`candidateCount` must be 1 when streaming")
-        # Validate (and load the adapter) now, not at the first next(), so bad input or a damaged
-        # adapter fails before a response starts.
-        ids = self._checked_ids(prompt, params, adapter_dir)
-        route = self._batch_route(params, adapter_dir)
+        ids, route = self._stream_start(prompt, params, adapter_dir)
         return self._stream(ids, params, adapter_dir, route)
 
     def stream_async(
@@ -159,15 +154,22 @@ class Generator:
         """`stream` for an asyncio caller (validated now: call it off the loop, it may load an
         adapter): on the batch scheduler, an async stream whose tokens come to the loop that
         iterates it, no thread waiting per request; otherwise the blocking `stream`."""
-        if params.candidate_count != 1:
-            raise InvalidArgument("`candidateCount` must be 1 when streaming")
-        ids = self._checked_ids(prompt, params, adapter_dir)
-        route = self._batch_route(params, adapter_dir)
+        ids, route = self._stream_start(prompt, params, adapter_dir)
         if route is None:
             return self._stream(ids, params, adapter_dir, None)
         return self._batched_async(ids, params, route, adapter_dir is not None)
 
     # -- internals -----------------------------------------------------------------------------
+    def _stream_start(
+        self, prompt: str, params: GenerationParams, adapter_dir: Path | None
+    ) -> tuple[list[int], _Route | None]:
+        """A stream's prompt ids and batch route. It validates (and loads the adapter) now, not
+        at the first piece, so bad input or a damaged adapter fails before a response starts."""
+        if params.candidate_count != 1:
+            raise InvalidArgument("`candidateCount` must be 1 when streaming")
+        ids = self._checked_ids(prompt, params, adapter_dir)
+        return ids, self._batch_route(params, adapter_dir)
+
     def _stream(
         self,
         ids: list[int],

@@ -64,4 +64,15 @@ static inline float sum_lanes(f32x16 v) {
     return a[0];
 }
 
+/* sum_i a[i] * b[i] over n values: 16 running sums, then `sum_lanes`'s tree, then the tail in
+ * order. Every kernel's fp32-by-bf16 dot product, so they all round alike. */
+static inline float dot_f32_bf16(const float *a, const uint16_t *b, int64_t n) {
+    f32x16 acc = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) acc += load_f32x16(a + i) * load_bf16x16(b + i);
+    float s = sum_lanes(acc);
+    for (; i < n; i++) s += a[i] * bf16_to_f32(b[i]);
+    return s;
+}
+
 #endif

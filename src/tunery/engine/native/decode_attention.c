@@ -13,16 +13,6 @@
 
 #include "bf16.h"
 
-/* sum_d a[d] * b[d] over hd values: 16 running sums, then a fixed tree, then the tail */
-static inline float dot(const float *a, const uint16_t *b, int64_t hd) {
-    f32x16 acc = {0};
-    int64_t d = 0;
-    for (; d + LANES <= hd; d += LANES) acc += load_f32x16(a + d) * load_bf16x16(b + d);
-    float s = sum_lanes(acc);
-    for (; d < hd; d++) s += a[d] * bf16_to_f32(b[d]);
-    return s;
-}
-
 /* Scores ph[0:n] → exp(score - max), rounded to bf16 in place; returns the fp32 weights' sum
  * (V is summed with them rounded to bf16). */
 static float softmax_weights(float *ph, int64_t n) {
@@ -54,7 +44,7 @@ static void weigh_values(const float *ph, int64_t n, int64_t hd, const uint16_t 
 }
 
 /* The 4 query heads of one kv head at once (hd a multiple of 16): each K and V row read and
- * widened once for all four, every sum in the order `dot` and `weigh_values` take. */
+ * widened once for all four, every sum in the order `dot_f32_bf16` and `weigh_values` take. */
 static void attend4(int64_t n, int64_t hd, const float *qf, const uint16_t *k, const uint16_t *v,
                     float scale, float *p, float *acc, float *totals) {
     for (int64_t j = 0; j < n; j++) {
@@ -109,7 +99,8 @@ static void attend(int64_t r, int64_t g, int64_t nh, int64_t nkv, int64_t hd,
     } else {
         for (int64_t h = 0; h < per; h++) {
             float *ph = p + h * n;
-            for (int64_t j = 0; j < n; j++) ph[j] = dot(qf + h * hd, k + j * hd, hd) * scale;
+            for (int64_t j = 0; j < n; j++)
+                ph[j] = dot_f32_bf16(qf + h * hd, k + j * hd, hd) * scale;
             totals[h] = softmax_weights(ph, n);
             weigh_values(ph, n, hd, v, acc + h * hd);
         }

@@ -248,15 +248,6 @@ static int64_t candidates(float *upper, int64_t v_padded, float threshold) {
     return n;
 }
 
-static float dot_exact(const float *h, const uint16_t *w, int64_t c) {
-    f32x16 acc = {0};
-    int64_t j = 0;
-    for (; j + LANES <= c; j += LANES) acc += load_f32x16(h + j) * load_bf16x16(w + j);
-    float sum = sum_lanes(acc);
-    for (; j < c; j++) sum += h[j] * bf16_to_f32(w[j]);
-    return sum;
-}
-
 #endif
 
 /* out[r] = the index of row r's largest logit h_r.W^T (W bf16 (v_count, c), packed by
@@ -348,7 +339,7 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const uint16_t 
             if (i + 4 < n) /* the weights' rows are far apart: fetch ahead */
                 for (int64_t off = 0; off < c * 2; off += 64)
                     _mm_prefetch((const char *)(w + (int64_t)token[i + 4] * c) + off, _MM_HINT_T0);
-            float exact = dot_exact(hf + r * c, w + (int64_t)token[i] * c, c);
+            float exact = dot_f32_bf16(hf + r * c, w + (int64_t)token[i] * c, c);
             float logit = bf16_to_f32(f32_to_bf16(exact)); /* as the bf16 head rounds it */
             if (at < 0 || logit > top) {
                 top = logit;

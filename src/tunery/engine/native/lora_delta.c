@@ -24,16 +24,7 @@ typedef struct {
     const Part *part;
 } Task;
 
-static float dot(const uint16_t *x, const float *a, int64_t n) {
-    f32x16 acc = {0};
-    int64_t d = 0;
-    for (; d + LANES <= n; d += LANES) acc += load_bf16x16(x + d) * load_f32x16(a + d);
-    float s = sum_lanes(acc);
-    for (; d < n; d++) s += bf16_to_f32(x[d]) * a[d];
-    return s;
-}
-
-/* u[k * u_stride] = x_k . a for 4 rows x_k (x_stride apart): dot()'s order each, a read once */
+/* u[k * u_stride] = x_k . a for 4 rows x_k (x_stride apart): dot_f32_bf16's order each */
 static void dot4(const uint16_t *x, int64_t x_stride, const float *a, int64_t n, float *u,
                  int64_t u_stride) {
     f32x16 acc[4] = {{0}, {0}, {0}, {0}};
@@ -137,7 +128,8 @@ int tunery_lora_add(int64_t spans, const int64_t *row_lo, const int64_t *row_hi,
             }
             for (int64_t k = i; k < i + n && u_row[2 * k + 1] == u_row[2 * i + 1]; k++)
                 for (int64_t j = 0; j < d[1]; j++)
-                    u[k * r_max + j] = dot(x + u_row[2 * k] * x_stride, a + j * d[0], d[0]);
+                    u[k * r_max + j] =
+                        dot_f32_bf16(a + j * d[0], x + u_row[2 * k] * x_stride, d[0]);
         }
         /* 2. base += u B^T, a block of output columns of one part per task */
         f32x16 *bt = aligned_alloc(64, sizeof(f32x16) * r_max);
