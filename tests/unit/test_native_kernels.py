@@ -280,7 +280,7 @@ def test_packed_head_picks_the_bf16_rounded_exact_argmax_alone_batched_and_any_t
     w, h = _head(vocab, dim)
     head = native.pack_head(w)
     if head is None:
-        pytest.skip("no AVX512-VNNI on this CPU")
+        pytest.skip("no AVX512-VNNI or AVX2 on this CPU")
     # fp32 logits rounded to bf16: each row's first largest is the answer
     exact = (h.float() @ w.float().T).bfloat16().float()
     want = [int(row.eq(row.max()).nonzero()[0]) for row in exact]
@@ -295,12 +295,35 @@ def test_packed_head_picks_the_bf16_rounded_exact_argmax_alone_batched_and_any_t
         torch.set_num_threads(os.cpu_count() or 1)
 
 
+@pytest.mark.parametrize(("vocab", "dim"), [(1000, 64), (4099, 640)])
+def test_packed_fp32_head_picks_the_exact_argmax_alone_and_batched(vocab: int, dim: int) -> None:
+    """fp32 weights (a CPU without AVX512-BF16 decodes in fp32): the largest fp32 logit, the
+    first of equal ones; compared in float64, as two fp32 sums of another order may differ in
+    the last bit."""
+    assert native is not None
+    w, h = _head(vocab, dim)
+    w, h = w.float(), h.float()
+    head = native.pack_head(w)
+    if head is None:
+        pytest.skip("no AVX512-VNNI or AVX2 on this CPU")
+    exact = h.double() @ w.double().T
+    best = native.best_tokens(h, head)
+    assert best[2] == 7  # the tie with vocab - 5: the first
+    for r, token in enumerate(best):
+        top = exact[r].max()
+        assert exact[r, token] >= top - 1e-5 * top.abs(), r
+        assert exact[r, :token].max() < exact[r, token] if token else True, r
+    assert [native.best_tokens(h[r : r + 1], head)[0] for r in range(5)] == best[:5]
+    with pytest.raises(ValueError, match="float32"):
+        native.best_tokens(h.bfloat16(), head)
+
+
 def test_packed_head_marks_a_row_that_is_not_finite_for_the_caller() -> None:
     assert native is not None
     w, h = _head(1000, 64)
     head = native.pack_head(w)
     if head is None:
-        pytest.skip("no AVX512-VNNI on this CPU")
+        pytest.skip("no AVX512-VNNI or AVX2 on this CPU")
     h[3, 0] = float("nan")
     h[5, 1] = float("inf")
     best = native.best_tokens(h[:8], head)

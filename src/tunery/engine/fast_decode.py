@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 import threading
 import weakref
@@ -45,6 +46,7 @@ from tunery.engine.sampling import greedy
 
 Weights = Literal["bf16", "int8"]
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 _PEFT_PREFIX = "base_model.model."  # PEFT's key prefix for a CausalLM's module paths
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Projections that read the same input run as one matmul: (group, members). The group names
@@ -130,9 +132,14 @@ def packable(weight: torch.Tensor) -> bool:
     )
 
 
-def pack(weight: torch.Tensor) -> torch.Tensor:
-    """W (out, in) reordered into oneDNN's blocked layout for `mkldnn._linear_pointwise`."""
-    packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 64)
+def pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """W (out, in) reordered into oneDNN's blocked layout for `mkldnn._linear_pointwise`; None
+    where oneDNN refuses it (bf16 on a CPU without AVX512 or AVX-NE-CONVERT)."""
+    try:
+        packed: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 64)
+    except RuntimeError as e:
+        log.debug("%s weight not pre-packed: %s", weight.dtype, e)
+        return None
     return packed
 
 
@@ -465,8 +472,9 @@ class FastGemma3:
         self.scaling = config.query_pre_attn_scalar**-0.5
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.embed = embed  # shared with the model: no copy
-        cpu_bf16 = self.device.type == "cpu" and self.dtype == torch.bfloat16
-        self.native = NativeKernels.load() if native and cpu_bf16 else None
+        cpu = self.device.type == "cpu"
+        kernels = NativeKernels.load() if native and cpu else None
+        self.native = kernels if self.dtype == torch.bfloat16 else None
         # Gemma3TextScaledWordEmbedding's scale: an fp32 sqrt(hidden) cast to the weights' dtype
         self.embed_scale = torch.tensor(self.hidden**0.5).to(self.dtype).to(self.device)
         self.inv_freq = {
@@ -526,10 +534,12 @@ class FastGemma3:
         head = tensors.get(_HEAD, embed)  # tied to the embedding unless the model has its own
         self.head = linear("head", [head])
         self._head_weight = head
-        # Greedy picks over the vocab without the full bf16 head (`native/head.c`).
+        # Greedy picks over the vocab without the full head (`native/head.c`), for bf16 or fp32
+        # weights: on a CPU without AVX512-BF16 (fp32 weights) the fp32 head is most of a step.
         self.packed_head: PackedHead | None = None
-        if self.native is not None and self.softcap is None and weights == "bf16":
-            self.packed_head = self.native.pack_head(head)
+        self._head_kernels = kernels
+        if kernels is not None and self.softcap is None and weights == "bf16":
+            self.packed_head = kernels.pack_head(head)
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0
 
@@ -685,23 +695,25 @@ class FastGemma3:
         return _rms(x.view(b, heads, -1), weight, self.eps).view(b, -1)
 
     def best_tokens(self, hidden: torch.Tensor) -> list[int]:
-        """(B, C) → each row's greedy token: the argmax of its exact fp32 logits rounded to bf16
-        (the first of equal ones, as greedy over the bf16 head picks) by the packed int8 head
-        where there is one; else, or for a row it leaves to others (flat, or not finite), the
-        argmax of the bf16 head's logits. Which way a row takes depends on that row alone, so
-        it gets the same token in any batch."""
-        if self.packed_head is None or self.native is None:
-            return self._bf16_best(hidden)
-        best = self.native.best_tokens(hidden.contiguous(), self.packed_head, self.CANDIDATES_MAX)
+        """(B, C) → each row's greedy token: the argmax of its exact fp32 logits (rounded to
+        bf16 for bf16 weights, as their head's are; the first of equal ones, as greedy picks) by
+        the packed int8 head where there is one; else, or for a row it leaves to others (flat,
+        or not finite), the argmax of the full head's logits. Which way a row takes depends on
+        that row alone, so it gets the same token in any batch."""
+        if self.packed_head is None or self._head_kernels is None:
+            return self._full_head_best(hidden)
+        best = self._head_kernels.best_tokens(
+            hidden.contiguous(), self.packed_head, self.CANDIDATES_MAX
+        )
         lost = [j for j, token in enumerate(best) if token < 0]
         if lost:
-            for j, token in zip(lost, self._bf16_best(hidden[lost]), strict=True):
+            for j, token in zip(lost, self._full_head_best(hidden[lost]), strict=True):
                 best[j] = token
         return best
 
-    def _bf16_best(self, hidden: torch.Tensor) -> list[int]:
-        """Greedy over the bf16 head's logits; a lone row padded to two (see
-        `batch_decode.pad_rows`)."""
+    def _full_head_best(self, hidden: torch.Tensor) -> list[int]:
+        """Greedy over the full head's logits (the weights' dtype); a lone row padded to two
+        (see `batch_decode.pad_rows`)."""
         logits = self.logits(hidden.repeat(2, 1) if hidden.shape[0] == 1 else hidden, False)
         best = self.native.argmax(logits) if self.native is not None else greedy(logits).tolist()
         return best[: hidden.shape[0]]

@@ -60,6 +60,7 @@ class FrozenWeight:
         self._plain: torch.Tensor | None = weight
         if packable(weight):
             self._bwd = pack(weight.t())
+        if self._bwd is not None:
             self._plain = None  # a fused group's stacked weight is a copy: not kept
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -68,11 +68,11 @@ class NativeKernels:
         self._qk.restype = None
         self._head_ok = bool(library.tunery_head_supported())
         self._head_pack = library.tunery_head_pack
-        self._head_pack.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, i32]
+        self._head_pack.argtypes = [i64, i64, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32]
         self._head_pack.restype = None
         self._head_argmax = library.tunery_head_argmax
         self._head_argmax.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr]
-        self._head_argmax.argtypes += [i64, ptr, ptr, i32]
+        self._head_argmax.argtypes += [i32, i64, ptr, ptr, i32]
         self._head_argmax.restype = i32
 
     @staticmethod
@@ -184,14 +184,18 @@ class NativeKernels:
         return q, k
 
     def pack_head(self, weight: torch.Tensor) -> PackedHead | None:
-        """`weight` (V, C) bf16 packed for `best_tokens`; None where this CPU lacks the kernel
-        (AVX512-VNNI) or the shape does not fit it (C a multiple of 4)."""
-        if not self._head_ok or weight.dtype != torch.bfloat16 or weight.shape[1] % 4:
+        """`weight` (V, C) bf16 or fp32 on the CPU, packed for `best_tokens`; None where this
+        CPU lacks the kernel (AVX512-VNNI or AVX2) or the shape does not fit it (C a multiple of
+        4)."""
+        if not self._head_ok or weight.dtype not in _HEAD_DTYPES or weight.shape[1] % 4:
+            return None
+        if weight.device.type != "cpu":
             return None
         weight = weight.contiguous()
         head = PackedHead(weight)
         self._head_pack(
-            weight.shape[0], weight.shape[1], weight.data_ptr(), head.int8.data_ptr(),
+            weight.shape[0], weight.shape[1], weight.data_ptr(), _HEAD_DTYPES[weight.dtype],
+            head.int8.data_ptr(),
             head.scale.data_ptr(), head.norm.data_ptr(), head.err_norm.data_ptr(),
             head.offset.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
@@ -200,18 +204,19 @@ class NativeKernels:
     def best_tokens(
         self, hidden: torch.Tensor, head: PackedHead, limit: int = 1 << 30
     ) -> list[int]:
-        """(B, C) bf16 → each row's index of its largest logit over the head (exact fp32 dot
-        products of the bf16 values, rounded to bf16 as a bf16 head's are), the first of equal
-        ones; -1 for a row that is not
-        finite or whose int8 scores leave more than `limit` candidates. See `head.c`."""
-        if hidden.dtype != torch.bfloat16 or hidden.stride(-1) != 1:
-            raise ValueError("bf16 rows, contiguous")
+        """(B, C) in the head's dtype → each row's index of its largest logit over the head
+        (exact fp32 dot products; for bf16 rounded to bf16, as a bf16 head's logits are), the
+        first of equal ones; -1 for a row that is not finite or whose int8 scores leave more
+        than `limit` candidates. See `head.c`."""
+        if hidden.dtype != head.weight.dtype or hidden.stride(-1) != 1:
+            raise ValueError(f"{head.weight.dtype} rows, contiguous")
         rows, c = hidden.shape
         out = torch.empty(rows, dtype=torch.int64)
         status = self._head_argmax(
             rows, c, head.weight.shape[0], hidden.data_ptr(), hidden.stride(0),
             head.int8.data_ptr(), head.scale.data_ptr(), head.norm.data_ptr(),
-            head.err_norm.data_ptr(), head.offset.data_ptr(), head.weight.data_ptr(), limit,
+            head.err_norm.data_ptr(), head.offset.data_ptr(), head.weight.data_ptr(),
+            _HEAD_DTYPES[hidden.dtype], limit,
             head.scratch(rows).data_ptr(), out.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
@@ -219,9 +224,12 @@ class NativeKernels:
         return out.tolist()
 
 
+_HEAD_DTYPES = {torch.bfloat16: 0, torch.float32: 1}  # head.c's `fp32` flag
+
+
 class PackedHead:
-    """A vocab head (V, C) bf16 as `head.c` reads it: an int8 copy in its blocked layout and
-    each vocab row's scale, norms and offset; the bf16 weight itself (not copied) for the
+    """A vocab head (V, C) bf16 or fp32 as `head.c` reads it: an int8 copy in its blocked
+    layout and each vocab row's scale, norms and offset; the weight itself (not copied) for the
     exact logits of the candidates."""
 
     BLOCK = 16  # vocab rows per packed block (head.c's BLOCK)

@@ -1,15 +1,18 @@
-/* The vocab head's best token for each row of a decode step, without the full bf16 matmul.
+/* The vocab head's best token for each row of a decode step, without the full matmul.
  *
  * A greedy step only needs the argmax of h.W^T over a 262k vocabulary, most of whose logits are
- * far from the top. So the head is read once as int8 (one scale per vocab row, half the bytes
- * of bf16) and multiplied with each row quantized to int8 by AVX512-VNNI (twice the
- * multiply-adds of bf16 per instruction). Each approximate logit comes with a bound on its error
+ * far from the top. So the head is read once as int8 (one scale per vocab row: half the bytes
+ * of bf16, a quarter of fp32) and multiplied with each row quantized: to int8 by AVX512-VNNI
+ * (twice the multiply-adds of bf16 per instruction), or where the CPU has only AVX2 to int16
+ * by vpmaddwd on the weights widened in registers (as many multiply-adds per instruction as
+ * AVX2's int8 vpmaddubsw + vpmaddwd pair, whose int16 sums would saturate with 8-bit rows and
+ * leave bounds too loose with 7-bit ones: measured 4k-16k candidates a row on Gemma's states). Each approximate logit comes with a bound on its error
  * (Cauchy-Schwarz on the two quantization errors, which are known: |e_h.w| <= |e_h| |w| and
  * |q_h.e_w| <= |q_h| |e_w|), so every token whose upper bound reaches the best lower bound is a
- * candidate; only those get their exact fp32 dot product of the bf16 row and the bf16 weights.
- * The answer is the argmax of the exact logits rounded to bf16 (as a bf16 head and greedy
- * decoding over it pick: the first of equal ones) over the whole vocabulary: no token outside
- * the candidates can beat or tie it.
+ * candidate; only those get their exact fp32 dot product of the row and the weights (both bf16,
+ * or both fp32). The answer is the argmax of the exact logits (for bf16 weights rounded to
+ * bf16, as a bf16 head rounds them), the first of equal ones as greedy decoding picks, over the
+ * whole vocabulary: no token outside the candidates can beat or tie it.
  *
  * A row's answer depends only on that row and the weights (the candidate set is defined by the
  * final bounds, not by the scan order), so it is the same in any batch and with any thread count.
@@ -25,37 +28,67 @@
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
-#define HEAD_INT8 1
+#define HEAD_INT8 2 /* AVX512-VNNI */
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define HEAD_INT8 1 /* AVX2 */
 #else
 #define HEAD_INT8 0
+#endif
+
+#if HEAD_INT8 == 1
+#define GROUP 2 /* weight columns per packed group: vpmaddwd's pairs */
+typedef int16_t hq_t; /* a row's values, signed */
+#define HQ_BIAS 0
+#else
+#define GROUP 4 /* vpdpbusd's quads */
+typedef uint8_t hq_t; /* a row's values fed as q + 128 */
+#define HQ_BIAS 128
 #endif
 
 #define BLOCK 16 /* vocab rows per packed block: one register of int32 sums */
 #define TILE 2   /* blocks per vocab tile */
 #define ROWS 8   /* batch rows per row tile */
 
+/* 2: AVX512-VNNI, 1: AVX2, 0: no kernel on this CPU. */
 int tunery_head_supported(void) { return HEAD_INT8; }
 
-/* w (v_count, c) bf16 → packed int8 in blocks of BLOCK vocab rows, [block][c/4][BLOCK][4], and
+/* Element i of a row of bf16 (fp32 = 0) or fp32 values. */
+static inline float value_at(const void *p, int fp32, int64_t i) {
+    return fp32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
+}
+
+/* sum_i a[i] * b[i] over fp32 values, in `dot_f32_bf16`'s order. */
+static inline float dot_f32_f32(const float *a, const float *b, int64_t n) {
+    f32x16 acc = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) acc += load_f32x16(a + i) * load_f32x16(b + i);
+    float s = sum_lanes(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* w (v_count, c) bf16 (or with `fp32` fp32) → packed int8 in blocks of BLOCK vocab rows,
+ * [block][c/GROUP][BLOCK][GROUP], and
  * per vocab row: its scale (max |w| / 127), |w|_2 and |w - scale q|_2 (both rounded up), and
  * 128 Σq (the correction for feeding h as unsigned bytes). `packed` and the per-row arrays have
  * room for v_count rounded up to BLOCK, zeroed by the caller. c must be a multiple of 4. */
-void tunery_head_pack(int64_t v_count, int64_t c, const uint16_t *w, int8_t *packed,
+void tunery_head_pack(int64_t v_count, int64_t c, const void *w, int fp32, int8_t *packed,
                       float *scale, float *norm, float *err_norm, int32_t *offset, int threads) {
-    int64_t groups = c / 4;
+    int64_t groups = c / GROUP;
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
     for (int64_t v = 0; v < v_count; v++) {
-        const uint16_t *row = w + v * c;
+        const char *row = (const char *)w + v * c * (fp32 ? 4 : 2);
         double absmax = 0;
-        for (int64_t j = 0; j < c; j++) absmax = fmax(absmax, fabs(bf16_to_f32(row[j])));
+        for (int64_t j = 0; j < c; j++) absmax = fmax(absmax, fabs(value_at(row, fp32, j)));
         double s = absmax / 127.0, inv = absmax > 0 ? 127.0 / absmax : 0;
         double sq = 0, err = 0;
         int32_t sum = 0;
-        int8_t *block = packed + (v / BLOCK) * groups * BLOCK * 4 + (v % BLOCK) * 4;
+        int8_t *block = packed + (v / BLOCK) * groups * BLOCK * GROUP + (v % BLOCK) * GROUP;
         for (int64_t j = 0; j < c; j++) {
-            double x = bf16_to_f32(row[j]);
+            double x = value_at(row, fp32, j);
             double q = fmin(127, fmax(-127, nearbyint(x * inv)));
-            block[(j / 4) * BLOCK * 4 + j % 4] = (int8_t)q;
+            block[(j / GROUP) * BLOCK * GROUP + j % GROUP] = (int8_t)q;
             sum += (int32_t)q;
             sq += x * x;
             err += (x - q * s) * (x - q * s);
@@ -76,6 +109,10 @@ typedef struct {
     float quant_norm; /* |scale q|_2: times |e_w|_2 */
     int finite;
 } row_info;
+
+#endif
+
+#if HEAD_INT8 == 2
 
 /* The register-blocked inner loop: sums[i][j] = the int8 dot products of row i of hq (8 rows,
  * or 1) with the BLOCK vocab rows of block j of the tile at w. */
@@ -164,7 +201,7 @@ static void dot_1x1(const uint8_t *hq, int64_t groups, const int8_t *w, int32_t 
 static inline __attribute__((always_inline)) void
 scan(const int NR, const int NV, int64_t r0, int64_t v0, int64_t v_count, int64_t groups,
      const uint8_t *hq, int64_t c, const int8_t *w, const float *scale, const float *norm,
-     const float *err_norm, const int32_t *offset, const row_info *info, __m512 *bounds_max,
+     const float *err_norm, const int32_t *offset, const row_info *info, float *bounds_max,
      float *upper, int64_t v_padded) {
     int32_t sums[ROWS][TILE][BLOCK] __attribute__((aligned(64)));
     if (NV == 1)
@@ -193,7 +230,7 @@ scan(const int NR, const int NV, int64_t r0, int64_t v0, int64_t v_count, int64_
             bound = _mm512_fmadd_ps(_mm512_abs_ps(approx), _mm512_set1_ps(1e-6f), bound);
             __m512 lower = _mm512_mask_sub_ps(none, valid, approx, bound);
             __m512 high = _mm512_mask_add_ps(none, valid, approx, bound);
-            __m512 *most = &bounds_max[2 * (r0 + i)];
+            __m512 *most = (__m512 *)bounds_max + 2 * (r0 + i);
             most[0] = _mm512_max_ps(most[0], lower);
             most[1] = _mm512_max_ps(most[1], high);
             _mm512_store_ps(upper + (r0 + i) * v_padded + v, high);
@@ -206,7 +243,7 @@ scan(const int NR, const int NV, int64_t r0, int64_t v0, int64_t v_count, int64_
 static void scan_blocks(int64_t rows, int64_t b_lo, int64_t b_hi, int64_t v_count, int64_t c,
                         const uint8_t *hq, const int8_t *packed, const float *scale,
                         const float *norm, const float *err_norm, const int32_t *offset,
-                        const row_info *info, __m512 *bounds_max, float *upper,
+                        const row_info *info, float *bounds_max, float *upper,
                         int64_t v_padded) {
     int64_t groups = c / 4;
     for (int64_t b = b_lo; b < b_hi; b += TILE) {
@@ -248,46 +285,164 @@ static int64_t candidates(float *upper, int64_t v_padded, float threshold) {
     return n;
 }
 
+
+#elif HEAD_INT8 == 1
+
+#define ROWS2 4 /* batch rows per register tile: 8 sums, 2 weight vectors, the row's pair */
+
+/* sums[i] = the dot products of row i < NR of hq (int16) with the BLOCK vocab rows of the
+ * block at w (int8 pairs of columns, widened to int16 in registers): vpmaddwd multiplies and
+ * adds each pair into int32, whose sums cannot overflow (|q| bounded by the caller). While the
+ * first rows read it, the next block is fetched into L2 (`next`, or NULL). */
+static inline __attribute__((always_inline)) void dot_rows(const int NR, const hq_t *hq,
+                                                           int64_t c, int64_t groups,
+                                                           const int8_t *w, const int8_t *next,
+                                                           int32_t sums[ROWS2][BLOCK]) {
+    __m256i acc[ROWS2][2];
+    for (int i = 0; i < NR; i++) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < groups; k++) {
+        const int8_t *wk = w + k * BLOCK * GROUP;
+        if (next && !(k & 1)) _mm_prefetch((const char *)(next + k * BLOCK * GROUP), _MM_HINT_T1);
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wk));
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wk + 16)));
+        for (int i = 0; i < NR; i++) {
+            int32_t pair;
+            memcpy(&pair, hq + i * c + GROUP * k, sizeof pair);
+            __m256i hb = _mm256_set1_epi32(pair);
+            acc[i][0] = _mm256_add_epi32(acc[i][0], _mm256_madd_epi16(hb, w0));
+            acc[i][1] = _mm256_add_epi32(acc[i][1], _mm256_madd_epi16(hb, w1));
+        }
+    }
+    for (int i = 0; i < NR; i++) {
+        _mm256_store_si256((__m256i *)sums[i], acc[i][0]);
+        _mm256_store_si256((__m256i *)(sums[i] + 8), acc[i][1]);
+    }
+}
+
+/* Rows [r0, r0+NR)'s sums with the block of vocab rows from v: each one's bounds, the upper one
+ * stored in the row's `upper` (a padding token's: -inf), both raising the row's per-lane
+ * maxima in `bounds_max` (16 lower, then 16 upper). */
+static inline __attribute__((always_inline)) void
+bound_rows(const int NR, int64_t r0, int64_t v, int64_t v_count, int32_t sums[ROWS2][BLOCK],
+           const float *scale, const float *norm, const float *err_norm, const row_info *info,
+           float *bounds_max, float *upper, int64_t v_padded) {
+    const __m256 none = _mm256_set1_ps(-INFINITY), sign = _mm256_set1_ps(-0.0f);
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int half = 0; half < 2; half++) {
+        int64_t at = v + 8 * half;
+        __m256 valid = _mm256_castsi256_ps(
+            _mm256_cmpgt_epi32(_mm256_set1_epi32((int32_t)(v_count - at)), lanes));
+        __m256 s = _mm256_loadu_ps(scale + at), n = _mm256_loadu_ps(norm + at);
+        __m256 e = _mm256_loadu_ps(err_norm + at);
+        for (int i = 0; i < NR; i++) {
+            const row_info *ri = &info[r0 + i];
+            __m256i exact = _mm256_load_si256((const __m256i *)(sums[i] + 8 * half));
+            __m256 approx = _mm256_mul_ps(_mm256_cvtepi32_ps(exact),
+                                          _mm256_mul_ps(s, _mm256_set1_ps(ri->scale)));
+            __m256 bound = _mm256_fmadd_ps(n, _mm256_set1_ps(ri->err_coef),
+                                           _mm256_mul_ps(e, _mm256_set1_ps(ri->quant_norm)));
+            bound = _mm256_fmadd_ps(_mm256_andnot_ps(sign, approx), _mm256_set1_ps(1e-6f), bound);
+            __m256 lower = _mm256_blendv_ps(none, _mm256_sub_ps(approx, bound), valid);
+            __m256 high = _mm256_blendv_ps(none, _mm256_add_ps(approx, bound), valid);
+            float *most = bounds_max + 2 * BLOCK * (r0 + i) + 8 * half;
+            _mm256_storeu_ps(most, _mm256_max_ps(_mm256_loadu_ps(most), lower));
+            _mm256_storeu_ps(most + BLOCK, _mm256_max_ps(_mm256_loadu_ps(most + BLOCK), high));
+            _mm256_storeu_ps(upper + (r0 + i) * v_padded + at, high);
+        }
+    }
+}
+
+#define ROW_GROUP(NR)                                                                         \
+    do {                                                                                      \
+        dot_rows(NR, hq + r * c, c, groups, w, r == 0 ? next : NULL, sums);                    \
+        bound_rows(NR, r, b * BLOCK, v_count, sums, scale, norm, err_norm, info, bounds_max,  \
+                   upper, v_padded);                                                          \
+        r += NR;                                                                              \
+    } while (0)
+
+/* All rows against the vocab blocks [b_lo, b_hi), a block at a time: its bytes (c * 16) are
+ * read from memory once, then from L1 for each ROWS2 rows. */
+static void scan_blocks(int64_t rows, int64_t b_lo, int64_t b_hi, int64_t v_count, int64_t c,
+                        const hq_t *hq, const int8_t *packed, const float *scale,
+                        const float *norm, const float *err_norm, const int32_t *offset,
+                        const row_info *info, float *bounds_max, float *upper,
+                        int64_t v_padded) {
+    (void)offset; /* signed rows need no correction */
+    int64_t groups = c / GROUP;
+    int32_t sums[ROWS2][BLOCK] __attribute__((aligned(32)));
+    for (int64_t b = b_lo; b < b_hi; b++) {
+        const int8_t *w = packed + b * groups * BLOCK * GROUP;
+        const int8_t *next = b + 1 < b_hi ? w + groups * BLOCK * GROUP : NULL;
+        int64_t r = 0;
+        while (r + ROWS2 <= rows) ROW_GROUP(ROWS2);
+        switch (rows - r) {
+        case 3: ROW_GROUP(3); break;
+        case 2: ROW_GROUP(2); break;
+        case 1: ROW_GROUP(1); break;
+        default: break;
+        }
+    }
+}
+
+/* Row r's candidates: the tokens whose upper bound reaches `threshold`, in ascending order,
+ * written as int32 over the front of its `upper` (never ahead of the reading); their count. */
+static int64_t candidates(float *upper, int64_t v_padded, float threshold) {
+    int32_t *token = (int32_t *)upper;
+    __m256 t = _mm256_set1_ps(threshold);
+    int64_t n = 0;
+    for (int64_t v = 0; v < v_padded; v += 8) {
+        unsigned keep = (unsigned)_mm256_movemask_ps(
+            _mm256_cmp_ps(_mm256_loadu_ps(upper + v), t, _CMP_GE_OQ));
+        for (; keep; keep &= keep - 1) token[n++] = (int32_t)(v + __builtin_ctz(keep));
+    }
+    return n;
+}
+
 #endif
 
-/* out[r] = the index of row r's largest logit h_r.W^T (W bf16 (v_count, c), packed by
- * tunery_head_pack), exact in fp32 then rounded to bf16 as a bf16 head rounds its logits, the
- * first of equal ones; -1 for a row that is not finite
+/* out[r] = the index of row r's largest logit h_r.W^T (h and W (v_count, c) both bf16, or with
+ * `fp32` both fp32; W packed by tunery_head_pack), exact in fp32 (for bf16 then rounded to bf16
+ * as a bf16 head rounds its logits), the first of equal ones; -1 for a row that is not finite
  * or has more than `limit` candidates (the caller takes it another way). `upper`: room for
  * rows x v_count rounded up to BLOCK floats. Returns 0, or -1 out of memory / without the
  * kernel. */
-int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const uint16_t *h,
+int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const void *h,
                        int64_t h_stride, const int8_t *packed, const float *scale,
                        const float *norm, const float *err_norm, const int32_t *offset,
-                       const uint16_t *w, int64_t limit, float *upper, int64_t *out,
+                       const void *w, int fp32, int64_t limit, float *upper, int64_t *out,
                        int threads) {
 #if HEAD_INT8
     if (threads < 1) threads = 1;
     int64_t blocks = (v_count + BLOCK - 1) / BLOCK, v_padded = blocks * BLOCK;
-    uint8_t *hq = malloc(rows * c);
+    hq_t *hq = malloc(rows * c * sizeof *hq);
     float *hf = malloc(rows * c * sizeof *hf);
     row_info *info = malloc(rows * sizeof *info);
-    /* per thread and row: the lanes' best lower and upper bounds */
-    __m512 *bounds_max = aligned_alloc(64, 2 * threads * rows * sizeof *bounds_max);
+    /* per thread and row: the lanes' best lower bounds (16), then upper ones (16) */
+    float *bounds_max = aligned_alloc(64, 2 * BLOCK * threads * rows * sizeof *bounds_max);
     int status = 0;
     if (!hq || !hf || !info || !bounds_max) {
         status = -1;
         goto done;
     }
-    for (int64_t r = 0; r < rows; r++) { /* each row to unsigned int8 (q + 128) */
+#if HEAD_INT8 == 1 /* int16, |q| small enough that c products of 127 |q| fit an int32 */
+    double q_max = fmin(16383, floor(2147483647.0 / (127.0 * c)));
+#else /* int8 fed as unsigned q + 128 */
+    double q_max = 127;
+#endif
+    for (int64_t r = 0; r < rows; r++) {
         float *x = hf + r * c;
         double absmax = 0, total = 0;
         for (int64_t j = 0; j < c; j++) {
-            x[j] = bf16_to_f32(h[r * h_stride + j]);
+            x[j] = value_at(h, fp32, r * h_stride + j);
             absmax = fmax(absmax, fabs(x[j]));
             total += (double)x[j] * x[j];
         }
         info[r].finite = isfinite(absmax) && isfinite(total);
-        double s = info[r].finite && absmax > 0 ? absmax / 127.0 : 0;
+        double s = info[r].finite && absmax > 0 ? absmax / q_max : 0;
         double inv = s > 0 ? 1.0 / s : 0, err = 0, quant = 0;
         for (int64_t j = 0; j < c; j++) {
-            double q = info[r].finite ? fmin(127, fmax(-127, nearbyint(x[j] * inv))) : 0;
-            hq[r * c + j] = (uint8_t)(q + 128);
+            double q = info[r].finite ? fmin(q_max, fmax(-q_max, nearbyint(x[j] * inv))) : 0;
+            hq[r * c + j] = (hq_t)(q + HQ_BIAS);
             err += (x[j] - q * s) * (x[j] - q * s);
             quant += (q * s) * (q * s);
         }
@@ -297,7 +452,7 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const uint16_t 
         info[r].err_coef = nextafterf((float)(sqrt(err) + margin), INFINITY) * 1.0001f;
         info[r].quant_norm = nextafterf((float)sqrt(quant), INFINITY) * 1.0001f;
     }
-    for (int64_t i = 0; i < 2 * threads * rows; i++) bounds_max[i] = _mm512_set1_ps(-INFINITY);
+    for (int64_t i = 0; i < 2 * BLOCK * threads * rows; i++) bounds_max[i] = -INFINITY;
 
 #pragma omp parallel num_threads(threads)
     {
@@ -308,7 +463,7 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const uint16_t 
 #endif
         int64_t b_lo = blocks * t / nt, b_hi = blocks * (t + 1) / nt;
         scan_blocks(rows, b_lo, b_hi, v_count, c, hq, packed, scale, norm, err_norm, offset,
-                    info, bounds_max + 2 * t * rows, upper, v_padded);
+                    info, bounds_max + 2 * BLOCK * t * rows, upper, v_padded);
     }
 
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
@@ -317,15 +472,18 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const uint16_t 
             out[r] = -1;
             continue;
         }
-        __m512 low = bounds_max[2 * r], high = bounds_max[2 * r + 1];
-        for (int t = 1; t < threads; t++) {
-            low = _mm512_max_ps(low, bounds_max[2 * (t * rows + r)]);
-            high = _mm512_max_ps(high, bounds_max[2 * (t * rows + r) + 1]);
+        float best = -INFINITY, most = -INFINITY;
+        for (int t = 0; t < threads; t++) {
+            const float *lanes = bounds_max + 2 * BLOCK * (t * rows + r);
+            for (int l = 0; l < BLOCK; l++) {
+                best = fmaxf(best, lanes[l]);
+                most = fmaxf(most, lanes[BLOCK + l]);
+            }
         }
-        /* The pick compares logits rounded to bf16: a token up to one bf16 step (<= 2^-7 of
-         * the value, which lies within [lower, upper]) below the best can round to a tie. */
-        float best = _mm512_reduce_max_ps(low), most = _mm512_reduce_max_ps(high);
-        float step = fmaxf(fabsf(best), fabsf(most)) * (1.0f / 128) * 1.01f;
+        /* bf16 logits: a token up to one bf16 step (<= 2^-7 of the value, which lies within
+         * [lower, upper]) below the best can round to a tie. fp32 ones are compared as they
+         * are. */
+        float step = fp32 ? 0 : fmaxf(fabsf(best), fabsf(most)) * (1.0f / 128) * 1.01f;
         float *row_upper = upper + r * v_padded;
         int64_t n = candidates(row_upper, v_padded, best - step);
         if (n > limit) { /* a flat row: exact logits for all of them would cost more */
@@ -336,11 +494,14 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const uint16_t 
         float top = -INFINITY;
         int64_t at = -1;
         for (int64_t i = 0; i < n; i++) {
+            int64_t width = c * (fp32 ? 4 : 2); /* bytes of a weight row */
             if (i + 4 < n) /* the weights' rows are far apart: fetch ahead */
-                for (int64_t off = 0; off < c * 2; off += 64)
-                    _mm_prefetch((const char *)(w + (int64_t)token[i + 4] * c) + off, _MM_HINT_T0);
-            float exact = dot_f32_bf16(hf + r * c, w + (int64_t)token[i] * c, c);
-            float logit = bf16_to_f32(f32_to_bf16(exact)); /* as the bf16 head rounds it */
+                for (int64_t off = 0; off < width; off += 64)
+                    _mm_prefetch((const char *)w + token[i + 4] * width + off, _MM_HINT_T0);
+            const char *row = (const char *)w + token[i] * width;
+            float logit = fp32 ? dot_f32_f32(hf + r * c, (const float *)row, c)
+                               : bf16_to_f32(f32_to_bf16( /* as the bf16 head rounds it */
+                                     dot_f32_bf16(hf + r * c, (const uint16_t *)row, c)));
             if (at < 0 || logit > top) {
                 top = logit;
                 at = token[i];
@@ -356,7 +517,8 @@ done:
     return status;
 #else
     (void)rows, (void)c, (void)v_count, (void)h, (void)h_stride, (void)packed, (void)scale;
-    (void)norm, (void)err_norm, (void)offset, (void)w, (void)limit, (void)upper, (void)out;
+    (void)norm, (void)err_norm, (void)offset, (void)w, (void)fp32, (void)limit, (void)upper;
+    (void)out;
     (void)threads;
     return -1;
 #endif
