@@ -11,6 +11,9 @@ asyncio loop, a keep-alive connection per stream) shares the cores with the serv
 time is printed too.
 
     .venv/bin/python bench/batch_bench.py [--streams 32] [--models 8] [--max-tokens 64]
+
+`--keep` keeps the data dir; `--data-dir DIR` serves that kept dir again and reuses its ACTIVE
+bench models (tuning only what is missing), which spares the tuning on a slow CPU.
 """
 
 from __future__ import annotations
@@ -41,10 +44,16 @@ def counting(start: int) -> str:
 
 
 def tune_models(http: httpx.Client, count: int) -> list[str]:
-    """`count` tuned models via the API (1 epoch of the seed data each), waited until ACTIVE."""
+    """`count` tuned models via the API (1 epoch of the seed data each), waited until ACTIVE:
+    the bench's models the data dir already has, then new ones."""
     examples = [{"textInput": f"count from {n}", "output": counting(n)} for n in range(5, 200, 12)]
-    names = []
-    for n in range(count):
+    listed = http.get("/v1beta/tunedModels", params={"pageSize": 100}).json()
+    names = [
+        m["name"]
+        for m in listed.get("tunedModels", [])
+        if m.get("displayName", "").startswith("batch bench ") and m.get("state") == "ACTIVE"
+    ][:count]
+    for n in range(len(names), count):
         body = {
             "displayName": f"batch bench {n}",
             "baseModel": "models/gemma-3-270m",
@@ -77,9 +86,10 @@ def main() -> int:
     parser.add_argument("--models", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--keep", action="store_true", help="keep the data dir and serve.log")
+    parser.add_argument("--data-dir", type=Path, help="a data dir kept by --keep: serve it again")
     args = parser.parse_args()
 
-    data = fresh_data_dir()
+    data = args.data_dir or fresh_data_dir()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNERY_MAX_RUNNING_JOBS_PER_KEY": "100"}
@@ -118,7 +128,7 @@ def main() -> int:
         return 0
     finally:
         serve_process.stop(server, timeout_s=60)
-        if args.keep:
+        if args.keep or args.data_dir:
             print("data dir kept:", data)
         else:
             shutil.rmtree(data.parent, ignore_errors=True)

@@ -5,7 +5,7 @@ so batching never changes an answer.
 What is shared and what is not (each choice measured on this CPU, bf16 weights):
 - The base projections and the vocab head run as one matmul over all rows, so the weights are read
   once per step instead of once per request, which is where batching wins (greedy rows skip the
-  bf16 head where `FastGemma3.best_tokens` has its packed int8 copy, one pass for all rows).
+  full head where `FastGemma3.best_tokens` has its packed int8 copy, one pass for all rows).
   oneDNN's packed bf16 matmul rounds each row alike for any count from 2 rows up (measured to
   1,200 rows, 1 to 8 threads; `MAX_ROWS` caps a step's requests, not for this), but a 1-row
   matmul takes another kernel whose sums differ in rare cancelling cases by one bf16 ulp: a lone
