@@ -12,8 +12,9 @@ time is printed too.
 
     .venv/bin/python bench/batch_bench.py [--streams 32] [--models 8] [--max-tokens 64]
 
-`--keep` keeps the data dir; `--data-dir DIR` serves that kept dir again and reuses its ACTIVE
-bench models (tuning only what is missing), which spares the tuning on a slow CPU.
+`--keep` keeps the data dir; `--data-dir DIR` serves that kept dir again with its tuned bench
+models and no training worker (whose preload would share the cores with the measurement), which
+spares the tuning on a slow CPU.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def counting(start: int) -> str:
     return ", ".join(str(i) for i in range(start, start + 64))
 
 
-def tune_models(http: httpx.Client, count: int) -> list[str]:
+def tune_models(http: httpx.Client, count: int, can_tune: bool = True) -> list[str]:
     """`count` tuned models via the API (1 epoch of the seed data each), waited until ACTIVE:
     the bench's models the data dir already has, then new ones."""
     examples = [{"textInput": f"count from {n}", "output": counting(n)} for n in range(5, 200, 12)]
@@ -53,6 +54,8 @@ def tune_models(http: httpx.Client, count: int) -> list[str]:
         for m in listed.get("tunedModels", [])
         if m.get("displayName", "").startswith("batch bench ") and m.get("state") == "ACTIVE"
     ][:count]
+    if len(names) < count and not can_tune:
+        raise SystemExit(f"the data dir has {len(names)} ACTIVE bench models, not {count}")
     for n in range(len(names), count):
         body = {
             "displayName": f"batch bench {n}",
@@ -94,6 +97,8 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TUNERY_MAX_RUNNING_JOBS_PER_KEY": "100"}
     env.pop("TUNERY_API_KEYS", None)
+    if args.data_dir:
+        env["TUNERY_WORKERS"] = "0"  # nothing to tune
     server = serve_process.start(data, port, env)
     try:
         if not serve_process.wait_until(f"{url}/readyz", server):
@@ -101,7 +106,7 @@ def main() -> int:
             return 1
         with httpx.Client(base_url=url, timeout=600) as http:
             t0 = time.monotonic()
-            models = tune_models(http, args.models)
+            models = tune_models(http, args.models, can_tune=not args.data_dir)
             print(f"{len(models)} tuned models ACTIVE in {time.monotonic() - t0:.0f} s (untimed)")
         # Load every adapter once, so neither side pays for it.
         run_load(url, [(m, "Hello") for m in models], len(models), 2)

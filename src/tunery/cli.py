@@ -41,7 +41,9 @@ ApiKey = Annotated[str | None, typer.Option("--api-key", envvar="TUNERY_API_KEY"
 
 
 def _settings(data_dir: Path | None = None, db_url: str | None = None, **extra: Any) -> Settings:
-    overrides = {k: v for k, v in {"data_dir": data_dir, "db_url": db_url, **extra}.items() if v}
+    """Settings from TUNERY_* variables and the defaults, with the options given (not None)."""
+    given = {"data_dir": data_dir, "db_url": db_url, **extra}
+    overrides = {k: v for k, v in given.items() if v is not None and v != ""}
     try:
         return Settings(**overrides)
     except ValidationError as exc:  # a bad TUNERY_* variable: the user's to fix, in one line
@@ -78,9 +80,11 @@ def _run(fn: Callable[[], T]) -> T:
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8000,
-    workers: Annotated[int, typer.Option(help="Worker processes to start.")] = 1,
+    host: Annotated[str | None, typer.Option(help="Default: TUNERY_HOST, else 127.0.0.1.")] = None,
+    port: Annotated[int | None, typer.Option(help="Default: TUNERY_PORT, else 8000.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Worker processes to start. Default: TUNERY_WORKERS, else 1.")
+    ] = None,
     data_dir: DataDir = None,
     db_url: DbUrl = None,
 ) -> None:

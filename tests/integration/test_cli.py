@@ -124,3 +124,22 @@ def test_tune_and_generate_against_a_server(worker_server: LiveServer, tmp_path:
         data_dir=tmp_path / "unused",
     )
     assert streamed.stdout == answer.stdout  # greedy: the same text either way
+
+
+def test_serve_options_left_out_take_the_tunery_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tunery serve` without --workers/--port/--host keeps TUNERY_WORKERS etc. (the options'
+    own defaults once overrode them: TUNERY_WORKERS=0 still started a worker)."""
+    from tunery import cli
+
+    monkeypatch.setenv("TUNERY_WORKERS", "0")
+    monkeypatch.setenv("TUNERY_PORT", "9123")
+    monkeypatch.setenv("TUNERY_HOST", "0.0.0.0")
+    settings = cli._settings(tmp_path, None, host=None, port=None, workers=None)
+    assert (settings.workers, settings.port, settings.host) == (0, 9123, "0.0.0.0")
+    given = cli._settings(tmp_path, None, host="127.0.0.1", port=8001, workers=2)
+    assert (given.workers, given.port, given.host) == (2, 8001, "127.0.0.1")
+    monkeypatch.delenv("TUNERY_WORKERS")
+    assert cli._settings(tmp_path, None, workers=None).workers == 1
+    assert cli._settings(tmp_path, None, workers=0).workers == 0
