@@ -215,7 +215,7 @@ def prepare_training(config: Any, tensors: Mapping[str, torch.Tensor]) -> None:
     """Build now what the first `train()` on this model would (a worker does it when it
     preloads); nothing for a model that trains through the transformers modules."""
     if FastGemma3.supports(config):
-        base_kernels(FastGemma3(config, tensors))
+        base_kernels(FastGemma3(config, tensors, native=False))  # no decode kernels, no head copy
 
 
 # Label rows per pass of the output head: enough rows that each pass over its 262k×C weight is

@@ -193,7 +193,7 @@ def _batch_loss_fn(
         and FastGemma3Train.targets_fit(lora.target_modules)
         and not lora.dropout  # the fused groups have no dropout on the LoRA input
     ):
-        fast = FastGemma3Train(FastGemma3(base.config, base.weights), layers)
+        fast = FastGemma3Train(FastGemma3(base.config, base.weights, native=False), layers)
         return lambda examples: fast.loss(pack(examples, base.device))
     return lambda examples: label_loss(base.model, collate(examples, pad_id, base.device))
 
