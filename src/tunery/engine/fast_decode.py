@@ -535,7 +535,7 @@ class FastGemma3:
         self.head = linear("head", [head])
         self._head_weight = head
         # Greedy picks over the vocab without the full head (`native/head.c`), for bf16 or fp32
-        # weights: on a CPU without AVX512-BF16 (fp32 weights) the fp32 head is most of a step.
+        # weights: on a CPU without AVX512-BF16 (fp32 weights) the fp32 head is half a step.
         self.packed_head: PackedHead | None = None
         self._head_kernels = kernels
         if kernels is not None and self.softcap is None and weights == "bf16":
