@@ -189,9 +189,8 @@ class NativeKernels:
         """`weight` (V, C) bf16 or fp32 on the CPU, packed for `best_tokens`; None where this
         CPU lacks the kernel (AVX512-VNNI or AVX2) or the shape does not fit it (C a multiple of
         4)."""
-        if not self._head_ok or weight.dtype not in _HEAD_DTYPES or weight.shape[1] % 4:
-            return None
-        if weight.device.type != "cpu":
+        fits = weight.dtype in _HEAD_DTYPES and weight.device.type == "cpu"
+        if not self._head_ok or not fits or weight.shape[1] % 4:
             return None
         weight = weight.contiguous()
         head = PackedHead(weight)

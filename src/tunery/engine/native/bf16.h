@@ -75,4 +75,14 @@ static inline float dot_f32_bf16(const float *a, const uint16_t *b, int64_t n) {
     return s;
 }
 
+/* The same over fp32 values, in the same order (the head's exact logits for fp32 weights). */
+static inline float dot_f32_f32(const float *a, const float *b, int64_t n) {
+    f32x16 acc = {0};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) acc += load_f32x16(a + i) * load_f32x16(b + i);
+    float s = sum_lanes(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 #endif

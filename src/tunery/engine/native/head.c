@@ -6,13 +6,14 @@
  * (twice the multiply-adds of bf16 per instruction), or where the CPU has only AVX2 to int16
  * by vpmaddwd on the weights widened in registers (as many multiply-adds per instruction as
  * AVX2's int8 vpmaddubsw + vpmaddwd pair, whose int16 sums would saturate with 8-bit rows and
- * leave bounds too loose with 7-bit ones: measured 4k-16k candidates a row on Gemma's states). Each approximate logit comes with a bound on its error
- * (Cauchy-Schwarz on the two quantization errors, which are known: |e_h.w| <= |e_h| |w| and
- * |q_h.e_w| <= |q_h| |e_w|), so every token whose upper bound reaches the best lower bound is a
- * candidate; only those get their exact fp32 dot product of the row and the weights (both bf16,
- * or both fp32). The answer is the argmax of the exact logits (for bf16 weights rounded to
- * bf16, as a bf16 head rounds them), the first of equal ones as greedy decoding picks, over the
- * whole vocabulary: no token outside the candidates can beat or tie it.
+ * leave bounds too loose with 7-bit ones: measured 4k-16k candidates a row on Gemma's states).
+ * Each approximate logit comes with a bound on its error (Cauchy-Schwarz on the two
+ * quantization errors, which are known: |e_h.w| <= |e_h| |w| and |q_h.e_w| <= |q_h| |e_w|), so
+ * every token whose upper bound reaches the best lower bound is a candidate; only those get
+ * their exact fp32 dot product of the row and the weights (both bf16, or both fp32). The answer
+ * is the argmax of the exact logits (for bf16 weights rounded to bf16, as a bf16 head rounds
+ * them), the first of equal ones as greedy decoding picks, over the whole vocabulary: no token
+ * outside the candidates can beat or tie it.
  *
  * A row's answer depends only on that row and the weights (the candidate set is defined by the
  * final bounds, not by the scan order), so it is the same in any batch and with any thread count.
@@ -58,15 +59,6 @@ static inline float value_at(const void *p, int fp32, int64_t i) {
     return fp32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
 }
 
-/* sum_i a[i] * b[i] over fp32 values, in `dot_f32_bf16`'s order. */
-static inline float dot_f32_f32(const float *a, const float *b, int64_t n) {
-    f32x16 acc = {0};
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) acc += load_f32x16(a + i) * load_f32x16(b + i);
-    float s = sum_lanes(acc);
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
 
 /* w (v_count, c) bf16 (or with `fp32` fp32) → packed int8 in blocks of BLOCK vocab rows,
  * [block][c/GROUP][BLOCK][GROUP], and
@@ -285,7 +277,6 @@ static int64_t candidates(float *upper, int64_t v_padded, float threshold) {
     return n;
 }
 
-
 #elif HEAD_INT8 == 1
 
 #define ROWS2 4 /* batch rows per register tile: 8 sums, 2 weight vectors, the row's pair */
@@ -491,10 +482,10 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const void *h,
             continue;
         }
         const int32_t *token = (const int32_t *)row_upper;
+        int64_t width = c * (fp32 ? 4 : 2); /* bytes of a weight row */
         float top = -INFINITY;
         int64_t at = -1;
         for (int64_t i = 0; i < n; i++) {
-            int64_t width = c * (fp32 ? 4 : 2); /* bytes of a weight row */
             if (i + 4 < n) /* the weights' rows are far apart: fetch ahead */
                 for (int64_t off = 0; off < width; off += 64)
                     _mm_prefetch((const char *)w + token[i + 4] * width + off, _MM_HINT_T0);
