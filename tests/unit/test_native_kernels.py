@@ -1,8 +1,9 @@
-"""The C decode kernels against torch. Attention: each row on its own cache (ring slots, grouped
-query heads), within a bf16 step of torch's result, the same bits alone as in any batch and with
-any thread count, and the new keys and values written at their slots. LoRA: each run of rows
-with its own adapter (fused groups of parts), within a bf16 step of torch's fp32 delta, the same
-bits alone as among other adapters."""
+"""The C decode kernels against torch, each in its bf16 and its fp32 build. Attention: each row
+on its own cache (ring slots, grouped query heads), within a rounding step of torch's result
+(bf16's, or a few fp32 ones), the same bits alone as in any batch and with any thread count, and
+the new keys and values written at their slots. LoRA: each run of rows with its own adapter
+(fused groups of parts), within a step of torch's fp32 delta, the same bits alone as among other
+adapters."""
 
 from __future__ import annotations
 
@@ -20,16 +21,26 @@ from tunery.engine.native import CacheTable, LoraDesc, NativeKernels
 native = NativeKernels.load()
 pytestmark = pytest.mark.skipif(native is None, reason="no C compiler on this machine")
 SCALE = 0.0625
+# Each kernel's builds, and how far from torch each may land (relative to the largest value): a
+# bf16 rounding step, or sums in another order in fp32.
+STEP = {torch.bfloat16: 2**-7, torch.float32: 2**-16}
+each_dtype = pytest.mark.parametrize("dtype", list(STEP), ids=["bf16", "fp32"])
 
 
 def _rows(
-    heads: int, groups: int, dim: int, sizes: list[int], positions: list[int], seed: int = 0
+    heads: int,
+    groups: int,
+    dim: int,
+    sizes: list[int],
+    positions: list[int],
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     n = len(sizes)
 
     def rand(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).bfloat16()
+        return torch.randn(*shape, generator=g).to(dtype)
 
     return {
         "q": rand(n, heads, dim),
@@ -74,22 +85,30 @@ def _torch_attention(rows: dict, r: int) -> torch.Tensor:  # type: ignore[type-a
     return a.reshape(-1)
 
 
+@each_dtype
 @pytest.mark.parametrize(("heads", "groups"), [(4, 1), (4, 2), (2, 2)])
-def test_kernel_rows_agree_with_torch_attention_within_a_bf16_step(heads: int, groups: int) -> None:
+def test_kernel_rows_agree_with_torch_attention_within_a_rounding_step(
+    heads: int, groups: int, dtype: torch.dtype
+) -> None:
     # A short row, one at the end of its cache, a ring that wrapped, a long full-attention row.
-    rows = _rows(heads, groups, 256, sizes=[40, 40, 64, 700], positions=[0, 39, 150, 600])
+    rows = _rows(heads, groups, 256, [40, 40, 64, 700], [0, 39, 150, 600], dtype=dtype)
     out = _attend(rows)
+    assert out.dtype == dtype
     for r in range(4):
         want = _torch_attention(rows, r).float()
         got = out[r].float()
-        # Both round the softmax weights and the output to bf16 from fp32 sums in their own
-        # order: the same bits mostly, and otherwise a bf16 step of the row's largest value.
-        assert (got - want).abs().max() <= 2**-7 * want.abs().max(), r
-        assert (got == want).float().mean() > 0.7, r
+        # Both sum in fp32 in their own order (in bf16 rounding the softmax weights and the
+        # output): in bf16 the same bits mostly, and otherwise a step of the row's largest value.
+        assert (got - want).abs().max() <= STEP[dtype] * want.abs().max(), r
+        if dtype == torch.bfloat16:
+            assert (got == want).float().mean() > 0.7, r
 
 
-def test_a_row_gets_the_same_bits_alone_as_in_any_batch_and_with_any_threads() -> None:
-    rows = _rows(4, 1, 256, sizes=[64, 300, 64, 300, 64], positions=[5, 299, 64, 120, 200])
+@each_dtype
+def test_a_row_gets_the_same_bits_alone_as_in_any_batch_and_with_any_threads(
+    dtype: torch.dtype,
+) -> None:
+    rows = _rows(4, 1, 256, [64, 300, 64, 300, 64], [5, 299, 64, 120, 200], dtype=dtype)
     together = _attend(rows)
     threads = torch.get_num_threads()
     try:
@@ -103,8 +122,11 @@ def test_a_row_gets_the_same_bits_alone_as_in_any_batch_and_with_any_threads() -
     assert torch.equal(_attend(rows, [4, 1])[1], together[1])
 
 
-def test_the_new_key_and_value_land_in_their_slot_and_nothing_else_changes() -> None:
-    rows = _rows(4, 2, 64, sizes=[16, 100], positions=[37, 3])
+@each_dtype
+def test_the_new_key_and_value_land_in_their_slot_and_nothing_else_changes(
+    dtype: torch.dtype,
+) -> None:
+    rows = _rows(4, 2, 64, sizes=[16, 100], positions=[37, 3], dtype=dtype)
     k_caches = [c.clone() for c in rows["k_caches"]]
     v_caches = [c.clone() for c in rows["v_caches"]]
     assert native is not None
@@ -142,11 +164,14 @@ def _torch_delta(desc: LoraDesc, x: torch.Tensor, base: torch.Tensor) -> torch.T
     return out
 
 
-def test_lora_rows_agree_with_torch_within_a_bf16_step_and_alone_as_among_others() -> None:
+@each_dtype
+def test_lora_rows_agree_with_torch_within_a_step_and_alone_as_among_others(
+    dtype: torch.dtype,
+) -> None:
     assert native is not None
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(10, 200, generator=g).bfloat16()
-    base = torch.randn(10, 300, generator=g).bfloat16()
+    x = torch.randn(10, 200, generator=g).to(dtype)
+    base = torch.randn(10, 300, generator=g).to(dtype)
     # Rows 0-1 a three-part group, 2 none, 3-7 one part over every column (4 rows at a time,
     # then one), 8-9 part of the columns.
     three = _adapter(1, 200, [100, 50, 150], [8, 4, 16])
@@ -160,7 +185,7 @@ def test_lora_rows_agree_with_torch_within_a_bf16_step_and_alone_as_among_others
         if desc is None:
             continue
         want = _torch_delta(desc, x[lo:hi], base[lo:hi])
-        assert (out[lo:hi].float() - want).abs().max() <= 2**-7 * want.abs().max()
+        assert (out[lo:hi].float() - want).abs().max() <= STEP[dtype] * want.abs().max()
         a, *bs = desc._tensors
         fields = desc._fields.tolist()
         parts = [(*fields[4 + 6 * k : 8 + 6 * k], b) for k, b in enumerate(bs)]
@@ -171,29 +196,33 @@ def test_lora_rows_agree_with_torch_within_a_bf16_step_and_alone_as_among_others
                 assert torch.equal(alone[0], out[r]), r
 
 
-def test_argmax_is_the_first_of_the_largest_values_as_torch_max_finds_it() -> None:
+@each_dtype
+def test_argmax_is_the_first_of_the_largest_values_as_torch_max_finds_it(
+    dtype: torch.dtype,
+) -> None:
     assert native is not None
     g = torch.Generator().manual_seed(9)
-    logits = torch.randn(5, 1003, generator=g).bfloat16()  # not a multiple of 16: a tail
+    logits = torch.randn(5, 1003, generator=g).to(dtype)  # not a multiple of 16: a tail
     logits[1, 7] = logits[1, 900] = 50.0  # a tie: the first wins
     logits[2, 1001] = 60.0  # the best in the tail
     logits[3] = -5.0  # all equal
     logits[4, 20] = float("nan")  # torch's max returns the NaN
     assert native.argmax(logits) == logits.max(dim=-1).indices.tolist()
     assert native.argmax(logits)[:4] == [int(logits[0].float().argmax()), 7, 1001, 0]
-    short = torch.tensor([[1.0, 3.0, 2.0]]).bfloat16()  # shorter than one vector
+    short = torch.tensor([[1.0, 3.0, 2.0]]).to(dtype)  # shorter than one vector
     assert native.argmax(short) == [1]
 
 
-def test_rms_norm_per_head_agrees_with_torch_within_a_bf16_step() -> None:
+@each_dtype
+def test_rms_norm_per_head_agrees_with_torch_within_a_step(dtype: torch.dtype) -> None:
     assert native is not None
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(6, 3 * 40, generator=g).bfloat16() * 3  # 3 heads of 40: a tail of 8
+    x = torch.randn(6, 3 * 40, generator=g).to(dtype) * 3  # 3 heads of 40: a tail of 8
     weight = torch.rand(40, generator=g) + 0.5
     got = native.rms_norm(x, weight, 1e-6, heads=3).float().view(6, 3, 40)
     xf = x.float().view(6, 3, 40)
     want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
-    assert ((got - want).abs() <= 2**-7 * want.abs() + 1e-6).all()
+    assert ((got - want).abs() <= STEP[dtype] * want.abs() + 1e-6).all()
     strided = torch.cat([x, x], dim=1)[:, :120]  # rows further apart than their width
     assert torch.equal(
         native.rms_norm(strided, weight, 1e-6, heads=3), native.rms_norm(x, weight, 1e-6, heads=3)
@@ -227,21 +256,24 @@ def test_without_a_working_compiler_the_kernels_are_off_and_decoding_uses_torch(
         assert says in done.stderr
 
 
-def test_q_and_k_norm_and_rope_agree_with_torch_within_bf16_steps_and_alone_as_batched() -> None:
+@each_dtype
+def test_q_and_k_norm_and_rope_agree_with_torch_within_steps_and_alone_as_batched(
+    dtype: torch.dtype,
+) -> None:
     assert native is not None
     g = torch.Generator().manual_seed(6)
     rows, nh, nkv, hd = 5, 4, 2, 32
-    qkv = torch.randn(rows, (nh + 2 * nkv) * hd, generator=g).bfloat16() * 2
+    qkv = torch.randn(rows, (nh + 2 * nkv) * hd, generator=g).to(dtype) * 2
     q_w, k_w = torch.rand(hd, generator=g) + 0.5, torch.rand(hd, generator=g) + 0.5
     angles = torch.arange(50).float()[:, None] * torch.rand(hd // 2, generator=g)[None]
     angles = torch.cat([angles, angles], dim=-1)
-    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     positions = torch.tensor([0, 3, 49, 7, 20])
     q, k = native.qk_norm_rope(qkv, (nh, nkv), (q_w, k_w), 1e-6, (cos, sin), positions)
 
     def torch_side(x: torch.Tensor, w: torch.Tensor, heads: int) -> torch.Tensor:
         xf = x.float().view(rows, heads, hd)
-        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w).bfloat16().float()
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w).to(dtype).float()
         rotated = torch.cat([-y[..., hd // 2 :], y[..., : hd // 2]], dim=-1)
         c, s = cos[positions].float()[:, None], sin[positions].float()[:, None]
         return y * c + rotated * s
@@ -250,7 +282,7 @@ def test_q_and_k_norm_and_rope_agree_with_torch_within_bf16_steps_and_alone_as_b
         (q.float(), torch_side(qkv[:, : nh * hd], q_w, nh)),
         (k.float().view(rows, nkv, hd), torch_side(qkv[:, nh * hd : (nh + nkv) * hd], k_w, nkv)),
     ):
-        assert ((got - want).abs() <= 2**-7 * want.abs() + 1e-3).all()
+        assert ((got - want).abs() <= STEP[dtype] * want.abs() + 1e-3).all()
     for r in range(rows):  # alone: the same bits
         q1, k1 = native.qk_norm_rope(
             qkv[r : r + 1], (nh, nkv), (q_w, k_w), 1e-6, (cos, sin), positions[r : r + 1]
@@ -328,3 +360,18 @@ def test_packed_head_marks_a_row_that_is_not_finite_for_the_caller() -> None:
     h[5, 1] = float("inf")
     best = native.best_tokens(h[:8], head)
     assert best[3] == best[5] == -1 and all(t >= 0 for j, t in enumerate(best) if j not in (3, 5))
+
+
+def test_mixed_dtypes_are_refused_not_read_as_one_type() -> None:
+    assert native is not None
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="all bf16 or all fp32"):
+        native.lora_add(torch.zeros(2, 8).bfloat16(), x, [])
+    with pytest.raises(ValueError, match="all bf16 or all fp32"):
+        native.rms_norm(x.half(), torch.ones(64), 1e-6)
+    rows = _rows(4, 1, 64, sizes=[16], positions=[0], dtype=torch.float32)
+    bf16_caches = CacheTable.of([rows["k_caches"][0].bfloat16()], [rows["v_caches"][0].bfloat16()])
+    with pytest.raises(ValueError, match="all bf16 or all fp32"):
+        native.attend(
+            rows["q"], rows["k"], rows["qkv"][:, 64:128], bf16_caches, rows["positions"], SCALE
+        )

@@ -110,7 +110,7 @@ def step_rows(
     if fast.native is None:
         rope = {k: (c[index].view(b, 1, 1, hd), s[index].view(b, 1, 1, hd))
                 for k, (c, s) in fast._rope.items()}  # fmt: skip
-    tables = _cache_tables(caches, fast.n_kv) if fast.native is not None else []
+    tables = _cache_tables(caches, fast.n_kv, fast.dtype) if fast.native is not None else []
     for i, layer in enumerate(fast.layers):
         h = fast.norm_rows(x, layer.ln_in)
         qkv = _add_lora(layer.qkv(h), h, spans, i, "qkv", fast.native)
@@ -148,13 +148,16 @@ def pad_rows(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.repeat(2, 1) if hidden.shape[0] == 1 else hidden
 
 
-def _cache_tables(caches: Sequence[KVCache], kv_heads: int) -> list[CacheTable]:
-    """Every layer's `CacheTable` of the rows' batch-1 caches, made at once for a step."""
+def _cache_tables(
+    caches: Sequence[KVCache], kv_heads: int, dtype: torch.dtype
+) -> list[CacheTable]:
+    """Every layer's `CacheTable` of the rows' batch-1 caches (`dtype`), made at once for a
+    step."""
     pointers = [c.pointers() for c in caches]
     k = torch.tensor([p[0] for p in pointers], dtype=torch.int64).t().contiguous()  # (L, B)
     v = torch.tensor([p[1] for p in pointers], dtype=torch.int64).t().contiguous()
     sizes = torch.tensor([c.sizes for c in caches], dtype=torch.int64).t().contiguous()
-    return [CacheTable(k[i], v[i], sizes[i], kv_heads) for i in range(k.shape[0])]
+    return [CacheTable(k[i], v[i], sizes[i], kv_heads, dtype) for i in range(k.shape[0])]
 
 
 class _Shadow(KVCache):

@@ -456,7 +456,8 @@ class FastGemma3:
         native: bool = True,
     ) -> None:
         """`native`: decode steps attend, add LoRA deltas and norm rows with the C kernels
-        (`native`) where they build and the weights are bf16 on a CPU; else (or False) torch."""
+        (`native`) where they build and the weights are bf16 or fp32 on a CPU; else (or False)
+        torch."""
         self.weights = weights
         self.config = config
         embed = tensors[_EMBED]
@@ -474,7 +475,7 @@ class FastGemma3:
         self.embed = embed  # shared with the model: no copy
         cpu = self.device.type == "cpu"
         kernels = NativeKernels.load() if native and cpu else None
-        self.native = kernels if self.dtype == torch.bfloat16 else None
+        self.native = kernels if self.dtype in (torch.bfloat16, torch.float32) else None
         # Gemma3TextScaledWordEmbedding's scale: an fp32 sqrt(hidden) cast to the weights' dtype
         self.embed_scale = torch.tensor(self.hidden**0.5).to(self.dtype).to(self.device)
         self.inv_freq = {

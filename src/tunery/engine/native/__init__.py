@@ -15,8 +15,12 @@
   bound reaches the best. It serves fp32 weights too (a CPU without AVX512 decodes in fp32: the
   fp32 head took 127 of a 32-row step's ~275 ms there, ~40 of a 1-row step's ~67 ms).
 
-Where no compiler works (or on a GPU) `NativeKernels.load()` is None and callers keep torch;
-the other kernels serve bf16 weights only (`FastGemma3.native`).
+Each kernel but the head's is built twice from one source (`elem.h`): for bf16 activations and
+caches, and (`kernels_f32.c`) for fp32 ones, where a CPU without AVX512-BF16 runs the model. In
+fp32 they took a 1-row step from 61 to ~? ms on a 2-core AVX2 CPU, where torch's ops between the
+matmuls were a third of it.
+
+Where no compiler works (or on a GPU) `NativeKernels.load()` is None and callers keep torch.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import tempfile
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -39,35 +44,28 @@ log = logging.getLogger(__name__)
 
 Part = tuple[int, int, int, int, torch.Tensor]  # out_lo, out_hi, r_lo, r_hi, B (out_part, r_part)
 
-_HEADER = Path(__file__).with_name("bf16.h")
+_HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "elem.h")]
 _SOURCES = [
-    Path(__file__).with_name(n) for n in ("decode_attention.c", "lora_delta.c", "rows.c", "head.c")
+    Path(__file__).with_name(n)
+    for n in ("decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c")
 ]
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", f"-I{Path(__file__).parent}"]
 
 
 class NativeKernels:
-    """The compiled kernels, for bf16 CPU activations (and fp32 LoRA weights)."""
+    """The compiled kernels, for bf16 or fp32 CPU activations (and fp32 LoRA weights)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
-        i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-        self._attend = library.tunery_decode_attention
-        self._attend.argtypes = [i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr]
-        self._attend.argtypes += [ctypes.c_float, ptr, i32]
-        self._attend.restype = i32
-        self._lora = library.tunery_lora_add
-        self._lora.argtypes = [i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i32]
-        self._lora.restype = i32
-        self._argmax = library.tunery_argmax_bf16
-        self._argmax.argtypes = [i64, i64, ptr, i64, ptr, i32]
-        self._argmax.restype = None
-        self._rms = library.tunery_rms_norm
-        self._rms.argtypes = [i64, i64, i64, ptr, i64, ptr, ctypes.c_float, ptr, i64, i32]
-        self._rms.restype = None
-        self._qk = library.tunery_qk_norm_rope
-        self._qk.argtypes = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ctypes.c_float, ptr, ptr]
-        self._qk.argtypes += [ptr, ptr, ptr, i32]
-        self._qk.restype = None
+        i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+        attend_args = [i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, f32, ptr]
+        self._attend = _by_dtype(library, "tunery_decode_attention", [*attend_args, i32], i32)
+        lora_args = [i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i32]
+        self._lora = _by_dtype(library, "tunery_lora_add", lora_args, i32)
+        self._argmax = _by_dtype(library, "tunery_argmax", [i64, i64, ptr, i64, ptr, i32], None)
+        rms_args = [i64, i64, i64, ptr, i64, ptr, f32, ptr, i64, i32]
+        self._rms = _by_dtype(library, "tunery_rms_norm", rms_args, None)
+        qk_args = [i64, i64, i64, i64, ptr, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, i32]
+        self._qk = _by_dtype(library, "tunery_qk_norm_rope", qk_args, None)
         self._head_ok = bool(library.tunery_head_supported())
         self._head_pack = library.tunery_head_pack
         self._head_pack.argtypes = [i64, i64, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32]
@@ -96,15 +94,16 @@ class NativeKernels:
 
         q (B, nh, hd) contiguous; k, v (B, nkv·hd) with any row stride; `caches` row r's K and
         V cache (nkv, size_r, hd) contiguous, a ring when `positions[r]` ≥ size_r; `positions`
-        (B,) int64. Returns (B, nh·hd) in bf16."""
+        (B,) int64; all bf16 or all fp32. Returns (B, nh·hd) in their dtype."""
         rows, nh, hd = q.shape
         for t in (k, v):
             if t.stride(-1) != 1:
                 raise ValueError("k and v rows must be contiguous")
         if not caches.k.shape[0] == caches.v.shape[0] == caches.sizes.shape[0] == rows:
             raise ValueError(f"{rows} rows and {caches.k.shape[0]} caches")
+        attend = _kernel(self._attend, q, k, v, dtype=caches.dtype)
         out = torch.empty(rows, nh * hd, dtype=q.dtype)
-        status = self._attend(
+        status = attend(
             rows, nh, caches.kv_heads, hd, q.data_ptr(), k.data_ptr(), k.stride(0), v.data_ptr(),
             v.stride(0), caches.k.data_ptr(), caches.v.data_ptr(), positions.data_ptr(),
             caches.sizes.data_ptr(), scale, out.data_ptr(), torch.get_num_threads(),
@@ -116,15 +115,16 @@ class NativeKernels:
     def lora_add(
         self, base: torch.Tensor, x: torch.Tensor, spans: Sequence[tuple[int, int, LoraDesc | None]]
     ) -> torch.Tensor:
-        """base (B, out) bf16 += each span's LoRA delta of x (B, in) bf16 on its rows [lo, hi),
-        in place; a span whose desc is None adds nothing. Returns `base`."""
+        """base (B, out) += each span's LoRA delta of x (B, in) on its rows [lo, hi), in place
+        (both bf16 or both fp32); a span whose desc is None adds nothing. Returns `base`."""
         if base.stride(-1) != 1 or x.stride(-1) != 1:
             raise ValueError("base and x rows must be contiguous")
+        lora = _kernel(self._lora, base, x)
         n = len(spans)
         lo = (ctypes.c_int64 * n)(*[s[0] for s in spans])
         hi = (ctypes.c_int64 * n)(*[s[1] for s in spans])
         desc = (ctypes.c_void_p * n)(*[None if s[2] is None else s[2].pointer for s in spans])
-        status = self._lora(
+        status = lora(
             n, lo, hi, desc, x.data_ptr(), x.stride(0), base.data_ptr(), base.stride(0),
             torch.get_num_threads(),
         )  # fmt: skip
@@ -133,12 +133,14 @@ class NativeKernels:
         return base
 
     def argmax(self, logits: torch.Tensor) -> list[int]:
-        """(B, V) bf16 → each row's index of its largest value, the first of equal ones."""
-        if logits.dtype != torch.bfloat16 or logits.stride(-1) != 1:
-            raise ValueError("bf16 rows, contiguous")
+        """(B, V) bf16 or fp32 → each row's index of its largest value, the first of equal
+        ones."""
+        if logits.stride(-1) != 1:
+            raise ValueError("contiguous rows")
+        argmax = _kernel(self._argmax, logits)
         rows, n = logits.shape
         out = torch.empty(rows, dtype=torch.int64)
-        self._argmax(
+        argmax(
             rows, n, logits.data_ptr(), logits.stride(0), out.data_ptr(), torch.get_num_threads()
         )
         return out.tolist()
@@ -146,14 +148,15 @@ class NativeKernels:
     def rms_norm(
         self, x: torch.Tensor, weight: torch.Tensor, eps: float, heads: int = 1
     ) -> torch.Tensor:
-        """(B, heads·n) bf16 → each head's n values / sqrt(mean square + eps) · weight (n,)
-        fp32, as a new (B, heads·n) tensor."""
+        """(B, heads·n) bf16 or fp32 → each head's n values / sqrt(mean square + eps) · weight
+        (n,) fp32, as a new (B, heads·n) tensor of x's dtype."""
         rows, width = x.shape
         if x.stride(-1) != 1 or weight.dtype != torch.float32 or not weight.is_contiguous():
             raise ValueError("contiguous rows and an fp32 weight")
+        rms = _kernel(self._rms, x)
         out = torch.empty(rows, width, dtype=x.dtype)
         n = width // heads
-        self._rms(
+        rms(
             rows, heads, n, x.data_ptr(), x.stride(0), weight.data_ptr(), eps, out.data_ptr(),
             width, torch.get_num_threads(),
         )  # fmt: skip
@@ -169,16 +172,18 @@ class NativeKernels:
         positions: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Gemma's q (B, nh, hd) and k (B, nkv·hd) from the fused qkv (B, ≥ (nh + nkv)·hd)
-        bf16: each head RMS-normed with its weight (q's, k's: (hd,) fp32), then rotated by the
-        (cos, sin) tables' (bf16, (positions, hd)) rows at `positions` (B,) int64."""
+        bf16 or fp32: each head RMS-normed with its weight (q's, k's: (hd,) fp32), then rotated
+        by the (cos, sin) tables' (qkv's dtype, (positions, hd)) rows at `positions` (B,)
+        int64."""
         (nh, nkv), (q_w, k_w), (cos, sin) = heads, weights, rope
         rows, hd = qkv.shape[0], cos.shape[1]
         tensors = (qkv, q_w, k_w, cos, sin)
         if qkv.stride(-1) != 1 or not all(t.is_contiguous() for t in tensors[1:]):
             raise ValueError("contiguous rows, weights and tables")
+        qk = _kernel(self._qk, qkv, cos, sin)
         q = torch.empty(rows, nh, hd, dtype=qkv.dtype)
         k = torch.empty(rows, nkv * hd, dtype=qkv.dtype)
-        self._qk(
+        qk(
             rows, nh, nkv, hd, qkv.data_ptr(), qkv.stride(0), q_w.data_ptr(), k_w.data_ptr(),
             eps, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(),
             k.data_ptr(), torch.get_num_threads(),
@@ -226,6 +231,30 @@ class NativeKernels:
 
 
 _HEAD_DTYPES = {torch.bfloat16: 0, torch.float32: 1}  # head.c's `fp32` flag
+# A kernel's build for each element type: `name` for bf16, `name_f32` for fp32 (`elem.h`).
+_KERNEL_SUFFIXES = {torch.bfloat16: "", torch.float32: "_f32"}
+Kernel = dict[torch.dtype, Any]
+
+
+def _by_dtype(library: ctypes.CDLL, name: str, argtypes: list[Any], restype: Any) -> Kernel:
+    """Kernel `name`'s builds by element type, each with the ctypes signature they share."""
+    builds: Kernel = {}
+    for dtype, suffix in _KERNEL_SUFFIXES.items():
+        function = getattr(library, name + suffix)
+        function.argtypes, function.restype = argtypes, restype
+        builds[dtype] = function
+    return builds
+
+
+def _kernel(builds: Kernel, *tensors: torch.Tensor, dtype: torch.dtype | None = None) -> Any:
+    """The build for the tensors' element type: they (and `dtype`, when given) must agree on
+    bf16 or fp32, as the C side reads them all as one type."""
+    kinds = {t.dtype for t in tensors} | ({dtype} if dtype is not None else set())
+    if len(kinds) != 1 or not kinds <= builds.keys():
+        raise ValueError(
+            f"the kernels take all bf16 or all fp32 tensors, not {sorted(map(str, kinds))}"
+        )
+    return builds[kinds.pop()]
 
 
 class PackedHead:
@@ -258,22 +287,30 @@ class PackedHead:
 
 class CacheTable:
     """One layer's K and V caches of a step's rows as the attention kernel reads them: each
-    row's K and V data pointers and ring size, int64 (B,) each. The caches must outlive it."""
+    row's K and V data pointers and ring size, int64 (B,) each, and the caches' dtype. The
+    caches must outlive it."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, sizes: torch.Tensor, kv_heads: int):
-        self.k, self.v, self.sizes, self.kv_heads = k, v, sizes, kv_heads
+    def __init__(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        sizes: torch.Tensor,
+        kv_heads: int,
+        dtype: torch.dtype = torch.bfloat16,
+    ) -> None:
+        self.k, self.v, self.sizes, self.kv_heads, self.dtype = k, v, sizes, kv_heads, dtype
         self._alive: object = None
 
     @staticmethod
     def of(k_caches: Sequence[torch.Tensor], v_caches: Sequence[torch.Tensor]) -> CacheTable:
-        """From each row's (nkv, size, hd) K and V caches, contiguous."""
+        """From each row's (nkv, size, hd) K and V caches, contiguous, of one dtype."""
         for t in (*k_caches, *v_caches):
-            if not t.is_contiguous():
-                raise ValueError("caches must be contiguous")
+            if not t.is_contiguous() or t.dtype != k_caches[0].dtype:
+                raise ValueError("caches must be contiguous and of one dtype")
         k = torch.tensor([c.data_ptr() for c in k_caches], dtype=torch.int64)
         v = torch.tensor([c.data_ptr() for c in v_caches], dtype=torch.int64)
         sizes = torch.tensor([c.shape[1] for c in k_caches], dtype=torch.int64)
-        table = CacheTable(k, v, sizes, k_caches[0].shape[0])
+        table = CacheTable(k, v, sizes, k_caches[0].shape[0], k_caches[0].dtype)
         table._alive = (k_caches, v_caches)  # the caches live as long as the table
         return table
 
@@ -316,7 +353,7 @@ def _library() -> ctypes.CDLL | None:
     if compiler is None:
         log.info("no C compiler: decode steps keep torch's kernels")
         return None
-    source = b"".join(path.read_bytes() for path in [*_SOURCES, _HEADER])
+    source = b"".join(path.read_bytes() for path in [*_SOURCES, *_HEADERS])
     key = hashlib.sha256(source + repr((compiler, _FLAGS, _cpu())).encode()).hexdigest()[:16]
     target = _cache_dir() / f"tunery-kernels-{key}.so"
     try:

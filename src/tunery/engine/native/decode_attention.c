@@ -2,8 +2,9 @@
  *
  * Every (row, kv head) is computed by one thread in an order fixed by the row's own cache
  * (its length, its ring), never by the batch: a row gets the same bits alone or among any
- * others. Inputs and caches are bf16; scores, softmax and sums are fp32, and the softmax weights
- * are rounded to bf16 before they weigh V, as torch's bf16 attention on a CPU does.
+ * others. Inputs and caches are bf16 (fp32: `elem.h`); scores, softmax and sums are fp32, and
+ * the softmax weights are rounded to bf16 before they weigh V, as torch's bf16 attention on a
+ * CPU does (in fp32, not rounded).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -11,10 +12,10 @@
 #include <omp.h>
 #endif
 
-#include "bf16.h"
+#include "elem.h"
 
-/* Scores ph[0:n] → exp(score - max), rounded to bf16 in place; returns the fp32 weights' sum
- * (V is summed with them rounded to bf16). */
+/* Scores ph[0:n] → exp(score - max), rounded to the element type in place; returns the fp32
+ * weights' sum (V is summed with them rounded). */
 static float softmax_weights(float *ph, int64_t n) {
     float m = -INFINITY;
     for (int64_t j = 0; j < n; j++)
@@ -23,34 +24,34 @@ static float softmax_weights(float *ph, int64_t n) {
     for (int64_t j = 0; j < n; j++) {
         float e = expf(ph[j] - m);
         total += e;
-        ph[j] = bf16_to_f32(f32_to_bf16(e));
+        ph[j] = round_elem(e);
     }
     return total;
 }
 
 /* acc[0:hd] = sum_j ph[j] * v[j], in order of j, 16 columns at a time, then the tail. */
-static void weigh_values(const float *ph, int64_t n, int64_t hd, const uint16_t *v, float *acc) {
+static void weigh_values(const float *ph, int64_t n, int64_t hd, const elem_t *v, float *acc) {
     int64_t d = 0;
     for (; d + LANES <= hd; d += LANES) {
         f32x16 sum = {0};
-        for (int64_t j = 0; j < n; j++) sum += ph[j] * load_bf16x16(v + j * hd + d);
+        for (int64_t j = 0; j < n; j++) sum += ph[j] * load_elem16(v + j * hd + d);
         memcpy(acc + d, &sum, sizeof sum);
     }
     for (; d < hd; d++) {
         float sum = 0.0f;
-        for (int64_t j = 0; j < n; j++) sum += ph[j] * bf16_to_f32(v[j * hd + d]);
+        for (int64_t j = 0; j < n; j++) sum += ph[j] * elem_to_f32(v[j * hd + d]);
         acc[d] = sum;
     }
 }
 
 /* The 4 query heads of one kv head at once (hd a multiple of 16): each K and V row read and
- * widened once for all four, every sum in the order `dot_f32_bf16` and `weigh_values` take. */
-static void attend4(int64_t n, int64_t hd, const float *qf, const uint16_t *k, const uint16_t *v,
+ * widened once for all four, every sum in the order `dot_f32_elem` and `weigh_values` take. */
+static void attend4(int64_t n, int64_t hd, const float *qf, const elem_t *k, const elem_t *v,
                     float scale, float *p, float *acc, float *totals) {
     for (int64_t j = 0; j < n; j++) {
         f32x16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
         for (int64_t d = 0; d < hd; d += LANES) {
-            f32x16 kv = load_bf16x16(k + j * hd + d);
+            f32x16 kv = load_elem16(k + j * hd + d);
             s0 += load_f32x16(qf + d) * kv;
             s1 += load_f32x16(qf + hd + d) * kv;
             s2 += load_f32x16(qf + 2 * hd + d) * kv;
@@ -65,7 +66,7 @@ static void attend4(int64_t n, int64_t hd, const float *qf, const uint16_t *k, c
     for (int64_t d = 0; d < hd; d += LANES) {
         f32x16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
         for (int64_t j = 0; j < n; j++) {
-            f32x16 vv = load_bf16x16(v + j * hd + d);
+            f32x16 vv = load_elem16(v + j * hd + d);
             a0 += p[j] * vv;
             a1 += p[n + j] * vv;
             a2 += p[2 * n + j] * vv;
@@ -80,35 +81,35 @@ static void attend4(int64_t n, int64_t hd, const float *qf, const uint16_t *k, c
 
 /* Row r, kv head g: its query heads attend over the filled slots of the row's cache. */
 static void attend(int64_t r, int64_t g, int64_t nh, int64_t nkv, int64_t hd,
-                   const uint16_t *q, uint16_t *const *k_cache, uint16_t *const *v_cache,
-                   const int64_t *pos, const int64_t *size, float scale, uint16_t *out,
+                   const elem_t *q, elem_t *const *k_cache, elem_t *const *v_cache,
+                   const int64_t *pos, const int64_t *size, float scale, elem_t *out,
                    float *work) {
     int64_t per = nh / nkv;
     int64_t n = pos[r] + 1 < size[r] ? pos[r] + 1 : size[r];
-    const uint16_t *k = k_cache[r] + g * size[r] * hd;
-    const uint16_t *v = v_cache[r] + g * size[r] * hd;
+    const elem_t *k = k_cache[r] + g * size[r] * hd;
+    const elem_t *v = v_cache[r] + g * size[r] * hd;
     float *qf = work;           /* (per, hd) */
     float *acc = qf + per * hd; /* (per, hd) */
     float *totals = acc + per * hd; /* (per,) */
     float *p = totals + per;        /* (per, n) */
     for (int64_t h = 0; h < per; h++)
         for (int64_t d = 0; d < hd; d++)
-            qf[h * hd + d] = bf16_to_f32(q[(r * nh + g * per + h) * hd + d]);
+            qf[h * hd + d] = elem_to_f32(q[(r * nh + g * per + h) * hd + d]);
     if (per == 4 && hd % LANES == 0) { /* Gemma 3's grouping: the 4 heads share each read */
         attend4(n, hd, qf, k, v, scale, p, acc, totals);
     } else {
         for (int64_t h = 0; h < per; h++) {
             float *ph = p + h * n;
             for (int64_t j = 0; j < n; j++)
-                ph[j] = dot_f32_bf16(qf + h * hd, k + j * hd, hd) * scale;
+                ph[j] = dot_f32_elem(qf + h * hd, k + j * hd, hd) * scale;
             totals[h] = softmax_weights(ph, n);
             weigh_values(ph, n, hd, v, acc + h * hd);
         }
     }
     for (int64_t h = 0; h < per; h++) {
         float inverse = 1.0f / totals[h];
-        uint16_t *o = out + (r * nh + g * per + h) * hd;
-        for (int64_t d = 0; d < hd; d++) o[d] = f32_to_bf16(acc[h * hd + d] * inverse);
+        elem_t *o = out + (r * nh + g * per + h) * hd;
+        for (int64_t d = 0; d < hd; d++) o[d] = f32_to_elem(acc[h * hd + d] * inverse);
     }
 }
 
@@ -116,19 +117,20 @@ static void attend(int64_t r, int64_t g, int64_t nh, int64_t nkv, int64_t hd,
  * k_cache[r] and v_cache[r] (nkv, size[r], hd). Writes row r's new key and value at slot
  * pos[r] % size[r], then out (B, nh, hd) = attention over the slots filled so far. Returns 0,
  * or -1 when out of memory. */
-int tunery_decode_attention(int64_t rows, int64_t nh, int64_t nkv, int64_t hd,
-                            const uint16_t *q, const uint16_t *k_new, int64_t k_stride,
-                            const uint16_t *v_new, int64_t v_stride, uint16_t *const *k_cache,
-                            uint16_t *const *v_cache, const int64_t *pos, const int64_t *size,
-                            float scale, uint16_t *out, int threads) {
+int KERNEL(tunery_decode_attention)(int64_t rows, int64_t nh, int64_t nkv, int64_t hd,
+                                    const elem_t *q, const elem_t *k_new, int64_t k_stride,
+                                    const elem_t *v_new, int64_t v_stride,
+                                    elem_t *const *k_cache, elem_t *const *v_cache,
+                                    const int64_t *pos, const int64_t *size, float scale,
+                                    elem_t *out, int threads) {
     int64_t longest = 0;
     for (int64_t r = 0; r < rows; r++) {
         int64_t slot = pos[r] % size[r];
         for (int64_t g = 0; g < nkv; g++) {
             memcpy(k_cache[r] + (g * size[r] + slot) * hd, k_new + r * k_stride + g * hd,
-                   hd * sizeof(uint16_t));
+                   hd * sizeof(elem_t));
             memcpy(v_cache[r] + (g * size[r] + slot) * hd, v_new + r * v_stride + g * hd,
-                   hd * sizeof(uint16_t));
+                   hd * sizeof(elem_t));
         }
         if (size[r] > longest) longest = size[r];
     }

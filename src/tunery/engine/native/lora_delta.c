@@ -1,12 +1,13 @@
 /* LoRA deltas for the rows of a decode step, each run of rows with its own adapter, added into
- * the base projection's bf16 output: base += (x A^T) B^T per row, in fp32, rounded once.
+ * the base projection's bf16 (fp32: `elem.h`) output: base += (x A^T) B^T per row, in fp32,
+ * rounded once.
  *
  * A row's sums run in an order fixed by its adapter alone (x A^T in 16 running sums and a fixed
  * tree, u B^T over the rank in order), never by the other rows or the threads.
  */
 #include <stdlib.h>
 
-#include "bf16.h"
+#include "elem.h"
 
 #define BLOCK 64 /* output columns per task */
 
@@ -24,36 +25,36 @@ typedef struct {
     const Part *part;
 } Task;
 
-/* u[k * u_stride] = x_k . a for 4 rows x_k (x_stride apart): dot_f32_bf16's order each */
-static void dot4(const uint16_t *x, int64_t x_stride, const float *a, int64_t n, float *u,
+/* u[k * u_stride] = x_k . a for 4 rows x_k (x_stride apart): dot_f32_elem's order each */
+static void dot4(const elem_t *x, int64_t x_stride, const float *a, int64_t n, float *u,
                  int64_t u_stride) {
     f32x16 acc[4] = {{0}, {0}, {0}, {0}};
     int64_t d = 0;
     for (; d + LANES <= n; d += LANES) {
         f32x16 av = load_f32x16(a + d);
-        for (int k = 0; k < 4; k++) acc[k] += load_bf16x16(x + k * x_stride + d) * av;
+        for (int k = 0; k < 4; k++) acc[k] += load_elem16(x + k * x_stride + d) * av;
     }
     for (int k = 0; k < 4; k++) {
         float s = sum_lanes(acc[k]);
-        for (int64_t e = d; e < n; e++) s += bf16_to_f32(x[k * x_stride + e]) * a[e];
+        for (int64_t e = d; e < n; e++) s += elem_to_f32(x[k * x_stride + e]) * a[e];
         u[k * u_stride] = s;
     }
 }
 
 /* out[0:n] (n <= 16) += u B^T for one row, B's 16 columns held rank-major in `bt`. */
-static void add_block(uint16_t *out, int64_t n, const float *u, const f32x16 *bt, int64_t rank) {
+static void add_block(elem_t *out, int64_t n, const float *u, const f32x16 *bt, int64_t rank) {
     f32x16 acc = {0};
     for (int64_t j = 0; j < rank; j++) acc += u[j] * bt[j];
     if (n == LANES) {
-        store_bf16x16(out, load_bf16x16(out) + acc);
+        store_elem16(out, load_elem16(out) + acc);
         return;
     }
     float delta[LANES];
     memcpy(delta, &acc, sizeof delta);
-    for (int64_t l = 0; l < n; l++) out[l] = f32_to_bf16(bf16_to_f32(out[l]) + delta[l]);
+    for (int64_t l = 0; l < n; l++) out[l] = f32_to_elem(elem_to_f32(out[l]) + delta[l]);
 }
 
-static void run_task(const Task *w, const float *u, int64_t r_max, uint16_t *base,
+static void run_task(const Task *w, const float *u, int64_t r_max, elem_t *base,
                      int64_t base_stride, f32x16 *bt) {
     const Part *p = w->part;
     int64_t rank = p->r_hi - p->r_lo;
@@ -74,9 +75,9 @@ static void run_task(const Task *w, const float *u, int64_t r_max, uint16_t *bas
     }
 }
 
-int tunery_lora_add(int64_t spans, const int64_t *row_lo, const int64_t *row_hi,
-                    const int64_t *const *desc, const uint16_t *x, int64_t x_stride,
-                    uint16_t *base, int64_t base_stride, int threads) {
+int KERNEL(tunery_lora_add)(int64_t spans, const int64_t *row_lo, const int64_t *row_hi,
+                            const int64_t *const *desc, const elem_t *x, int64_t x_stride,
+                            elem_t *base, int64_t base_stride, int threads) {
     int64_t rows = 0, tasks = 0, r_max = 1;
     for (int64_t s = 0; s < spans; s++) {
         if (desc[s] == NULL) continue;
@@ -120,7 +121,7 @@ int tunery_lora_add(int64_t spans, const int64_t *row_lo, const int64_t *row_hi,
             int64_t i = chunk[c], n = rows - i < 4 ? rows - i : 4;
             const int64_t *d = desc[u_row[2 * i + 1]];
             const float *a = (const float *)(intptr_t)d[3];
-            const uint16_t *xr = x + u_row[2 * i] * x_stride;
+            const elem_t *xr = x + u_row[2 * i] * x_stride;
             if (n == 4 && u_row[2 * (i + 3) + 1] == u_row[2 * i + 1]) {
                 for (int64_t j = 0; j < d[1]; j++)
                     dot4(xr, x_stride, a + j * d[0], d[0], u + i * r_max + j, r_max);
@@ -129,7 +130,7 @@ int tunery_lora_add(int64_t spans, const int64_t *row_lo, const int64_t *row_hi,
             for (int64_t k = i; k < i + n && u_row[2 * k + 1] == u_row[2 * i + 1]; k++)
                 for (int64_t j = 0; j < d[1]; j++)
                     u[k * r_max + j] =
-                        dot_f32_bf16(a + j * d[0], x + u_row[2 * k] * x_stride, d[0]);
+                        dot_f32_elem(a + j * d[0], x + u_row[2 * k] * x_stride, d[0]);
         }
         /* 2. base += u B^T, a block of output columns of one part per task */
         f32x16 *bt = aligned_alloc(64, sizeof(f32x16) * r_max);
