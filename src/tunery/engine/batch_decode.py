@@ -148,9 +148,7 @@ def pad_rows(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.repeat(2, 1) if hidden.shape[0] == 1 else hidden
 
 
-def _cache_tables(
-    caches: Sequence[KVCache], kv_heads: int, dtype: torch.dtype
-) -> list[CacheTable]:
+def _cache_tables(caches: Sequence[KVCache], kv_heads: int, dtype: torch.dtype) -> list[CacheTable]:
     """Every layer's `CacheTable` of the rows' batch-1 caches (`dtype`), made at once for a
     step."""
     pointers = [c.pointers() for c in caches]
