@@ -180,3 +180,31 @@ def test_a_gemma_3_loads_from_its_files_and_builds_its_model_on_the_same_tensors
     assert int(ours.argmax()) == int(theirs.argmax())
     assert torch.allclose(ours[0], theirs, atol=0.05, rtol=0.02)
     assert base.model is model  # once
+
+
+def test_weights_of_one_other_dtype_convert_in_one_pass_to_the_same_values(
+    tmp_path: Path,
+) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.weight": torch.randn(7, 5, generator=g).bfloat16(),  # odd sizes: no alignment luck
+        "a.weight": torch.randn(3, generator=g).bfloat16(),
+        "c.scalar": torch.tensor(1.5).bfloat16(),
+    }
+    save_file(tensors, tmp_path / "one.safetensors")
+    mixed = {**tensors, "d.ids": torch.arange(4)}  # two dtypes: converted one by one
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    cpu = torch.device("cpu")
+    for file, want in (("one", tensors), ("mixed", mixed)):
+        got = base_models._read_weights([tmp_path / f"{file}.safetensors"], torch.float32, cpu)
+        assert got.keys() == want.keys()
+        for name, tensor in want.items():
+            assert got[name].dtype == torch.float32 and got[name].shape == tensor.shape
+            assert torch.equal(got[name], tensor.float()), (file, name)
+    whole = base_models._read_weights([tmp_path / "one.safetensors"], torch.float32, cpu)
+    assert len({t.untyped_storage().data_ptr() for t in whole.values()}) == 1  # one buffer
+    same = base_models._read_weights([tmp_path / "one.safetensors"], torch.bfloat16, cpu)
+    assert all(torch.equal(same[n], t) for n, t in tensors.items())
