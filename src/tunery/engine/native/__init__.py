@@ -17,8 +17,8 @@
 
 Each kernel but the head's is built twice from one source (`elem.h`): for bf16 activations and
 caches, and (`kernels_f32.c`) for fp32 ones, where a CPU without AVX512-BF16 runs the model. In
-fp32 they took a 1-row step from 61 to ~? ms on a 2-core AVX2 CPU, where torch's ops between the
-matmuls were a third of it.
+fp32 they took a 1-row step with an adapter from 61 to 50 ms on a 2-core AVX2 CPU (torch's ~1,000
+small ops between the matmuls were a third of it; the rest is the matmuls, memory-bound).
 
 Where no compiler works (or on a GPU) `NativeKernels.load()` is None and callers keep torch.
 """
@@ -49,7 +49,11 @@ _SOURCES = [
     Path(__file__).with_name(n)
     for n in ("decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c")
 ]
-_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", f"-I{Path(__file__).parent}"]
+# -ffp-contract=off: GCC fuses a * b + c into one FMA (one rounding) where its optimizer sees
+# fit, so two loops written alike (a row's LoRA u alone, and 4 rows at a time) could round
+# differently; unfused, every sum rounds as written, and a row gets the same bits either way.
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
+_FLAGS += [f"-I{Path(__file__).parent}"]
 
 
 class NativeKernels:
@@ -318,8 +322,9 @@ class CacheTable:
 class LoraDesc:
     """One fused group's LoRA as `lora_delta.c` reads it: A (r, in) and each part's B
     (out_part, r_part), fp32 and contiguous (not copied: kept alive here), and their layout;
-    `transposed` adds a copy of each B^T in blocks of 16 output columns, (⌈out/16⌉, r, 16)
-    zero-padded, which the kernel reads as one contiguous run per block (the same bits)."""
+    `transposed` adds a copy of each B^T in blocks of L output columns (the kernels' vector
+    width: 16 with AVX-512, else 8), (⌈out/L⌉, r, L) zero-padded, which the kernel reads as one
+    contiguous run per block (the same bits)."""
 
     def __init__(self, a: torch.Tensor, parts: Sequence[Part], transposed: bool = False) -> None:
         copies = [_blocked_transpose(p[4]) if transposed else None for p in parts]
@@ -340,11 +345,14 @@ class LoraDesc:
 
 
 def _blocked_transpose(b: torch.Tensor) -> torch.Tensor:
-    """B (out, r) → (⌈out/16⌉, r, 16): block k holds B^T's columns 16k … 16k + 15."""
+    """B (out, r) → (⌈out/L⌉, r, L) for the kernels' L lanes: block k holds B^T's columns
+    kL … kL + L - 1."""
+    library = _library()
+    lanes = int(library.tunery_lanes()) if library is not None else 16
     out, rank = b.shape
-    padded = torch.zeros(-(-out // 16) * 16, rank, dtype=b.dtype)
+    padded = torch.zeros(-(-out // lanes) * lanes, rank, dtype=b.dtype)
     padded[:out] = b
-    return padded.view(-1, 16, rank).transpose(1, 2).contiguous()
+    return padded.view(-1, lanes, rank).transpose(1, 2).contiguous()
 
 
 @cache

@@ -29,12 +29,12 @@ static float softmax_weights(float *ph, int64_t n) {
     return total;
 }
 
-/* acc[0:hd] = sum_j ph[j] * v[j], in order of j, 16 columns at a time, then the tail. */
+/* acc[0:hd] = sum_j ph[j] * v[j], in order of j, LANES columns at a time, then the tail. */
 static void weigh_values(const float *ph, int64_t n, int64_t hd, const elem_t *v, float *acc) {
     int64_t d = 0;
     for (; d + LANES <= hd; d += LANES) {
-        f32x16 sum = {0};
-        for (int64_t j = 0; j < n; j++) sum += ph[j] * load_elem16(v + j * hd + d);
+        f32v sum = {0};
+        for (int64_t j = 0; j < n; j++) sum += ph[j] * load_elemv(v + j * hd + d);
         memcpy(acc + d, &sum, sizeof sum);
     }
     for (; d < hd; d++) {
@@ -44,18 +44,18 @@ static void weigh_values(const float *ph, int64_t n, int64_t hd, const elem_t *v
     }
 }
 
-/* The 4 query heads of one kv head at once (hd a multiple of 16): each K and V row read and
+/* The 4 query heads of one kv head at once (hd a multiple of LANES): each K and V row read and
  * widened once for all four, every sum in the order `dot_f32_elem` and `weigh_values` take. */
 static void attend4(int64_t n, int64_t hd, const float *qf, const elem_t *k, const elem_t *v,
                     float scale, float *p, float *acc, float *totals) {
     for (int64_t j = 0; j < n; j++) {
-        f32x16 s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
+        f32v s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
         for (int64_t d = 0; d < hd; d += LANES) {
-            f32x16 kv = load_elem16(k + j * hd + d);
-            s0 += load_f32x16(qf + d) * kv;
-            s1 += load_f32x16(qf + hd + d) * kv;
-            s2 += load_f32x16(qf + 2 * hd + d) * kv;
-            s3 += load_f32x16(qf + 3 * hd + d) * kv;
+            f32v kv = load_elemv(k + j * hd + d);
+            s0 += load_f32v(qf + d) * kv;
+            s1 += load_f32v(qf + hd + d) * kv;
+            s2 += load_f32v(qf + 2 * hd + d) * kv;
+            s3 += load_f32v(qf + 3 * hd + d) * kv;
         }
         p[j] = sum_lanes(s0) * scale;
         p[n + j] = sum_lanes(s1) * scale;
@@ -64,9 +64,9 @@ static void attend4(int64_t n, int64_t hd, const float *qf, const elem_t *k, con
     }
     for (int h = 0; h < 4; h++) totals[h] = softmax_weights(p + h * n, n);
     for (int64_t d = 0; d < hd; d += LANES) {
-        f32x16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        f32v a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
         for (int64_t j = 0; j < n; j++) {
-            f32x16 vv = load_elem16(v + j * hd + d);
+            f32v vv = load_elemv(v + j * hd + d);
             a0 += p[j] * vv;
             a1 += p[n + j] * vv;
             a2 += p[2 * n + j] * vv;

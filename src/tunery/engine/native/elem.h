@@ -15,8 +15,8 @@ typedef float elem_t;
 
 static inline float elem_to_f32(elem_t x) { return x; }
 static inline elem_t f32_to_elem(float f) { return f; }
-static inline f32x16 load_elem16(const elem_t *p) { return load_f32x16(p); }
-static inline void store_elem16(elem_t *p, f32x16 f) { memcpy(p, &f, sizeof f); }
+static inline f32v load_elemv(const elem_t *p) { return load_f32v(p); }
+static inline void store_elemv(elem_t *p, f32v f) { memcpy(p, &f, sizeof f); }
 static inline float dot_f32_elem(const float *a, const elem_t *b, int64_t n) {
     return dot_f32_f32(a, b, n);
 }
@@ -26,8 +26,8 @@ typedef uint16_t elem_t;
 
 static inline float elem_to_f32(elem_t x) { return bf16_to_f32(x); }
 static inline elem_t f32_to_elem(float f) { return f32_to_bf16(f); }
-static inline f32x16 load_elem16(const elem_t *p) { return load_bf16x16(p); }
-static inline void store_elem16(elem_t *p, f32x16 f) { store_bf16x16(p, f); }
+static inline f32v load_elemv(const elem_t *p) { return load_bf16v(p); }
+static inline void store_elemv(elem_t *p, f32v f) { store_bf16v(p, f); }
 static inline float dot_f32_elem(const float *a, const elem_t *b, int64_t n) {
     return dot_f32_bf16(a, b, n);
 }

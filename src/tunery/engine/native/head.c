@@ -54,6 +54,9 @@ typedef uint8_t hq_t; /* a row's values fed as q + 128 */
 /* 2: AVX512-VNNI, 1: AVX2, 0: no kernel on this CPU. */
 int tunery_head_supported(void) { return HEAD_INT8; }
 
+/* The kernels' vector width (bf16.h): the column blocks of a LoRA's B^T copy. */
+int tunery_lanes(void) { return LANES; }
+
 /* Element i of a row of bf16 (fp32 = 0) or fp32 values. */
 static inline float value_at(const void *p, int fp32, int64_t i) {
     return fp32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);

@@ -2,7 +2,7 @@
  * the base projection's bf16 (fp32: `elem.h`) output: base += (x A^T) B^T per row, in fp32,
  * rounded once.
  *
- * A row's sums run in an order fixed by its adapter alone (x A^T in 16 running sums and a fixed
+ * A row's sums run in an order fixed by its adapter alone (x A^T in LANES running sums and a fixed
  * tree, u B^T over the rank in order), never by the other rows or the threads.
  */
 #include <stdlib.h>
@@ -13,8 +13,8 @@
 
 /* An adapter's group as `desc` describes it: in, r, parts, A (r, in) fp32, then for each part
  * out columns [c_lo, c_hi), rank columns [r_lo, r_hi), B (c_hi - c_lo, r_hi - r_lo) fp32 and
- * optionally (else NULL) B^T in blocks of 16 columns, (ceil(width / 16), rank, 16) zero-padded,
- * a copy that spares transposing B's blocks at every call. */
+ * optionally (else NULL) B^T in blocks of LANES columns, (ceil(width / LANES), rank, LANES)
+ * zero-padded, a copy that spares transposing B's blocks at every call (`tunery_lanes`). */
 typedef struct {
     int64_t c_lo, c_hi, r_lo, r_hi;
     const float *b, *bt;
@@ -28,11 +28,11 @@ typedef struct {
 /* u[k * u_stride] = x_k . a for 4 rows x_k (x_stride apart): dot_f32_elem's order each */
 static void dot4(const elem_t *x, int64_t x_stride, const float *a, int64_t n, float *u,
                  int64_t u_stride) {
-    f32x16 acc[4] = {{0}, {0}, {0}, {0}};
+    f32v acc[4] = {{0}, {0}, {0}, {0}};
     int64_t d = 0;
     for (; d + LANES <= n; d += LANES) {
-        f32x16 av = load_f32x16(a + d);
-        for (int k = 0; k < 4; k++) acc[k] += load_elem16(x + k * x_stride + d) * av;
+        f32v av = load_f32v(a + d);
+        for (int k = 0; k < 4; k++) acc[k] += load_elemv(x + k * x_stride + d) * av;
     }
     for (int k = 0; k < 4; k++) {
         float s = sum_lanes(acc[k]);
@@ -41,12 +41,12 @@ static void dot4(const elem_t *x, int64_t x_stride, const float *a, int64_t n, f
     }
 }
 
-/* out[0:n] (n <= 16) += u B^T for one row, B's 16 columns held rank-major in `bt`. */
-static void add_block(elem_t *out, int64_t n, const float *u, const f32x16 *bt, int64_t rank) {
-    f32x16 acc = {0};
+/* out[0:n] (n <= LANES) += u B^T for one row, B's LANES columns held rank-major in `bt`. */
+static void add_block(elem_t *out, int64_t n, const float *u, const f32v *bt, int64_t rank) {
+    f32v acc = {0};
     for (int64_t j = 0; j < rank; j++) acc += u[j] * bt[j];
     if (n == LANES) {
-        store_elem16(out, load_elem16(out) + acc);
+        store_elemv(out, load_elemv(out) + acc);
         return;
     }
     float delta[LANES];
@@ -55,15 +55,15 @@ static void add_block(elem_t *out, int64_t n, const float *u, const f32x16 *bt, 
 }
 
 static void run_task(const Task *w, const float *u, int64_t r_max, elem_t *base,
-                     int64_t base_stride, f32x16 *bt) {
+                     int64_t base_stride, f32v *bt) {
     const Part *p = w->part;
     int64_t rank = p->r_hi - p->r_lo;
     for (int64_t c = w->c_lo; c < w->c_hi; c += LANES) {
         int64_t n = w->c_hi - c < LANES ? w->c_hi - c : LANES;
         float *t = (float *)bt;
-        if (p->bt != NULL) { /* its block of 16 columns: rank rows of 16, zero-padded */
+        if (p->bt != NULL) { /* its block of columns: rank rows of LANES, zero-padded */
             const float *block = p->bt + (c - p->c_lo) * rank;
-            for (int64_t j = 0; j < rank; j++) bt[j] = load_f32x16(block + j * LANES);
+            for (int64_t j = 0; j < rank; j++) bt[j] = load_f32v(block + j * LANES);
         } else
             for (int64_t l = 0; l < LANES; l++)
                 for (int64_t j = 0; j < rank; j++)
@@ -133,7 +133,7 @@ int KERNEL(tunery_lora_add)(int64_t spans, const int64_t *row_lo, const int64_t 
                         dot_f32_elem(a + j * d[0], x + u_row[2 * k] * x_stride, d[0]);
         }
         /* 2. base += u B^T, a block of output columns of one part per task */
-        f32x16 *bt = aligned_alloc(64, sizeof(f32x16) * r_max);
+        f32v *bt = aligned_alloc(64, sizeof(f32v) * r_max);
         if (bt == NULL) {
 #pragma omp atomic write
             failed = 1;

@@ -14,14 +14,14 @@ void KERNEL(tunery_argmax)(int64_t rows, int64_t n, const elem_t *x, int64_t str
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         const elem_t *row = x + r * stride;
-        f32x16 best = {0};
-        i32x16 any_nan = {0};
+        f32v best = {0};
+        i32v any_nan = {0};
         best -= INFINITY;
         int64_t j = 0;
         for (; j + LANES <= n; j += LANES) {
-            f32x16 v = load_elem16(row + j);
-            i32x16 more = v > best; /* -1 where v wins: keep v there, best elsewhere */
-            best = (f32x16)(((i32x16)v & more) | ((i32x16)best & ~more));
+            f32v v = load_elemv(row + j);
+            i32v more = v > best; /* -1 where v wins: keep v there, best elsewhere */
+            best = (f32v)(((i32v)v & more) | ((i32v)best & ~more));
             any_nan |= v != v;
         }
         float lanes[LANES], m = -INFINITY;
@@ -51,7 +51,7 @@ void KERNEL(tunery_argmax)(int64_t rows, int64_t n, const elem_t *x, int64_t str
 }
 
 /* Each of the `heads` chunks of n values in each row: x / sqrt(mean(x^2) + eps) * w, with the
- * sum of squares in 16 running sums and a fixed tree. */
+ * sum of squares in LANES running sums and a fixed tree. */
 void KERNEL(tunery_rms_norm)(int64_t rows, int64_t heads, int64_t n, const elem_t *x,
                              int64_t x_stride, const float *w, float eps, elem_t *out,
                              int64_t out_stride, int threads) {
@@ -60,17 +60,17 @@ void KERNEL(tunery_rms_norm)(int64_t rows, int64_t heads, int64_t n, const elem_
     for (int64_t t = 0; t < rows * heads; t++) {
         const elem_t *xr = x + (t / heads) * x_stride + (t % heads) * n;
         elem_t *o = out + (t / heads) * out_stride + (t % heads) * n;
-        f32x16 acc = {0};
+        f32v acc = {0};
         int64_t d = 0;
         for (; d + LANES <= n; d += LANES) {
-            f32x16 v = load_elem16(xr + d);
+            f32v v = load_elemv(xr + d);
             acc += v * v;
         }
         float sum = sum_lanes(acc);
         for (; d < n; d++) sum += elem_to_f32(xr[d]) * elem_to_f32(xr[d]);
         float scale = 1.0f / sqrtf(sum / (float)n + eps);
         for (d = 0; d + LANES <= n; d += LANES)
-            store_elem16(o + d, load_elem16(xr + d) * scale * load_f32x16(w + d));
+            store_elemv(o + d, load_elemv(xr + d) * scale * load_f32v(w + d));
         for (; d < n; d++) o[d] = f32_to_elem(elem_to_f32(xr[d]) * scale * w[d]);
     }
 }
@@ -95,10 +95,10 @@ void KERNEL(tunery_qk_norm_rope)(int64_t rows, int64_t nh, int64_t nkv, int64_t 
         const elem_t *c = cos + pos[r] * hd, *s = sin + pos[r] * hd;
         float y[hd];
         float sum = 0.0f;
-        f32x16 acc = {0};
+        f32v acc = {0};
         int64_t d = 0;
         for (; d + LANES <= hd; d += LANES) {
-            f32x16 v = load_elem16(x + d);
+            f32v v = load_elemv(x + d);
             acc += v * v;
         }
         sum = sum_lanes(acc);
