@@ -57,6 +57,19 @@ int tunery_head_supported(void) { return HEAD_INT8; }
 /* The kernels' vector width (bf16.h): the column blocks of a LoRA's B^T copy. */
 int tunery_lanes(void) { return LANES; }
 
+/* fmax(m, |x|) and fmin(lim, fmax(-lim, r)), NaN handled alike (a NaN x leaves m; a NaN r is
+ * -lim), without their libm calls: GCC keeps those calls for the NaN rules, and the pack made six
+ * per weight (Gemma's 262k x 640 head: 1.1 s of a server's start-up, now 0.55 s on 2 cores). */
+static inline double max_abs(double m, double x) {
+    double a = fabs(x);
+    return a > m ? a : m;
+}
+
+static inline double clamp_q(double r, double lim) {
+    r = r > -lim ? r : -lim;
+    return r < lim ? r : lim;
+}
+
 /* Element i of a row of bf16 (fp32 = 0) or fp32 values. */
 static inline float value_at(const void *p, int fp32, int64_t i) {
     return fp32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
@@ -75,14 +88,14 @@ void tunery_head_pack(int64_t v_count, int64_t c, const void *w, int fp32, int8_
     for (int64_t v = 0; v < v_count; v++) {
         const char *row = (const char *)w + v * c * (fp32 ? 4 : 2);
         double absmax = 0;
-        for (int64_t j = 0; j < c; j++) absmax = fmax(absmax, fabs(value_at(row, fp32, j)));
+        for (int64_t j = 0; j < c; j++) absmax = max_abs(absmax, value_at(row, fp32, j));
         double s = absmax / 127.0, inv = absmax > 0 ? 127.0 / absmax : 0;
         double sq = 0, err = 0;
         int32_t sum = 0;
         int8_t *block = packed + (v / BLOCK) * groups * BLOCK * GROUP + (v % BLOCK) * GROUP;
         for (int64_t j = 0; j < c; j++) {
             double x = value_at(row, fp32, j);
-            double q = fmin(127, fmax(-127, nearbyint(x * inv)));
+            double q = clamp_q(nearbyint(x * inv), 127);
             block[(j / GROUP) * BLOCK * GROUP + j % GROUP] = (int8_t)q;
             sum += (int32_t)q;
             sq += x * x;
@@ -428,14 +441,14 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const void *h,
         double absmax = 0, total = 0;
         for (int64_t j = 0; j < c; j++) {
             x[j] = value_at(h, fp32, r * h_stride + j);
-            absmax = fmax(absmax, fabs(x[j]));
+            absmax = max_abs(absmax, x[j]);
             total += (double)x[j] * x[j];
         }
         info[r].finite = isfinite(absmax) && isfinite(total);
         double s = info[r].finite && absmax > 0 ? absmax / q_max : 0;
         double inv = s > 0 ? 1.0 / s : 0, err = 0, quant = 0;
         for (int64_t j = 0; j < c; j++) {
-            double q = info[r].finite ? fmin(q_max, fmax(-q_max, nearbyint(x[j] * inv))) : 0;
+            double q = info[r].finite ? clamp_q(nearbyint(x[j] * inv), q_max) : 0;
             hq[r * c + j] = (hq_t)(q + HQ_BIAS);
             err += (x[j] - q * s) * (x[j] - q * s);
             quant += (q * s) * (q * s);
