@@ -85,3 +85,16 @@ def test_int8_hidden_states_stay_close(tiny_model_path: Path) -> None:
         a, b = bf16.step(token, caches[0], None), int8.step(token, caches[1], None)
         assert torch.nn.functional.cosine_similarity(a.float(), b.float()).item() > 0.99
         assert bf16.logits(a).argmax() == int8.logits(a).argmax()
+
+
+def test_fp32_weights_narrow_to_bf16_only_when_no_value_rounds() -> None:
+    import torch
+
+    from tunery.engine.fast_decode import narrow_weight
+
+    owner = torch.zeros(1)
+    values = torch.randn(8, 16).bfloat16().float()
+    narrowed = narrow_weight(owner, "bf16 values", lambda: [values[:3], values[3:]])
+    assert narrowed is not None and narrowed.dtype == torch.bfloat16
+    assert torch.equal(narrowed.float(), values)
+    assert narrow_weight(owner, "fp32 values", lambda: [values + 1e-3]) is None

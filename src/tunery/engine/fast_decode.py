@@ -91,12 +91,19 @@ class Linear:
     INT8_MAX_ROWS = 8  # at most this many input rows take the int8 kernel
 
     def __init__(
-        self, parts: Sequence[torch.Tensor], weights: Weights, packed: torch.Tensor | None = None
+        self,
+        parts: Sequence[torch.Tensor],
+        weights: Weights,
+        packed: torch.Tensor | None = None,
+        narrow: tuple[NativeKernels, torch.Tensor] | None = None,
     ) -> None:
-        """`packed`: the parts stacked and pre-packed (`packed_weight`), used instead of them."""
+        """`packed`: the parts stacked and pre-packed (`packed_weight`), used instead of them.
+        `narrow`: for fp32 parts that are bf16 values, the kernels and the parts stacked in
+        bf16 (`narrow_weight`), which decode steps read (`step`)."""
         self.parts = [p.detach() for p in parts]
         self.out_features = sum(p.shape[0] for p in self.parts)
         self.packed = packed
+        self.narrow = narrow
         self.q: torch.Tensor | None = None
         if weights == "int8":
             w = torch.cat(self.parts).float()
@@ -104,6 +111,16 @@ class Linear:
             w.div_(scale.float()[:, None]).round_().clamp_(-127, 127)
             self.q = w.to(torch.int8).contiguous()
             self.scale = scale.contiguous()
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """A decode step's rows (B, in): by the kernels' `linear_bf16w` on the bf16 copy where
+        there is one (half the bytes of fp32 to read: 1-8 rows took 0.5-0.8x oneDNN's fp32
+        time on 2 AVX2 cores, 32 rows 0.9-1.4x), its sums in its own order for any number of
+        rows, so a row's bits do not depend on the batch; else as a prompt's."""
+        if self.narrow is None or x.dtype != torch.float32 or x.dim() != 2:
+            return self(x)
+        kernels, weight = self.narrow
+        return kernels.linear_bf16w(x.contiguous(), weight)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -183,6 +200,26 @@ def packed_weight(
                 else None
             )
         return packs[name]
+
+
+def narrow_weight(
+    owner: torch.Tensor, name: str, parts: Callable[[], Sequence[torch.Tensor]]
+) -> torch.Tensor | None:
+    """A model's fp32 weight `name`, the tensors `parts()` stacked by rows, in bf16, made once
+    per model (see `packed_weight`); None where a value is not a bf16 value (narrowing would
+    round it)."""
+    packs = _PACKED.get(owner, dict)
+    key = f"{name}/bf16"
+    with _PACKED_LOCK:
+        if key not in packs:
+            tensors = [p.detach() for p in parts()]
+            stacked = torch.cat(tensors) if len(tensors) > 1 else tensors[0].contiguous()
+            # fp32 values that are bf16 ones have zero low halves (little-endian: even int16s)
+            exact = stacked.dtype == torch.float32 and not bool(
+                stacked.view(torch.int16)[..., 0::2].any()
+            )
+            packs[key] = stacked.bfloat16() if exact else None
+        return packs[key]
 
 
 class AdapterDamaged(ValueError):
@@ -505,8 +542,19 @@ class FastGemma3:
             for proj in PROJECTIONS
         }
 
-        def linear(name: str, parts: list[torch.Tensor]) -> Linear:
-            return Linear(parts, weights, packed_weight(embed, name, lambda: parts))
+        # fp32 weights that are bf16 values (a bf16 checkpoint on a CPU without AVX512-BF16)
+        # are read as bf16 by decode steps (`Linear.step`): they are memory-bound.
+        narrowing = self.native is not None and self.dtype == torch.float32 and weights == "bf16"
+
+        def linear(name: str, parts: list[torch.Tensor], narrow: bool = narrowing) -> Linear:
+            bf16 = narrow_weight(embed, name, lambda: parts) if narrow else None
+            kernels = self.native
+            return Linear(
+                parts,
+                weights,
+                packed_weight(embed, name, lambda: parts),
+                narrow=(kernels, bf16) if bf16 is not None and kernels is not None else None,
+            )
 
         def w(i: int, proj: str) -> torch.Tensor:
             return tensors[_layer_name(i, proj)]
@@ -533,7 +581,7 @@ class FastGemma3:
             )
         self.final_norm = _norm_weight(tensors[_FINAL_NORM])
         head = tensors.get(_HEAD, embed)  # tied to the embedding unless the model has its own
-        self.head = linear("head", [head])
+        self.head = linear("head", [head], narrow=False)  # many rows (sampling): oneDNN's
         self._head_weight = head
         # Greedy picks over the vocab without the full head (`native/head.c`), for bf16 or fp32
         # weights: on a CPU without AVX512-BF16 (fp32 weights) the fp32 head is half a step.
@@ -646,7 +694,7 @@ class FastGemma3:
         for i, layer in enumerate(self.layers):
             cos, sin = rope["sliding" if layer.sliding else "full"]
             h = self.norm_rows(x, layer.ln_in)
-            qkv = layer.qkv(h)
+            qkv = layer.qkv.step(h)
             if lora is not None and "qkv" in lora.layers[i]:
                 qkv = lora.layers[i]["qkv"].add_to(qkv, h, self.native)
             if self.native is not None:  # the kernels the batch scheduler's rows use
@@ -751,16 +799,16 @@ class FastGemma3:
         def norm(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return _rms(t, weight, self.eps) if native is None else self.norm_rows(t, weight)
 
-        o = layer.o(a)
+        o = layer.o.step(a)
         if "o" in groups:
             o = groups["o"].add_to(o, a, native)
         x = x + norm(o, layer.ln_post_attn)
         h = norm(x, layer.ln_pre_ff)
-        gu = layer.gu(h)
+        gu = layer.gu.step(h)
         if "gu" in groups:
             gu = groups["gu"].add_to(gu, h, native)
         m = _gelu_times(gu)
-        d = layer.down(m)
+        d = layer.down.step(m)
         if "down" in groups:
             d = groups["down"].add_to(d, m, native)
         return x + norm(d, layer.ln_post_ff)

@@ -47,7 +47,7 @@ Part = tuple[int, int, int, int, torch.Tensor]  # out_lo, out_hi, r_lo, r_hi, B 
 _HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "elem.h")]
 _SOURCES = [
     Path(__file__).with_name(n)
-    for n in ("decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c")
+    for n in ("decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c", "linear.c")
 ]
 # -ffp-contract=off: GCC fuses a * b + c into one FMA (one rounding) where its optimizer sees
 # fit, so two loops written alike (a row's LoRA u alone, and 4 rows at a time) could round
@@ -70,6 +70,9 @@ class NativeKernels:
         self._rms = _by_dtype(library, "tunery_rms_norm", rms_args, None)
         qk_args = [i64, i64, i64, i64, ptr, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, i32]
         self._qk = _by_dtype(library, "tunery_qk_norm_rope", qk_args, None)
+        self._linear = library.tunery_linear_bf16w
+        self._linear.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, i64, i32]
+        self._linear.restype = i32
         self._head_ok = bool(library.tunery_head_supported())
         self._head_pack = library.tunery_head_pack
         self._head_pack.argtypes = [i64, i64, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32]
@@ -193,6 +196,23 @@ class NativeKernels:
             k.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return q, k
+
+    def linear_bf16w(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x (rows, in) fp32 @ weight (out, in) bf16 ^T → (rows, out) fp32, each output summed
+        in an order of its own (`linear.c`): a row's bits do not depend on the other rows."""
+        rows, n_in = x.shape
+        if x.dtype != torch.float32 or x.stride(-1) != 1:
+            raise ValueError("contiguous fp32 rows")
+        if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.shape[1] != n_in:
+            raise ValueError(f"a contiguous bf16 weight (out, {n_in})")
+        y = torch.empty(rows, weight.shape[0])
+        status = self._linear(
+            rows, n_in, weight.shape[0], x.data_ptr(), x.stride(0), weight.data_ptr(),
+            y.data_ptr(), y.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("linear: out of memory")
+        return y
 
     def pack_head(self, weight: torch.Tensor) -> PackedHead | None:
         """`weight` (V, C) bf16 or fp32 on the CPU, packed for `best_tokens`; None where this
