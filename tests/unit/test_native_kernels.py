@@ -383,17 +383,20 @@ def test_bf16_weight_linear_matches_fp32_math_and_a_row_gets_its_bits_in_any_bat
     # 7 outputs (a block of 4, then 3 alone) and 100 inputs (a tail past the vectors)
     for n_out, n_in in ((7, 100), (64, 640)):
         weight = torch.randn(n_out, n_in, generator=g).bfloat16()
+        packed = native.pack_linear(weight)
         x = torch.randn(32, n_in, generator=g)
-        batched = native.linear_bf16w(x, weight)
+        batched = native.linear_bf16w(x, packed)
         want = x.double() @ weight.double().t()
         assert (batched.double() - want).abs().max() <= 1e-5 * want.abs().max()
         for rows in ([0], [3, 4], [5, 6, 7, 8, 9], list(range(4))):
-            assert torch.equal(native.linear_bf16w(x[rows], weight), batched[rows]), rows
+            assert torch.equal(native.linear_bf16w(x[rows], packed), batched[rows]), rows
         threads = torch.get_num_threads()
         try:
             torch.set_num_threads(1)
-            assert torch.equal(native.linear_bf16w(x, weight), batched)
+            assert torch.equal(native.linear_bf16w(x, packed), batched)
         finally:
             torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="bf16 weight"):
-        native.linear_bf16w(x, weight.float())
+        native.pack_linear(weight.float())
+    with pytest.raises(ValueError, match="columns"):
+        native.linear_bf16w(x[:, :10], packed)

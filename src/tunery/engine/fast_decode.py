@@ -41,7 +41,7 @@ from typing import Any, Generic, Literal, TypeVar
 import torch
 import torch.nn.functional as F
 
-from tunery.engine.native import CacheTable, LoraDesc, NativeKernels, PackedHead
+from tunery.engine.native import CacheTable, LoraDesc, NativeKernels, PackedHead, PackedLinear
 from tunery.engine.sampling import greedy
 
 Weights = Literal["bf16", "int8"]
@@ -95,7 +95,7 @@ class Linear:
         parts: Sequence[torch.Tensor],
         weights: Weights,
         packed: torch.Tensor | None = None,
-        narrow: tuple[NativeKernels, torch.Tensor] | None = None,
+        narrow: tuple[NativeKernels, PackedLinear] | None = None,
     ) -> None:
         """`packed`: the parts stacked and pre-packed (`packed_weight`), used instead of them.
         `narrow`: for fp32 parts that are bf16 values, the kernels and the parts stacked in
@@ -180,7 +180,7 @@ class ByTensor(Generic[T]):
 
 
 # a model's embedding tensor → name → its pre-packed weight; kept while the weights live
-_PACKED: ByTensor[dict[str, torch.Tensor | None]] = ByTensor()
+_PACKED: ByTensor[dict[str, Any]] = ByTensor()
 _PACKED_LOCK = threading.Lock()
 
 
@@ -203,11 +203,14 @@ def packed_weight(
 
 
 def narrow_weight(
-    owner: torch.Tensor, name: str, parts: Callable[[], Sequence[torch.Tensor]]
-) -> torch.Tensor | None:
-    """A model's fp32 weight `name`, the tensors `parts()` stacked by rows, in bf16, made once
-    per model (see `packed_weight`); None where a value is not a bf16 value (narrowing would
-    round it)."""
+    owner: torch.Tensor,
+    name: str,
+    parts: Callable[[], Sequence[torch.Tensor]],
+    kernels: NativeKernels,
+) -> PackedLinear | None:
+    """A model's fp32 weight `name`, the tensors `parts()` stacked by rows, in bf16 packed for
+    `kernels.linear_bf16w`, made once per model (see `packed_weight`); None where a value is
+    not a bf16 value (narrowing would round it)."""
     packs = _PACKED.get(owner, dict)
     key = f"{name}/bf16"
     with _PACKED_LOCK:
@@ -218,7 +221,7 @@ def narrow_weight(
             exact = stacked.dtype == torch.float32 and not bool(
                 stacked.view(torch.int16)[..., 0::2].any()
             )
-            packs[key] = stacked.bfloat16() if exact else None
+            packs[key] = kernels.pack_linear(stacked.bfloat16()) if exact else None
         return packs[key]
 
 
@@ -547,8 +550,10 @@ class FastGemma3:
         narrowing = self.native is not None and self.dtype == torch.float32 and weights == "bf16"
 
         def linear(name: str, parts: list[torch.Tensor], narrow: bool = narrowing) -> Linear:
-            bf16 = narrow_weight(embed, name, lambda: parts) if narrow else None
             kernels = self.native
+            bf16 = (
+                narrow_weight(embed, name, lambda: parts, kernels) if narrow and kernels else None
+            )
             return Linear(
                 parts,
                 weights,

@@ -73,6 +73,10 @@ class NativeKernels:
         self._linear = library.tunery_linear_bf16w
         self._linear.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, i64, i32]
         self._linear.restype = i32
+        self._linear_pack = library.tunery_linear_pack
+        self._linear_pack.argtypes = [i64, i64, ptr, ptr]
+        self._linear_pack.restype = None
+        self._panel = int(library.tunery_linear_panel())
         self._head_ok = bool(library.tunery_head_supported())
         self._head_pack = library.tunery_head_pack
         self._head_pack.argtypes = [i64, i64, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32]
@@ -197,17 +201,28 @@ class NativeKernels:
         )  # fmt: skip
         return q, k
 
-    def linear_bf16w(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """x (rows, in) fp32 @ weight (out, in) bf16 ^T → (rows, out) fp32, each output summed
-        in an order of its own (`linear.c`): a row's bits do not depend on the other rows."""
+    def pack_linear(self, weight: torch.Tensor) -> PackedLinear:
+        """`weight` (out, in) bf16 in `linear.c`'s panels, for `linear_bf16w`."""
+        if weight.dtype != torch.bfloat16 or weight.dim() != 2:
+            raise ValueError("a bf16 weight (out, in)")
+        weight = weight.contiguous()
+        n_out, n_in = weight.shape
+        panels = torch.empty(-(-n_out // self._panel) * self._panel * n_in, dtype=torch.bfloat16)
+        self._linear_pack(n_out, n_in, weight.data_ptr(), panels.data_ptr())
+        return PackedLinear(panels, n_out, n_in)
+
+    def linear_bf16w(self, x: torch.Tensor, weight: PackedLinear) -> torch.Tensor:
+        """x (rows, in) fp32 @ W^T, W (out, in) bf16 packed by `pack_linear` → (rows, out)
+        fp32, each output one running sum over `in` in order (`linear.c`): a row's bits do not
+        depend on the other rows."""
         rows, n_in = x.shape
         if x.dtype != torch.float32 or x.stride(-1) != 1:
             raise ValueError("contiguous fp32 rows")
-        if weight.dtype != torch.bfloat16 or not weight.is_contiguous() or weight.shape[1] != n_in:
-            raise ValueError(f"a contiguous bf16 weight (out, {n_in})")
-        y = torch.empty(rows, weight.shape[0])
+        if weight.n_in != n_in:
+            raise ValueError(f"x has {n_in} columns, the weight {weight.n_in}")
+        y = torch.empty(rows, weight.n_out)
         status = self._linear(
-            rows, n_in, weight.shape[0], x.data_ptr(), x.stride(0), weight.data_ptr(),
+            rows, n_in, weight.n_out, x.data_ptr(), x.stride(0), weight.panels.data_ptr(),
             y.data_ptr(), y.stride(0), torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
@@ -255,6 +270,15 @@ class NativeKernels:
 
 
 _HEAD_DTYPES = {torch.bfloat16: 0, torch.float32: 1}  # head.c's `fp32` flag
+
+
+class PackedLinear:
+    """A bf16 weight (out, in) in `linear.c`'s panels (k-major, zero-padded)."""
+
+    def __init__(self, panels: torch.Tensor, n_out: int, n_in: int) -> None:
+        self.panels, self.n_out, self.n_in = panels, n_out, n_in
+
+
 # A kernel's build for each element type: `name` for bf16, `name_f32` for fp32 (`elem.h`).
 _KERNEL_SUFFIXES = {torch.bfloat16: "", torch.float32: "_f32"}
 Kernel = dict[torch.dtype, Any]

@@ -1,21 +1,23 @@
-/* y = x W^T for a decode step's rows: x (rows, in) fp32, W (out, in) bf16, y (rows, out) fp32.
+/* y = x W^T for a decode step's rows: x (rows, in) fp32, W (out, in) bf16 packed in panels,
+ * y (rows, out) fp32.
  *
  * For a CPU that runs the model in fp32 (no AVX512-BF16): the weights are bf16 values (the
  * model's own, widened exactly), so reading them as bf16 halves the bytes a memory-bound step
- * reads and changes no product. Each y[r][j] is summed in LANES running fused multiply-adds
- * over k, then `sum_lanes`'s tree, then the tail in order: the same order whatever the rows,
- * their count or the threads, so a row gets the same bits alone or in any batch. Rows go 3 at a
- * time against 4 weight rows (12 sums in registers), the 4 weight rows staying in L1 while every
- * row passes: widened once into an fp32 copy there for more than 3 rows (the same values, so
- * the same bits), read as bf16 directly for fewer.
+ * reads and changes no product. The panels (`tunery_linear_pack`) hold PANEL outputs' weights
+ * k-major, [out / PANEL][in][PANEL], zero-padded: a row's x[k], broadcast, multiplies PANEL
+ * weights at once. Each y[r][j] is one running sum of fused multiply-adds over k in order: the
+ * same whatever the rows, their count or the threads, so a row gets the same bits alone or in
+ * any batch. Rows go 4 at a time (12 sums in registers); for more than 3 rows a panel is widened
+ * once into an fp32 copy (the same values) that every row group reads.
  */
-#include <math.h>
 #include <stdlib.h>
-#ifdef __FMA__
+#ifdef __AVX__
 #include <immintrin.h>
 #endif
 
 #include "bf16.h"
+
+#define PANEL (3 * LANES) /* outputs per panel: 3 vectors */
 
 /* acc + a * b, rounded once (an FMA) where the CPU has one. */
 static inline f32v fma_v(f32v a, f32v b, f32v acc) {
@@ -28,98 +30,103 @@ static inline f32v fma_v(f32v a, f32v b, f32v acc) {
 #endif
 }
 
-static inline float fma_s(float a, float b, float acc) {
-#if defined(__FMA__) || defined(__AVX512F__)
-    return fmaf(a, b, acc);
+/* x broadcast to every lane. */
+static inline f32v broadcast_v(float x) {
+#if defined(__AVX512F__)
+    return (f32v)_mm512_set1_ps(x);
+#elif defined(__AVX__)
+    return (f32v)_mm256_set1_ps(x);
 #else
-    return acc + a * b;
+    f32v v;
+    for (int l = 0; l < LANES; l++) v[l] = x;
+    return v;
 #endif
 }
 
-/* Weight vector k of row j: widened from bf16 `w`, or read from its fp32 copy `wf`. */
-static inline f32v weight_at(const uint16_t *w, const float *wf, int64_t k) {
-    return wf != NULL ? load_f32v(wf + k) : load_bf16v(w + k);
+int tunery_linear_panel(void) { return PANEL; }
+
+/* W (out, in) bf16 → panels [ceil(out / PANEL)][in][PANEL], zero-padded. */
+void tunery_linear_pack(int64_t out, int64_t in, const uint16_t *w, uint16_t *panels) {
+    int64_t count = (out + PANEL - 1) / PANEL;
+    for (int64_t p = 0; p < count; p++)
+        for (int64_t k = 0; k < in; k++)
+            for (int64_t c = 0; c < PANEL; c++) {
+                int64_t j = p * PANEL + c;
+                panels[(p * in + k) * PANEL + c] = j < out ? w[j * in + k] : 0;
+            }
 }
 
-/* y[i * y_stride + j] for R rows of x (R <= 3) and the 4 weight rows w[0..3] (or their fp32
- * copy wf, when not NULL). Always inlined with R a constant, so the 12 sums stay in
- * registers. */
-static inline __attribute__((always_inline)) void rows_by_4(int R, const float *x,
-                                                            int64_t x_stride, const uint16_t *w,
-                                                            const float *wf, int64_t in, float *y,
-                                                            int64_t y_stride) {
-    f32v acc[3][4];
+/* The panel's PANEL sums for R rows of x (R <= 4), into y's rows (`n` valid outputs). Always
+ * inlined with R a constant, so the sums stay in registers. `wf`: the panel widened, or NULL to
+ * widen its bf16 `w` as it goes. */
+static inline __attribute__((always_inline)) void panel_rows(int R, const float *x,
+                                                             int64_t x_stride, const uint16_t *w,
+                                                             const float *wf, int64_t in,
+                                                             float *y, int64_t y_stride,
+                                                             int64_t n) {
+    f32v acc[4][3];
     memset(acc, 0, sizeof acc);
-    int64_t k = 0;
-    for (; k + LANES <= in; k += LANES) {
-        f32v w0 = weight_at(w, wf, k), w1 = weight_at(w + in, wf ? wf + in : NULL, k);
-        f32v w2 = weight_at(w + 2 * in, wf ? wf + 2 * in : NULL, k);
-        f32v w3 = weight_at(w + 3 * in, wf ? wf + 3 * in : NULL, k);
+    for (int64_t k = 0; k < in; k++) {
+        f32v w0, w1, w2;
+        if (wf != NULL) {
+            w0 = load_f32v(wf + k * PANEL), w1 = load_f32v(wf + k * PANEL + LANES);
+            w2 = load_f32v(wf + k * PANEL + 2 * LANES);
+        } else {
+            w0 = load_bf16v(w + k * PANEL), w1 = load_bf16v(w + k * PANEL + LANES);
+            w2 = load_bf16v(w + k * PANEL + 2 * LANES);
+        }
         for (int i = 0; i < R; i++) {
-            f32v xv = load_f32v(x + i * x_stride + k);
-            acc[i][0] = fma_v(xv, w0, acc[i][0]);
-            acc[i][1] = fma_v(xv, w1, acc[i][1]);
-            acc[i][2] = fma_v(xv, w2, acc[i][2]);
-            acc[i][3] = fma_v(xv, w3, acc[i][3]);
+            f32v xb = broadcast_v(x[i * x_stride + k]);
+            acc[i][0] = fma_v(xb, w0, acc[i][0]);
+            acc[i][1] = fma_v(xb, w1, acc[i][1]);
+            acc[i][2] = fma_v(xb, w2, acc[i][2]);
         }
     }
-    for (int i = 0; i < R; i++)
-        for (int j = 0; j < 4; j++) {
-            float s = sum_lanes(acc[i][j]);
-            for (int64_t t = k; t < in; t++)
-                s = fma_s(x[i * x_stride + t], bf16_to_f32(w[j * in + t]), s);
-            y[i * y_stride + j] = s;
+    for (int i = 0; i < R; i++) {
+        if (n == PANEL) {
+            memcpy(y + i * y_stride, acc[i], sizeof acc[i]);
+            continue;
         }
-}
-
-/* One output column j's rows, in the order of `rows_by_4`. */
-static void rows_by_1(int64_t rows, const float *x, int64_t x_stride, const uint16_t *w,
-                      int64_t in, float *y, int64_t y_stride) {
-    for (int64_t r = 0; r < rows; r++) {
-        f32v acc = {0};
-        int64_t k = 0;
-        for (; k + LANES <= in; k += LANES)
-            acc = fma_v(load_f32v(x + r * x_stride + k), load_bf16v(w + k), acc);
-        float s = sum_lanes(acc);
-        for (; k < in; k++) s = fma_s(x[r * x_stride + k], bf16_to_f32(w[k]), s);
-        y[r * y_stride] = s;
+        float sums[PANEL];
+        memcpy(sums, acc[i], sizeof sums);
+        memcpy(y + i * y_stride, sums, sizeof(float) * n);
     }
 }
 
 /* Returns 0, or -1 out of memory. */
 int tunery_linear_bf16w(int64_t rows, int64_t in, int64_t out, const float *x, int64_t x_stride,
-                        const uint16_t *w, float *y, int64_t y_stride, int threads) {
-    int64_t blocks = (out + 3) / 4;
+                        const uint16_t *panels, float *y, int64_t y_stride, int threads) {
+    int64_t count = (out + PANEL - 1) / PANEL;
     int failed = 0;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
-        float *wf = rows > 3 ? aligned_alloc(64, (sizeof(float) * 4 * in + 63) / 64 * 64) : NULL;
+        size_t bytes = (sizeof(float) * in * PANEL + 63) / 64 * 64;
+        float *wf = rows > 3 ? aligned_alloc(64, bytes) : NULL;
         if (rows > 3 && wf == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
-            int64_t j = 4 * b;
-            const uint16_t *wj = w + j * in;
+        for (int64_t p = 0; p < count; p++) {
             if (failed) continue;
-            if (j + 4 > out) {
-                for (; j < out; j++)
-                    rows_by_1(rows, x, x_stride, w + j * in, in, y + j, y_stride);
-                continue;
-            }
+            const uint16_t *w = panels + p * in * PANEL;
+            int64_t n = out - p * PANEL < PANEL ? out - p * PANEL : PANEL;
             if (wf != NULL)
-                for (int64_t k = 0; k < 4 * in; k++) wf[k] = bf16_to_f32(wj[k]);
+                for (int64_t k = 0; k < in * PANEL; k += LANES)
+                    *(f32v *)(wf + k) = load_bf16v(w + k);
+            float *yp = y + p * PANEL;
             int64_t r = 0;
-            for (; r + 3 <= rows; r += 3)
-                rows_by_4(3, x + r * x_stride, x_stride, wj, wf, in, y + r * y_stride + j,
-                          y_stride);
+            for (; r + 4 <= rows; r += 4)
+                panel_rows(4, x + r * x_stride, x_stride, w, wf, in, yp + r * y_stride, y_stride,
+                           n);
             const float *xr = x + r * x_stride;
-            float *yr = y + r * y_stride + j;
-            if (rows - r == 2)
-                rows_by_4(2, xr, x_stride, wj, wf, in, yr, y_stride);
+            float *yr = yp + r * y_stride;
+            if (rows - r == 3)
+                panel_rows(3, xr, x_stride, w, wf, in, yr, y_stride, n);
+            else if (rows - r == 2)
+                panel_rows(2, xr, x_stride, w, wf, in, yr, y_stride, n);
             else if (rows - r == 1)
-                rows_by_4(1, xr, x_stride, wj, wf, in, yr, y_stride);
+                panel_rows(1, xr, x_stride, w, wf, in, yr, y_stride, n);
         }
         free(wf);
     }
