@@ -113,7 +113,7 @@ def step_rows(
     tables = _cache_tables(caches, fast.n_kv, fast.dtype) if fast.native is not None else []
     for i, layer in enumerate(fast.layers):
         h = fast.norm_rows(x, layer.ln_in)
-        qkv = _add_lora(layer.qkv.step(h), h, spans, i, "qkv", fast.native)
+        qkv = _add_lora(layer.qkv(h), h, spans, i, "qkv", fast.native)
         if fast.native is not None:  # one call for every row: see `native`
             a = fast.attend_native(i, qkv, tables[i], index)
             x = _after_attention(fast, x, a, layer, i, spans)
@@ -172,12 +172,12 @@ def _after_attention(
     fast: FastGemma3, x: torch.Tensor, a: torch.Tensor, layer: _Layer, i: int, spans: Sequence[Span]
 ) -> torch.Tensor:
     """`FastGemma3._after_attention` with each row's own adapter."""
-    o = _add_lora(layer.o.step(a), a, spans, i, "o", fast.native)
+    o = _add_lora(layer.o(a), a, spans, i, "o", fast.native)
     x = x + fast.norm_rows(o, layer.ln_post_attn)
     h = fast.norm_rows(x, layer.ln_pre_ff)
-    gu = _add_lora(layer.gu.step(h), h, spans, i, "gu", fast.native)
+    gu = _add_lora(layer.gu(h), h, spans, i, "gu", fast.native)
     m = _gelu_times(gu)
-    d = _add_lora(layer.down.step(m), m, spans, i, "down", fast.native)
+    d = _add_lora(layer.down(m), m, spans, i, "down", fast.native)
     return x + fast.norm_rows(d, layer.ln_post_ff)
 
 

@@ -99,7 +99,9 @@ class Linear:
     ) -> None:
         """`packed`: the parts stacked and pre-packed (`packed_weight`), used instead of them.
         `narrow`: for fp32 parts that are bf16 values, the kernels and the parts stacked in
-        bf16 (`narrow_weight`), which decode steps read (`step`)."""
+        bf16 (`narrow_weight`), read instead of them by the kernels' `linear_bf16w`: half the
+        bytes of fp32, each output's sum in one order for any number of rows (on 2 AVX2 cores
+        0.5-0.6x oneDNN's fp32 time at 1-2 rows, 0.9-1.0x at 32-128, 0.9-1.2x at 512-1024)."""
         self.parts = [p.detach() for p in parts]
         self.out_features = sum(p.shape[0] for p in self.parts)
         self.packed = packed
@@ -112,19 +114,13 @@ class Linear:
             self.q = w.to(torch.int8).contiguous()
             self.scale = scale.contiguous()
 
-    def step(self, x: torch.Tensor) -> torch.Tensor:
-        """A decode step's rows (B, in): by the kernels' `linear_bf16w` on the bf16 copy where
-        there is one (half the bytes of fp32 to read: 1-8 rows took 0.5-0.8x oneDNN's fp32
-        time on 2 AVX2 cores, 32 rows 0.9-1.4x), its sums in its own order for any number of
-        rows, so a row's bits do not depend on the batch; else as a prompt's."""
-        if self.narrow is None or x.dtype != torch.float32 or x.dim() != 2:
-            return self(x)
-        kernels, weight = self.narrow
-        return kernels.linear_bf16w(x.contiguous(), weight)
-
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.numel() // shape[-1]
+        if self.narrow is not None and x.dtype == torch.float32:
+            kernels, weight = self.narrow
+            y = kernels.linear_bf16w(x.reshape(rows, shape[-1]).contiguous(), weight)
+            return y.view(*shape[:-1], self.out_features)
         if self.q is not None and rows <= self.INT8_MAX_ROWS:
             y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(rows, shape[-1]), self.q, self.scale
@@ -546,7 +542,7 @@ class FastGemma3:
         }
 
         # fp32 weights that are bf16 values (a bf16 checkpoint on a CPU without AVX512-BF16)
-        # are read as bf16 by decode steps (`Linear.step`): they are memory-bound.
+        # are read as bf16 by the kernels (`Linear`'s `narrow`), and have no oneDNN copy.
         narrowing = self.native is not None and self.dtype == torch.float32 and weights == "bf16"
 
         def linear(name: str, parts: list[torch.Tensor], narrow: bool = narrowing) -> Linear:
@@ -554,12 +550,9 @@ class FastGemma3:
             bf16 = (
                 narrow_weight(embed, name, lambda: parts, kernels) if narrow and kernels else None
             )
-            return Linear(
-                parts,
-                weights,
-                packed_weight(embed, name, lambda: parts),
-                narrow=(kernels, bf16) if bf16 is not None and kernels is not None else None,
-            )
+            if bf16 is not None and kernels is not None:
+                return Linear(parts, weights, narrow=(kernels, bf16))
+            return Linear(parts, weights, packed_weight(embed, name, lambda: parts))
 
         def w(i: int, proj: str) -> torch.Tensor:
             return tensors[_layer_name(i, proj)]
@@ -699,7 +692,7 @@ class FastGemma3:
         for i, layer in enumerate(self.layers):
             cos, sin = rope["sliding" if layer.sliding else "full"]
             h = self.norm_rows(x, layer.ln_in)
-            qkv = layer.qkv.step(h)
+            qkv = layer.qkv(h)
             if lora is not None and "qkv" in lora.layers[i]:
                 qkv = lora.layers[i]["qkv"].add_to(qkv, h, self.native)
             if self.native is not None:  # the kernels the batch scheduler's rows use
@@ -804,16 +797,16 @@ class FastGemma3:
         def norm(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
             return _rms(t, weight, self.eps) if native is None else self.norm_rows(t, weight)
 
-        o = layer.o.step(a)
+        o = layer.o(a)
         if "o" in groups:
             o = groups["o"].add_to(o, a, native)
         x = x + norm(o, layer.ln_post_attn)
         h = norm(x, layer.ln_pre_ff)
-        gu = layer.gu.step(h)
+        gu = layer.gu(h)
         if "gu" in groups:
             gu = groups["gu"].add_to(gu, h, native)
         m = _gelu_times(gu)
-        d = layer.down.step(m)
+        d = layer.down(m)
         if "down" in groups:
             d = groups["down"].add_to(d, m, native)
         return x + norm(d, layer.ln_post_ff)
