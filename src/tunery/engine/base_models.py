@@ -514,8 +514,7 @@ def _converted_whole(
     itemsize = next(iter(loaded.values())).element_size()
     if start % itemsize or any(lo % itemsize or hi % itemsize for lo, hi in spans.values()):
         return None
-    storage = torch.UntypedStorage.from_file(str(file), shared=False, nbytes=end)
-    raw = torch.empty(0, dtype=torch.uint8).set_(storage)[start:end]
+    raw = torch.from_file(str(file), shared=False, size=end, dtype=torch.uint8)[start:end]
     whole = raw.view(next(iter(kinds))).to(dtype)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in loaded.items():

@@ -119,8 +119,8 @@ class Linear:
         rows = x.numel() // shape[-1]
         if self.narrow is not None and x.dtype == torch.float32:
             kernels, weight = self.narrow
-            y = kernels.linear_bf16w(x.reshape(rows, shape[-1]).contiguous(), weight)
-            return y.view(*shape[:-1], self.out_features)
+            out = kernels.linear_bf16w(x.reshape(rows, shape[-1]).contiguous(), weight)
+            return out.view(*shape[:-1], self.out_features)
         if self.q is not None and rows <= self.INT8_MAX_ROWS:
             y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(rows, shape[-1]), self.q, self.scale
@@ -176,7 +176,8 @@ class ByTensor(Generic[T]):
 
 
 # a model's embedding tensor → name → its pre-packed weight; kept while the weights live
-_PACKED: ByTensor[dict[str, Any]] = ByTensor()
+_PACKED: ByTensor[dict[str, torch.Tensor | None]] = ByTensor()
+_NARROWED: ByTensor[dict[str, PackedLinear | None]] = ByTensor()  # `narrow_weight`'s, as `_PACKED`
 _PACKED_LOCK = threading.Lock()
 
 
@@ -207,18 +208,17 @@ def narrow_weight(
     """A model's fp32 weight `name`, the tensors `parts()` stacked by rows, in bf16 packed for
     `kernels.linear_bf16w`, made once per model (see `packed_weight`); None where a value is
     not a bf16 value (narrowing would round it)."""
-    packs = _PACKED.get(owner, dict)
-    key = f"{name}/bf16"
+    packs = _NARROWED.get(owner, dict)
     with _PACKED_LOCK:
-        if key not in packs:
+        if name not in packs:
             tensors = [p.detach() for p in parts()]
             stacked = torch.cat(tensors) if len(tensors) > 1 else tensors[0].contiguous()
             # fp32 values that are bf16 ones have zero low halves (little-endian: even int16s)
             exact = stacked.dtype == torch.float32 and not bool(
                 stacked.view(torch.int16)[..., 0::2].any()
             )
-            packs[key] = kernels.pack_linear(stacked.bfloat16()) if exact else None
-        return packs[key]
+            packs[name] = kernels.pack_linear(stacked.bfloat16()) if exact else None
+        return packs[name]
 
 
 class AdapterDamaged(ValueError):
