@@ -1,5 +1,5 @@
 """Native decode kernels: the C files here compiled once per machine with the system C compiler
-(~0.5 s) and called through ctypes, each for every row of a decode step in one call.
+(a few seconds) and called through ctypes, each for every row of a decode step in one call.
 
 - `decode_attention.c`: torch's attention runs one op per row and layer when rows have their own
   caches (~40 µs each with the slicing around it: 23 ms of a 32-row step on 2 cores); padding
@@ -14,11 +14,13 @@
   exact fp32 logits (for bf16 weights rounded to bf16, as the head's are) of the few whose
   bound reaches the best. It serves fp32 weights too (a CPU without AVX512 decodes in fp32: the
   fp32 head took 127 of a 32-row step's ~275 ms there, ~40 of a 1-row step's ~67 ms).
+- `linear.c`: the projections of a model run in fp32 whose weights are bf16 values, reading
+  them as bf16 in k-major panels (`FastGemma3`'s `narrow` linears, prompts and steps alike).
 
 Each kernel but the head's is built twice from one source (`elem.h`): for bf16 activations and
 caches, and (`kernels_f32.c`) for fp32 ones, where a CPU without AVX512-BF16 runs the model. In
 fp32 they took a 1-row step with an adapter from 61 to 50 ms on a 2-core AVX2 CPU (torch's ~1,000
-small ops between the matmuls were a third of it; the rest is the matmuls, memory-bound).
+small ops between the matmuls were a third of it), and `linear.c` the rest to 21-24 ms.
 
 Where no compiler works (or on a GPU) `NativeKernels.load()` is None and callers keep torch.
 """
