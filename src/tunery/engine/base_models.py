@@ -496,8 +496,8 @@ def _converted_whole(
     file: Path, loaded: dict[str, torch.Tensor], dtype: torch.dtype
 ) -> dict[str, torch.Tensor] | None:
     """`loaded` (the tensors of safetensors `file`, mapped from it) in `dtype`, converted in one
-    call over the file's data region; None where they do not all share one other dtype or do
-    not lie contiguous in the file in their header's order."""
+    call over the file's data region; None where they do not all share one other dtype, or the
+    header's offsets do not fit them (misaligned, or another size than the tensor)."""
     kinds = {t.dtype for t in loaded.values()}
     if len(kinds) != 1 or dtype in kinds or not loaded:
         return None
@@ -514,13 +514,13 @@ def _converted_whole(
     itemsize = next(iter(loaded.values())).element_size()
     if start % itemsize or any(lo % itemsize or hi % itemsize for lo, hi in spans.values()):
         return None
+    if any((hi - lo) // itemsize != loaded[name].numel() for name, (lo, hi) in spans.items()):
+        return None
     raw = torch.from_file(str(file), shared=False, size=end, dtype=torch.uint8)[start:end]
     whole = raw.view(next(iter(kinds))).to(dtype)
     out: dict[str, torch.Tensor] = {}
     for name, tensor in loaded.items():
         lo, hi = (offset // itemsize for offset in spans[name])
-        if hi - lo != tensor.numel():
-            return None
         out[name] = whole[lo:hi].view(tensor.shape)
     return out
 
