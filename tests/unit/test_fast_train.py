@@ -12,6 +12,7 @@ from tunery.engine.data import TokenizedExample, collate, pack
 from tunery.engine.fast_decode import PROJECTIONS, FastGemma3
 from tunery.engine.fast_train import FastGemma3Train
 from tunery.engine.lora import lora_injected, trainable_parameters
+from tunery.engine.native import NativeKernels
 from tunery.engine.specs import LoraSpec
 from tunery.engine.train import label_loss
 
@@ -64,11 +65,18 @@ def _loss_and_grads(
     ],
 )
 @pytest.mark.parametrize("targets", [LoraSpec().target_modules, PROJECTIONS])
+@pytest.mark.parametrize("bf16_values", [False, True], ids=["fp32", "bf16-values"])
 def test_matches_the_transformers_forward_in_fp32(
-    lengths: list[int], window: int, targets: tuple[str, ...]
+    lengths: list[int], window: int, targets: tuple[str, ...], bf16_values: bool
 ) -> None:
-    """The default (MLP) targets, and all seven: groups of 1, 2 and 3 members."""
+    """The default (MLP) targets, and all seven: groups of 1, 2 and 3 members. With fp32
+    weights that are bf16 values (a bf16 checkpoint on a CPU without AVX512-BF16), the frozen
+    matmuls forward and backward, the head's included, run on the native kernels' bf16 panels."""
     model = _tiny_gemma(window)
+    if bf16_values:
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.bfloat16().float())
     examples = _examples(lengths)
     with lora_injected(model, LoraSpec(rank=4, alpha=8, target_modules=targets)) as layers:
         for layer in layers.values():
@@ -78,6 +86,8 @@ def test_matches_the_transformers_forward_in_fp32(
             lambda: label_loss(model, collate(examples, 0, torch.device("cpu"))), params
         )
         fast = FastGemma3Train(FastGemma3.of_model(model), layers)
+        narrowed = fast.spec.layers[0].gu.narrow is not None and fast.head._bwd_narrow is not None
+        assert narrowed == (bf16_values and NativeKernels.load() is not None)
         got = _loss_and_grads(lambda: fast.loss(pack(examples, torch.device("cpu"))), params)
 
     assert got[0] == pytest.approx(reference[0], rel=1e-5)

@@ -490,10 +490,12 @@ class FastGemma3:
         tensors: Mapping[str, torch.Tensor],
         weights: Weights = "bf16",
         native: bool = True,
+        head_scan: bool = True,
     ) -> None:
         """`native`: decode steps attend, add LoRA deltas and norm rows with the C kernels
         (`native`) where they build and the weights are bf16 or fp32 on a CPU; else (or False)
-        torch."""
+        torch. `head_scan`: pack the head for greedy picks (`packed_head`); training, which
+        needs the head's logits, does without it."""
         self.weights = weights
         self.config = config
         embed = tensors[_EMBED]
@@ -545,10 +547,12 @@ class FastGemma3:
         # are read as bf16 by the kernels (`Linear`'s `narrow`), and have no oneDNN copy.
         narrowing = self.native is not None and self.dtype == torch.float32 and weights == "bf16"
 
-        def linear(name: str, parts: list[torch.Tensor], narrow: bool = narrowing) -> Linear:
+        def linear(name: str, parts: list[torch.Tensor]) -> Linear:
             kernels = self.native
             bf16 = (
-                narrow_weight(embed, name, lambda: parts, kernels) if narrow and kernels else None
+                narrow_weight(embed, name, lambda: parts, kernels)
+                if narrowing and kernels
+                else None
             )
             if bf16 is not None and kernels is not None:
                 return Linear(parts, weights, narrow=(kernels, bf16))
@@ -579,13 +583,13 @@ class FastGemma3:
             )
         self.final_norm = _norm_weight(tensors[_FINAL_NORM])
         head = tensors.get(_HEAD, embed)  # tied to the embedding unless the model has its own
-        self.head = linear("head", [head], narrow=False)  # many rows (sampling): oneDNN's
+        self.head = linear("head", [head])
         self._head_weight = head
         # Greedy picks over the vocab without the full head (`native/head.c`), for bf16 or fp32
         # weights: on a CPU without AVX512-BF16 (fp32 weights) the fp32 head is half a step.
         self.packed_head: PackedHead | None = None
         self._head_kernels = kernels
-        if kernels is not None and self.softcap is None and weights == "bf16":
+        if kernels is not None and self.softcap is None and weights == "bf16" and head_scan:
             self.packed_head = kernels.pack_head(head)
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0

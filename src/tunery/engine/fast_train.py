@@ -42,14 +42,21 @@ from tunery.engine.fast_decode import (
     packable,
 )
 from tunery.engine.lora import LoraLinear
+from tunery.engine.native import NativeKernels, PackedLinear
 
 
 class FrozenWeight:
     """A frozen weight W (out, in) ready for `x @ W.T` (forward) and `g @ W` (backward).
 
-    The forward is the decode path's `Linear` (its pre-packed copy, shared); the backward gets
-    its own pre-packed Wᵀ with oneDNN on a CPU, else the stacked plain weight.
+    The forward is the decode path's `Linear` (its pre-packed or narrowed copy, shared). The
+    backward reads Wᵀ: in bf16 panels where the forward's are narrowed (`linear.c`: fp32 weights
+    that are bf16 values) and W's rows are few enough for a panel of them to stay in cache, else
+    pre-packed by oneDNN on a CPU, else the stacked plain weight.
     """
+
+    # The most rows of W (Wᵀ's inputs) the backward reads as panels: a panel widened to fp32 is
+    # rows x 3 vectors, 384 KB at 4096 rows with AVX2; the 262k-row vocab head stays on oneDNN.
+    NARROW_MAX_ROWS = 4096
 
     def __init__(self, linear: Linear) -> None:
         self._linear = linear
@@ -57,10 +64,14 @@ class FrozenWeight:
         parts = linear.parts
         weight = torch.cat(parts) if len(parts) > 1 else parts[0]
         self._bwd: torch.Tensor | None = None
+        self._bwd_narrow: tuple[NativeKernels, PackedLinear] | None = None
         self._plain: torch.Tensor | None = weight
-        if packable(weight):
+        if linear.narrow is not None and self.out_features <= self.NARROW_MAX_ROWS:
+            kernels = linear.narrow[0]
+            self._bwd_narrow = kernels, kernels.pack_linear(weight.t().bfloat16())
+        elif packable(weight):
             self._bwd = pack(weight.t())
-        if self._bwd is not None:
+        if self._bwd is not None or self._bwd_narrow is not None:
             self._plain = None  # a fused group's stacked weight is a copy: not kept
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -69,6 +80,9 @@ class FrozenWeight:
 
     def backward(self, g: torch.Tensor) -> torch.Tensor:
         """g (N, out) → (N, in)."""
+        if self._bwd_narrow is not None:
+            kernels, weight_t = self._bwd_narrow
+            return kernels.linear_bf16w(g.contiguous(), weight_t)
         if self._plain is not None:
             return g @ self._plain
         y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(g, self._bwd, None, "none", [], "")
@@ -215,7 +229,13 @@ def prepare_training(config: Any, tensors: Mapping[str, torch.Tensor]) -> None:
     """Build now what the first `train()` on this model would (a worker does it when it
     preloads); nothing for a model that trains through the transformers modules."""
     if FastGemma3.supports(config):
-        base_kernels(FastGemma3(config, tensors, native=False))  # no decode kernels, no head copy
+        base_kernels(training_forward(config, tensors))
+
+
+def training_forward(config: Any, tensors: Mapping[str, torch.Tensor]) -> FastGemma3:
+    """The base model's forward as training reads it: its projections on the native kernels where
+    they narrow fp32 weights (`FastGemma3`), no head packed for greedy decoding."""
+    return FastGemma3(config, tensors, head_scan=False)
 
 
 # Label rows per pass of the output head: enough rows that each pass over its 262k×C weight is

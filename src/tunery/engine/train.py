@@ -33,7 +33,7 @@ from tunery.engine.data import (
     validation_count,
 )
 from tunery.engine.fast_decode import FastGemma3
-from tunery.engine.fast_train import FastGemma3Train
+from tunery.engine.fast_train import FastGemma3Train, training_forward
 from tunery.engine.lora import (
     LoraLinear,
     adapter_state,
@@ -193,7 +193,7 @@ def _batch_loss_fn(
         and FastGemma3Train.targets_fit(lora.target_modules)
         and not lora.dropout  # the fused groups have no dropout on the LoRA input
     ):
-        fast = FastGemma3Train(FastGemma3(base.config, base.weights, native=False), layers)
+        fast = FastGemma3Train(training_forward(base.config, base.weights), layers)
         return lambda examples: fast.loss(pack(examples, base.device))
     return lambda examples: label_loss(base.model, collate(examples, pad_id, base.device))
 
