@@ -400,3 +400,19 @@ def test_bf16_weight_linear_matches_fp32_math_and_a_row_gets_its_bits_in_any_bat
         native.pack_linear(weight.float())
     with pytest.raises(ValueError, match="columns"):
         native.linear_bf16w(x[:, :10], packed)
+
+
+@pytest.mark.parametrize("shape", [(7, 100), (50, 33), (64, 640)])
+def test_fp32_weights_of_bf16_values_narrow_to_the_bf16_panels_and_others_do_not(
+    shape: tuple[int, int],
+) -> None:
+    assert native is not None
+    weight = torch.randn(*shape, generator=torch.Generator().manual_seed(5)).bfloat16()
+    narrowed = native.narrow_linear(weight.float())
+    assert narrowed is not None and (narrowed.n_out, narrowed.n_in) == shape
+    assert torch.equal(narrowed.panels, native.pack_linear(weight).panels)
+    inexact = weight.float()
+    inexact[shape[0] - 1, shape[1] - 1] += 2.0**-20  # one value off bf16, in the last panel
+    assert native.narrow_linear(inexact) is None
+    with pytest.raises(ValueError, match="fp32 weight"):
+        native.narrow_linear(weight)

@@ -212,12 +212,9 @@ def narrow_weight(
     with _PACKED_LOCK:
         if name not in packs:
             tensors = [p.detach() for p in parts()]
-            stacked = torch.cat(tensors) if len(tensors) > 1 else tensors[0].contiguous()
-            # fp32 values that are bf16 ones have zero low halves (little-endian: even int16s)
-            exact = stacked.dtype == torch.float32 and not bool(
-                stacked.view(torch.int16)[..., 0::2].any()
-            )
-            packs[name] = kernels.pack_linear(stacked.bfloat16()) if exact else None
+            stacked = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+            fp32 = stacked.dtype == torch.float32
+            packs[name] = kernels.narrow_linear(stacked) if fp32 else None
         return packs[name]
 
 

@@ -76,8 +76,11 @@ class NativeKernels:
         self._linear.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, i64, i32]
         self._linear.restype = i32
         self._linear_pack = library.tunery_linear_pack
-        self._linear_pack.argtypes = [i64, i64, ptr, ptr]
+        self._linear_pack.argtypes = [i64, i64, ptr, ptr, ctypes.c_int]
         self._linear_pack.restype = None
+        self._linear_pack_f32 = library.tunery_linear_pack_f32
+        self._linear_pack_f32.argtypes = [i64, i64, ptr, ptr, ctypes.c_int]
+        self._linear_pack_f32.restype = i64
         self._panel = int(library.tunery_linear_panel())
         self._head_ok = bool(library.tunery_head_supported())
         self._head_pack = library.tunery_head_pack
@@ -208,10 +211,27 @@ class NativeKernels:
         if weight.dtype != torch.bfloat16 or weight.dim() != 2:
             raise ValueError("a bf16 weight (out, in)")
         weight = weight.contiguous()
+        panels = self._panels_for(weight)
+        self._linear_pack(
+            *weight.shape, weight.data_ptr(), panels.data_ptr(), torch.get_num_threads()
+        )
+        return PackedLinear(panels, *weight.shape)
+
+    def narrow_linear(self, weight: torch.Tensor) -> PackedLinear | None:
+        """`weight` (out, in) fp32 in bf16 panels, as `pack_linear` packs its bf16 values, in one
+        pass; None if a value is not a bf16 value (narrowing would round it)."""
+        if weight.dtype != torch.float32 or weight.dim() != 2:
+            raise ValueError("an fp32 weight (out, in)")
+        weight = weight.contiguous()
+        panels = self._panels_for(weight)
+        inexact = self._linear_pack_f32(
+            *weight.shape, weight.data_ptr(), panels.data_ptr(), torch.get_num_threads()
+        )
+        return PackedLinear(panels, *weight.shape) if inexact == 0 else None
+
+    def _panels_for(self, weight: torch.Tensor) -> torch.Tensor:
         n_out, n_in = weight.shape
-        panels = torch.empty(-(-n_out // self._panel) * self._panel * n_in, dtype=torch.bfloat16)
-        self._linear_pack(n_out, n_in, weight.data_ptr(), panels.data_ptr())
-        return PackedLinear(panels, n_out, n_in)
+        return torch.empty(-(-n_out // self._panel) * self._panel * n_in, dtype=torch.bfloat16)
 
     def linear_bf16w(self, x: torch.Tensor, weight: PackedLinear) -> torch.Tensor:
         """x (rows, in) fp32 @ W^T, W (out, in) bf16 packed by `pack_linear` → (rows, out)

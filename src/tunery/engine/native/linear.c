@@ -45,15 +45,47 @@ static inline f32v broadcast_v(float x) {
 
 int tunery_linear_panel(void) { return PANEL; }
 
+/* Columns of W copied per pass of a panel's rows: PANEL rows x 16 columns are read from W in
+ * 16-element runs and written as one 16 x PANEL block of the panel (in L1). */
+#define PACK_K 16
+
 /* W (out, in) bf16 → panels [ceil(out / PANEL)][in][PANEL], zero-padded. */
-void tunery_linear_pack(int64_t out, int64_t in, const uint16_t *w, uint16_t *panels) {
+void tunery_linear_pack(int64_t out, int64_t in, const uint16_t *w, uint16_t *panels,
+                        int threads) {
     int64_t count = (out + PANEL - 1) / PANEL;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
     for (int64_t p = 0; p < count; p++)
-        for (int64_t k = 0; k < in; k++)
+        for (int64_t k0 = 0; k0 < in; k0 += PACK_K) {
+            int64_t k1 = k0 + PACK_K < in ? k0 + PACK_K : in;
             for (int64_t c = 0; c < PANEL; c++) {
                 int64_t j = p * PANEL + c;
-                panels[(p * in + k) * PANEL + c] = j < out ? w[j * in + k] : 0;
+                for (int64_t k = k0; k < k1; k++)
+                    panels[(p * in + k) * PANEL + c] = j < out ? w[j * in + k] : 0;
             }
+        }
+}
+
+/* W (out, in) fp32 → the same panels, each value's upper 16 bits (its bf16 value when the lower
+ * 16 are zero). Returns how many values have nonzero lower bits, i.e. are not bf16 values (the
+ * panels then hold them truncated: the caller discards them). */
+int64_t tunery_linear_pack_f32(int64_t out, int64_t in, const uint32_t *w, uint16_t *panels,
+                               int threads) {
+    int64_t count = (out + PANEL - 1) / PANEL;
+    int64_t inexact = 0;
+#pragma omp parallel for schedule(static) reduction(+ : inexact) num_threads(threads > 0 ? threads : 1)
+    for (int64_t p = 0; p < count; p++)
+        for (int64_t k0 = 0; k0 < in; k0 += PACK_K) {
+            int64_t k1 = k0 + PACK_K < in ? k0 + PACK_K : in;
+            for (int64_t c = 0; c < PANEL; c++) {
+                int64_t j = p * PANEL + c;
+                for (int64_t k = k0; k < k1; k++) {
+                    uint32_t bits = j < out ? w[j * in + k] : 0;
+                    inexact += (bits & 0xFFFFu) != 0;
+                    panels[(p * in + k) * PANEL + c] = (uint16_t)(bits >> 16);
+                }
+            }
+        }
+    return inexact;
 }
 
 /* The panel's PANEL sums for R rows of x (R <= 4), into y's rows (`n` valid outputs). Always
