@@ -12,7 +12,9 @@ blocked layout (`packed_weight`, built once per model and shared with training):
 then skips the per-call weight reorder, 1.3-1.8x faster for decode-sized inputs, and gives the
 same bits as `F.linear` on the plain weights (measured for 1 to 117 rows). It costs a second copy
 of the weights (~0.5 GB for gemma-3-270m) and bought 1.45x single-stream decode (13.3 → 19.3
-tokens/s with an adapter) and 1.1x for a 32-row batched step.
+tokens/s with an adapter) and 1.1x for a 32-row batched step. Where the weights are fp32 that
+are bf16 values (a CPU without AVX512-BF16), the projections and the head are instead narrowed to
+bf16 panels for the native kernels (`narrow_weight`, `Linear`'s `narrow`), with no oneDNN copy.
 
 `weights="int8"` adds an int8 copy of every projection and of the tied 262k-token output head,
 one bf16 scale per output channel (`aten._weight_int8pack_mm`): a decode step reads half the
