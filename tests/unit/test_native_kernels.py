@@ -411,6 +411,8 @@ def test_fp32_weights_of_bf16_values_narrow_to_the_bf16_panels_and_others_do_not
     narrowed = native.narrow_linear(weight.float())
     assert narrowed is not None and (narrowed.n_out, narrowed.n_in) == shape
     assert torch.equal(narrowed.panels, native.pack_linear(weight).panels)
+    transposed = native.narrow_linear(weight.t().contiguous().float().t())  # read through strides
+    assert transposed is not None and torch.equal(transposed.panels, narrowed.panels)
     inexact = weight.float()
     inexact[shape[0] - 1, shape[1] - 1] += 2.0**-20  # one value off bf16, in the last panel
     assert native.narrow_linear(inexact) is None

@@ -71,8 +71,9 @@ class FrozenWeight:
         self._plain: torch.Tensor | None = weight
         if linear.narrow is not None and self.out_features <= self.NARROW_MAX_ROWS:
             kernels = linear.narrow[0]
-            self._bwd_narrow = kernels, kernels.pack_linear(weight.t().bfloat16())
-        elif packable(weight):
+            weight_t = kernels.narrow_linear(weight.t())  # bf16 values: never None
+            self._bwd_narrow = (kernels, weight_t) if weight_t is not None else None
+        if self._bwd_narrow is None and packable(weight):
             self._bwd = pack(weight.t())
         if self._bwd is not None or self._bwd_narrow is not None:
             self._plain = None  # a fused group's stacked weight is a copy: not kept

@@ -79,7 +79,7 @@ class NativeKernels:
         self._linear_pack.argtypes = [i64, i64, ptr, ptr, ctypes.c_int]
         self._linear_pack.restype = None
         self._linear_pack_f32 = library.tunery_linear_pack_f32
-        self._linear_pack_f32.argtypes = [i64, i64, ptr, ptr, ctypes.c_int]
+        self._linear_pack_f32.argtypes = [i64, i64, ptr, i64, i64, ptr, ctypes.c_int]
         self._linear_pack_f32.restype = i64
         self._panel = int(library.tunery_linear_panel())
         self._head_ok = bool(library.tunery_head_supported())
@@ -218,15 +218,16 @@ class NativeKernels:
         return PackedLinear(panels, *weight.shape)
 
     def narrow_linear(self, weight: torch.Tensor) -> PackedLinear | None:
-        """`weight` (out, in) fp32 in bf16 panels, as `pack_linear` packs its bf16 values, in one
-        pass; None if a value is not a bf16 value (narrowing would round it)."""
-        if weight.dtype != torch.float32 or weight.dim() != 2:
-            raise ValueError("an fp32 weight (out, in)")
-        weight = weight.contiguous()
+        """`weight` (out, in) fp32, with any strides (a transposed view reads as it lies), in
+        bf16 panels as `pack_linear` packs its bf16 values, in one pass; None if a value is not
+        a bf16 value (narrowing would round it)."""
+        if weight.dtype != torch.float32 or weight.dim() != 2 or weight.device.type != "cpu":
+            raise ValueError("an fp32 weight (out, in) on the CPU")
         panels = self._panels_for(weight)
         inexact = self._linear_pack_f32(
-            *weight.shape, weight.data_ptr(), panels.data_ptr(), torch.get_num_threads()
-        )
+            *weight.shape, weight.data_ptr(), *weight.stride(), panels.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
         return PackedLinear(panels, *weight.shape) if inexact == 0 else None
 
     def _panels_for(self, weight: torch.Tensor) -> torch.Tensor:

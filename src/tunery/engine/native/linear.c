@@ -65,11 +65,12 @@ void tunery_linear_pack(int64_t out, int64_t in, const uint16_t *w, uint16_t *pa
         }
 }
 
-/* W (out, in) fp32 → the same panels, each value's upper 16 bits (its bf16 value when the lower
- * 16 are zero). Returns how many values have nonzero lower bits, i.e. are not bf16 values (the
- * panels then hold them truncated: the caller discards them). */
-int64_t tunery_linear_pack_f32(int64_t out, int64_t in, const uint32_t *w, uint16_t *panels,
-                               int threads) {
+/* W (out, in) fp32, element (j, k) at w[j * row_stride + k * col_stride] (a transposed view
+ * too), → the same panels, each value's upper 16 bits (its bf16 value when the lower 16 are
+ * zero). Returns how many values have nonzero lower bits, i.e. are not bf16 values (the panels
+ * then hold them truncated: the caller discards them). */
+int64_t tunery_linear_pack_f32(int64_t out, int64_t in, const uint32_t *w, int64_t row_stride,
+                               int64_t col_stride, uint16_t *panels, int threads) {
     int64_t count = (out + PANEL - 1) / PANEL;
     int64_t inexact = 0;
 #pragma omp parallel for schedule(static) reduction(+ : inexact) num_threads(threads > 0 ? threads : 1)
@@ -79,7 +80,7 @@ int64_t tunery_linear_pack_f32(int64_t out, int64_t in, const uint32_t *w, uint1
             for (int64_t c = 0; c < PANEL; c++) {
                 int64_t j = p * PANEL + c;
                 for (int64_t k = k0; k < k1; k++) {
-                    uint32_t bits = j < out ? w[j * in + k] : 0;
+                    uint32_t bits = j < out ? w[j * row_stride + k * col_stride] : 0;
                     inexact += (bits & 0xFFFFu) != 0;
                     panels[(p * in + k) * PANEL + c] = (uint16_t)(bits >> 16);
                 }
