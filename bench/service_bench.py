@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -164,7 +165,10 @@ def main() -> int:
         # A warm server: the worker preloads after the API (base model, training kernels) and
         # logs "worker ...: preloaded"; a tune() sent before that waits for the preload.
         log = data / "serve.log"
-        t_warm = wait_for(lambda: "preloaded" in log.read_text(), args.warm_seconds, server)
+        worker_preloaded = re.compile(r"tunery\.worker: worker \S+: preloaded ")
+        t_warm = wait_for(
+            lambda: worker_preloaded.search(log.read_text()) is not None, args.warm_seconds, server
+        )
         print(f"worker preloaded {t_warm - t_ready:.2f} s after /readyz")
 
         with httpx.Client(base_url=url, headers={"x-goog-api-key": KEY}, timeout=600) as http:
