@@ -380,10 +380,11 @@ def test_mixed_dtypes_are_refused_not_read_as_one_type() -> None:
 def test_bf16_weight_linear_matches_fp32_math_and_a_row_gets_its_bits_in_any_batch() -> None:
     assert native is not None
     g = torch.Generator().manual_seed(11)
-    # 7 outputs (a block of 4, then 3 alone) and 100 inputs (a tail past the vectors)
+    # 7 outputs (one partial panel) and 100 inputs; 64 outputs (whole and partial panels)
     for n_out, n_in in ((7, 100), (64, 640)):
         weight = torch.randn(n_out, n_in, generator=g).bfloat16()
-        packed = native.pack_linear(weight)
+        packed = native.narrow_linear(weight.float())
+        assert packed is not None
         x = torch.randn(32, n_in, generator=g)
         batched = native.linear_bf16w(x, packed)
         want = x.double() @ weight.double().t()
@@ -396,8 +397,6 @@ def test_bf16_weight_linear_matches_fp32_math_and_a_row_gets_its_bits_in_any_bat
             assert torch.equal(native.linear_bf16w(x, packed), batched)
         finally:
             torch.set_num_threads(threads)
-    with pytest.raises(ValueError, match="bf16 weight"):
-        native.pack_linear(weight.float())
     with pytest.raises(ValueError, match="columns"):
         native.linear_bf16w(x[:, :10], packed)
 
@@ -410,7 +409,13 @@ def test_fp32_weights_of_bf16_values_narrow_to_the_bf16_panels_and_others_do_not
     weight = torch.randn(*shape, generator=torch.Generator().manual_seed(5)).bfloat16()
     narrowed = native.narrow_linear(weight.float())
     assert narrowed is not None and (narrowed.n_out, narrowed.n_in) == shape
-    assert torch.equal(narrowed.panels, native.pack_linear(weight).panels)
+    # panel p holds outputs [p·P, (p+1)·P) k-major, zero-padded: panels[p][k][c] = W[p·P + c][k]
+    n_out, n_in = shape
+    width = native.linear_panel
+    padded = torch.zeros(-(-n_out // width) * width, n_in, dtype=torch.bfloat16)
+    padded[:n_out] = weight
+    want = padded.view(-1, width, n_in).transpose(1, 2).reshape(-1)
+    assert torch.equal(narrowed.panels, want)
     transposed = native.narrow_linear(weight.t().contiguous().float().t())  # read through strides
     assert transposed is not None and torch.equal(transposed.panels, narrowed.panels)
     inexact = weight.float()

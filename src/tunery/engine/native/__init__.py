@@ -75,13 +75,10 @@ class NativeKernels:
         self._linear = library.tunery_linear_bf16w
         self._linear.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, i64, i32]
         self._linear.restype = i32
-        self._linear_pack = library.tunery_linear_pack
-        self._linear_pack.argtypes = [i64, i64, ptr, ptr, ctypes.c_int]
-        self._linear_pack.restype = None
         self._linear_pack_f32 = library.tunery_linear_pack_f32
         self._linear_pack_f32.argtypes = [i64, i64, ptr, i64, i64, ptr, ctypes.c_int]
         self._linear_pack_f32.restype = i64
-        self._panel = int(library.tunery_linear_panel())
+        self.linear_panel = int(library.tunery_linear_panel())  # outputs per panel
         self._head_ok = bool(library.tunery_head_supported())
         self._head_pack = library.tunery_head_pack
         self._head_pack.argtypes = [i64, i64, ptr, i32, ptr, ptr, ptr, ptr, ptr, i32]
@@ -206,36 +203,23 @@ class NativeKernels:
         )  # fmt: skip
         return q, k
 
-    def pack_linear(self, weight: torch.Tensor) -> PackedLinear:
-        """`weight` (out, in) bf16 in `linear.c`'s panels, for `linear_bf16w`."""
-        if weight.dtype != torch.bfloat16 or weight.dim() != 2:
-            raise ValueError("a bf16 weight (out, in)")
-        weight = weight.contiguous()
-        panels = self._panels_for(weight)
-        self._linear_pack(
-            *weight.shape, weight.data_ptr(), panels.data_ptr(), torch.get_num_threads()
-        )
-        return PackedLinear(panels, *weight.shape)
-
     def narrow_linear(self, weight: torch.Tensor) -> PackedLinear | None:
-        """`weight` (out, in) fp32, with any strides (a transposed view reads as it lies), in
-        bf16 panels as `pack_linear` packs its bf16 values, in one pass; None if a value is not
-        a bf16 value (narrowing would round it)."""
+        """`weight` (out, in) fp32, with any strides (a transposed view reads as it lies), as
+        bf16 in `linear.c`'s panels for `linear_bf16w`, in one pass; None if a value is not a
+        bf16 value (narrowing would round it)."""
         if weight.dtype != torch.float32 or weight.dim() != 2 or weight.device.type != "cpu":
             raise ValueError("an fp32 weight (out, in) on the CPU")
-        panels = self._panels_for(weight)
+        n_out, n_in = weight.shape
+        size = -(-n_out // self.linear_panel) * self.linear_panel * n_in
+        panels = torch.empty(size, dtype=torch.bfloat16)
         inexact = self._linear_pack_f32(
-            *weight.shape, weight.data_ptr(), *weight.stride(), panels.data_ptr(),
+            n_out, n_in, weight.data_ptr(), *weight.stride(), panels.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
-        return PackedLinear(panels, *weight.shape) if inexact == 0 else None
-
-    def _panels_for(self, weight: torch.Tensor) -> torch.Tensor:
-        n_out, n_in = weight.shape
-        return torch.empty(-(-n_out // self._panel) * self._panel * n_in, dtype=torch.bfloat16)
+        return PackedLinear(panels, n_out, n_in) if inexact == 0 else None
 
     def linear_bf16w(self, x: torch.Tensor, weight: PackedLinear) -> torch.Tensor:
-        """x (rows, in) fp32 @ W^T, W (out, in) bf16 packed by `pack_linear` → (rows, out)
+        """x (rows, in) fp32 @ W^T, W (out, in) bf16 packed by `narrow_linear` → (rows, out)
         fp32, each output one running sum over `in` in order (`linear.c`): a row's bits do not
         depend on the other rows."""
         rows, n_in = x.shape

@@ -3,7 +3,7 @@
  *
  * For a CPU that runs the model in fp32 (no AVX512-BF16): the weights are bf16 values (the
  * model's own, widened exactly), so reading them as bf16 halves the bytes a memory-bound step
- * reads and changes no product. The panels (`tunery_linear_pack`) hold PANEL outputs' weights
+ * reads and changes no product. The panels (`tunery_linear_pack_f32`) hold PANEL outputs' weights
  * k-major, [out / PANEL][in][PANEL], zero-padded: a row's x[k], broadcast, multiplies PANEL
  * weights at once. Each y[r][j] is one running sum of fused multiply-adds over k in order: the
  * same whatever the rows, their count or the threads, so a row gets the same bits alone or in
@@ -49,24 +49,8 @@ int tunery_linear_panel(void) { return PANEL; }
  * 16-element runs and written as one 16 x PANEL block of the panel (in L1). */
 #define PACK_K 16
 
-/* W (out, in) bf16 → panels [ceil(out / PANEL)][in][PANEL], zero-padded. */
-void tunery_linear_pack(int64_t out, int64_t in, const uint16_t *w, uint16_t *panels,
-                        int threads) {
-    int64_t count = (out + PANEL - 1) / PANEL;
-#pragma omp parallel for schedule(static) num_threads(threads > 0 ? threads : 1)
-    for (int64_t p = 0; p < count; p++)
-        for (int64_t k0 = 0; k0 < in; k0 += PACK_K) {
-            int64_t k1 = k0 + PACK_K < in ? k0 + PACK_K : in;
-            for (int64_t c = 0; c < PANEL; c++) {
-                int64_t j = p * PANEL + c;
-                for (int64_t k = k0; k < k1; k++)
-                    panels[(p * in + k) * PANEL + c] = j < out ? w[j * in + k] : 0;
-            }
-        }
-}
-
 /* W (out, in) fp32, element (j, k) at w[j * row_stride + k * col_stride] (a transposed view
- * too), → the same panels, each value's upper 16 bits (its bf16 value when the lower 16 are
+ * too), → bf16 panels [ceil(out / PANEL)][in][PANEL], zero-padded: each value's upper 16 bits (its bf16 value when the lower 16 are
  * zero). Returns how many values have nonzero lower bits, i.e. are not bf16 values (the panels
  * then hold them truncated: the caller discards them). */
 int64_t tunery_linear_pack_f32(int64_t out, int64_t in, const uint32_t *w, int64_t row_stride,
