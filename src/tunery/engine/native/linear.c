@@ -50,9 +50,9 @@ int tunery_linear_panel(void) { return PANEL; }
 #define PACK_K 16
 
 /* W (out, in) fp32, element (j, k) at w[j * row_stride + k * col_stride] (a transposed view
- * too), → bf16 panels [ceil(out / PANEL)][in][PANEL], zero-padded: each value's upper 16 bits (its bf16 value when the lower 16 are
- * zero). Returns how many values have nonzero lower bits, i.e. are not bf16 values (the panels
- * then hold them truncated: the caller discards them). */
+ * too), → bf16 panels [ceil(out / PANEL)][in][PANEL], zero-padded: each value's upper 16 bits
+ * (its bf16 value when the lower 16 are zero). Returns how many values have nonzero lower bits,
+ * i.e. are not bf16 values (the panels then hold them truncated: the caller discards them). */
 int64_t tunery_linear_pack_f32(int64_t out, int64_t in, const uint32_t *w, int64_t row_stride,
                                int64_t col_stride, uint16_t *panels, int threads) {
     int64_t count = (out + PANEL - 1) / PANEL;
