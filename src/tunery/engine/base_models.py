@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from tunery.engine import tokenizer_check
 from tunery.errors import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -312,7 +313,9 @@ class BaseModelRegistry:
             cache_dir = (
                 path / TOKENIZER_CACHE_DIR if ours else self.models_dir / TOKENIZER_CACHE_DIR
             )
-            tokenizer_future = pool.submit(_cached_tokenizer, path, cache_dir, name)
+            tokenizer_future = pool.submit(
+                _load_tokenizer, path, cache_dir, name, gguf if ours else None
+            )
             config = AutoConfig.from_pretrained(path)
             weights = _fast_weights(config, read.result()) if read is not None else None
             model: Any = None
@@ -343,6 +346,27 @@ class BaseModelRegistry:
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         return target
+
+
+def _load_tokenizer(
+    model_dir: Path, cache_dir: Path, name: str, gguf: Callable[[], Path | None] | None
+) -> Any:
+    """The model's tokenizer: the SentencePiece one rebuilt from its GGUF where that was checked
+    equal to transformers' (in ~0.1 s, not ~2.5 s), else transformers' own.
+
+    `gguf` (for a model dir converted from a GGUF) gives the GGUF to check that on, the first
+    time only: the outcome is kept in the model dir.
+    """
+    fast = tokenizer_check.load(model_dir)
+    if fast is not None:
+        return fast
+    reference = _cached_tokenizer(model_dir, cache_dir, name)
+    if gguf is None or tokenizer_check.is_checked(model_dir):
+        return reference
+    source = gguf()
+    if source is None:
+        return reference
+    return tokenizer_check.build_checked(source, reference, model_dir) or reference
 
 
 TOKENIZER_CACHE_DIR = ".tokenizers"
