@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -98,8 +99,13 @@ class LoadedBase:
         """The transformers causal LM (in eval mode), built once, sharing `weights`."""
         with self._model_lock:
             if self._model is None:
+                config = self.config
+                if isinstance(config, ConfigFile):
+                    from transformers import AutoConfig
+
+                    config = AutoConfig.from_pretrained(self.model_dir)
                 self._model = _model_from_weights(
-                    self.config, self._weights or {}, self.dtype, self.device
+                    config, self._weights or {}, self.dtype, self.device
                 )
             return self._model
 
@@ -132,6 +138,26 @@ class LoadedBase:
             elif isinstance(source, list | tuple):
                 ids += [int(i) for i in source]
         return ids
+
+
+class ConfigFile(SimpleNamespace):
+    """A converted model dir's config.json as attributes, for a model the fast forward runs:
+    reading it needs no transformers import (1.5-2 s of the API process's start-up). The causal
+    LM, when one is built, gets transformers' own config from the same file."""
+
+    @classmethod
+    def read(cls, model_dir: Path) -> ConfigFile | None:
+        """The config, where every field the fast forward reads is in the file; else None."""
+        from tunery.engine.fast_decode import FastGemma3
+
+        try:
+            data = json.loads((model_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            return None
+        config = cls(**data)
+        return config if FastGemma3.supports(config) else None
 
 
 def _model_from_weights(
@@ -300,14 +326,11 @@ class BaseModelRegistry:
         path = self.model_dir(name)
         dtype = pick_dtype(self.device)
         gguf = functools.partial(self.gguf_file, name)
-        # The weights load while transformers is imported (their dtype conversion is one call
-        # that does not hold the GIL), then the tokenizer builds (Gemma's Rust BPE: 2 s that
-        # hold the GIL throughout, so no Python runs beside it) while the config is read.
+        # The weights load (their dtype conversion is one call that does not hold the GIL)
+        # while the tokenizer loads and the config is read.
         with ThreadPoolExecutor(2, thread_name_prefix="tunery-load") as pool:
             files = _fast_weight_files(path)
             read = pool.submit(_read_weights, files, dtype, self.device) if files else None
-            from transformers import AutoConfig
-
             # A model dir Tunery converted is its own; a registered one stays untouched.
             ours = (path / _CONVERTED_MARKER).exists()
             cache_dir = (
@@ -316,7 +339,11 @@ class BaseModelRegistry:
             tokenizer_future = pool.submit(
                 _load_tokenizer, path, cache_dir, name, gguf if ours else None
             )
-            config = AutoConfig.from_pretrained(path)
+            config = ConfigFile.read(path) if ours and files else None
+            if config is None:
+                from transformers import AutoConfig
+
+                config = AutoConfig.from_pretrained(path)
             weights = _fast_weights(config, read.result()) if read is not None else None
             model: Any = None
             if weights is None:

@@ -60,6 +60,10 @@ _FINAL_NORM = "model.norm.weight"
 _HEAD = "lm_head.weight"
 _LAYER_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                 "post_feedforward_layernorm", "self_attn.q_norm", "self_attn.k_norm")  # fmt: skip
+# The config fields the forward reads (the final logit softcap is optional).
+_CONFIG_FIELDS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                  "hidden_size", "intermediate_size", "sliding_window", "rms_norm_eps",
+                  "query_pre_attn_scalar", "layer_types", "rope_parameters")  # fmt: skip
 # Segments a LoRA wrapper adds to a wrapped weight's name: PEFT's `base_layer`, Tunery's `base`.
 _WRAPPER_SEGMENTS = frozenset({"base_layer", "base"})
 
@@ -455,6 +459,8 @@ class FastGemma3:
         forward runs."""
         config = getattr(config, "config", config)
         if config is None or getattr(config, "model_type", None) != "gemma3_text":
+            return False
+        if not all(hasattr(config, field) for field in _CONFIG_FIELDS):
             return False
         rope = getattr(config, "rope_parameters", None) or {}
         return (
