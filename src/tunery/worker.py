@@ -99,6 +99,13 @@ def start_worker_process(
         daemon=True,
     )
     process.start()
+    # Set from here, at once: the child's imports already run below the API's start-up.
+    if settings.worker_nice and process.pid is not None and hasattr(os, "setpriority"):
+        try:
+            nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + settings.worker_nice)
+            os.setpriority(os.PRIO_PROCESS, process.pid, nice)
+        except OSError:
+            log.warning("could not lower worker %s's CPU priority", process.pid, exc_info=True)
     return process
 
 

@@ -169,6 +169,13 @@ def test_a_job_of_a_killed_worker_process_resumes_from_its_checkpoint_once_the_l
     model_id = submit(svc, n=4, epochs=10, batch=1)  # 4 steps an epoch; checkpoint at each end
     process = start_worker_process(fast_settings)
     try:
+        assert process.pid is not None
+        # below the API process's CPU priority, as settings say
+        ours = os.getpriority(os.PRIO_PROCESS, 0)
+        assert fast_settings.worker_nice > 0
+        assert os.getpriority(os.PRIO_PROCESS, process.pid) == min(
+            19, ours + fast_settings.worker_nice
+        )
         wait_for(svc, model_id, lambda m: m.job is not None and m.job.completed_steps >= 5)
     finally:
         assert process.pid is not None
