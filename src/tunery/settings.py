@@ -36,8 +36,8 @@ class Settings(BaseSettings):
     # fast decode steps attend with a C kernel (built with the system compiler; off: torch)
     native_kernels: bool = True
     workers: int = 1  # worker processes `tunery serve` starts
-    # How far the workers' CPU priority is under the API's (0-19, added to its `nice`): on shared cores, requests
-    # keep their latency while a job trains, and the API loads its model first at start-up.
+    # How far the workers' CPU priority is under the API's (0-19, added to its `nice`): on shared
+    # cores, requests keep their latency while a job trains, and the API loads its model first.
     worker_nice: int = Field(default=10, ge=0, le=19)
     lease_seconds: float = 30.0
     max_running_jobs_per_key: int = 2
