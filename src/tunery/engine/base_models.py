@@ -286,6 +286,7 @@ class BaseModelRegistry:
             out = work / "model"
             log.info("converting %s from %s (first use only)", name, gguf_path)
             _convert_gguf(gguf_path, out)
+            _check_gguf_tokenizer(gguf_path, out)
             (out / _CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf_path)}))
             try:
                 os.rename(out, target)
@@ -486,6 +487,15 @@ def _convert_gguf(gguf_path: Path, out: Path) -> None:
     model.hf_quantizer = None
     model.to(torch.bfloat16).save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _check_gguf_tokenizer(gguf_path: Path, out: Path) -> None:
+    """Decide now, while the GGUF is at hand, whether its SentencePiece tokenizer stands in for
+    the converted model's (`tokenizer_check`), so a converted model dir loads fast from the
+    first start."""
+    from transformers import AutoTokenizer
+
+    tokenizer_check.build_checked(gguf_path, AutoTokenizer.from_pretrained(out), out)
 
 
 def _fast_weight_files(path: Path) -> list[Path] | None:
