@@ -88,7 +88,10 @@ def test_the_embedded_models_gguf_tokenizer_encodes_and_decodes_as_transformers_
     assert ours.convert_tokens_to_ids("<end_of_turn>") == reference.convert_tokens_to_ids(
         "<end_of_turn>"
     )
-    assert len(ours) == len(reference)
+    assert ours.convert_tokens_to_ids(["<eos>", "▁IV"]) == reference.convert_tokens_to_ids(
+        ["<eos>", "▁IV"]
+    )
+    assert len(ours) == len(reference) and ours.get_vocab() == reference.get_vocab()
 
 
 def test_a_model_dir_is_checked_once_then_loads_the_sentencepiece_tokenizer(

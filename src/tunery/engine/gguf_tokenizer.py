@@ -177,8 +177,13 @@ class SentencePieceTokenizer:
         parts.append(_utf8_or_replacements(raw) if raw else self._sp.DecodeIds(run))
         return "".join(parts)
 
-    def convert_tokens_to_ids(self, token: str) -> int:
-        return int(self._sp.PieceToId(token))
+    def convert_tokens_to_ids(self, tokens: str | list[str]) -> int | list[int]:
+        if isinstance(tokens, str):
+            return int(self._sp.PieceToId(tokens))
+        return [int(self._sp.PieceToId(t)) for t in tokens]
+
+    def get_vocab(self) -> dict[str, int]:
+        return {self._sp.IdToPiece(i): i for i in range(len(self))}
 
     def _special_spans(self, text: str) -> Iterable[tuple[int, str]]:
         """(position, piece) of each control piece written in `text`, leftmost-longest."""
