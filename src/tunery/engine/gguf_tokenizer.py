@@ -9,6 +9,7 @@ transformers builds Gemma's 262k-token BPE from a 33 MB tokenizer.json, 515k mer
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -122,7 +123,9 @@ class SentencePieceTokenizer:
         self._bytes = {sp.PieceToId(f"<0x{b:02X}>"): b for b in range(256)}
         self._bytes = {i: b for i, b in self._bytes.items() if sp.IsByte(i)}
         self._special_ids = {piece: i for i, piece in self._special.items() if piece}
-        self._starts = {piece[0] for piece in self._special_ids}
+        # Where a control piece may start: one of their first characters (for Gemma, "<").
+        starts = sorted({piece[0] for piece in self._special_ids})
+        self._start = re.compile("|".join(map(re.escape, starts)) or r"(?!)")
         self._lengths = sorted({len(piece) for piece in self._special_ids}, reverse=True)
 
     def __len__(self) -> int:
@@ -188,21 +191,21 @@ class SentencePieceTokenizer:
     def _special_spans(self, text: str) -> Iterable[tuple[int, str]]:
         """(position, piece) of each control piece written in `text`, leftmost-longest."""
         at = 0
-        while at < len(text):
-            if text[at] in self._starts:
-                piece = next(
-                    (
-                        text[at : at + n]
-                        for n in self._lengths
-                        if text[at : at + n] in self._special_ids
-                    ),
-                    None,
-                )
-                if piece is not None:
-                    yield at, piece
-                    at += len(piece)
-                    continue
-            at += 1
+        while (found := self._start.search(text, at)) is not None:
+            at = found.start()
+            piece = next(
+                (
+                    text[at : at + n]
+                    for n in self._lengths
+                    if text[at : at + n] in self._special_ids
+                ),
+                None,
+            )
+            if piece is None:
+                at += 1
+                continue
+            yield at, piece
+            at += len(piece)
 
 
 class Encoding(dict[str, Any]):
