@@ -391,7 +391,11 @@ def _load_tokenizer(
     reference = _cached_tokenizer(model_dir, cache_dir, name)
     if gguf is None or tokenizer_check.is_checked(model_dir):
         return reference
-    source = gguf()
+    try:
+        source = gguf()
+    except Exception:  # only the speed-up is lost
+        log.warning("%s: no GGUF to check its tokenizer on", name, exc_info=True)
+        return reference
     if source is None:
         return reference
     return tokenizer_check.build_checked(source, reference, model_dir) or reference
@@ -495,7 +499,12 @@ def _check_gguf_tokenizer(gguf_path: Path, out: Path) -> None:
     first start."""
     from transformers import AutoTokenizer
 
-    tokenizer_check.build_checked(gguf_path, AutoTokenizer.from_pretrained(out), out)
+    try:
+        reference = AutoTokenizer.from_pretrained(out)
+    except Exception:  # the conversion stands; loading checks again, or keeps transformers'
+        log.warning("could not load %s's tokenizer to check the GGUF's", out, exc_info=True)
+        return
+    tokenizer_check.build_checked(gguf_path, reference, out)
 
 
 def _fast_weight_files(path: Path) -> list[Path] | None:
