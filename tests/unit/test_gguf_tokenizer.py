@@ -123,32 +123,60 @@ def test_a_model_dir_is_checked_once_then_loads_the_sentencepiece_tokenizer(
     )
 
 
-class OneDecodeOff:
-    """transformers' tokenizer, but for one decode: a model whose tokenizer the GGUF's vocab
+class Altered:
+    """transformers' tokenizer with one thing changed: a model whose tokenizer the GGUF's vocab
     does not reproduce."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizer: Any, *, decode_off: bool = False, eos: int | None = None) -> None:
+        self._tokenizer, self._decode_off = tokenizer, decode_off
+        self.eos_token_id = tokenizer.eos_token_id if eos is None else eos
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def __len__(self) -> int:
+        return len(self._tokenizer)
 
     def __call__(self, text: str, **kwargs: Any) -> Any:
         return self._tokenizer(text, **kwargs)
 
     def decode(self, ids: list[int], **kwargs: Any) -> str:
         text: str = self._tokenizer.decode(ids, **kwargs)
-        return text + "!" if len(ids) == 3 else text
+        return text + "!" if self._decode_off and len(ids) == 3 else text
 
 
-def test_a_gguf_tokenizer_that_differs_on_a_probe_is_recorded_and_not_used(
-    tmp_path: Path, models_dir: Path, reference: Any
+@pytest.mark.parametrize(
+    ("change", "why"), [({"decode_off": True}, "decode"), ({"eos": 106}, "eos_token_id")]
+)
+def test_a_gguf_tokenizer_that_differs_from_transformers_is_recorded_and_not_used(
+    tmp_path: Path, models_dir: Path, reference: Any, change: dict[str, Any], why: str
 ) -> None:
     model_dir = fresh_model_dir(tmp_path, models_dir)
     built = tokenizer_check.build_checked(
-        model_dir / EMBEDDED_GGUF, OneDecodeOff(reference), model_dir
+        model_dir / EMBEDDED_GGUF, Altered(reference, **change), model_dir
     )
     assert built is None
     check = json.loads((model_dir / tokenizer_check.CHECK_FILE).read_text())
-    assert check["equal"] is False and check["why"].startswith("decode")
+    assert check["equal"] is False and check["why"].startswith(why)
     assert not (model_dir / tokenizer_check.MODEL_FILE).exists()
     assert tokenizer_check.load(model_dir) is None
     kept = base_models._load_tokenizer(model_dir, tmp_path / "cache", MODEL, lambda: None)
     assert not isinstance(kept, gguf_tokenizer.SentencePieceTokenizer)  # transformers' own
+
+
+def test_a_check_is_redone_for_other_library_versions_and_an_unwritable_record_loses_only_speed(
+    tmp_path: Path, models_dir: Path, reference: Any
+) -> None:
+    model_dir = fresh_model_dir(tmp_path, models_dir)
+    (model_dir / tokenizer_check.CHECK_FILE).mkdir()  # the record cannot be written there
+    built = tokenizer_check.build_checked(model_dir / EMBEDDED_GGUF, reference, model_dir)
+    assert isinstance(built, gguf_tokenizer.SentencePieceTokenizer)  # this process uses it
+    assert not tokenizer_check.is_checked(model_dir)
+
+    (model_dir / tokenizer_check.CHECK_FILE).rmdir()
+    assert tokenizer_check.build_checked(model_dir / EMBEDDED_GGUF, reference, model_dir)
+    assert tokenizer_check.is_checked(model_dir)
+    record = json.loads((model_dir / tokenizer_check.CHECK_FILE).read_text())
+    record["stamp"] = ["transformers==0.0.1"]  # checked under another transformers
+    (model_dir / tokenizer_check.CHECK_FILE).write_text(json.dumps(record))
+    assert not tokenizer_check.is_checked(model_dir) and tokenizer_check.load(model_dir) is None

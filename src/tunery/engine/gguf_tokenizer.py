@@ -160,7 +160,10 @@ class SentencePieceTokenizer:
         parts: list[str] = []
         run: list[int] = []  # plain pieces
         raw = bytearray()  # consecutive byte pieces
+        size = len(self)
         for i in (int(i) for i in ids):
+            if not 0 <= i < size:  # no such piece: no text, as transformers gives
+                continue
             byte = self._bytes.get(i)
             if byte is not None:
                 if run:

@@ -4,6 +4,7 @@ decode, special tokens and all), the outcome kept beside the model."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,9 +40,10 @@ def load(model_dir: Path) -> SentencePieceTokenizer | None:
     try:
         proto = (model_dir / MODEL_FILE).read_bytes()
         return SentencePieceTokenizer(proto, check["add_bos"], check["add_eos"], check["special"])
-    except (OSError, RuntimeError, KeyError, TypeError):
+    except Exception:  # a torn file, a foreign record: check it again
         log.warning("%s: unreadable; checking it again", model_dir / MODEL_FILE, exc_info=True)
-        (model_dir / CHECK_FILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            (model_dir / CHECK_FILE).unlink(missing_ok=True)
         return None
 
 
@@ -53,10 +55,11 @@ def build_checked(
     gguf_path: Path, reference: Any, model_dir: Path
 ) -> SentencePieceTokenizer | None:
     """Build the SentencePiece tokenizer from `gguf_path`, compare it with `reference` on the
-    probes, and record the outcome in `model_dir`; the tokenizer when they agree on all."""
+    probes, and record the outcome in `model_dir` (where it can be written: a read-only dir
+    only loses the speed-up); the tokenizer when they agree on all."""
     tokenizer: SentencePieceTokenizer | None = None
     why: str | None
-    record: dict[str, Any] = {"format": _CHECK_FORMAT}
+    record: dict[str, Any] = {"format": _CHECK_FORMAT, "stamp": _stamp()}
     try:
         vocab = read_vocab(gguf_path)
         if vocab is None:
@@ -72,13 +75,23 @@ def build_checked(
         why = f"{type(e).__name__}: {e}"
     if why is not None:
         log.info("%s: transformers' tokenizer stays (%s)", model_dir.name, why)
-    _write(model_dir / CHECK_FILE, json.dumps(record | {"equal": why is None, "why": why}).encode())
+    try:
+        _write(
+            model_dir / CHECK_FILE, json.dumps(record | {"equal": why is None, "why": why}).encode()
+        )
+    except OSError:
+        log.warning("could not record the tokenizer check in %s", model_dir, exc_info=True)
     return tokenizer if why is None else None
 
 
 def first_mismatch(tokenizer: Any, reference: Any, vocab: GgufVocab) -> str | None:
     """The first probe on which the two tokenizers differ (encode, with and without the
-    special tokens, and decode, with and without skipping them), or None."""
+    special tokens, and decode, with and without skipping them; the special ids), or None."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        if getattr(tokenizer, name) != getattr(reference, name, None):
+            return f"{name}: {getattr(tokenizer, name)} vs {getattr(reference, name, None)}"
+    if len(tokenizer) != len(reference):
+        return f"vocab size: {len(tokenizer)} vs {len(reference)}"
     texts, id_runs = probes(vocab)
     for text in texts:
         for special in (False, True):
@@ -145,7 +158,21 @@ def _read_check(model_dir: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(check, dict) or check.get("format") != _CHECK_FORMAT:
         return None
-    return check
+    # Another transformers, tokenizers or sentencepiece may tokenize otherwise: check again.
+    return check if check.get("stamp") == _stamp() else None
+
+
+def _stamp() -> list[str]:
+    """The versions of the libraries on either side of the check."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    stamp = []
+    for dist in ("transformers", "tokenizers", "sentencepiece"):
+        try:
+            stamp.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            stamp.append(f"{dist} missing")
+    return stamp
 
 
 def _write(path: Path, data: bytes) -> None:
