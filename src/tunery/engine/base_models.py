@@ -61,8 +61,11 @@ class LoadedBase:
 
     A model the fast forward runs (`FastGemma3.supports`) is read straight from its safetensors
     files: serving it never imports transformers' modelling code (1.2 s of a server's start-up).
-    `model`, the transformers causal LM that training, PEFT and the reference forward use, is
-    built on first use around the same weight tensors (no second copy).
+    For a model dir Tunery converted, serving imports no transformers at all: `config` is then a
+    `ConfigFile`, and the tokenizer the GGUF's SentencePiece one where `tokenizer_check` found
+    it equal to transformers'. `model`, the transformers causal LM that training, PEFT and the
+    reference forward use, is built on first use around the same weight tensors (no second
+    copy).
     """
 
     def __init__(
