@@ -120,8 +120,9 @@ class SentencePieceTokenizer:
         self._prefix = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
         self._suffix = [self.eos_token_id] if add_eos and self.eos_token_id is not None else []
         self._special = {i: sp.IdToPiece(i) for i in special_ids}
-        self._bytes = {sp.PieceToId(f"<0x{b:02X}>"): b for b in range(256)}
-        self._bytes = {i: b for i, b in self._bytes.items() if sp.IsByte(i)}
+        self._size = int(sp.GetPieceSize())
+        byte_ids = {sp.PieceToId(f"<0x{b:02X}>"): b for b in range(256)}
+        self._bytes = {i: b for i, b in byte_ids.items() if sp.IsByte(i)}
         self._special_ids = {piece: i for i, piece in self._special.items() if piece}
         # Where a control piece may start: one of their first characters (for Gemma, "<").
         starts = sorted({piece[0] for piece in self._special_ids})
@@ -129,7 +130,7 @@ class SentencePieceTokenizer:
         self._lengths = sorted({len(piece) for piece in self._special_ids}, reverse=True)
 
     def __len__(self) -> int:
-        return int(self._sp.GetPieceSize())
+        return self._size
 
     def __call__(
         self, text: str, add_special_tokens: bool = True, return_tensors: str | None = None
@@ -160,9 +161,8 @@ class SentencePieceTokenizer:
         parts: list[str] = []
         run: list[int] = []  # plain pieces
         raw = bytearray()  # consecutive byte pieces
-        size = len(self)
         for i in (int(i) for i in ids):
-            if not 0 <= i < size:  # no such piece: no text, as transformers gives
+            if not 0 <= i < self._size:  # no such piece: no text, as transformers gives
                 continue
             byte = self._bytes.get(i)
             if byte is not None:
