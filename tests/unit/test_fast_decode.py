@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.greedy_ties import assert_greedy_up_to_ties, fast_tokens
-from tests.unit.test_generate import _load
+from tests.unit.test_generate import _greedy, _load
 from tunery.engine.base_models import LoadedBase
 from tunery.engine.fast_decode import FastGemma3
 from tunery.engine.generate import Backend, Generator
@@ -85,6 +85,45 @@ def test_int8_hidden_states_stay_close(tiny_model_path: Path) -> None:
         a, b = bf16.step(token, caches[0], None), int8.step(token, caches[1], None)
         assert torch.nn.functional.cosine_similarity(a.float(), b.float()).item() > 0.99
         assert bf16.logits(a).argmax() == int8.logits(a).argmax()
+
+
+def test_int8_steps_take_the_native_kernel_and_greedy_scans_the_exact_head(
+    tiny_model_path: Path,
+) -> None:
+    """The native int8 kernel computes what torch's does on the same int8 weights (fp32 sums in
+    another order); a greedy pick scans the head (it keeps no int8 copy) and is the argmax of
+    its exact logits, and the unbatched decode loop picks with it."""
+    from tunery.engine.fast_decode import model_tensors
+
+    if NativeKernels.load() is None:
+        pytest.skip("no C compiler on this machine")
+    base: LoadedBase = _load(tiny_model_path)
+    ids = base.tokenizer("The capital of France is")["input_ids"]
+    # fp32 weights (as a CPU without AVX512-BF16 runs the model): the native kernel's case
+    tensors = {name: t.detach().float() for name, t in model_tensors(base.model).items()}
+    with torch.inference_mode():
+        ours = FastGemma3(base.model.config, tensors, "int8")
+        torchs = FastGemma3(base.model.config, tensors, "int8", native=False)
+        layer = ours.layers[0]
+        assert all(g.q_native is not None and g.q is None for g in (layer.qkv, layer.gu))
+        assert torchs.layers[0].qkv.q is not None and torchs.layers[0].qkv.q_native is None
+        assert ours.packed_head is not None and not ours.head.int8
+        caches = ours.new_cache(len(ids) + 4), torchs.new_cache(len(ids) + 4)
+        ours.prefill(ids, caches[0], None)
+        torchs.prefill(ids, caches[1], None)
+        for token in (5, 17, 300):
+            a = ours.step(torch.tensor([token]), caches[0], None)
+            b = torchs.step(torch.tensor([token]), caches[1], None)
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+            assert ours.best_tokens(a) == [int(ours.logits(a).argmax())]
+    generator = Generator(base, backend=Backend.FAST_INT8)
+    scanned: list[int] = []
+    fast = generator._fast_model()
+    assert fast is not None
+    best = fast.best_tokens
+    fast.best_tokens = lambda hidden: scanned.append(1) or best(hidden)  # type: ignore[method-assign]
+    result = generator.generate("The capital of France is", _greedy(6)).candidates[0]
+    assert result.token_count > 0 and len(scanned) == result.token_count
 
 
 def test_fp32_weights_narrow_to_bf16_only_when_no_value_rounds() -> None:

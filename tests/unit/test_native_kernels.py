@@ -401,6 +401,35 @@ def test_bf16_weight_linear_matches_fp32_math_and_a_row_gets_its_bits_in_any_bat
         native.linear_bf16w(x[:, :10], packed)
 
 
+def test_int8_weight_linear_is_the_scaled_int8_product_and_a_row_gets_its_bits_in_any_batch() -> (
+    None
+):
+    assert native is not None
+    g = torch.Generator().manual_seed(12)
+    # one partial panel; whole and partial panels; more inputs than a decode step's widest
+    for n_out, n_in in ((7, 100), (64, 640), (50, 2048)):
+        q = torch.randint(-127, 128, (n_out, n_in), generator=g, dtype=torch.int8)
+        scale = torch.rand(n_out, generator=g) * 0.01
+        weight = native.int8_linear(q, scale)
+        x = torch.randn(32, n_in, generator=g) * 3
+        batched = native.linear_i8w(x, weight)
+        want = (x.double() @ q.double().t()) * scale.double()
+        assert batched.shape == (32, n_out)
+        assert (batched.double() - want).abs().max() <= 1e-5 * want.abs().max()
+        for rows in ([0], [3, 4], [5, 6, 7, 8, 9], list(range(4))):
+            assert torch.equal(native.linear_i8w(x[rows], weight), batched[rows]), rows
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(native.linear_i8w(x, weight), batched)
+        finally:
+            torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="columns"):
+        native.linear_i8w(x[:, :10], weight)
+    with pytest.raises(ValueError, match="int8 weight"):
+        native.int8_linear(q.float(), scale)
+
+
 @pytest.mark.parametrize("shape", [(7, 100), (50, 33), (64, 640)])
 def test_fp32_weights_of_bf16_values_narrow_to_the_bf16_panels_and_others_do_not(
     shape: tuple[int, int],

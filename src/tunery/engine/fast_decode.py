@@ -16,9 +16,11 @@ tokens/s with an adapter) and 1.1x for a 32-row batched step. Where the weights 
 are bf16 values (a CPU without AVX512-BF16), the projections and the head are instead narrowed to
 bf16 panels for the native kernels (`narrow_weight`, `Linear`'s `narrow`), with no oneDNN copy.
 
-`weights="int8"` adds an int8 copy of every projection and of the tied 262k-token output head,
-one bf16 scale per output channel (`aten._weight_int8pack_mm`): a decode step reads half the
-bytes (it is memory-bound); the prompt still runs on the bf16 weights.
+`weights="int8"` adds an int8 copy of every projection, one scale per output channel: a decode
+step reads half the bytes of bf16 (it is memory-bound); the prompt still runs on the bf16
+weights. The kernel is the native one (`native/linear.c`, fp32 activations) where the model runs
+in fp32, else `aten._weight_int8pack_mm`. Greedy picks scan the packed head (exact, as for bf16);
+without one the tied 262k-token head gets an int8 copy too.
 
 Only what the Gemma 3 text models use is supported; `FastGemma3.supports(config)` says whether a
 model qualifies and `FastLora.load` (which reads a PEFT adapter folder itself: one copy of the
@@ -43,7 +45,14 @@ from typing import Any, Generic, Literal, TypeVar
 import torch
 import torch.nn.functional as F
 
-from tunery.engine.native import CacheTable, LoraDesc, NativeKernels, PackedHead, PackedLinear
+from tunery.engine.native import (
+    CacheTable,
+    Int8Linear,
+    LoraDesc,
+    NativeKernels,
+    PackedHead,
+    PackedLinear,
+)
 from tunery.engine.sampling import greedy
 
 Weights = Literal["bf16", "int8"]
@@ -91,7 +100,9 @@ class Linear:
     bf16 runs one matmul on the pre-packed fused copy where there is one, else one per block of
     the model's own tensors; int8 adds one fused int8 copy with a bf16 scale per output channel
     for small batches (decode steps), and keeps the bf16 path for prompts, where the int8 kernel
-    is slower than bf16 and less exact.
+    is slower than bf16 and less exact. That kernel is the native one (`linear_i8w`: int8 panels,
+    fp32 inputs) where `int8_kernels` are given and the weights are fp32, else torch's
+    (`_weight_int8pack_mm`, ~2.5 GB/s on a 2-core AVX2 CPU: slower than bf16 there).
     """
 
     INT8_MAX_ROWS = 8  # at most this many input rows take the int8 kernel
@@ -102,6 +113,7 @@ class Linear:
         weights: Weights,
         packed: torch.Tensor | None = None,
         narrow: tuple[NativeKernels, PackedLinear] | None = None,
+        int8_kernels: NativeKernels | None = None,
     ) -> None:
         """`packed`: the parts stacked and pre-packed (`packed_weight`), used instead of them.
         `narrow`: for fp32 parts that are bf16 values, the kernels and the parts stacked in
@@ -112,17 +124,30 @@ class Linear:
         self.out_features = sum(p.shape[0] for p in self.parts)
         self.packed = packed
         self.narrow = narrow
-        self.q: torch.Tensor | None = None
+        self.q: torch.Tensor | None = None  # torch's int8 copy
+        self.q_native: tuple[NativeKernels, Int8Linear] | None = None
         if weights == "int8":
             w = torch.cat(self.parts).float()
             scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).to(self.parts[0].dtype)
             w.div_(scale.float()[:, None]).round_().clamp_(-127, 127)
-            self.q = w.to(torch.int8).contiguous()
-            self.scale = scale.contiguous()
+            q = w.to(torch.int8).contiguous()
+            if int8_kernels is not None and self.parts[0].dtype == torch.float32:
+                self.q_native = (int8_kernels, int8_kernels.int8_linear(q, scale))
+            else:
+                self.q, self.scale = q, scale.contiguous()
+
+    @property
+    def int8(self) -> bool:
+        """Whether inputs of up to `INT8_MAX_ROWS` rows take an int8 kernel."""
+        return self.q is not None or self.q_native is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.numel() // shape[-1]
+        if self.q_native is not None and rows <= self.INT8_MAX_ROWS and x.dtype == torch.float32:
+            kernels, q = self.q_native
+            out = kernels.linear_i8w(x.reshape(rows, shape[-1]).contiguous(), q)
+            return out.view(*shape[:-1], self.out_features)
         if self.narrow is not None and x.dtype == torch.float32:
             kernels, weight = self.narrow
             out = kernels.linear_bf16w(x.reshape(rows, shape[-1]).contiguous(), weight)
@@ -550,9 +575,10 @@ class FastGemma3:
 
         # fp32 weights that are bf16 values (a bf16 checkpoint on a CPU without AVX512-BF16)
         # are read as bf16 by the kernels (`Linear`'s `narrow`), and have no oneDNN copy.
-        narrowing = self.native is not None and self.dtype == torch.float32 and weights == "bf16"
+        # With int8 weights too: the prompts run on the bf16 ones.
+        narrowing = self.native is not None and self.dtype == torch.float32
 
-        def linear(name: str, parts: list[torch.Tensor]) -> Linear:
+        def linear(name: str, parts: list[torch.Tensor], kind: Weights = weights) -> Linear:
             kernels = self.native
             bf16 = (
                 narrow_weight(embed, name, lambda: parts, kernels)
@@ -560,8 +586,9 @@ class FastGemma3:
                 else None
             )
             if bf16 is not None and kernels is not None:
-                return Linear(parts, weights, narrow=(kernels, bf16))
-            return Linear(parts, weights, packed_weight(embed, name, lambda: parts))
+                return Linear(parts, kind, narrow=(kernels, bf16), int8_kernels=kernels)
+            packed = packed_weight(embed, name, lambda: parts)
+            return Linear(parts, kind, packed, int8_kernels=kernels)
 
         def w(i: int, proj: str) -> torch.Tensor:
             return tensors[_layer_name(i, proj)]
@@ -588,14 +615,16 @@ class FastGemma3:
             )
         self.final_norm = _norm_weight(tensors[_FINAL_NORM])
         head = tensors.get(_HEAD, embed)  # tied to the embedding unless the model has its own
-        self.head = linear("head", [head])
         self._head_weight = head
         # Greedy picks over the vocab without the full head (`native/head.c`), for bf16 or fp32
         # weights: on a CPU without AVX512-BF16 (fp32 weights) the fp32 head is half a step.
+        # Exact for int8 weights too (the argmax of the head's own logits of the hidden state),
+        # whose full head then stays bf16 (sampling, or a row the scan leaves).
         self.packed_head: PackedHead | None = None
         self._head_kernels = kernels
-        if kernels is not None and self.softcap is None and weights == "bf16" and head_scan:
+        if kernels is not None and self.softcap is None and head_scan:
             self.packed_head = kernels.pack_head(head)
+        self.head = linear("head", [head], "bf16" if self.packed_head is not None else weights)
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0
 
@@ -860,7 +889,7 @@ def _project_each(
     oneDNN's bf16 matmul gives a row the same bits for any row count from 2 up (measured to
     1,200 rows, 1 to 8 threads), not for a lone row: a lone row is padded to two. The int8
     kernel (≤ `Linear.INT8_MAX_ROWS` rows) changes with the count: one call per prompt."""
-    if linear.q is not None:
+    if linear.int8:
         base = torch.cat([linear(p) for p in _slices(x, lengths)], dim=1)
     elif x.shape[1] == 1:
         base = linear(x.repeat(1, 2, 1))[:, :1]

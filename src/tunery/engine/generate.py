@@ -302,7 +302,7 @@ class Generator:
                 hidden = run.start(prompt_ids, n)  # (n, C): the prompt's last position, n times
                 rows = list(range(n))  # candidate index of each batch row still decoding
                 for step in range(params.max_output_tokens):
-                    next_ids = pick(run.logits(hidden), params, rng).tolist()  # (rows,)
+                    next_ids = run.next_tokens(hidden, params, rng)  # (rows,)
                     deltas = [""] * n
                     for tok, i in zip(next_ids, rows, strict=True):
                         deltas[i] = texts[i].push(tok, tok in self._eos_ids)
@@ -527,6 +527,12 @@ class _Forward:
         """(B, C) hidden → (B, V) float32 logits, as the model's own forward computes them."""
         raise NotImplementedError
 
+    def next_tokens(
+        self, hidden: torch.Tensor, params: GenerationParams, rng: torch.Generator | None
+    ) -> list[int]:
+        """(B, C) hidden → each row's next token: greedy (`rng` None) or sampled."""
+        return pick(self.logits(hidden), params, rng).tolist()
+
 
 class _ReferenceForward(_Forward):
     """The transformers model (with PEFT's LoRA layers) and its DynamicCache."""
@@ -586,6 +592,15 @@ class _FastForward(_Forward):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._fast.logits(hidden)
+
+    def next_tokens(
+        self, hidden: torch.Tensor, params: GenerationParams, rng: torch.Generator | None
+    ) -> list[int]:
+        """Greedy rows by the packed head's scan where the model has one (as the batch
+        scheduler picks them): no full vocab head."""
+        if rng is None and self._fast.packed_head is not None:
+            return self._fast.best_tokens(hidden)
+        return super().next_tokens(hidden, params, rng)
 
 
 class _LlamaCppForward(_Forward):

@@ -15,7 +15,9 @@
   bound reaches the best. It serves fp32 weights too (a CPU without AVX512 decodes in fp32: the
   fp32 head took 127 of a 32-row step's ~275 ms there, ~40 of a 1-row step's ~67 ms).
 - `linear.c`: the projections of a model run in fp32 whose weights are bf16 values, reading
-  them as bf16 in k-major panels (`FastGemma3`'s `narrow` linears, prompts and steps alike).
+  them as bf16 in k-major panels (`FastGemma3`'s `narrow` linears, prompts and steps alike);
+  and the `fast-int8` backend's decode steps, int8 weights in the same panels (torch's int8
+  kernel reads ~2.5 GB/s on a 2-core AVX2 CPU: a 1-row step's projections took 82 ms).
 
 Each kernel but the head's is built twice from one source (`elem.h`): for bf16 activations and
 caches, and (`kernels_f32.c`) for fp32 ones, where a CPU without AVX512-BF16 runs the model. In
@@ -75,6 +77,9 @@ class NativeKernels:
         self._linear = library.tunery_linear_bf16w
         self._linear.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, i64, i32]
         self._linear.restype = i32
+        self._linear_i8 = library.tunery_linear_i8w
+        self._linear_i8.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, i64, i32]
+        self._linear_i8.restype = i32
         self._linear_pack_f32 = library.tunery_linear_pack_f32
         self._linear_pack_f32.argtypes = [i64, i64, ptr, i64, i64, ptr, ctypes.c_int]
         self._linear_pack_f32.restype = i64
@@ -236,6 +241,38 @@ class NativeKernels:
             raise MemoryError("linear: out of memory")
         return y
 
+    def int8_linear(self, q: torch.Tensor, scale: torch.Tensor) -> Int8Linear:
+        """An int8 weight (out, in) with one scale per output (q · scale ≈ W) in `linear.c`'s
+        panels for `linear_i8w`."""
+        if q.dtype != torch.int8 or q.dim() != 2 or scale.shape != (q.shape[0],):
+            raise ValueError("an int8 weight (out, in) and a scale per output")
+        n_out, n_in = q.shape
+        width = self.linear_panel
+        count = -(-n_out // width)
+        padded = torch.zeros(count * width, n_in, dtype=torch.int8)
+        padded[:n_out] = q
+        panels = padded.view(count, width, n_in).transpose(1, 2).contiguous()  # (P, in, PANEL)
+        scales = torch.zeros(count * width)
+        scales[:n_out] = scale.float()
+        return Int8Linear(panels, scales, n_out, n_in)
+
+    def linear_i8w(self, x: torch.Tensor, weight: Int8Linear) -> torch.Tensor:
+        """x (rows, in) fp32 @ (q · scale)^T for an `int8_linear` weight → (rows, out) fp32; a
+        row's bits do not depend on the other rows (see `linear_bf16w`)."""
+        rows, n_in = x.shape
+        if x.dtype != torch.float32 or x.stride(-1) != 1:
+            raise ValueError("contiguous fp32 rows")
+        if weight.n_in != n_in:
+            raise ValueError(f"x has {n_in} columns, the weight {weight.n_in}")
+        y = torch.empty(rows, weight.n_out)
+        status = self._linear_i8(
+            rows, n_in, weight.n_out, x.data_ptr(), x.stride(0), weight.panels.data_ptr(),
+            weight.scale.data_ptr(), y.data_ptr(), y.stride(0), torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("int8 linear: out of memory")
+        return y
+
     def pack_head(self, weight: torch.Tensor) -> PackedHead | None:
         """`weight` (V, C) bf16 or fp32 on the CPU, packed for `best_tokens`; None where this
         CPU lacks the kernel (AVX512-VNNI or AVX2) or the shape does not fit it (C a multiple of
@@ -284,6 +321,13 @@ class PackedLinear:
 
     def __init__(self, panels: torch.Tensor, n_out: int, n_in: int) -> None:
         self.panels, self.n_out, self.n_in = panels, n_out, n_in
+
+
+class Int8Linear:
+    """An int8 weight (out, in) in `linear.c`'s panels, with its per-output scales (padded)."""
+
+    def __init__(self, panels: torch.Tensor, scale: torch.Tensor, n_out: int, n_in: int) -> None:
+        self.panels, self.scale, self.n_out, self.n_in = panels, scale, n_out, n_in
 
 
 # A kernel's build for each element type: `name` for bf16, `name_f32` for fp32 (`elem.h`).
