@@ -13,9 +13,9 @@ import torch
 
 from tests.unit.test_generate import _load
 from tunery.engine.base_models import LoadedBase
-from tunery.engine.batch_decode import Lora32, step_rows
+from tunery.engine.batch_decode import MAX_ROWS, Lora32, step_rows
 from tunery.engine.batching import BatchScheduler
-from tunery.engine.fast_decode import FastGemma3, FastLora
+from tunery.engine.fast_decode import FastGemma3, FastLora, Linear, Weights
 from tunery.engine.generate import Backend, Generator, _TextStream
 from tunery.engine.native import NativeKernels
 from tunery.engine.specs import GenerationParams
@@ -70,12 +70,25 @@ def _solo(fast: FastGemma3, ids: list[int], lora: FastLora | None, n: int) -> li
     return out
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native kernels", "torch"])
+@pytest.mark.parametrize(
+    ("native", "weights", "fp32"),
+    [(True, "bf16", False), (False, "bf16", False), (True, "bf16", True), (True, "int8", True)],
+    ids=["native kernels", "torch", "native panels", "native int8"],
+)
 def test_batched_rows_are_bit_identical_to_rows_stepped_alone(
-    base: LoadedBase, adapters: list[Path], native: bool
+    base: LoadedBase, adapters: list[Path], native: bool, weights: Weights, fp32: bool
 ) -> None:
-    fast = FastGemma3(base.config, base.weights, native=native)
+    tensors = base.weights
+    if fp32:  # as a CPU without AVX512-BF16 runs the model: on the native kernels' panels
+        tensors = {name: t.float() for name, t in tensors.items()}
+    fast = FastGemma3(base.config, tensors, weights, native=native)
     assert (fast.native is not None) == (native and NativeKernels.load() is not None)
+    if fp32 and fast.native is None:
+        pytest.skip("no C compiler on this machine")
+    assert fast.batchable
+    # a lone row steps unpadded exactly where every projection is on the panels
+    assert fast.lone_row_exact == fp32
+    assert MAX_ROWS <= Linear.NATIVE_INT8_MAX_ROWS  # every step of a row: the same kernel
     loras = [FastLora.load(a, fast) for a in adapters]
     assert all(lora is not None for lora in loras)
     # Rows ordered by adapter: none, none, all, all, some, mlp.

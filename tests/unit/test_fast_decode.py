@@ -108,6 +108,7 @@ def test_int8_steps_take_the_native_kernel_and_greedy_scans_the_exact_head(
         assert all(g.q_native is not None and g.q is None for g in (layer.qkv, layer.gu))
         assert torchs.layers[0].qkv.q is not None and torchs.layers[0].qkv.q_native is None
         assert ours.packed_head is not None and not ours.head.int8
+        assert ours.batchable and not torchs.batchable  # torch's: 8 rows int8, more bf16
         caches = ours.new_cache(len(ids) + 4), torchs.new_cache(len(ids) + 4)
         ours.prefill(ids, caches[0], None)
         torchs.prefill(ids, caches[1], None)

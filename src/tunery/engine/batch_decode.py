@@ -9,9 +9,11 @@ What is shared and what is not (each choice measured on this CPU, bf16 weights):
   oneDNN's packed bf16 matmul rounds each row alike for any count from 2 rows up (measured to
   1,200 rows, 1 to 8 threads; `MAX_ROWS` caps a step's requests, not for this), but a 1-row
   matmul takes another kernel whose sums differ in rare cancelling cases by one bf16 ulp: a lone
-  row is therefore padded to two (`pad_rows`), so a request decodes the same alone or batched
-  (new prompts share their matmuls the same way: `FastGemma3.prefill_many`). Against
-  `FastGemma3.step` (1 row) the tokens are the same unless such an ulp decides a near tie.
+  row is therefore padded to two (`pad_rows`; not on the native kernels' panels, where a row's
+  sums do not depend on the others: `FastGemma3.lone_row_exact`), so a request decodes the same
+  alone or batched (new prompts share their matmuls the same way: `FastGemma3.prefill_many`).
+  Against `FastGemma3.step` (1 row) the tokens are the same unless such an ulp decides a near
+  tie.
 - Attention, LoRA and the norms run per row, each row in an order fixed by its own cache and
   adapter: by the C kernels (`native`, one call per layer for all rows) where they build, else
   in torch. There LoRA runs per adapter on its contiguous range of rows (rows are ordered by
@@ -40,7 +42,7 @@ from tunery.engine.fast_decode import (
 )
 from tunery.engine.native import CacheTable, LoraDesc, NativeKernels
 
-MAX_ROWS = 32  # requests decoded per step at most
+MAX_ROWS = 32  # requests decoded per step at most (≤ `Linear.NATIVE_INT8_MAX_ROWS`)
 # aten's bmm computes a product of fewer multiply-adds than this with its own loop, which rounds
 # unlike the BLAS call a 1-row `F.linear` makes: such (tiny) products run row by row instead.
 _BMM_NAIVE_BELOW = 400
@@ -94,7 +96,7 @@ def step_rows(
 
     `caches[r]` is row r's own batch-1 cache; `spans` cover the rows in order, one per adapter.
     """
-    if tokens.shape[0] == 1:  # see the module docstring: never the 1-row kernels
+    if tokens.shape[0] == 1 and not fast.lone_row_exact:  # see the module docstring
         both = [(lo, 2, lora) for lo, _, lora in spans]  # the pad row shares row 0's adapter
         return step_rows(fast, tokens.repeat(2), [caches[0], _Shadow(caches[0])], both)[:1]
     b = tokens.shape[0]

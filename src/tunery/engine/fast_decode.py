@@ -105,7 +105,10 @@ class Linear:
     (`_weight_int8pack_mm`, ~2.5 GB/s on a 2-core AVX2 CPU: slower than bf16 there).
     """
 
-    INT8_MAX_ROWS = 8  # at most this many input rows take the int8 kernel
+    INT8_MAX_ROWS = 8  # at most this many input rows take torch's int8 kernel
+    # ... and the native one: up to a batched decode step's rows (`batch_decode.MAX_ROWS`), so
+    # each step of a row takes it in any batch (a row's bits do not depend on the others)
+    NATIVE_INT8_MAX_ROWS = 32
 
     def __init__(
         self,
@@ -137,14 +140,21 @@ class Linear:
                 self.q, self.scale = q, scale.contiguous()
 
     @property
+    def row_exact(self) -> bool:
+        """Whether a decode step's row (≤ `NATIVE_INT8_MAX_ROWS`) gets the same bits alone as
+        among any others: on the native kernels' panels, int8 or bf16."""
+        return self.q_native is not None or (self.q is None and self.narrow is not None)
+
+    @property
     def int8(self) -> bool:
-        """Whether inputs of up to `INT8_MAX_ROWS` rows take an int8 kernel."""
+        """Whether inputs of a few rows take an int8 kernel (and more rows another)."""
         return self.q is not None or self.q_native is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         rows = x.numel() // shape[-1]
-        if self.q_native is not None and rows <= self.INT8_MAX_ROWS and x.dtype == torch.float32:
+        few = rows <= self.NATIVE_INT8_MAX_ROWS
+        if self.q_native is not None and few and x.dtype == torch.float32:
             kernels, q = self.q_native
             out = kernels.linear_i8w(x.reshape(rows, shape[-1]).contiguous(), q)
             return out.view(*shape[:-1], self.out_features)
@@ -778,6 +788,28 @@ class FastGemma3:
             return self.native.rms_norm(x, weight, self.eps, heads)
         b = x.shape[0]
         return _rms(x.view(b, heads, -1), weight, self.eps).view(b, -1)
+
+    @cached_property
+    def batchable(self) -> bool:
+        """Whether a decode step gives a row the same bits in any batch of up to
+        `Linear.NATIVE_INT8_MAX_ROWS` rows (`batch_decode`): not where torch's int8 kernel
+        takes a few rows and the bf16 one more."""
+        return all(
+            linear.q is None
+            for layer in self.layers
+            for linear in (layer.qkv, layer.o, layer.gu, layer.down)
+        )
+
+    @cached_property
+    def lone_row_exact(self) -> bool:
+        """Whether a lone row's decode step gets the bits it gets among others as it is, not
+        padded to two rows (`batch_decode.step_rows`): every projection on the native panels
+        (`Linear.row_exact`) and the native attention, norms and LoRA."""
+        return self.native is not None and all(
+            linear.row_exact
+            for layer in self.layers
+            for linear in (layer.qkv, layer.o, layer.gu, layer.down)
+        )
 
     def best_tokens(self, hidden: torch.Tensor) -> list[int]:
         """(B, C) → each row's greedy token: the argmax of its exact fp32 logits (rounded to

@@ -12,9 +12,10 @@ the adapter as a GGUF LoRA (`llamacpp`), one request at a time; without llama-cp
 or a plain-LoRA adapter, and for several candidates, it decodes as `Backend.FAST` unbatched.
 
 On `Backend.FAST`, single-candidate requests go to a `batching.BatchScheduler`: requests for any
-adapters decode together, one batched step per token, with the same tokens as alone. Everything
-else (the reference forward, int8 weights, several candidates) takes the model lock and decodes
-one request at a time.
+adapters decode together, one batched step per token, with the same tokens as alone; on
+`Backend.FAST_INT8` too where its int8 kernel is the native one (`FastGemma3.batchable`).
+Everything else (the reference forward, torch's int8 kernel, several candidates) takes the model
+lock and decodes one request at a time.
 """
 
 from __future__ import annotations
@@ -216,10 +217,11 @@ class Generator:
     def _batch_route(self, params: GenerationParams, adapter_dir: Path | None) -> _Route | None:
         """The scheduler and adapter weights for this request, or None when it runs unbatched
         (see the module docstring). Loads the adapter."""
-        if params.candidate_count != 1 or self._backend is not Backend.FAST:
+        batched = (Backend.FAST, Backend.FAST_INT8)
+        if params.candidate_count != 1 or self._backend not in batched:
             return None
         fast = self._fast_model()
-        if fast is None:
+        if fast is None or not fast.batchable:
             return None
         lora = None if adapter_dir is None else self._fast_lora(adapter_dir, fast)
         if adapter_dir is not None and lora is None:
