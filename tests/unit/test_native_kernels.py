@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -377,6 +378,22 @@ def test_mixed_dtypes_are_refused_not_read_as_one_type() -> None:
         )
 
 
+def _assert_rows_get_their_bits(
+    linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> None:
+    """`linear` gives each row of x the bits it gives it among all of them: alone, among a few,
+    in 4-row groups and not, and with one thread."""
+    batched = linear(x)
+    for rows in ([0], [3, 4], [5, 6, 7, 8, 9], list(range(4))):
+        assert torch.equal(linear(x[rows]), batched[rows]), rows
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(linear(x), batched)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bf16_weight_linear_matches_fp32_math_and_a_row_gets_its_bits_in_any_batch() -> None:
     assert native is not None
     g = torch.Generator().manual_seed(11)
@@ -389,14 +406,7 @@ def test_bf16_weight_linear_matches_fp32_math_and_a_row_gets_its_bits_in_any_bat
         batched = native.linear_bf16w(x, packed)
         want = x.double() @ weight.double().t()
         assert (batched.double() - want).abs().max() <= 1e-5 * want.abs().max()
-        for rows in ([0], [3, 4], [5, 6, 7, 8, 9], list(range(4))):
-            assert torch.equal(native.linear_bf16w(x[rows], packed), batched[rows]), rows
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            assert torch.equal(native.linear_bf16w(x, packed), batched)
-        finally:
-            torch.set_num_threads(threads)
+        _assert_rows_get_their_bits(lambda rows, w=packed: native.linear_bf16w(rows, w), x)
     with pytest.raises(ValueError, match="columns"):
         native.linear_bf16w(x[:, :10], packed)
 
@@ -416,14 +426,7 @@ def test_int8_weight_linear_is_the_scaled_int8_product_and_a_row_gets_its_bits_i
         want = (x.double() @ q.double().t()) * scale.double()
         assert batched.shape == (32, n_out)
         assert (batched.double() - want).abs().max() <= 1e-5 * want.abs().max()
-        for rows in ([0], [3, 4], [5, 6, 7, 8, 9], list(range(4))):
-            assert torch.equal(native.linear_i8w(x[rows], weight), batched[rows]), rows
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            assert torch.equal(native.linear_i8w(x, weight), batched)
-        finally:
-            torch.set_num_threads(threads)
+        _assert_rows_get_their_bits(lambda rows, w=weight: native.linear_i8w(rows, w), x)
     with pytest.raises(ValueError, match="columns"):
         native.linear_i8w(x[:, :10], weight)
     with pytest.raises(ValueError, match="int8 weight"):

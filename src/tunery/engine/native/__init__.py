@@ -227,12 +227,8 @@ class NativeKernels:
         """x (rows, in) fp32 @ W^T, W (out, in) bf16 packed by `narrow_linear` → (rows, out)
         fp32, each output one running sum over `in` in order (`linear.c`): a row's bits do not
         depend on the other rows."""
+        y = _linear_output(x, weight.n_out, weight.n_in)
         rows, n_in = x.shape
-        if x.dtype != torch.float32 or x.stride(-1) != 1:
-            raise ValueError("contiguous fp32 rows")
-        if weight.n_in != n_in:
-            raise ValueError(f"x has {n_in} columns, the weight {weight.n_in}")
-        y = torch.empty(rows, weight.n_out)
         status = self._linear(
             rows, n_in, weight.n_out, x.data_ptr(), x.stride(0), weight.panels.data_ptr(),
             y.data_ptr(), y.stride(0), torch.get_num_threads(),
@@ -259,12 +255,8 @@ class NativeKernels:
     def linear_i8w(self, x: torch.Tensor, weight: Int8Linear) -> torch.Tensor:
         """x (rows, in) fp32 @ (q · scale)^T for an `int8_linear` weight → (rows, out) fp32; a
         row's bits do not depend on the other rows (see `linear_bf16w`)."""
+        y = _linear_output(x, weight.n_out, weight.n_in)
         rows, n_in = x.shape
-        if x.dtype != torch.float32 or x.stride(-1) != 1:
-            raise ValueError("contiguous fp32 rows")
-        if weight.n_in != n_in:
-            raise ValueError(f"x has {n_in} columns, the weight {weight.n_in}")
-        y = torch.empty(rows, weight.n_out)
         status = self._linear_i8(
             rows, n_in, weight.n_out, x.data_ptr(), x.stride(0), weight.panels.data_ptr(),
             weight.scale.data_ptr(), y.data_ptr(), y.stride(0), torch.get_num_threads(),
@@ -314,6 +306,15 @@ class NativeKernels:
 
 
 _HEAD_DTYPES = {torch.bfloat16: 0, torch.float32: 1}  # head.c's `fp32` flag
+
+
+def _linear_output(x: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
+    """The (rows, n_out) fp32 output of x (rows, n_in) by `linear.c`'s panels; x checked."""
+    if x.dtype != torch.float32 or x.stride(-1) != 1:
+        raise ValueError("contiguous fp32 rows")
+    if x.shape[1] != n_in:
+        raise ValueError(f"x has {x.shape[1]} columns, the weight {n_in}")
+    return torch.empty(x.shape[0], n_out)
 
 
 class PackedLinear:
