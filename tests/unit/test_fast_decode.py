@@ -92,7 +92,8 @@ def test_int8_steps_take_the_native_kernel_and_greedy_scans_the_exact_head(
 ) -> None:
     """The native int8 kernel computes what torch's does on the same int8 weights (fp32 sums in
     another order); a greedy pick scans the head (it keeps no int8 copy) and is the argmax of
-    its exact logits, and the unbatched decode loop picks with it."""
+    its exact logits, and the unbatched decode loop picks with it. Without the scan, the int8
+    head's best logits are recomputed exactly, on either int8 kernel."""
     from tunery.engine.fast_decode import model_tensors
 
     if NativeKernels.load() is None:
@@ -117,6 +118,16 @@ def test_int8_steps_take_the_native_kernel_and_greedy_scans_the_exact_head(
             b = torchs.step(torch.tensor([token]), caches[1], None)
             assert (a - b).abs().max() <= 1e-4 * b.abs().max()
             assert ours.best_tokens(a) == [int(ours.logits(a).argmax())]
+        # without the scan the head is int8 too, and its best logits are recomputed exactly
+        unscanned = FastGemma3(base.model.config, tensors, "int8", head_scan=False)
+        assert unscanned.packed_head is None and unscanned.head.int8
+        cache = unscanned.new_cache(len(ids) + 1)
+        unscanned.prefill(ids, cache, None)
+        hidden = unscanned.step(torch.tensor([5]), cache, None)
+        logits = unscanned.logits(hidden)[0]
+        best = int(logits.argmax())
+        exact = float(hidden[0].double() @ tensors["model.embed_tokens.weight"][best].double())
+        assert abs(float(logits[best]) - exact) <= 1e-5 * abs(exact)
     generator = Generator(base, backend=Backend.FAST_INT8)
     scanned: list[int] = []
     fast = generator._fast_model()

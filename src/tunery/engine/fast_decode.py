@@ -839,7 +839,7 @@ class FastGemma3:
         """(B, C) → (B, V) logits, in float32 or (`float32=False`) the weights' dtype, whose
         conversion to float32 is exact but costs ~8 ms for a 32-row batch on a CPU."""
         logits = self.head(hidden)
-        if self.head.q is not None:
+        if self.head.int8:
             # The int8 head's best candidates get their exact bf16 logits back, so greedy picks
             # what the bf16 head would whenever the winner is among them (a gap of ~0.1 can
             # reorder int8 logits, a much larger one cannot).
