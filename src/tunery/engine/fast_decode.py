@@ -150,10 +150,11 @@ class Linear:
         """Whether inputs of a few rows take an int8 kernel (and more rows another)."""
         return self.q is not None or self.q_native is not None
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, exact: bool = False) -> torch.Tensor:
+        """x (..., in) → (..., out); `exact`: never the int8 copy (a prompt's rows)."""
         shape = x.shape
         rows = x.numel() // shape[-1]
-        few = rows <= self.NATIVE_INT8_MAX_ROWS
+        few = not exact and rows <= self.NATIVE_INT8_MAX_ROWS
         if self.q_native is not None and few and x.dtype == torch.float32:
             kernels, q = self.q_native
             out = kernels.linear_i8w(x.reshape(rows, shape[-1]).contiguous(), q)
@@ -162,7 +163,7 @@ class Linear:
             kernels, weight = self.narrow
             out = kernels.linear_bf16w(x.reshape(rows, shape[-1]).contiguous(), weight)
             return out.view(*shape[:-1], self.out_features)
-        if self.q is not None and rows <= self.INT8_MAX_ROWS:
+        if self.q is not None and not exact and rows <= self.INT8_MAX_ROWS:
             y: torch.Tensor = torch.ops.aten._weight_int8pack_mm(
                 x.reshape(rows, shape[-1]), self.q, self.scale
             )
@@ -793,8 +794,9 @@ class FastGemma3:
     def batchable(self) -> bool:
         """Whether a decode step gives a row the same bits in any batch of up to
         `Linear.NATIVE_INT8_MAX_ROWS` rows (`batch_decode`): not where torch's int8 kernel
-        takes a few rows and the bf16 one more."""
-        return all(
+        takes a few rows and the bf16 one more, nor with an int8 head that greedy reads in
+        full (its best logits are recomputed by one matmul over all the rows)."""
+        return (self.packed_head is not None or not self.head.int8) and all(
             linear.q is None
             for layer in self.layers
             for linear in (layer.qkv, layer.o, layer.gu, layer.down)
@@ -919,14 +921,12 @@ def _project_each(
     (where it has `name`), as its `add_to` computes it alone.
 
     oneDNN's bf16 matmul gives a row the same bits for any row count from 2 up (measured to
-    1,200 rows, 1 to 8 threads), not for a lone row: a lone row is padded to two. The int8
-    kernel (≤ `Linear.INT8_MAX_ROWS` rows) changes with the count: one call per prompt."""
-    if linear.int8:
-        base = torch.cat([linear(p) for p in _slices(x, lengths)], dim=1)
-    elif x.shape[1] == 1:
-        base = linear(x.repeat(1, 2, 1))[:, :1]
+    1,200 rows, 1 to 8 threads), not for a lone row: a lone row is padded to two. Prompts never
+    take int8 weights (`exact`): those are for decode steps."""
+    if x.shape[1] == 1:
+        base = linear(x.repeat(1, 2, 1), exact=True)[:, :1]
     else:
-        base = linear(x)
+        base = linear(x, exact=True)
     if not any(name in g for g in groups):
         return base
     pieces = zip(_slices(base, lengths), _slices(x, lengths), groups, strict=True)
