@@ -438,6 +438,11 @@ class _Layer:
     q_norm: torch.Tensor
     k_norm: torch.Tensor
 
+    @property
+    def projections(self) -> tuple[Linear, ...]:
+        """The fused projections, in `GROUPS` order."""
+        return tuple(getattr(self, group) for group, _ in GROUPS)
+
 
 class KVCache:
     """Per layer K and V: full layers hold every position, sliding layers a ring of `window`."""
@@ -797,9 +802,7 @@ class FastGemma3:
         takes a few rows and the bf16 one more, nor with an int8 head that greedy reads in
         full (its best logits are recomputed by one matmul over all the rows)."""
         return (self.packed_head is not None or not self.head.int8) and all(
-            linear.q is None
-            for layer in self.layers
-            for linear in (layer.qkv, layer.o, layer.gu, layer.down)
+            linear.q is None for layer in self.layers for linear in layer.projections
         )
 
     @cached_property
@@ -808,9 +811,7 @@ class FastGemma3:
         padded to two rows (`batch_decode.step_rows`): every projection on the native panels
         (`Linear.row_exact`) and the native attention, norms and LoRA."""
         return self.native is not None and all(
-            linear.row_exact
-            for layer in self.layers
-            for linear in (layer.qkv, layer.o, layer.gu, layer.down)
+            linear.row_exact for layer in self.layers for linear in layer.projections
         )
 
     def best_tokens(self, hidden: torch.Tensor) -> list[int]:
