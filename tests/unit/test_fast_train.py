@@ -71,7 +71,8 @@ def test_matches_the_transformers_forward_in_fp32(
 ) -> None:
     """The default (MLP) targets, and all seven: groups of 1, 2 and 3 members. With fp32
     weights that are bf16 values (a bf16 checkpoint on a CPU without AVX512-BF16), the frozen
-    matmuls forward and backward, the head's included, run on the native kernels' bf16 panels."""
+    matmuls forward and backward run on the native kernels' bf16 panels; with the kernels, the
+    head's loss and gradient on their fused kernel, and no matmul copy of the head is built."""
     model = _tiny_gemma(window)
     if bf16_values:
         with torch.no_grad():
@@ -86,13 +87,38 @@ def test_matches_the_transformers_forward_in_fp32(
             lambda: label_loss(model, collate(examples, 0, torch.device("cpu"))), params
         )
         fast = FastGemma3Train(FastGemma3.of_model(model), layers)
-        narrowed = fast.spec.layers[0].gu.narrow is not None and fast.head._bwd_narrow is not None
-        assert narrowed == (bf16_values and NativeKernels.load() is not None)
+        native = NativeKernels.load() is not None
+        assert (fast.spec.layers[0].gu.narrow is not None) == (bf16_values and native)
         got = _loss_and_grads(lambda: fast.loss(pack(examples, torch.device("cpu"))), params)
+        assert ("frozen" in vars(fast.head)) == (not native)  # built only for the matmul path
 
     assert got[0] == pytest.approx(reference[0], rel=1e-5)
     for want, have in zip(reference[1], got[1], strict=True):
         torch.testing.assert_close(have, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.skipif(NativeKernels.load() is None, reason="no native kernels")
+def test_the_fused_head_and_the_head_matmuls_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The head's fused kernel (one read of the weights, online softmax) and the two matmuls it
+    replaces give one loss and one gradient, in row chunks of every size the kernel takes."""
+    model = _tiny_gemma(64)
+    examples = _examples([40, 3, 25, 60, 17])  # ~70 label rows: chunks of 48 and the rest
+    with lora_injected(model, LoraSpec(rank=4, alpha=8)) as layers:
+        for layer in layers.values():
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+        params = trainable_parameters(layers)
+        fast = FastGemma3Train(FastGemma3.of_model(model), layers)
+        batch = pack(examples, torch.device("cpu"))
+        fused = _loss_and_grads(lambda: fast.loss(batch), params)
+        assert "frozen" not in vars(fast.head)
+        with torch.no_grad():  # validation: the loss alone
+            assert float(fast.loss(batch)) == fused[0]
+        monkeypatch.setattr(fast.head, "_native", None)
+        matmuls = _loss_and_grads(lambda: fast.loss(batch), params)
+        assert "frozen" in vars(fast.head)
+    assert fused[0] == pytest.approx(matmuls[0], rel=1e-6)
+    for want, have in zip(matmuls[1], fused[1], strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-7)
 
 
 def test_dense_and_per_example_attention_agree(monkeypatch: pytest.MonkeyPatch) -> None:

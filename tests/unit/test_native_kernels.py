@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,17 @@ SCALE = 0.0625
 # bf16 rounding step, or sums in another order in fp32.
 STEP = {torch.bfloat16: 2**-7, torch.float32: 2**-16}
 each_dtype = pytest.mark.parametrize("dtype", list(STEP), ids=["bf16", "fp32"])
+
+
+@contextmanager
+def _threads(count: int) -> Iterator[None]:
+    """torch's (and so the kernels') thread count set to `count` for the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _rows(
@@ -455,3 +467,42 @@ def test_fp32_weights_of_bf16_values_narrow_to_the_bf16_panels_and_others_do_not
     assert native.narrow_linear(inexact) is None
     with pytest.raises(ValueError, match="fp32 weight"):
         native.narrow_linear(weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(("vocab", "dim", "rows"), [(1000, 64, 1), (4099, 128, 13), (50, 640, 7)])
+def test_fused_head_loss_is_cross_entropy_and_its_gradient(
+    dtype: torch.dtype, vocab: int, dim: int, rows: int
+) -> None:
+    """Each row's loss and input gradient over the vocab head in one pass (an online softmax by
+    blocks of vocab rows, shared among threads) equal torch's cross-entropy and autograd to fp32
+    rounding, for vocab sizes that are not whole blocks or tiles, with one thread and several."""
+    assert native is not None
+    g = torch.Generator().manual_seed(vocab)
+    weight = (torch.randn(vocab, dim, generator=g) * 0.1).to(dtype)
+    hidden = torch.randn(rows, dim, generator=g) * 4
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[0] = vocab - 1  # the last, partial block
+    h = hidden.clone().requires_grad_()
+    want = F.cross_entropy(h @ weight.float().t(), labels, reduction="none")
+    want.sum().backward()
+    assert h.grad is not None
+    for threads in (1, 2, 3):
+        with _threads(threads):
+            got = native.head_loss(hidden, weight, labels, grad=True)
+            loss_only = native.head_loss(hidden, weight, labels, grad=False)
+        assert got is not None and got[1] is not None and loss_only is not None
+        torch.testing.assert_close(got[0], want.detach(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], h.grad, rtol=1e-5, atol=1e-5)
+        assert loss_only[1] is None and torch.equal(loss_only[0], got[0])
+
+
+def test_fused_head_loss_refuses_labels_outside_the_vocab_and_declines_odd_widths() -> None:
+    assert native is not None
+    weight, hidden = torch.randn(100, 64), torch.randn(2, 64)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        native.head_loss(hidden, weight, torch.tensor([3, 100]), grad=True)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        native.head_loss(hidden, weight, torch.tensor([-1, 0]), grad=False)
+    odd = native.head_loss(torch.randn(2, 40), torch.randn(100, 40), torch.tensor([1, 2]), True)
+    assert odd is None  # a width the tiles do not divide: the caller's matmuls take it

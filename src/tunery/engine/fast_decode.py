@@ -631,7 +631,7 @@ class FastGemma3:
             )
         self.final_norm = _norm_weight(tensors[_FINAL_NORM])
         head = tensors.get(_HEAD, embed)  # tied to the embedding unless the model has its own
-        self._head_weight = head
+        self.head_weight = head
         # Greedy picks over the vocab without the full head (`native/head.c`), for bf16 or fp32
         # weights: on a CPU without AVX512-BF16 (fp32 weights) the fp32 head is half a step.
         # Exact for int8 weights too (the argmax of the head's own logits of the hidden state),
@@ -847,7 +847,7 @@ class FastGemma3:
             # what the bf16 head would whenever the winner is among them (a gap of ~0.1 can
             # reorder int8 logits, a much larger one cannot).
             top = logits.topk(self.EXACT_TOP, dim=-1).indices  # (B, k)
-            rows = self._head_weight[top]  # (B, k, C)
+            rows = self.head_weight[top]  # (B, k, C)
             exact = torch.matmul(rows, hidden.unsqueeze(-1)).squeeze(-1)  # (B, k)
             logits = logits.scatter(-1, top, exact.to(logits.dtype))
         if self.softcap is not None:

@@ -51,8 +51,11 @@ Part = tuple[int, int, int, int, torch.Tensor]  # out_lo, out_hi, r_lo, r_hi, B 
 _HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "elem.h")]
 _SOURCES = [
     Path(__file__).with_name(n)
-    for n in ("decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c", "linear.c")
-]
+    for n in (
+        "decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c", "linear.c",
+        "head_loss.c",
+    )
+]  # fmt: skip
 # -ffp-contract=off: GCC fuses a * b + c into one FMA (one rounding) where its optimizer sees
 # fit, so two loops written alike (a row's LoRA u alone, and 4 rows at a time) could round
 # differently; unfused, every sum rounds as written, and a row gets the same bits either way.
@@ -92,6 +95,9 @@ class NativeKernels:
         self._head_argmax.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr]
         self._head_argmax.argtypes += [i32, i64, ptr, ptr, i32]
         self._head_argmax.restype = i32
+        self._head_loss = library.tunery_head_loss
+        self._head_loss.argtypes = [i64, i64, i64, ptr, ptr, i32, ptr, ptr, ptr, i32]
+        self._head_loss.restype = i32
 
     @staticmethod
     def load() -> NativeKernels | None:
@@ -303,6 +309,32 @@ class NativeKernels:
         if status != 0:
             raise MemoryError("head argmax: out of memory")
         return out.tolist()
+
+    def head_loss(
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Each label row's cross-entropy over the vocab head and (`grad`) its gradient, in one
+        read of the head (`head_loss.c`): hidden (N, C) fp32, weight (V, C) bf16 or fp32, labels
+        (N,) int64 → (loss (N,), d loss / d hidden (N, C) or None), fp32. None where the kernel
+        does not take the shapes (C a multiple of its tile) or the tensors are not on the CPU."""
+        rows, c = hidden.shape
+        fits = weight.dtype in _HEAD_DTYPES and weight.device.type == "cpu"
+        if not fits or hidden.dtype != torch.float32 or hidden.device.type != "cpu":
+            return None
+        hidden, weight = hidden.contiguous(), weight.contiguous()
+        labels = labels.to(torch.int64).contiguous()
+        loss = torch.empty(rows)
+        out = torch.empty(rows, c) if grad else None
+        status = self._head_loss(
+            rows, c, weight.shape[0], hidden.data_ptr(), weight.data_ptr(),
+            _HEAD_DTYPES[weight.dtype], labels.data_ptr(), loss.data_ptr(),
+            out.data_ptr() if out is not None else None, torch.get_num_threads(),
+        )  # fmt: skip
+        if status == -1:
+            raise MemoryError("head loss: out of memory")
+        if status == -2:
+            raise ValueError(f"a label outside the vocabulary of {weight.shape[0]}")
+        return None if status == -3 else (loss, out)
 
 
 _HEAD_DTYPES = {torch.bfloat16: 0, torch.float32: 1}  # head.c's `fp32` flag

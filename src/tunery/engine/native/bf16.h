@@ -7,6 +7,9 @@
 
 #include <stdint.h>
 #include <string.h>
+#ifdef __AVX__
+#include <immintrin.h>
+#endif
 
 /* One register's lanes. Not 16 everywhere: without AVX-512, GCC 12 keeps a loop-carried 64-byte
  * vector in memory, spilling and reloading it each iteration (measured: a 32-row LoRA delta of 8
@@ -92,6 +95,30 @@ static inline float dot_f32_f32(const float *a, const float *b, int64_t n) {
     float s = sum_lanes(acc);
     for (; i < n; i++) s += a[i] * b[i];
     return s;
+}
+
+/* acc + a * b, rounded once (an FMA) where the CPU has one. */
+static inline f32v fma_v(f32v a, f32v b, f32v acc) {
+#if defined(__AVX512F__)
+    return (f32v)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
+#elif defined(__FMA__)
+    return (f32v)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
+#else
+    return acc + a * b;
+#endif
+}
+
+/* x broadcast to every lane. */
+static inline f32v broadcast_v(float x) {
+#if defined(__AVX512F__)
+    return (f32v)_mm512_set1_ps(x);
+#elif defined(__AVX__)
+    return (f32v)_mm256_set1_ps(x);
+#else
+    f32v v;
+    for (int l = 0; l < LANES; l++) v[l] = x;
+    return v;
+#endif
 }
 
 #endif

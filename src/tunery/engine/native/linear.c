@@ -16,37 +16,10 @@
  * quantization), so the only error is the weights' rounding to int8.
  */
 #include <stdlib.h>
-#ifdef __AVX__
-#include <immintrin.h>
-#endif
 
 #include "bf16.h"
 
 #define PANEL (3 * LANES) /* outputs per panel: 3 vectors */
-
-/* acc + a * b, rounded once (an FMA) where the CPU has one. */
-static inline f32v fma_v(f32v a, f32v b, f32v acc) {
-#if defined(__AVX512F__)
-    return (f32v)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)acc);
-#elif defined(__FMA__)
-    return (f32v)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)acc);
-#else
-    return acc + a * b;
-#endif
-}
-
-/* x broadcast to every lane. */
-static inline f32v broadcast_v(float x) {
-#if defined(__AVX512F__)
-    return (f32v)_mm512_set1_ps(x);
-#elif defined(__AVX__)
-    return (f32v)_mm256_set1_ps(x);
-#else
-    f32v v;
-    for (int l = 0; l < LANES; l++) v[l] = x;
-    return v;
-#endif
-}
 
 int tunery_linear_panel(void) { return PANEL; }
 

@@ -1,0 +1,239 @@
+/* Training's vocab head: each label row's cross-entropy and its gradient in one read of W.
+ *
+ * A training step needs, for each row h that predicts a label y, the loss logsumexp(z) - z_y
+ * over the logits z = W h (262k of them for Gemma) and the gradient W^T (softmax(z) - onehot(y)).
+ * Done as two matmuls, W (V x C: 671 MB in fp32) is read twice, and with the few label rows of a
+ * small step (a dozen) each read is memory-bound. Here W goes by in blocks of BLOCK vocab rows:
+ * a block's logits (the forward), then, while the block is still in cache, its softmax terms
+ * times its rows added into the gradient (the backward). The softmax runs online, as flash
+ * attention's does: each row keeps its running max m, the sum s of exp(z - m) and the gradient
+ * sum g of exp(z - m) W_j, both rescaled when m grows. Each thread owns a contiguous share of the
+ * vocabulary with its own (m, s, g); the shares are merged at the end.
+ *
+ * W is fp32 or bf16 (rows of C values, the plain (V, C) layout); h and the results are fp32.
+ * Sums run in another order than a matmul's, so results match torch's to fp32 rounding, not bit
+ * for bit, and (with the thread split) not bit for bit across thread counts either.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "bf16.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define BLOCK 48 /* vocab rows per block: 123 KB of fp32 W, kept in L2 between the two passes */
+#define FWD_ROWS 4 /* label rows x vocab rows per logits tile: 12 sums in registers */
+#define FWD_VOCAB 3
+#define BWD_ROWS 3 /* label rows x vectors of C per gradient tile: 12 sums in registers */
+#define BWD_VECS 4
+
+/* LANES values of W's row j from column k, widened from bf16 unless `fp32`. */
+static inline f32v load_w(const void *w, int fp32, int64_t c, int64_t j, int64_t k) {
+    return fp32 ? load_f32v((const float *)w + j * c + k)
+                : load_bf16v((const uint16_t *)w + j * c + k);
+}
+
+/* exp(x) for x <= 0 (a softmax term): Cephes' degree-5 polynomial on the reduced argument, then
+ * times 2^n through the exponent bits. Relative error ~2 ulp; below -87 it is 2^-126-ish, not 0. */
+static inline f32v exp_nonpositive(f32v x) {
+    f32v lo = broadcast_v(-87.0f);
+    i32v below = (i32v)(x < lo);
+    u32v xb, lb;
+    memcpy(&xb, &x, sizeof x);
+    memcpy(&lb, &lo, sizeof lo);
+    xb = (xb & ~(u32v)below) | (lb & (u32v)below);
+    memcpy(&x, &xb, sizeof x);
+    /* n = round(x / ln 2), x <= 0: truncating x / ln 2 - 0.5 rounds to nearest */
+    i32v n = __builtin_convertvector(x * broadcast_v(1.44269504088896341f) - broadcast_v(0.5f), i32v);
+    f32v nf = __builtin_convertvector(n, f32v);
+    f32v r = x - nf * broadcast_v(0.693359375f) + nf * broadcast_v(2.12194440e-4f);
+    f32v p = broadcast_v(1.9875691500e-4f);
+    p = p * r + broadcast_v(1.3981999507e-3f);
+    p = p * r + broadcast_v(8.3334519073e-3f);
+    p = p * r + broadcast_v(4.1665795894e-2f);
+    p = p * r + broadcast_v(1.6666665459e-1f);
+    p = p * r + broadcast_v(5.0000001201e-1f);
+    p = p * r * r + r + broadcast_v(1.0f);
+    i32v bits = (n + 127) << 23;
+    f32v scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* z[i][j] = h_i . W_{j0 + j} for R label rows and J vocab rows (R, J constants once inlined). */
+static inline __attribute__((always_inline)) void logits_tile(int R, int J, int fp32,
+                                                              const float *h, int64_t c,
+                                                              const void *w, int64_t j0,
+                                                              float *z, int64_t z_stride) {
+    f32v acc[FWD_ROWS][FWD_VOCAB];
+    memset(acc, 0, sizeof acc);
+    for (int64_t k = 0; k < c; k += LANES) {
+        f32v wv[FWD_VOCAB];
+        for (int j = 0; j < J; j++) wv[j] = load_w(w, fp32, c, j0 + j, k);
+        for (int i = 0; i < R; i++) {
+            f32v hv = load_f32v(h + i * c + k);
+            for (int j = 0; j < J; j++) acc[i][j] = fma_v(hv, wv[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < J; j++) z[i * z_stride + j] = sum_lanes(acc[i][j]);
+}
+
+/* g[i][k0 .. k0 + BWD_VECS * LANES) += sum_j e[i][j] W_{j0 + j} over the block's n rows. */
+static inline __attribute__((always_inline)) void grad_tile(int R, int fp32, const float *e,
+                                                            int64_t e_stride, int64_t n,
+                                                            const void *w, int64_t c, int64_t j0,
+                                                            int64_t k0, float *g) {
+    f32v acc[BWD_ROWS][BWD_VECS];
+    for (int i = 0; i < R; i++)
+        for (int v = 0; v < BWD_VECS; v++) acc[i][v] = load_f32v(g + i * c + k0 + v * LANES);
+    for (int64_t j = 0; j < n; j++) {
+        f32v wv[BWD_VECS];
+        for (int v = 0; v < BWD_VECS; v++) wv[v] = load_w(w, fp32, c, j0 + j, k0 + v * LANES);
+        for (int i = 0; i < R; i++) {
+            f32v eb = broadcast_v(e[i * e_stride + j]);
+            for (int v = 0; v < BWD_VECS; v++) acc[i][v] = fma_v(eb, wv[v], acc[i][v]);
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int v = 0; v < BWD_VECS; v++) memcpy(g + i * c + k0 + v * LANES, &acc[i][v], sizeof(f32v));
+}
+
+/* One thread's running softmax state over its vocab share. */
+typedef struct {
+    float *m, *s, *g; /* per row: max, sum of exp(z - m), gradient sum (rows x c) */
+} share_t;
+
+/* The block [j0, j0 + n) for all rows: logits into z (rows x BLOCK), the online softmax update,
+ * each label's logit where the block holds it, and (g non-NULL) the gradient sums. */
+static inline __attribute__((always_inline)) void block_pass(
+    int fp32, int64_t rows, int64_t c, const float *h, const void *w, const int64_t *labels,
+    int64_t j0, int64_t n, float *z, share_t st, float *label_logit) {
+    for (int64_t r = 0; r < rows; r += FWD_ROWS) {
+        int64_t left = rows - r;
+        int R = left < FWD_ROWS ? (int)left : FWD_ROWS;
+        const float *hr = h + r * c;
+        float *zr = z + r * BLOCK;
+        int64_t j = 0;
+        for (; j + FWD_VOCAB <= n; j += FWD_VOCAB) {
+            if (R == 4) logits_tile(4, FWD_VOCAB, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
+            else if (R == 3) logits_tile(3, FWD_VOCAB, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
+            else if (R == 2) logits_tile(2, FWD_VOCAB, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
+            else logits_tile(1, FWD_VOCAB, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
+        }
+        for (; j < n; j++) {
+            if (R == 4) logits_tile(4, 1, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
+            else if (R == 3) logits_tile(3, 1, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
+            else if (R == 2) logits_tile(2, 1, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
+            else logits_tile(1, 1, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        float *zr = z + r * BLOCK;
+        if (labels[r] >= j0 && labels[r] < j0 + n) label_logit[r] = zr[labels[r] - j0];
+        float top = zr[0];
+        for (int64_t j = 1; j < n; j++) top = zr[j] > top ? zr[j] : top;
+        if (top > st.m[r]) { /* a new max: what was summed shrinks by exp(old - new) */
+            float shrink = expf(st.m[r] - top);
+            st.s[r] *= shrink;
+            if (st.g != NULL)
+                for (int64_t k = 0; k < c; k++) st.g[r * c + k] *= shrink;
+            st.m[r] = top;
+        }
+        f32v m = broadcast_v(st.m[r]);
+        for (int64_t j = 0; j < BLOCK; j += LANES) { /* the lanes past n are never read */
+            f32v e = exp_nonpositive(load_f32v(zr + j) - m);
+            memcpy(zr + j, &e, sizeof e);
+        }
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n; j++) sum += zr[j];
+        st.s[r] += sum;
+    }
+    if (st.g == NULL) return;
+    for (int64_t k0 = 0; k0 < c; k0 += BWD_VECS * LANES)
+        for (int64_t r = 0; r < rows; r += BWD_ROWS) {
+            int64_t left = rows - r;
+            const float *er = z + r * BLOCK;
+            float *gr = st.g + r * c;
+            if (left >= 3) grad_tile(3, fp32, er, BLOCK, n, w, c, j0, k0, gr);
+            else if (left == 2) grad_tile(2, fp32, er, BLOCK, n, w, c, j0, k0, gr);
+            else grad_tile(1, fp32, er, BLOCK, n, w, c, j0, k0, gr);
+        }
+}
+
+/* For each of `rows` label rows h_r (fp32, rows x c, contiguous) and label y_r: loss[r] =
+ * logsumexp(W h_r) - (W h_r)[y_r] and, when `grad` is non-NULL, grad[r] = W^T (softmax(W h_r) -
+ * onehot(y_r)) (rows x c). W (v x c) fp32 (`fp32` nonzero) or bf16, contiguous.
+ * Returns 0; -1 out of memory; -2 a label outside [0, v); -3 c not a multiple of the tiles'. */
+int tunery_head_loss(int64_t rows, int64_t c, int64_t v, const float *h, const void *w, int fp32,
+                     const int64_t *labels, float *loss, float *grad, int threads) {
+    if (c % (BWD_VECS * LANES) != 0) return -3;
+    for (int64_t r = 0; r < rows; r++)
+        if (labels[r] < 0 || labels[r] >= v) return -2;
+    if (rows == 0) return 0;
+    int nt = threads > 0 ? threads : 1;
+    int64_t per = rows * (2 + (grad != NULL ? c : 0)); /* one share's m, s and g */
+    float *state = malloc(sizeof(float) * per * nt);
+    float *label_logit = malloc(sizeof(float) * rows);
+    int failed = state == NULL || label_logit == NULL;
+    int used = 1;
+    if (!failed) {
+#pragma omp parallel num_threads(nt)
+        {
+            int t = 0, count = 1;
+#ifdef _OPENMP
+            t = omp_get_thread_num(), count = omp_get_num_threads();
+#endif
+#pragma omp single
+            used = count;
+            float *mine = state + per * t;
+            share_t st = {mine, mine + rows, grad != NULL ? mine + 2 * rows : NULL};
+            for (int64_t r = 0; r < rows; r++) st.m[r] = -INFINITY, st.s[r] = 0.0f;
+            if (st.g != NULL) memset(st.g, 0, sizeof(float) * rows * c);
+            float *z = aligned_alloc(64, sizeof(float) * rows * BLOCK);
+            if (z == NULL) {
+#pragma omp atomic write
+                failed = 1;
+            }
+            /* each thread a contiguous run of blocks */
+            int64_t blocks = (v + BLOCK - 1) / BLOCK;
+            int64_t b0 = blocks * t / count, b1 = blocks * (t + 1) / count;
+            for (int64_t b = b0; b < b1 && z != NULL; b++) {
+                int64_t j0 = b * BLOCK, n = v - j0 < BLOCK ? v - j0 : BLOCK;
+                if (fp32) block_pass(1, rows, c, h, w, labels, j0, n, z, st, label_logit);
+                else block_pass(0, rows, c, h, w, labels, j0, n, z, st, label_logit);
+            }
+            free(z);
+        }
+    }
+    if (failed) {
+        free(state);
+        free(label_logit);
+        return -1;
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        float top = -INFINITY;
+        for (int t = 0; t < used; t++) top = fmaxf(top, state[per * t + r]);
+        double sum = 0.0;
+        for (int t = 0; t < used; t++) {
+            const float *mine = state + per * t;
+            float weight = expf(mine[r] - top);
+            sum += (double)mine[rows + r] * weight;
+            if (grad == NULL) continue;
+            float *gr = grad + r * c;
+            const float *share = mine + 2 * rows + r * c;
+            for (int64_t k = 0; k < c; k++) gr[k] = (t == 0 ? 0.0f : gr[k]) + share[k] * weight;
+        }
+        loss[r] = top + (float)log(sum) - label_logit[r];
+        if (grad == NULL) continue;
+        float inv = (float)(1.0 / sum), *gr = grad + r * c;
+        for (int64_t k = 0; k < c; k++)
+            gr[k] = gr[k] * inv - (fp32 ? ((const float *)w)[labels[r] * c + k]
+                                        : bf16_to_f32(((const uint16_t *)w)[labels[r] * c + k]));
+    }
+    free(state);
+    free(label_logit);
+    return 0;
+}
