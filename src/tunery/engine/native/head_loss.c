@@ -24,8 +24,8 @@
 #endif
 
 #define BLOCK 48 /* vocab rows per block: 123 KB of fp32 W, kept in L2 between the two passes */
-#define FWD_ROWS 4 /* label rows x vocab rows per logits tile: 12 sums in registers */
-#define FWD_VOCAB 3
+#define FWD_ROWS 4 /* label rows x vocab rows per logits tile: 8 sums in registers */
+#define FWD_VOCAB 2
 #define BWD_ROWS 3 /* label rows x vectors of C per gradient tile: 12 sums in registers */
 #define BWD_VECS 4
 
@@ -69,7 +69,13 @@ static inline __attribute__((always_inline)) void logits_tile(int R, int J, int 
                                                               float *z, int64_t z_stride) {
     f32v acc[FWD_ROWS][FWD_VOCAB];
     memset(acc, 0, sizeof acc);
-    for (int64_t k = 0; k < c; k += LANES) {
+    /* the next tile's W rows, prefetched as these are read: each tile's rows are a few short
+     * runs of lines that the hardware prefetcher does not ramp up for in time */
+    const char *next = fp32 ? (const char *)((const float *)w + (j0 + J) * c)
+                            : (const char *)((const uint16_t *)w + (j0 + J) * c);
+    int64_t row_bytes = fp32 ? 4 * c : 2 * c, step = fp32 ? 4 * LANES : 2 * LANES;
+    for (int64_t k = 0; k < c; k += LANES, next += step) {
+        for (int j = 0; j < J; j++) __builtin_prefetch(next + j * row_bytes, 0, 3);
         f32v wv[FWD_VOCAB];
         for (int j = 0; j < J; j++) wv[j] = load_w(w, fp32, c, j0 + j, k);
         for (int i = 0; i < R; i++) {
@@ -77,6 +83,22 @@ static inline __attribute__((always_inline)) void logits_tile(int R, int J, int 
             for (int j = 0; j < J; j++) acc[i][j] = fma_v(hv, wv[j], acc[i][j]);
         }
     }
+#if LANES == 8 && defined(__AVX__)
+    if (R == FWD_ROWS && J == FWD_VOCAB) { /* the 8 sums' lanes added by one transposing tree */
+        __m256 t0 = _mm256_hadd_ps((__m256)acc[0][0], (__m256)acc[0][1]);
+        __m256 t1 = _mm256_hadd_ps((__m256)acc[1][0], (__m256)acc[1][1]);
+        __m256 t2 = _mm256_hadd_ps((__m256)acc[2][0], (__m256)acc[2][1]);
+        __m256 t3 = _mm256_hadd_ps((__m256)acc[3][0], (__m256)acc[3][1]);
+        __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+        __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                                    _mm256_permute2f128_ps(u0, u1, 0x31));
+        float out[8];
+        _mm256_storeu_ps(out, sums); /* lane 2i + j: row i, vocab row j */
+        for (int i = 0; i < FWD_ROWS; i++)
+            for (int j = 0; j < FWD_VOCAB; j++) z[i * z_stride + j] = out[i * FWD_VOCAB + j];
+        return;
+    }
+#endif
     for (int i = 0; i < R; i++)
         for (int j = 0; j < J; j++) z[i * z_stride + j] = sum_lanes(acc[i][j]);
 }
@@ -90,6 +112,10 @@ static inline __attribute__((always_inline)) void grad_tile(int R, int fp32, con
     for (int i = 0; i < R; i++)
         for (int v = 0; v < BWD_VECS; v++) acc[i][v] = load_f32v(g + i * c + k0 + v * LANES);
     for (int64_t j = 0; j < n; j++) {
+        const char *ahead = fp32 ? (const char *)((const float *)w + (j0 + j + 4) * c + k0)
+                                 : (const char *)((const uint16_t *)w + (j0 + j + 4) * c + k0);
+        __builtin_prefetch(ahead, 0, 3); /* the tile's columns of a row 4 ahead */
+        __builtin_prefetch(ahead + 64, 0, 3);
         f32v wv[BWD_VECS];
         for (int v = 0; v < BWD_VECS; v++) wv[v] = load_w(w, fp32, c, j0 + j, k0 + v * LANES);
         for (int i = 0; i < R; i++) {
@@ -111,24 +137,26 @@ typedef struct {
 static inline __attribute__((always_inline)) void block_pass(
     int fp32, int64_t rows, int64_t c, const float *h, const void *w, const int64_t *labels,
     int64_t j0, int64_t n, float *z, share_t st, float *label_logit) {
-    for (int64_t r = 0; r < rows; r += FWD_ROWS) {
-        int64_t left = rows - r;
-        int R = left < FWD_ROWS ? (int)left : FWD_ROWS;
-        const float *hr = h + r * c;
-        float *zr = z + r * BLOCK;
-        int64_t j = 0;
-        for (; j + FWD_VOCAB <= n; j += FWD_VOCAB) {
-            if (R == 4) logits_tile(4, FWD_VOCAB, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
-            else if (R == 3) logits_tile(3, FWD_VOCAB, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
-            else if (R == 2) logits_tile(2, FWD_VOCAB, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
-            else logits_tile(1, FWD_VOCAB, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
-        }
-        for (; j < n; j++) {
-            if (R == 4) logits_tile(4, 1, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
-            else if (R == 3) logits_tile(3, 1, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
-            else if (R == 2) logits_tile(2, 1, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
-            else logits_tile(1, 1, fp32, hr, c, w, j0 + j, zr + j, BLOCK);
-        }
+    /* vocab tiles outer: a tile's W rows stay in L1 while every row tile reads them */
+    for (int64_t j = 0; j < n; j += FWD_VOCAB) {
+        int J = n - j < FWD_VOCAB ? 1 : FWD_VOCAB; /* a tail goes one vocab row at a time */
+        for (int64_t jj = j; jj < j + (n - j < FWD_VOCAB ? n - j : FWD_VOCAB); jj += J)
+            for (int64_t r = 0; r < rows; r += FWD_ROWS) {
+                int64_t left = rows - r;
+                const float *hr = h + r * c;
+                float *zr = z + r * BLOCK + jj;
+                if (J == FWD_VOCAB) {
+                    if (left >= 4) logits_tile(4, FWD_VOCAB, fp32, hr, c, w, j0 + jj, zr, BLOCK);
+                    else if (left == 3) logits_tile(3, FWD_VOCAB, fp32, hr, c, w, j0 + jj, zr, BLOCK);
+                    else if (left == 2) logits_tile(2, FWD_VOCAB, fp32, hr, c, w, j0 + jj, zr, BLOCK);
+                    else logits_tile(1, FWD_VOCAB, fp32, hr, c, w, j0 + jj, zr, BLOCK);
+                } else {
+                    if (left >= 4) logits_tile(4, 1, fp32, hr, c, w, j0 + jj, zr, BLOCK);
+                    else if (left == 3) logits_tile(3, 1, fp32, hr, c, w, j0 + jj, zr, BLOCK);
+                    else if (left == 2) logits_tile(2, 1, fp32, hr, c, w, j0 + jj, zr, BLOCK);
+                    else logits_tile(1, 1, fp32, hr, c, w, j0 + jj, zr, BLOCK);
+                }
+            }
     }
     for (int64_t r = 0; r < rows; r++) {
         float *zr = z + r * BLOCK;
