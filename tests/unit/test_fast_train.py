@@ -89,8 +89,11 @@ def test_matches_the_transformers_forward_in_fp32(
         fast = FastGemma3Train(FastGemma3.of_model(model), layers)
         native = NativeKernels.load() is not None
         assert (fast.spec.layers[0].gu.narrow is not None) == (bf16_values and native)
-        got = _loss_and_grads(lambda: fast.loss(pack(examples, torch.device("cpu"))), params)
-        assert ("frozen" in vars(fast.head)) == (not native)  # built only for the matmul path
+        batch = pack(examples, torch.device("cpu"))
+        got = _loss_and_grads(lambda: fast.loss(batch), params)
+        # few label rows take the fused kernel, many the matmuls, built only then
+        few_rows = batch.labels.shape[0] <= fast.head.FUSED_MAX_ROWS
+        assert ("frozen" in vars(fast.head)) == (not native or not few_rows)
 
     assert got[0] == pytest.approx(reference[0], rel=1e-5)
     for want, have in zip(reference[1], got[1], strict=True):
@@ -100,22 +103,24 @@ def test_matches_the_transformers_forward_in_fp32(
 @pytest.mark.skipif(NativeKernels.load() is None, reason="no native kernels")
 def test_the_fused_head_and_the_head_matmuls_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     """The head's fused kernel (one read of the weights, online softmax) and the two matmuls it
-    replaces give one loss and one gradient, in row chunks of every size the kernel takes."""
+    replaces for few label rows give one loss and one gradient; many rows take the matmuls."""
     model = _tiny_gemma(64)
-    examples = _examples([40, 3, 25, 60, 17])  # ~70 label rows: chunks of 48 and the rest
+    few = _examples([9, 5, 7, 12])  # 17 label rows
     with lora_injected(model, LoraSpec(rank=4, alpha=8)) as layers:
         for layer in layers.values():
             torch.nn.init.normal_(layer.lora_B, std=0.05)
         params = trainable_parameters(layers)
         fast = FastGemma3Train(FastGemma3.of_model(model), layers)
-        batch = pack(examples, torch.device("cpu"))
+        batch = pack(few, torch.device("cpu"))
+        assert batch.labels.shape[0] <= fast.head.FUSED_MAX_ROWS
         fused = _loss_and_grads(lambda: fast.loss(batch), params)
         assert "frozen" not in vars(fast.head)
         with torch.no_grad():  # validation: the loss alone
             assert float(fast.loss(batch)) == fused[0]
+        fast.loss(pack(_examples([40, 3, 25]), torch.device("cpu")))  # 35 label rows
+        assert "frozen" in vars(fast.head)
         monkeypatch.setattr(fast.head, "_native", None)
         matmuls = _loss_and_grads(lambda: fast.loss(batch), params)
-        assert "frozen" in vars(fast.head)
     assert fused[0] == pytest.approx(matmuls[0], rel=1e-6)
     for want, have in zip(matmuls[1], fused[1], strict=True):
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-7)

@@ -15,7 +15,9 @@ bookkeeping for ~60 ops per layer, and pads every row of a batch to the longest.
   Where the weights are fp32 that are bf16 values (a CPU without AVX512-BF16), the forward reads
   the decode path's bf16 panels and the backward its own panels of Wᵀ (`FrozenWeight`): half the
   bytes, 1.4-2x oneDNN's fp32 speed at 16-51 rows (a seed-sized step), on par at 512.
-- **Label-only logits:** the 262k-token head runs only at positions that predict a label.
+- **Label-only logits:** the 262k-token head runs only at positions that predict a label; for a
+  batch with few of them (a seed-sized step) each row's loss and gradient come from one native
+  pass over the head's weights (`TrainingHead`, `native/head_loss.c`) instead of two matmuls.
 
 Numerics follow the transformers Gemma 3 code (see `fast_decode`); the LoRA delta is computed in
 the activation dtype from fp32 master weights, as `lora.LoraLinear` does.
@@ -231,9 +233,10 @@ def base_kernels(fast: FastGemma3) -> _BaseKernels:
 
 def prepare_training(config: Any, tensors: Mapping[str, torch.Tensor]) -> None:
     """Build now what the first `train()` on this model would (a worker does it when it
-    preloads); nothing for a model that trains through the transformers modules."""
+    preloads), the head's matmul copy included (a batch with many label rows reads it);
+    nothing for a model that trains through the transformers modules."""
     if FastGemma3.supports(config):
-        base_kernels(training_forward(config, tensors))
+        base_kernels(training_forward(config, tensors)).head.frozen  # noqa: B018
 
 
 def training_forward(config: Any, tensors: Mapping[str, torch.Tensor]) -> FastGemma3:
@@ -243,15 +246,16 @@ def training_forward(config: Any, tensors: Mapping[str, torch.Tensor]) -> FastGe
 
 
 class TrainingHead:
-    """The vocab head as the loss reads it: by the native fused kernel (`head_loss.c`: each label
-    row's loss and gradient in one read of the weights) where it runs, else as a `FrozenWeight`
-    (two matmuls, and for the backward a copy of Wᵀ: 671 MB for Gemma 3 270M in fp32), built
-    only once a loss needs it."""
+    """The vocab head as the loss reads it: for a batch with few label rows, by the native fused
+    kernel (`head_loss.c`: each row's loss and gradient in one read of the weights) where it
+    runs; else as a `FrozenWeight` (two matmuls, the backward's on a copy of Wᵀ: 671 MB for
+    Gemma 3 270M in fp32), built on first use or by `prepare_training`."""
 
-    # Label rows per call of the fused kernel: its per-thread gradient sums (rows x C fp32) and
-    # a block of the weights stay in L2 (measured on 2 AVX2 cores: 77 GFLOP/s at 48 rows, 66 at
-    # 96 for Gemma 3 270M's 262k x 640 head).
-    FUSED_ROWS = 48
+    # The most label rows the fused kernel takes: below this it beats the two matmuls (weights
+    # read once, not twice), above it their oneDNN kernels' higher FLOP rate wins. Same-run, on
+    # Gemma 3 270M's 262k x 640 head, 2 AVX2 cores, fused / matmuls: 12 rows 180 / 216 ms,
+    # 16 158 / 194, 24 219 / 228, 32 320 / 300, 48 482 / 382, 256 2458 / 1731.
+    FUSED_MAX_ROWS = 24
 
     def __init__(self, fast: FastGemma3) -> None:
         self._fast = fast
@@ -265,22 +269,15 @@ class TrainingHead:
         self, hidden: torch.Tensor, labels: torch.Tensor, grad: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(sum of the rows' losses, each row's gradient in `hidden`'s dtype or None) by the
-        fused kernel; None where it does not run (no kernels, a softcapped head, the shapes)."""
-        if self._native is None:
+        fused kernel; None where it does not run (no kernels, a softcapped head, the shapes, more
+        than FUSED_MAX_ROWS rows)."""
+        if self._native is None or labels.shape[0] > self.FUSED_MAX_ROWS:
             return None
-        losses, grads = [], []
-        for lo in range(0, labels.shape[0], self.FUSED_ROWS):
-            hi = lo + self.FUSED_ROWS
-            out = self._native.head_loss(
-                hidden[lo:hi].float(), self._fast.head_weight, labels[lo:hi], grad
-            )
-            if out is None:
-                return None
-            losses.append(out[0])
-            if out[1] is not None:
-                grads.append(out[1])
-        total = torch.cat(losses).sum()
-        return total, torch.cat(grads).to(hidden.dtype) if grad else None
+        out = self._native.head_loss(hidden.float(), self._fast.head_weight, labels, grad)
+        if out is None:
+            return None
+        loss, grad_hidden = out
+        return loss.sum(), grad_hidden.to(hidden.dtype) if grad_hidden is not None else None
 
 
 # Label rows per pass of the output head: enough rows that each pass over its 262k×C weight is

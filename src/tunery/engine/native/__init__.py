@@ -18,8 +18,11 @@
   them as bf16 in k-major panels (`FastGemma3`'s `narrow` linears, prompts and steps alike);
   and the `fast-int8` backend's decode steps, int8 weights in the same panels (torch's int8
   kernel reads ~2.5 GB/s on a 2-core AVX2 CPU: a 1-row step's projections took 82 ms).
+- `head_loss.c`: training's vocab head for a step with few label rows: each row's cross-entropy
+  and its gradient in one read of the weights (an online softmax over blocks of vocab rows),
+  where two matmuls read the 671 MB fp32 head twice.
 
-Each kernel but the head's is built twice from one source (`elem.h`): for bf16 activations and
+Each kernel but the heads' is built twice from one source (`elem.h`): for bf16 activations and
 caches, and (`kernels_f32.c`) for fp32 ones, where a CPU without AVX512-BF16 runs the model. In
 fp32 they took a 1-row step with an adapter from 61 to 50 ms on a 2-core AVX2 CPU (torch's ~1,000
 small ops between the matmuls were a third of it), and `linear.c` the rest to 21-24 ms.
