@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 from tunery.domain import Snapshot, TuningJob
 from tunery.engine.base_models import BaseModelRegistry
-from tunery.engine.fast_train import prepare_training
-from tunery.engine.specs import StepReport, StopReason, TrainSpec
+from tunery.engine.fast_train import FastGemma3Train, prepare_training
+from tunery.engine.specs import LoraSpec, StepReport, StopReason, TrainSpec
 from tunery.settings import Settings
 from tunery.store import Store
 from tunery.store.jobs import JobRepository
@@ -180,7 +180,8 @@ class Worker:
             started = time.monotonic()
             try:
                 base = self.registry.load(name)
-                base.model  # noqa: B018 (training needs the transformers model: built now)
+                if not FastGemma3Train.fits(base.config, LoraSpec()):
+                    base.model  # noqa: B018 (training needs the transformers model: built now)
                 prepare_training(base.config, base.weights)
             except Exception:  # it will be loaded (and fail visibly) with a job that needs it
                 log.exception("worker %s: preloading %s failed", self.worker_id, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ import torch
 from tunery.engine import fast_train
 from tunery.engine.data import TokenizedExample, collate, pack
 from tunery.engine.fast_decode import PROJECTIONS, FastGemma3
-from tunery.engine.fast_train import FastGemma3Train
-from tunery.engine.lora import lora_injected, trainable_parameters
+from tunery.engine.fast_train import FastGemma3Train, lora_shapes
+from tunery.engine.lora import lora_injected, lora_layers, save_peft_adapter, trainable_parameters
 from tunery.engine.native import NativeKernels
 from tunery.engine.specs import LoraSpec
 from tunery.engine.train import label_loss
@@ -142,3 +143,38 @@ def test_partial_groups_are_refused_up_front() -> None:
     assert FastGemma3Train.targets_fit(["q_proj", "k_proj", "v_proj", "o_proj"])
     assert not FastGemma3Train.targets_fit(["q_proj", "v_proj"])
     assert not FastGemma3Train.targets_fit(["lm_head"])
+
+
+@pytest.mark.parametrize("targets", [LoraSpec().target_modules, PROJECTIONS])
+def test_lora_layers_without_a_model_are_the_injected_ones_and_save_for_peft(
+    targets: tuple[str, ...], tmp_path: Path
+) -> None:
+    """The layers the packed forward trains, made from the projections' shapes alone (no
+    transformers model), come in the model's module order with the same initial weights for the
+    same seed (so a run, a resumed checkpoint and its optimizer state match either way); their
+    adapter, written without PEFT, loads in PEFT with the same weights and scaling."""
+    from peft import PeftModel
+
+    model = _tiny_gemma(64)
+    spec = LoraSpec(rank=4, alpha=8, target_modules=targets)
+    torch.manual_seed(5)
+    with lora_injected(model, spec) as injected:
+        want = {
+            path: (layer.lora_A.detach().clone(), layer.lora_B) for path, layer in injected.items()
+        }
+    torch.manual_seed(5)
+    layers = lora_layers(lora_shapes(FastGemma3.of_model(model)), spec, torch.device("cpu"))
+    assert list(layers) == list(want)
+    for path, layer in layers.items():
+        assert torch.equal(layer.lora_A, want[path][0]) and not layer.lora_B.any()
+        assert layer.lora_A.device.type == "cpu" and layer.base.weight.device.type == "meta"
+        torch.nn.init.normal_(layer.lora_B)
+
+    save_peft_adapter(layers, spec, "tiny-gemma", tmp_path / "adapter")
+    tuned = PeftModel.from_pretrained(model, tmp_path / "adapter")
+    modules = dict(tuned.base_model.model.named_modules())
+    for path, layer in layers.items():
+        module = modules[path]
+        assert torch.equal(module.lora_A["default"].weight, layer.lora_A)
+        assert torch.equal(module.lora_B["default"].weight, layer.lora_B)
+        assert module.scaling["default"] == spec.alpha / spec.rank

@@ -49,6 +49,7 @@ from tunery.engine.fast_decode import (
 )
 from tunery.engine.lora import LoraLinear
 from tunery.engine.native import NativeKernels, PackedLinear
+from tunery.engine.specs import LoraSpec
 
 
 class FrozenWeight:
@@ -229,6 +230,16 @@ def base_kernels(fast: FastGemma3) -> _BaseKernels:
     """The frozen weights `fast` reads, for training: built on first use (the backward's Wᵀ
     copies) and kept while the weights live."""
     return _KERNELS.get(fast.embed, lambda: _BaseKernels(fast))
+
+
+def lora_shapes(fast: FastGemma3) -> dict[str, tuple[int, int]]:
+    """Each projection a LoRA may target: module path → (in, out) features, in the order of the
+    transformers model's modules (a layer's attention, then its MLP), as `lora.lora_layers`
+    wants them."""
+    return {
+        path: (fast.in_features[proj], fast.out_features[proj])
+        for path, (_, proj) in fast.lora_targets.items()
+    }
 
 
 def prepare_training(config: Any, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -465,6 +476,16 @@ class FastGemma3Train:
         self._flat = _FlatParams(
             [p for groups in self.groups for g in groups.values() for p in g.params[0::2]]
             + [p for groups in self.groups for g in groups.values() for p in g.params[1::2]]
+        )
+
+    @staticmethod
+    def fits(config: Any, lora: LoraSpec) -> bool:
+        """Whether a LoRA of `lora` on a model of `config` trains here: a Gemma 3 the forward
+        supports, whole fused groups targeted, no dropout (the groups have none on their input)."""
+        return (
+            FastGemma3.supports(config)
+            and FastGemma3Train.targets_fit(lora.target_modules)
+            and not lora.dropout
         )
 
     @staticmethod

@@ -8,8 +8,9 @@ would do — and the files written are exactly what `PeftModel.from_pretrained` 
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch import nn
 from tunery.engine.specs import LoraSpec
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
 # PEFT names a CausalLM's weights "base_model.model.<module path>.lora_{A,B}.weight".
 PEFT_PREFIX = "base_model.model."
 
@@ -27,15 +29,19 @@ PEFT_PREFIX = "base_model.model."
 class LoraLinear(nn.Module):
     """`base(x) + dropout(x) @ Aᵀ @ Bᵀ · alpha/r`; only A and B train (B starts at zero)."""
 
-    def __init__(self, base: nn.Linear, spec: LoraSpec) -> None:
+    def __init__(self, base: nn.Linear, spec: LoraSpec, device: torch.device | None = None) -> None:
+        """`device`: where A and B live, `base`'s by default (a shape-only `base` on the meta
+        device serves a forward that reads the frozen weights elsewhere: `lora_layers`)."""
         super().__init__()
         self.base = base
         self.lora_A = nn.Parameter(torch.empty(spec.rank, base.in_features, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, spec.rank, dtype=torch.float32))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's default init, on the CPU
         self.scaling = spec.alpha / spec.rank
         self.dropout = spec.dropout
-        self.to(base.weight.device)
+        target = device if device is not None else base.weight.device
+        for p in (self.lora_A, self.lora_B):
+            p.data = p.data.to(target)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -65,6 +71,22 @@ def resolved_for(model: nn.Module, spec: LoraSpec) -> LoraSpec:
     if not spec.fallback_modules or any(True for _ in _targets(model, spec)):
         return spec
     return replace(spec, target_modules=spec.fallback_modules, fallback_modules=())
+
+
+def lora_layers(
+    shapes: Mapping[str, tuple[int, int]], spec: LoraSpec, device: torch.device
+) -> dict[str, LoraLinear]:
+    """A LoRA layer for each targeted linear of `shapes` (module path → (in, out) features, in
+    the model's module order), with no model: for a forward that reads the frozen weights
+    itself (`fast_train`). The same order and initialisation as `lora_injected` on the model."""
+    layers: dict[str, LoraLinear] = {}
+    for path, (n_in, n_out) in shapes.items():
+        if path.rpartition(".")[2] in spec.target_modules:
+            shape_only = nn.Linear(n_in, n_out, bias=False, device="meta")
+            layers[path] = LoraLinear(shape_only, spec, device)
+    if not layers:
+        raise ValueError(f"no layer of the model matches target modules {spec.target_modules}")
+    return layers
 
 
 @contextmanager
@@ -112,20 +134,35 @@ def load_adapter_state(layers: dict[str, LoraLinear], state: dict[str, torch.Ten
 def save_peft_adapter(
     layers: dict[str, LoraLinear], spec: LoraSpec, base_model_path: str, out: Path
 ) -> None:
-    """Write adapter_config.json + adapter_model.safetensors as PEFT's save_pretrained does."""
-    from peft import LoraConfig
+    """Write adapter_config.json + adapter_model.safetensors as PEFT's save_pretrained does.
+
+    The config is written here, not by PEFT's `LoraConfig`: importing PEFT imports transformers
+    (4.6 s on 2 cores), which a worker that trains on the hand-written forward never needs. Its
+    fields are a plain LoRA's, the rest left to PEFT's defaults when it loads the file."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    config = LoraConfig(
-        r=spec.rank,
-        lora_alpha=spec.alpha,
-        lora_dropout=spec.dropout,
-        target_modules=sorted(spec.target_modules),
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=base_model_path,
-        inference_mode=True,
-    )
-    config.save_pretrained(str(out))
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_path,
+        "inference_mode": True,
+        "r": spec.rank,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": sorted(spec.target_modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors = {k: v.contiguous() for k, v in adapter_state(layers).items()}
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})

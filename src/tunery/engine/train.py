@@ -12,8 +12,9 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,18 +33,26 @@ from tunery.engine.data import (
     tokenize_example,
     validation_count,
 )
-from tunery.engine.fast_decode import FastGemma3
-from tunery.engine.fast_train import FastGemma3Train, training_forward
+from tunery.engine.fast_train import FastGemma3Train, lora_shapes, training_forward
 from tunery.engine.lora import (
+    ADAPTER_CONFIG,
     LoraLinear,
     adapter_state,
     load_adapter_state,
     lora_injected,
+    lora_layers,
     resolved_for,
     save_peft_adapter,
     trainable_parameters,
 )
-from tunery.engine.specs import Example, StepReport, StopReason, TrainResult, TrainSpec
+from tunery.engine.specs import (
+    Example,
+    LoraSpec,
+    StepReport,
+    StopReason,
+    TrainResult,
+    TrainSpec,
+)
 from tunery.errors import FailedPrecondition, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -96,7 +105,8 @@ def train(
     """
     if not examples:
         raise InvalidArgument("the training dataset has no examples")
-    spec = replace(spec, lora=resolved_for(base.model, spec.lora))
+    if not FastGemma3Train.fits(base.config, spec.lora):
+        spec = replace(spec, lora=resolved_for(base.model, spec.lora))
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     tok = base.tokenizer
@@ -110,14 +120,13 @@ def train(
     total = per_epoch * spec.epoch_count
     peak_lr = optimizer_lr(spec)
     finished = work_dir / ADAPTER_DIR
-    if (finished / "adapter_config.json").exists() and _checkpoint_path(work_dir) is None:
+    if (finished / ADAPTER_CONFIG).exists() and _checkpoint_path(work_dir) is None:
         return TrainResult(StopReason.COMPLETED, total, total, str(finished))
 
     torch.manual_seed(spec.seed)
-    causal = base.model
-    with lora_injected(causal, spec.lora) as layers, CheckpointWriter(work_dir) as checkpoints:
+    adapter = _adapter(base, spec.lora, pad_id)
+    with adapter as (layers, batch_loss), CheckpointWriter(work_dir) as checkpoints:
         params = trainable_parameters(layers)
-        batch_loss = _batch_loss_fn(base, layers, spec, pad_id)
         fused = _fused_adamw(params)
         opt = torch.optim.AdamW(
             params, lr=peak_lr, weight_decay=0.0, fused=fused, foreach=None if fused else True
@@ -125,77 +134,80 @@ def train(
         step = _load_checkpoint(work_dir, layers, opt)
         if step:
             log.info("resuming %s at step %d/%d", work_dir.name, step, total)
-        causal.train()
         last_ckpt = time.monotonic()
-        try:
-            while step < total:
-                epoch, index = divmod(step, per_epoch)
-                if should_stop is not None and should_stop():
-                    checkpoints.save(step, layers, opt)
-                    return TrainResult(StopReason.CANCELLED, step, total, None)
-                # 1. batch: this epoch's fixed order, so a resumed run sees the same batches
-                order = epoch_order(len(train_tok), spec.seed, epoch)
-                picked = order[index * spec.batch_size : (index + 1) * spec.batch_size]
-                # 2. set LR, forward/backward, clip, step
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, total, peak_lr)
-                loss = batch_loss([train_tok[i] for i in picked])
-                if not torch.isfinite(loss):
-                    raise FailedPrecondition(
-                        f"training diverged at step {step + 1}: the loss is {loss.item()}; "
-                        "try a lower learningRate or learningRateMultiplier"
+        while step < total:
+            epoch, index = divmod(step, per_epoch)
+            if should_stop is not None and should_stop():
+                checkpoints.save(step, layers, opt)
+                return TrainResult(StopReason.CANCELLED, step, total, None)
+            # 1. batch: this epoch's fixed order, so a resumed run sees the same batches
+            order = epoch_order(len(train_tok), spec.seed, epoch)
+            picked = order[index * spec.batch_size : (index + 1) * spec.batch_size]
+            # 2. set LR, forward/backward, clip, step
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, total, peak_lr)
+            loss = batch_loss([train_tok[i] for i in picked])
+            if not torch.isfinite(loss):
+                raise FailedPrecondition(
+                    f"training diverged at step {step + 1}: the loss is {loss.item()}; "
+                    "try a lower learningRate or learningRateMultiplier"
+                )
+            loss.backward()  # type: ignore[no-untyped-call]
+            clip_grad_norm(params, GRAD_CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            # 3. checkpoint (written in the background) at epoch ends and every so often;
+            # not after the last step, where the adapter itself is written at once
+            epoch_end = step % per_epoch == 0
+            val_loss = _validate(batch_loss, val_tok, spec) if epoch_end else None
+            due = epoch_end or time.monotonic() - last_ckpt > CHECKPOINT_INTERVAL_S
+            if due and step < total:
+                checkpoints.save(step, layers, opt, wait=False)
+                last_ckpt = time.monotonic()
+            # 4. report
+            if on_step is not None:
+                on_step(
+                    StepReport(
+                        step=step,
+                        epoch=epoch + 1,
+                        mean_loss=float(loss.item()),
+                        compute_time=time.time(),
+                        total_steps=total,
+                        validation_loss=val_loss,
                     )
-                loss.backward()  # type: ignore[no-untyped-call]
-                clip_grad_norm(params, GRAD_CLIP)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                step += 1
-                # 3. checkpoint (written in the background) at epoch ends and every so often;
-                # not after the last step, where the adapter itself is written at once
-                epoch_end = step % per_epoch == 0
-                val_loss = _validate(batch_loss, val_tok, spec) if epoch_end else None
-                due = epoch_end or time.monotonic() - last_ckpt > CHECKPOINT_INTERVAL_S
-                if due and step < total:
-                    checkpoints.save(step, layers, opt, wait=False)
-                    last_ckpt = time.monotonic()
-                # 4. report
-                if on_step is not None:
-                    on_step(
-                        StepReport(
-                            step=step,
-                            epoch=epoch + 1,
-                            mean_loss=float(loss.item()),
-                            compute_time=time.time(),
-                            total_steps=total,
-                            validation_loss=val_loss,
-                        )
-                    )
-            checkpoints.wait()
-            adapter_dir = _save_adapter(work_dir, layers, spec, base)
-            for folder in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old"):
-                shutil.rmtree(work_dir / folder, ignore_errors=True)
-            return TrainResult(StopReason.COMPLETED, step, total, str(adapter_dir))
-        finally:
-            causal.eval()
+                )
+        checkpoints.wait()
+        adapter_dir = _save_adapter(work_dir, layers, spec, base)
+        for folder in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old"):
+            shutil.rmtree(work_dir / folder, ignore_errors=True)
+        return TrainResult(StopReason.COMPLETED, step, total, str(adapter_dir))
 
 
 BatchLoss = Callable[[Sequence[TokenizedExample]], torch.Tensor]
 
 
-def _batch_loss_fn(
-    base: LoadedBase, layers: dict[str, LoraLinear], spec: TrainSpec, pad_id: int
-) -> BatchLoss:
-    """The loss of a batch: the hand-written packed forward (`fast_train`) where the model and
-    LoRA targets allow it, else the transformers modules on a padded batch."""
-    lora = spec.lora
-    if (
-        FastGemma3.supports(base.config)
-        and FastGemma3Train.targets_fit(lora.target_modules)
-        and not lora.dropout  # the fused groups have no dropout on the LoRA input
-    ):
-        fast = FastGemma3Train(training_forward(base.config, base.weights), layers)
-        return lambda examples: fast.loss(pack(examples, base.device))
-    return lambda examples: label_loss(base.model, collate(examples, pad_id, base.device))
+@contextmanager
+def _adapter(
+    base: LoadedBase, lora: LoraSpec, pad_id: int
+) -> Iterator[tuple[dict[str, LoraLinear], BatchLoss]]:
+    """The LoRA layers to train and the loss of a batch through them. On the hand-written packed
+    forward (`fast_train`) where the model and LoRA config allow: the layers alone, no
+    transformers model built (a worker then never imports transformers). Else injected into the
+    transformers model, in train mode for the duration, on a padded batch."""
+    if FastGemma3Train.fits(base.config, lora):
+        forward = training_forward(base.config, base.weights)
+        layers = lora_layers(lora_shapes(forward), lora, base.device)
+        fast = FastGemma3Train(forward, layers)
+        yield layers, lambda examples: fast.loss(pack(examples, base.device))
+        return
+    causal = base.model
+    with lora_injected(causal, lora) as layers:
+        causal.train()
+        try:
+            yield layers, lambda batch: label_loss(causal, collate(batch, pad_id, base.device))
+        finally:
+            causal.eval()
 
 
 def _fused_adamw(params: list[torch.nn.Parameter]) -> bool:
