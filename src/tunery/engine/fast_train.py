@@ -257,10 +257,10 @@ def training_forward(config: Any, tensors: Mapping[str, torch.Tensor]) -> FastGe
 
 
 class TrainingHead:
-    """The vocab head as the loss reads it: for a batch with few label rows, by the native fused
-    kernel (`head_loss.c`: each row's loss and gradient in one read of the weights) where it
-    runs; else as a `FrozenWeight` (two matmuls, the backward's on a copy of Wᵀ: 671 MB for
-    Gemma 3 270M in fp32), built on first use or by `prepare_training`."""
+    """The vocab head as the loss reads it: for a batch with few label rows of an fp32 model, by
+    the native fused kernel (`head_loss.c`: each row's loss and gradient in one read of the
+    weights) where it runs; else as a `FrozenWeight` (two matmuls, the backward's on a copy of
+    Wᵀ: 671 MB for Gemma 3 270M in fp32), built on first use or by `prepare_training`."""
 
     # The most label rows the fused kernel takes: below this it beats the two matmuls (weights
     # read once, not twice), above it their oneDNN kernels' higher FLOP rate wins. Same-run, on
@@ -270,7 +270,10 @@ class TrainingHead:
 
     def __init__(self, fast: FastGemma3) -> None:
         self._fast = fast
-        self._native = fast.native if not fast.softcap else None
+        # fp32 models only (a CPU without AVX512-BF16): the kernel multiplies in fp32, where a
+        # bf16 model's matmuls run on the CPU's bf16 units (AMX, say) and were not measured here
+        fp32 = fast.dtype == torch.float32
+        self._native = fast.native if fp32 and not fast.softcap else None
 
     @cached_property
     def frozen(self) -> FrozenWeight:
@@ -280,8 +283,8 @@ class TrainingHead:
         self, hidden: torch.Tensor, labels: torch.Tensor, grad: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(sum of the rows' losses, each row's gradient in `hidden`'s dtype or None) by the
-        fused kernel; None where it does not run (no kernels, a softcapped head, the shapes, more
-        than FUSED_MAX_ROWS rows)."""
+        fused kernel; None where it does not run (no kernels, a bf16 model, a softcapped head, the
+        shapes, more than FUSED_MAX_ROWS rows)."""
         if self._native is None or labels.shape[0] > self.FUSED_MAX_ROWS:
             return None
         out = self._native.head_loss(hidden.float(), self._fast.head_weight, labels, grad)
