@@ -94,7 +94,7 @@ def test_matches_the_transformers_forward_in_fp32(
         got = _loss_and_grads(lambda: fast.loss(batch), params)
         # few label rows take the fused kernel, many the matmuls, built only then
         few_rows = batch.labels.shape[0] <= fast.head.FUSED_MAX_ROWS
-        assert ("frozen" in vars(fast.head)) == (not native or not few_rows)
+        assert fast.head.has_matmul_copy == (not native or not few_rows)
 
     assert got[0] == pytest.approx(reference[0], rel=1e-5)
     for want, have in zip(reference[1], got[1], strict=True):
@@ -115,11 +115,11 @@ def test_the_fused_head_and_the_head_matmuls_agree(monkeypatch: pytest.MonkeyPat
         batch = pack(few, torch.device("cpu"))
         assert batch.labels.shape[0] <= fast.head.FUSED_MAX_ROWS
         fused = _loss_and_grads(lambda: fast.loss(batch), params)
-        assert "frozen" not in vars(fast.head)
+        assert not fast.head.has_matmul_copy
         with torch.no_grad():  # validation: the loss alone
             assert float(fast.loss(batch)) == fused[0]
         fast.loss(pack(_examples([40, 3, 25]), torch.device("cpu")))  # 35 label rows
-        assert "frozen" in vars(fast.head)
+        assert fast.head.has_matmul_copy
         monkeypatch.setattr(fast.head, "_native", None)
         matmuls = _loss_and_grads(lambda: fast.loss(batch), params)
     assert fused[0] == pytest.approx(matmuls[0], rel=1e-6)
@@ -143,6 +143,7 @@ def test_partial_groups_are_refused_up_front() -> None:
     assert FastGemma3Train.targets_fit(["q_proj", "k_proj", "v_proj", "o_proj"])
     assert not FastGemma3Train.targets_fit(["q_proj", "v_proj"])
     assert not FastGemma3Train.targets_fit(["lm_head"])
+    assert not FastGemma3Train.targets_fit([])
 
 
 @pytest.mark.parametrize("targets", [LoraSpec().target_modules, PROJECTIONS])
@@ -169,6 +170,13 @@ def test_lora_layers_without_a_model_are_the_injected_ones_and_save_for_peft(
         assert torch.equal(layer.lora_A, want[path][0]) and not layer.lora_B.any()
         assert layer.lora_A.device.type == "cpu" and layer.base.weight.device.type == "meta"
         torch.nn.init.normal_(layer.lora_B)
+
+    # they train on the packed forward; the model's own weights, not frozen here, get nothing
+    assert all(p.requires_grad for p in model.parameters())
+    fast = FastGemma3Train(FastGemma3.of_model(model), layers)
+    fast.loss(pack(_examples([9, 5, 7]), torch.device("cpu"))).backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None and p.grad.any() for p in trainable_parameters(layers))
 
     save_peft_adapter(layers, spec, "tiny-gemma", tmp_path / "adapter")
     tuned = PeftModel.from_pretrained(model, tmp_path / "adapter")

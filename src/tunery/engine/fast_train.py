@@ -27,9 +27,9 @@ transformers modules.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -274,10 +274,20 @@ class TrainingHead:
         # bf16 model's matmuls run on the CPU's bf16 units (AMX, say) and were not measured here
         fp32 = fast.dtype == torch.float32
         self._native = fast.native if fp32 and not fast.softcap else None
+        self._frozen: FrozenWeight | None = None
+        self._lock = threading.Lock()
 
-    @cached_property
+    @property
     def frozen(self) -> FrozenWeight:
-        return FrozenWeight(self._fast.head)
+        """The matmul copy, built once (a preload and a job's step may both want it first)."""
+        with self._lock:
+            if self._frozen is None:
+                self._frozen = FrozenWeight(self._fast.head)
+            return self._frozen
+
+    @property
+    def has_matmul_copy(self) -> bool:
+        return self._frozen is not None
 
     def fused(
         self, hidden: torch.Tensor, labels: torch.Tensor, grad: bool
@@ -302,9 +312,10 @@ HEAD_CHUNK_ROWS = 256
 class _HeadLossFn(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ Eᵀ` against labels; logits only for these rows.
 
-    The forward also computes the input gradient, chunk by chunk of rows, so no (N × 262k)
-    logits or gradient tensor is ever whole: each chunk's logits become its softmax gradient in
-    place and go straight through Eᵀ. The backward only scales it.
+    The forward also computes the input gradient: by the head's fused kernel for few rows
+    (`TrainingHead.fused`), else chunk by chunk of rows, so no (N × 262k) logits or gradient
+    tensor is ever whole: each chunk's logits become its softmax gradient in place and go
+    straight through Eᵀ. The backward only scales it.
     """
 
     @staticmethod
@@ -495,9 +506,11 @@ class FastGemma3Train:
     def targets_fit(target_modules: Sequence[str]) -> bool:
         """Whether a LoRA over `target_modules` covers whole fused groups."""
         wanted = set(target_modules)
-        return all(
-            set(members) <= wanted or not (set(members) & wanted) for _, members in GROUPS
-        ) and wanted <= set(PROJECTIONS)
+        return (
+            bool(wanted)
+            and all(set(members) <= wanted or not (set(members) & wanted) for _, members in GROUPS)
+            and wanted <= set(PROJECTIONS)
+        )
 
     def loss(self, batch: PackedBatch) -> torch.Tensor:
         f = self.spec
@@ -507,7 +520,8 @@ class FastGemma3Train:
             kind: (c[batch.positions].unsqueeze(1), s[batch.positions].unsqueeze(1))
             for kind, (c, s) in f._rope.items()
         }  # (T, 1, D): one table for every head
-        x = F.embedding(batch.input_ids, f.embed) * f.embed_scale  # (T, C)
+        # detached: the weights may be a model's parameters that still want gradients
+        x = F.embedding(batch.input_ids, f.embed.detach()) * f.embed_scale  # (T, C)
         cast = self._flat.cast(x.dtype)
         hd, nh, nkv = f.head_dim, f.n_heads, f.n_kv
         masks: dict[bool, torch.Tensor | None] = {False: None, True: None}

@@ -1,4 +1,5 @@
-"""LoRA for training: lean adapter layers injected into a base model, saved in PEFT's format.
+"""LoRA for training: lean adapter layers, injected into a base model or (for a forward that reads
+the frozen weights itself) made from its layers' shapes alone, saved in PEFT's format.
 
 PEFT's own layers cast every activation to the fp32 adapter dtype and back and run a Python loop
 per call; on a CPU with a small batch that overhead rivals the matmuls. Here the fp32 master

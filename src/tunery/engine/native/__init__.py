@@ -319,15 +319,16 @@ class NativeKernels:
         """Each label row's cross-entropy over the vocab head and (`grad`) its gradient, in one
         read of the head (`head_loss.c`): hidden (N, C) fp32, weight (V, C) bf16 or fp32, labels
         (N,) int64 → (loss (N,), d loss / d hidden (N, C) or None), fp32. None where the kernel
-        does not take the shapes (C a multiple of its tile) or the tensors are not on the CPU."""
+        does not take the shapes (C not a multiple of 4 vectors: 32 on AVX2, 64 with AVX-512)
+        or the tensors are not on the CPU."""
         rows, c = hidden.shape
         fits = weight.dtype in _HEAD_DTYPES and weight.device.type == "cpu"
         if not fits or hidden.dtype != torch.float32 or hidden.device.type != "cpu":
             return None
         hidden, weight = hidden.contiguous(), weight.contiguous()
         labels = labels.to(torch.int64).contiguous()
-        loss = torch.empty(rows)
-        out = torch.empty(rows, c) if grad else None
+        loss = torch.empty(rows, dtype=torch.float32)
+        out = torch.empty(rows, c, dtype=torch.float32) if grad else None
         status = self._head_loss(
             rows, c, weight.shape[0], hidden.data_ptr(), weight.data_ptr(),
             _HEAD_DTYPES[weight.dtype], labels.data_ptr(), loss.data_ptr(),

@@ -221,6 +221,8 @@ int tunery_head_loss(int64_t rows, int64_t c, int64_t v, const float *h, const v
             for (int64_t r = 0; r < rows; r++) st.m[r] = -INFINITY, st.s[r] = 0.0f;
             if (st.g != NULL) memset(st.g, 0, sizeof(float) * rows * c);
             float *z = aligned_alloc(64, sizeof(float) * rows * BLOCK);
+            if (z != NULL) /* a partial block's lanes past its rows are exponentiated, not read */
+                memset(z, 0, sizeof(float) * rows * BLOCK);
             if (z == NULL) {
 #pragma omp atomic write
                 failed = 1;
