@@ -7,6 +7,7 @@ import errno
 import os
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,22 +75,23 @@ def test_a_diverging_job_fails_with_a_readable_error_and_the_server_keeps_servin
     trained: tuple[LiveServer, httpx.Client], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _, http = trained
-    real_loss_fn = train_module._batch_loss_fn
+    real_adapter = train_module._adapter
     calls = {"n": 0}
 
-    def exploding_loss_fn(*args: Any) -> Callable[[Any], torch.Tensor]:
-        batch_loss = real_loss_fn(*args)
+    @contextmanager
+    def exploding_adapter(*args: Any) -> Iterator[tuple[Any, Callable[[Any], torch.Tensor]]]:
+        with real_adapter(*args) as (layers, batch_loss):
 
-        def exploding(examples: Any) -> torch.Tensor:
-            calls["n"] += 1  # the 2nd step's loss overflows, as a too-high learning rate makes it
-            loss = batch_loss(examples)
-            return loss * float("nan") if calls["n"] == 2 else loss
+            def exploding(examples: Any) -> torch.Tensor:
+                calls["n"] += 1  # the 2nd step's loss overflows, as a too-high learning rate does
+                loss = batch_loss(examples)
+                return loss * float("nan") if calls["n"] == 2 else loss
 
-        return exploding
+            yield layers, exploding
 
-    monkeypatch.setattr(train_module, "_batch_loss_fn", exploding_loss_fn)
+    monkeypatch.setattr(train_module, "_adapter", exploding_adapter)
     failed = tune(http, "diverges", epochs=2)
-    monkeypatch.setattr(train_module, "_batch_loss_fn", real_loss_fn)
+    monkeypatch.setattr(train_module, "_adapter", real_adapter)
 
     assert failed["state"] == "FAILED"
     error = operation_error(http, "diverges")
