@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import re
 import signal
+import threading
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -28,15 +30,23 @@ class RedactApiKeys(logging.Filter):
 
 
 def run_server(settings: Settings) -> None:
+    from tunery.engine.base_models import DEFAULT_BASE_MODEL, BaseModelRegistry
+
+    preload = [DEFAULT_BASE_MODEL] if settings.preload else []
+    # The preloaded models' weights and tokenizers are read while the web stack imports (FastAPI,
+    # SQLAlchemy: ~1 s of Python); the app's preload then finds them loaded, or waits for them.
+    registry = BaseModelRegistry(settings.models_dir, settings.device)
+    threading.Thread(
+        target=_load_early, args=(registry, preload), name="tunery-early-load", daemon=True
+    ).start()
+
     from tunery.api.app import create_app
-    from tunery.engine.base_models import DEFAULT_BASE_MODEL
     from tunery.worker import new_process_event, new_training_counter, start_worker_process
 
     if not settings.api_keys:
         log.warning(
             "no API keys configured (TUNERY_API_KEYS): open access, every caller is trusted"
         )
-    preload = [DEFAULT_BASE_MODEL] if settings.preload else []
     # Workers preload once the API process has its copy: on shared cores the two loads would
     # slow each other, and the API's is the one the first requests wait for.
     api_ready = new_process_event()
@@ -55,6 +65,7 @@ def run_server(settings: Settings) -> None:
         uvicorn.run(
             create_app(
                 settings,
+                registry=registry,
                 preload=preload,
                 on_ready=api_ready.set,
                 training_jobs=lambda: int(training.value),
@@ -76,6 +87,14 @@ def run_server(settings: Settings) -> None:
             process.join(WORKER_STOP_TIMEOUT_S)
             if process.is_alive():
                 process.kill()
+
+
+def _load_early(registry: Any, names: list[str]) -> None:
+    for name in names:
+        try:
+            registry.load(name)
+        except Exception:  # the app's preload loads it again, and reports what went wrong
+            log.debug("early load of %s failed", name, exc_info=True)
 
 
 class _Terminated(Exception):

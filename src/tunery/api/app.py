@@ -46,6 +46,7 @@ def decode_thread_policy(
 def create_app(
     settings: Settings,
     *,
+    registry: BaseModelRegistry | None = None,
     preload: Sequence[str] = (),
     on_ready: Callable[[], object] | None = None,
     training_jobs: Callable[[], int] | None = None,
@@ -54,6 +55,8 @@ def create_app(
 
     `training_jobs`: how many jobs this machine's workers are training now; while any are,
     decoding uses a share of the cores (unless `settings.api_threads` fixes the count).
+
+    `registry`: the base models, when the caller made it (and began loading them) already.
 
     `preload`: base models to load (and warm up) in a background thread at start-up, so the
     first request does not pay for them; `/healthz` answers at once, `/readyz` once they are in.
@@ -64,19 +67,19 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = Store(settings.database_url)
-        registry = BaseModelRegistry(settings.models_dir, settings.device)
+        base_models = registry or BaseModelRegistry(settings.models_dir, settings.device)
         tuning = TuningService(
             store,
-            registry,
+            base_models,
             settings.adapters_dir,
             max_unfinished_jobs_per_owner=settings.max_running_jobs_per_key,
         )
         app.state.services = Services(
             settings=settings,
-            registry=registry,
+            registry=base_models,
             tuning=tuning,
             inference=InferenceService(
-                registry,
+                base_models,
                 tuning,
                 max_loaded_adapters=settings.max_loaded_adapters,
                 decode_threads=decode_thread_policy(settings.api_threads, training_jobs),
