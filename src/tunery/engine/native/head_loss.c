@@ -103,6 +103,17 @@ static inline __attribute__((always_inline)) void logits_tile(int R, int J, int 
         for (int j = 0; j < J; j++) z[i * z_stride + j] = sum_lanes(acc[i][j]);
 }
 
+/* The logits of the next min(left, FWD_ROWS) rows for J vocab rows (J a constant once inlined). */
+static inline __attribute__((always_inline)) void logits_rows(int64_t left, int J, int fp32,
+                                                              const float *h, int64_t c,
+                                                              const void *w, int64_t j0,
+                                                              float *z) {
+    if (left >= 4) logits_tile(4, J, fp32, h, c, w, j0, z, BLOCK);
+    else if (left == 3) logits_tile(3, J, fp32, h, c, w, j0, z, BLOCK);
+    else if (left == 2) logits_tile(2, J, fp32, h, c, w, j0, z, BLOCK);
+    else logits_tile(1, J, fp32, h, c, w, j0, z, BLOCK);
+}
+
 /* g[i][k0 .. k0 + BWD_VECS * LANES) += sum_j e[i][j] W_{j0 + j} over the block's n rows. */
 static inline __attribute__((always_inline)) void grad_tile(int R, int fp32, const float *e,
                                                             int64_t e_stride, int64_t n,
@@ -138,25 +149,15 @@ static inline __attribute__((always_inline)) void block_pass(
     int fp32, int64_t rows, int64_t c, const float *h, const void *w, const int64_t *labels,
     int64_t j0, int64_t n, float *z, share_t st, float *label_logit) {
     /* vocab tiles outer: a tile's W rows stay in L1 while every row tile reads them */
-    for (int64_t j = 0; j < n; j += FWD_VOCAB) {
+    for (int64_t j = 0; j < n;) {
         int J = n - j < FWD_VOCAB ? 1 : FWD_VOCAB; /* a tail goes one vocab row at a time */
-        for (int64_t jj = j; jj < j + (n - j < FWD_VOCAB ? n - j : FWD_VOCAB); jj += J)
-            for (int64_t r = 0; r < rows; r += FWD_ROWS) {
-                int64_t left = rows - r;
-                const float *hr = h + r * c;
-                float *zr = z + r * BLOCK + jj;
-                if (J == FWD_VOCAB) {
-                    if (left >= 4) logits_tile(4, FWD_VOCAB, fp32, hr, c, w, j0 + jj, zr, BLOCK);
-                    else if (left == 3) logits_tile(3, FWD_VOCAB, fp32, hr, c, w, j0 + jj, zr, BLOCK);
-                    else if (left == 2) logits_tile(2, FWD_VOCAB, fp32, hr, c, w, j0 + jj, zr, BLOCK);
-                    else logits_tile(1, FWD_VOCAB, fp32, hr, c, w, j0 + jj, zr, BLOCK);
-                } else {
-                    if (left >= 4) logits_tile(4, 1, fp32, hr, c, w, j0 + jj, zr, BLOCK);
-                    else if (left == 3) logits_tile(3, 1, fp32, hr, c, w, j0 + jj, zr, BLOCK);
-                    else if (left == 2) logits_tile(2, 1, fp32, hr, c, w, j0 + jj, zr, BLOCK);
-                    else logits_tile(1, 1, fp32, hr, c, w, j0 + jj, zr, BLOCK);
-                }
-            }
+        for (int64_t r = 0; r < rows; r += FWD_ROWS) {
+            const float *hr = h + r * c;
+            float *zr = z + r * BLOCK + j;
+            if (J == FWD_VOCAB) logits_rows(rows - r, FWD_VOCAB, fp32, hr, c, w, j0 + j, zr);
+            else logits_rows(rows - r, 1, fp32, hr, c, w, j0 + j, zr);
+        }
+        j += J;
     }
     for (int64_t r = 0; r < rows; r++) {
         float *zr = z + r * BLOCK;
