@@ -7,11 +7,14 @@ import re
 import signal
 import threading
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from tunery.settings import Settings
+
+if TYPE_CHECKING:
+    from tunery.engine.base_models import BaseModelRegistry
 
 log = logging.getLogger(__name__)
 WORKER_STOP_TIMEOUT_S = 60.0
@@ -36,9 +39,10 @@ def run_server(settings: Settings) -> None:
     # The preloaded models' weights and tokenizers are read while the web stack imports (FastAPI,
     # SQLAlchemy: ~1 s of Python); the app's preload then finds them loaded, or waits for them.
     registry = BaseModelRegistry(settings.models_dir, settings.device)
-    threading.Thread(
-        target=_load_early, args=(registry, preload), name="tunery-early-load", daemon=True
-    ).start()
+    if preload:
+        threading.Thread(
+            target=_load_early, args=(registry, preload), name="tunery-early-load", daemon=True
+        ).start()
 
     from tunery.api.app import create_app
     from tunery.worker import new_process_event, new_training_counter, start_worker_process
@@ -89,7 +93,7 @@ def run_server(settings: Settings) -> None:
                 process.kill()
 
 
-def _load_early(registry: Any, names: list[str]) -> None:
+def _load_early(registry: BaseModelRegistry, names: list[str]) -> None:
     for name in names:
         try:
             registry.load(name)

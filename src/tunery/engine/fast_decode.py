@@ -45,6 +45,7 @@ from typing import Any, Generic, Literal, TypeVar
 import torch
 import torch.nn.functional as F
 
+from tunery.engine.lora import ADAPTER_CONFIG
 from tunery.engine.native import (
     CacheTable,
     Int8Linear,
@@ -361,9 +362,9 @@ def read_plain_lora(
     from safetensors import safe_open
 
     try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text())
+        config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as e:
-        raise AdapterDamaged(f"adapter_config.json: {e}") from e
+        raise AdapterDamaged(f"{ADAPTER_CONFIG}: {e}") from e
     if not isinstance(config, dict):
         raise AdapterDamaged("adapter_config.json is not an object")
     if (

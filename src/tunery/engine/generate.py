@@ -40,6 +40,7 @@ from tunery.engine.batching import BatchScheduler
 from tunery.engine.data import OUTPUT_PREFIX, encode_prompt
 from tunery.engine.fast_decode import FastGemma3, FastLora, KVCache
 from tunery.engine.llamacpp import LlamaCppModel, adapter_gguf
+from tunery.engine.lora import ADAPTER_CONFIG
 from tunery.engine.openmp import release_workers
 from tunery.engine.sampling import pick, rng_for
 from tunery.engine.specs import (
@@ -486,7 +487,7 @@ class Generator:
 def _adapter_mtime(path: Path) -> int:
     """The adapter's version: a rewritten folder (same path, new weights) must not be served
     from a stale copy. FailedPrecondition when its files are gone."""
-    config = path / "adapter_config.json"
+    config = path / ADAPTER_CONFIG
     if not config.exists():
         raise FailedPrecondition(
             f"the adapter files of {path.parent.name} are missing; tune the model again"
