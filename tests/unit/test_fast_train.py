@@ -118,7 +118,9 @@ def test_the_fused_head_and_the_head_matmuls_agree(monkeypatch: pytest.MonkeyPat
         assert not fast.head.has_matmul_copy
         with torch.no_grad():  # validation: the loss alone
             assert float(fast.loss(batch)) == fused[0]
-        fast.loss(pack(_examples([40, 3, 25]), torch.device("cpu")))  # 35 label rows
+        many = pack(_examples([150, 120, 30]), torch.device("cpu"))
+        assert many.labels.shape[0] > fast.head.FUSED_MAX_ROWS
+        fast.loss(many)
         assert fast.head.has_matmul_copy
         monkeypatch.setattr(fast.head, "_native", None)
         matmuls = _loss_and_grads(lambda: fast.loss(batch), params)

@@ -470,7 +470,7 @@ def test_fp32_weights_of_bf16_values_narrow_to_the_bf16_panels_and_others_do_not
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize(("vocab", "dim", "rows"), [(1000, 64, 1), (4099, 128, 13), (50, 640, 7)])
+@pytest.mark.parametrize(("vocab", "dim", "rows"), [(1000, 128, 1), (4099, 128, 13), (50, 640, 7)])
 def test_fused_head_loss_is_cross_entropy_and_its_gradient(
     dtype: torch.dtype, vocab: int, dim: int, rows: int
 ) -> None:
@@ -497,9 +497,30 @@ def test_fused_head_loss_is_cross_entropy_and_its_gradient(
         assert loss_only[1] is None and torch.equal(loss_only[0], got[0])
 
 
+def test_fused_head_loss_leaves_out_of_the_gradient_only_terms_below_the_bound() -> None:
+    """With a skipped mass, the gradient leaves out softmax terms below mass / V: its error per
+    row stays under mass x the largest row norm of the weight, the loss stays exact."""
+    assert native is not None
+    g = torch.Generator().manual_seed(7)
+    vocab, dim, rows = 4099, 128, 9
+    weight = torch.randn(vocab, dim, generator=g) * 0.1
+    hidden = torch.randn(rows, dim, generator=g) * 12  # logits spread over ~30 nats: peaked
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    exact = native.head_loss(hidden, weight, labels, grad=True)
+    assert exact is not None and exact[1] is not None
+    for mass in (1e-3, 0.5):
+        got = native.head_loss(hidden, weight, labels, grad=True, skipped_mass=mass)
+        assert got is not None and got[1] is not None
+        torch.testing.assert_close(got[0], exact[0], rtol=1e-6, atol=1e-6)
+        error = (got[1] - exact[1]).norm(dim=1)
+        assert error.max() <= mass * weight.norm(dim=1).max()
+        if mass == 0.5:
+            assert not torch.equal(got[1], exact[1])  # terms were left out
+
+
 def test_fused_head_loss_refuses_labels_outside_the_vocab_and_declines_odd_widths() -> None:
     assert native is not None
-    weight, hidden = torch.randn(100, 64), torch.randn(2, 64)
+    weight, hidden = torch.randn(100, 128), torch.randn(2, 128)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         native.head_loss(hidden, weight, torch.tensor([3, 100]), grad=True)
     with pytest.raises(ValueError, match="outside the vocabulary"):

@@ -17,7 +17,8 @@ bookkeeping for ~60 ops per layer, and pads every row of a batch to the longest.
   bytes, 1.4-2x oneDNN's fp32 speed at 16-51 rows (a seed-sized step), on par at 512.
 - **Label-only logits:** the 262k-token head runs only at positions that predict a label; for a
   batch with few of them (a seed-sized step) each row's loss and gradient come from one native
-  pass over the head's weights (`TrainingHead`, `native/head_loss.c`) instead of two matmuls.
+  pass over the head's weights (`TrainingHead`, `native/head_loss.c`) instead of two matmuls,
+  the gradient over the softmax terms that matter only (`GRAD_SKIPPED_MASS`).
 
 Numerics follow the transformers Gemma 3 code (see `fast_decode`); the LoRA delta is computed in
 the activation dtype from fp32 master weights, as `lora.LoraLinear` does.
@@ -263,10 +264,12 @@ class TrainingHead:
     Wᵀ: 671 MB for Gemma 3 270M in fp32), built on first use or by `prepare_training`."""
 
     # The most label rows the fused kernel takes: below this it beats the two matmuls (weights
-    # read once, not twice), above it their oneDNN kernels' higher FLOP rate wins. Same-run, on
-    # Gemma 3 270M's 262k x 640 head, 2 AVX2 cores, fused / matmuls: 12 rows 180 / 216 ms,
-    # 16 158 / 194, 24 219 / 228, 32 320 / 300, 48 482 / 382, 256 2458 / 1731.
-    FUSED_MAX_ROWS = 24
+    # read once, not twice, and the gradient only over the terms that matter), above it their
+    # oneDNN kernels' higher FLOP rate for the logits wins. Same-run, on Gemma 3 270M's 262k x 640
+    # head and its hidden states over English text, 2 AVX2 cores, fused / matmuls: 12 rows
+    # 102 / 149 ms, 24 194 / 229, 32 256 / 262, 48 345 / 374, 64 341-385 / 405-423, 80 577 / 556,
+    # 128 820 / 753.
+    FUSED_MAX_ROWS = 64
 
     def __init__(self, fast: FastGemma3) -> None:
         self._fast = fast
@@ -297,12 +300,19 @@ class TrainingHead:
         shapes, more than FUSED_MAX_ROWS rows)."""
         if self._native is None or labels.shape[0] > self.FUSED_MAX_ROWS:
             return None
-        out = self._native.head_loss(hidden.float(), self._fast.head_weight, labels, grad)
+        weight = self._fast.head_weight
+        out = self._native.head_loss(hidden.float(), weight, labels, grad, GRAD_SKIPPED_MASS)
         if out is None:
             return None
         loss, grad_hidden = out
         return loss.sum(), grad_hidden.to(hidden.dtype) if grad_hidden is not None else None
 
+
+# The most probability the fused head's gradient may leave out (softmax terms below this / V,
+# `head_loss.c`): bf16's rounding, so its error (in units of the largest head row's norm) is
+# what a bf16 gradient would carry anyway. On Gemma 3 270M's seed steps it keeps ~15-35% of the
+# terms, and the gradient's share of the kernel's time falls from about half to a fifth.
+GRAD_SKIPPED_MASS = 2.0**-8
 
 # Label rows per pass of the output head: enough rows that each pass over its 262k×C weight is
 # compute-bound, few enough that the (rows × 262k) fp32 logits stay cache-sized.

@@ -99,7 +99,7 @@ class NativeKernels:
         self._head_argmax.argtypes += [i32, i64, ptr, ptr, i32]
         self._head_argmax.restype = i32
         self._head_loss = library.tunery_head_loss
-        self._head_loss.argtypes = [i64, i64, i64, ptr, ptr, i32, ptr, ptr, ptr, i32]
+        self._head_loss.argtypes = [i64, i64, i64, ptr, ptr, i32, ptr, ptr, ptr, f32, i32]
         self._head_loss.restype = i32
 
     @staticmethod
@@ -314,13 +314,16 @@ class NativeKernels:
         return out.tolist()
 
     def head_loss(
-        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, grad: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, grad: bool,
+        skipped_mass: float = 0.0,
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:  # fmt: skip
         """Each label row's cross-entropy over the vocab head and (`grad`) its gradient, in one
         read of the head (`head_loss.c`): hidden (N, C) fp32, weight (V, C) bf16 or fp32, labels
-        (N,) int64 → (loss (N,), d loss / d hidden (N, C) or None), fp32. None where the kernel
-        does not take the shapes (C not a multiple of 4 vectors: 32 on AVX2, 64 with AVX-512)
-        or the tensors are not on the CPU."""
+        (N,) int64 → (loss (N,), d loss / d hidden (N, C) or None), fp32. The gradient leaves
+        out softmax terms below `skipped_mass` / V, less than `skipped_mass` of probability in
+        all (its error at most that times the largest row norm of the weight); the loss is exact.
+        None where the kernel does not take the shapes (C not a multiple of 8 vectors: 64 on
+        AVX2, 128 with AVX-512) or the tensors are not on the CPU."""
         rows, c = hidden.shape
         fits = weight.dtype in _HEAD_DTYPES and weight.device.type == "cpu"
         if not fits or hidden.dtype != torch.float32 or hidden.device.type != "cpu":
@@ -332,7 +335,8 @@ class NativeKernels:
         status = self._head_loss(
             rows, c, weight.shape[0], hidden.data_ptr(), weight.data_ptr(),
             _HEAD_DTYPES[weight.dtype], labels.data_ptr(), loss.data_ptr(),
-            out.data_ptr() if out is not None else None, torch.get_num_threads(),
+            out.data_ptr() if out is not None else None, skipped_mass / weight.shape[0],
+            torch.get_num_threads(),
         )  # fmt: skip
         if status == -1:
             raise MemoryError("head loss: out of memory")
