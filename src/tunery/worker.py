@@ -26,6 +26,7 @@ from tunery.domain import Snapshot, TuningJob
 from tunery.engine.base_models import BaseModelRegistry
 from tunery.engine.fast_train import FastGemma3Train, prepare_training
 from tunery.engine.specs import LoraSpec, StepReport, StopReason, TrainSpec
+from tunery.engine.train import prepare_optimizer, train
 from tunery.settings import Settings
 from tunery.store import Store
 from tunery.store.jobs import JobRepository
@@ -183,6 +184,7 @@ class Worker:
                 if not FastGemma3Train.fits(base.config, LoraSpec()):
                     base.model  # noqa: B018 (training needs the transformers model: built now)
                 prepare_training(base.config, base.weights)
+                prepare_optimizer()
             except Exception:  # it will be loaded (and fail visibly) with a job that needs it
                 log.exception("worker %s: preloading %s failed", self.worker_id, name)
             else:
@@ -276,8 +278,6 @@ class JobRun:
             log.info("job %s released back to the queue", job.id)
 
     def _train(self) -> StopReason | None:
-        from tunery.engine.train import train
-
         data = self.jobs.training_input(self.job.id)
         if data is None:
             return None

@@ -3,6 +3,8 @@ way of claiming."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -47,3 +49,18 @@ def test_preload_waits_for_the_api_then_loads_in_the_background(
     finally:
         release.set()
         worker.close()
+
+
+def test_after_prepare_optimizer_a_process_makes_its_first_optimizer_without_importing() -> None:
+    """torch.optim imports torch._dynamo (~2 s) on its first optimizer: a worker's preload does
+    that, so its first job does not."""
+    code = (
+        "import sys, torch; from tunery.engine.train import prepare_optimizer; "
+        "prepare_optimizer(); before = set(sys.modules); "
+        "p = [torch.nn.Parameter(torch.zeros(4))]; torch.optim.AdamW(p).zero_grad(); "
+        "print(sorted(set(sys.modules) - before))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert run.stdout.strip() == "[]"

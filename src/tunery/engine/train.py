@@ -210,6 +210,14 @@ def _adapter(
             causal.eval()
 
 
+def prepare_optimizer() -> None:
+    """Do now what a process's first `train()` would before its first step: torch.optim's
+    methods import torch._dynamo on their first call, 1.9 s on a 2-core CPU (a worker's preload
+    calls this, so a job does not wait for it)."""
+    params = [torch.nn.Parameter(torch.zeros(8))]
+    torch.optim.AdamW(params, fused=_fused_adamw(params)).zero_grad(set_to_none=True)
+
+
 def _fused_adamw(params: list[torch.nn.Parameter]) -> bool:
     """Whether AdamW can run as one fused kernel (CPU and CUDA fp32) rather than a Python loop
     over 250 small tensors, which costs more than the update itself on a CPU."""
