@@ -268,7 +268,9 @@ class TrainingHead:
     # oneDNN kernels' higher FLOP rate for the logits wins. Same-run, on Gemma 3 270M's 262k x 640
     # head and its hidden states over English text, 2 AVX2 cores, fused / matmuls: 12 rows
     # 102 / 149 ms, 24 194 / 229, 32 256 / 262, 48 345 / 374, 64 341-385 / 405-423, 80 577 / 556,
-    # 128 820 / 753.
+    # 128 820 / 753. Where few terms are filtered out (a flat softmax), the kernel's gradient
+    # costs more and the crossover is nearer 24-32 rows (before the filter: 24 219 / 228, 32 320
+    # / 300); a tuned head's softmax is peaked.
     FUSED_MAX_ROWS = 64
 
     def __init__(self, fast: FastGemma3) -> None:
