@@ -237,7 +237,9 @@ int tunery_head_loss(int64_t rows, int64_t c, int64_t v, const float *h, const v
                 st.m[r] = logit(fp32, h + r * c, w, c, labels[r]), st.s[r] = 0.0f;
             if (st.g != NULL) memset(st.g, 0, sizeof(float) * rows * c);
             float *z = aligned_alloc(64, sizeof(float) * rows * BLOCK);
-            int32_t *idx = malloc(sizeof(int32_t) * rows * (BLOCK + 1)), *kept = idx + rows * BLOCK;
+            /* each row's kept terms (rows x BLOCK), then their counts (rows) */
+            int32_t *idx = malloc(sizeof(int32_t) * rows * (BLOCK + 1));
+            int32_t *kept = idx != NULL ? idx + rows * BLOCK : NULL;
             if (z != NULL) /* a partial block's lanes past its rows are exponentiated, not read */
                 memset(z, 0, sizeof(float) * rows * BLOCK);
             if (z == NULL || idx == NULL) {
