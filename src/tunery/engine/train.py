@@ -127,10 +127,7 @@ def train(
     adapter = _adapter(base, spec.lora, pad_id)
     with adapter as (layers, batch_loss), CheckpointWriter(work_dir) as checkpoints:
         params = trainable_parameters(layers)
-        fused = _fused_adamw(params)
-        opt = torch.optim.AdamW(
-            params, lr=peak_lr, weight_decay=0.0, fused=fused, foreach=None if fused else True
-        )
+        opt = _optimizer(params, peak_lr)
         step = _load_checkpoint(work_dir, layers, opt)
         if step:
             log.info("resuming %s at step %d/%d", work_dir.name, step, total)
@@ -214,8 +211,14 @@ def prepare_optimizer() -> None:
     """Do now what a process's first `train()` would before its first step: torch.optim's
     methods import torch._dynamo on their first call, 1.9 s on a 2-core CPU (a worker's preload
     calls this, so a job does not wait for it)."""
-    params = [torch.nn.Parameter(torch.zeros(8))]
-    torch.optim.AdamW(params, fused=_fused_adamw(params)).zero_grad(set_to_none=True)
+    _optimizer([torch.nn.Parameter(torch.zeros(8))], 0.0).zero_grad(set_to_none=True)
+
+
+def _optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.AdamW:
+    fused = _fused_adamw(params)
+    return torch.optim.AdamW(
+        params, lr=lr, weight_decay=0.0, fused=fused, foreach=None if fused else True
+    )
 
 
 def _fused_adamw(params: list[torch.nn.Parameter]) -> bool:

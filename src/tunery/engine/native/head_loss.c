@@ -196,11 +196,10 @@ static inline __attribute__((always_inline)) void block_pass(
                 grad_row(fp32, z + r * BLOCK, idx + r * BLOCK, kept[r], w, c, j0, k0, st.g + r * c);
 }
 
-/* h . W_j: a label's logit, a lower bound of its row's max. */
+/* h . W_j: a label's logit, a lower bound of its row's max (bf16.h's dot products). */
 static float logit(int fp32, const float *h, const void *w, int64_t c, int64_t j) {
-    f32v acc = broadcast_v(0.0f);
-    for (int64_t k = 0; k < c; k += LANES) acc = fma_v(load_f32v(h + k), load_w(w, fp32, c, j, k), acc);
-    return sum_lanes(acc);
+    return fp32 ? dot_f32_f32(h, (const float *)w + j * c, c)
+                : dot_f32_bf16(h, (const uint16_t *)w + j * c, c);
 }
 
 /* For each of `rows` label rows h_r (fp32, rows x c, contiguous) and label y_r: loss[r] =
