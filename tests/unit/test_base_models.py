@@ -4,6 +4,8 @@ first uses cannot corrupt."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -208,3 +210,40 @@ def test_weights_of_one_other_dtype_convert_in_one_pass_to_the_same_values(
     assert len({t.untyped_storage().data_ptr() for t in whole.values()}) == 1  # one buffer
     same = base_models._read_weights([tmp_path / "one.safetensors"], torch.bfloat16, cpu)
     assert all(torch.equal(same[n], t) for n, t in tensors.items())
+
+
+_RACE = """
+import sys, threading
+from tunery.engine.hf_imports import hf_name
+names = [n.rpartition(".") for n in sys.argv[1:]]
+start = threading.Barrier(len(names))
+errors = []
+def resolve(module, name):
+    start.wait()
+    try:
+        hf_name(module, name)
+    except Exception as e:
+        errors.append(f"{module}.{name}: {type(e).__name__}: {e}")
+threads = [threading.Thread(target=resolve, args=(m, n)) for m, _, n in names]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("; ".join(errors))
+"""
+
+
+def test_threads_importing_transformers_and_peft_names_at_once_all_get_them() -> None:
+    # A fresh process: its first imports of these race. Without the lock, PEFT's import failed
+    # in every try ("cannot import name 'AutoModel' from 'transformers'").
+    names = [
+        "transformers.AutoConfig",
+        "transformers.AutoTokenizer",
+        "transformers.AutoModelForCausalLM",
+        "peft.PeftModel",
+    ]
+    run = subprocess.run(
+        [sys.executable, "-c", _RACE, *names], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == ""

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from tunery.engine import tokenizer_check
+from tunery.engine.hf_imports import HF_LOAD_LOCK, hf_name
 from tunery.errors import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -95,22 +96,22 @@ class LoadedBase:
         self.config: Any = config if model is None else model.config
         self._model = model
         self._weights = weights
-        self._model_lock = threading.Lock()
 
     @property
     def model(self) -> Any:
         """The transformers causal LM (in eval mode), built once, sharing `weights`."""
-        with self._model_lock:
-            if self._model is None:
-                config = self.config
-                if isinstance(config, ConfigFile):
-                    from transformers import AutoConfig
-
-                    config = AutoConfig.from_pretrained(self.model_dir)
-                self._model = _model_from_weights(
-                    config, self._weights or {}, self.dtype, self.device
-                )
-            return self._model
+        if self._model is None:
+            with HF_LOAD_LOCK:
+                if self._model is None:
+                    config = self.config
+                    if isinstance(config, ConfigFile):
+                        config = hf_name("transformers", "AutoConfig").from_pretrained(
+                            self.model_dir
+                        )
+                    self._model = _model_from_weights(
+                        config, self._weights or {}, self.dtype, self.device
+                    )
+        return self._model
 
     @property
     def weights(self) -> Mapping[str, torch.Tensor]:
@@ -168,10 +169,12 @@ def _model_from_weights(
 ) -> Any:
     """The transformers causal LM for `config`, its parameters the `weights` tensors themselves
     (already on `device`, where its buffers go too)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    model_class: Any = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    model = model_class.from_pretrained(None, config=config, state_dict=dict(weights), dtype=dtype)
+    with HF_LOAD_LOCK:
+        mapping = hf_name("transformers.models.auto.modeling_auto", "MODEL_FOR_CAUSAL_LM_MAPPING")
+        model_class: Any = mapping[type(config)]
+        model = model_class.from_pretrained(
+            None, config=config, state_dict=dict(weights), dtype=dtype
+        )
     return model.to(device).eval()
 
 
@@ -331,29 +334,30 @@ class BaseModelRegistry:
         dtype = pick_dtype(self.device)
         gguf = functools.partial(self.gguf_file, name)
         # The weights load (their dtype conversion is one call that does not hold the GIL)
-        # while the tokenizer loads and the config is read.
+        # while the config is read and the tokenizer loads. What imports from transformers
+        # holds HF_LOAD_LOCK (see hf_imports), so the config is read before the tokenizer
+        # thread starts, which then waits for nothing on a model dir Tunery converted.
         with ThreadPoolExecutor(2, thread_name_prefix="tunery-load") as pool:
             files = _fast_weight_files(path)
             read = pool.submit(_read_weights, files, dtype, self.device) if files else None
             # A model dir Tunery converted is its own; a registered one stays untouched.
             ours = (path / _CONVERTED_MARKER).exists()
+            config = ConfigFile.read(path) if ours and files else None
+            if config is None:
+                with HF_LOAD_LOCK:
+                    config = hf_name("transformers", "AutoConfig").from_pretrained(path)
             cache_dir = (
                 path / TOKENIZER_CACHE_DIR if ours else self.models_dir / TOKENIZER_CACHE_DIR
             )
             tokenizer_future = pool.submit(
                 _load_tokenizer, path, cache_dir, name, gguf if ours else None
             )
-            config = ConfigFile.read(path) if ours and files else None
-            if config is None:
-                from transformers import AutoConfig
-
-                config = AutoConfig.from_pretrained(path)
             weights = _fast_weights(config, read.result()) if read is not None else None
             model: Any = None
             if weights is None:
-                from transformers import AutoModelForCausalLM
-
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                with HF_LOAD_LOCK:
+                    auto_model = hf_name("transformers", "AutoModelForCausalLM")
+                    model = auto_model.from_pretrained(path, dtype=dtype)
                 model.to(self.device)
                 model.eval()
             tokenizer = tokenizer_future.result()
@@ -419,23 +423,23 @@ def _cached_tokenizer(model_dir: Path, cache_dir: Path, name: str) -> Any:
     import pickle
 
     import tokenizers
-    import transformers
-    from transformers import AutoTokenizer
 
-    stamp = [_TOKENIZER_CACHE_FORMAT, transformers.__version__, tokenizers.__version__]
+    transformers_version = hf_name("transformers", "__version__")
+    stamp = [_TOKENIZER_CACHE_FORMAT, transformers_version, tokenizers.__version__]
     for file in sorted(model_dir.glob("tokenizer*")) + sorted(model_dir.glob("special_tokens*")):
         stat = file.stat()
         stamp += [file.name, str(stat.st_size), str(stat.st_mtime_ns)]
     key = hashlib.sha256("\0".join(stamp).encode()).hexdigest()[:16]
     cached = cache_dir / f"{name}-{key}.pkl"
     try:
-        with open(cached, "rb") as f:
+        with open(cached, "rb") as f, HF_LOAD_LOCK:  # unpickling imports the tokenizer's class
             return pickle.load(f)
     except FileNotFoundError:
         pass
     except Exception:  # a torn or foreign file: rebuild it
         log.warning("tokenizer cache %s unreadable; rebuilding it", cached, exc_info=True)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    with HF_LOAD_LOCK:
+        tokenizer = hf_name("transformers", "AutoTokenizer").from_pretrained(model_dir)
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.name}.{os.getpid()}.{threading.get_ident()}")
@@ -481,13 +485,12 @@ def _assemble_embedded_gguf(work: Path) -> Path:
 
 def _convert_gguf(gguf_path: Path, out: Path) -> None:
     """Dequantize a GGUF with transformers and save it as bf16 safetensors + tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     kwargs = {"gguf_file": gguf_path.name}
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    model: Any = AutoModelForCausalLM.from_pretrained(
-        gguf_path.parent, dtype=torch.float32, **kwargs
-    )
+    with HF_LOAD_LOCK:
+        auto_tokenizer = hf_name("transformers", "AutoTokenizer")
+        tokenizer = auto_tokenizer.from_pretrained(gguf_path.parent, **kwargs)
+        auto_model = hf_name("transformers", "AutoModelForCausalLM")
+        model: Any = auto_model.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
     # The dequantized weights are plain tensors; drop the GGUF marker so they can be saved.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -500,10 +503,9 @@ def _check_gguf_tokenizer(gguf_path: Path, out: Path) -> None:
     """Decide now, while the GGUF is at hand, whether its SentencePiece tokenizer stands in for
     the converted model's (`tokenizer_check`), so a converted model dir loads fast from the
     first start."""
-    from transformers import AutoTokenizer
-
     try:
-        reference = AutoTokenizer.from_pretrained(out)
+        with HF_LOAD_LOCK:
+            reference = hf_name("transformers", "AutoTokenizer").from_pretrained(out)
     except Exception:  # the conversion stands; loading checks again, or keeps transformers'
         log.warning("could not load %s's tokenizer to check the GGUF's", out, exc_info=True)
         return

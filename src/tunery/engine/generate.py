@@ -39,6 +39,7 @@ from tunery.engine.base_models import LoadedBase
 from tunery.engine.batching import BatchScheduler
 from tunery.engine.data import OUTPUT_PREFIX, encode_prompt
 from tunery.engine.fast_decode import FastGemma3, FastLora, KVCache
+from tunery.engine.hf_imports import HF_LOAD_LOCK, hf_name
 from tunery.engine.llamacpp import LlamaCppModel, adapter_gguf
 from tunery.engine.lora import ADAPTER_CONFIG
 from tunery.engine.openmp import release_workers
@@ -451,8 +452,6 @@ class Generator:
 
     def _peft_set_adapter(self, adapter_dir: Path) -> None:
         """Make `adapter_dir` the active adapter, loading it once (LRU of `max_adapters`)."""
-        from peft import PeftModel
-
         path = Path(adapter_dir).resolve()
         mtime = _adapter_mtime(path)
         cached = self._adapters.get(path)
@@ -465,9 +464,10 @@ class Generator:
         log.info("loading adapter %s as %s", path, name)
         try:
             if self._peft is None:
-                self._peft = PeftModel.from_pretrained(
-                    self._base.model, str(path), adapter_name=name
-                )
+                base = self._base.model
+                with HF_LOAD_LOCK:
+                    peft_model = hf_name("peft", "PeftModel")
+                    self._peft = peft_model.from_pretrained(base, str(path), adapter_name=name)
             else:
                 self._peft.load_adapter(str(path), adapter_name=name)
         except Exception as e:  # a truncated or corrupt file: this model's problem only
@@ -541,11 +541,10 @@ class _ReferenceForward(_Forward):
     """The transformers model (with PEFT's LoRA layers) and its DynamicCache."""
 
     def __init__(self, model: Any) -> None:
-        from transformers import DynamicCache
-
+        dynamic_cache = hf_name("transformers", "DynamicCache")
         self._model = model
         self._body = model.model  # the decoder stack: hidden states without the vocab head
-        self._cache = DynamicCache(config=model.config)
+        self._cache = dynamic_cache(config=model.config)
 
     def start(self, prompt_ids: list[int], n: int) -> torch.Tensor:
         input_ids = torch.tensor([prompt_ids], device=self._model.device)  # (1, T)
