@@ -183,7 +183,7 @@ class Worker:
                 base = self.registry.load(name)
                 if not FastGemma3Train.fits(base.config, LoraSpec()):
                     base.model  # noqa: B018 (training needs the transformers model: built now)
-                prepare_training(base.config, base.weights)
+                prepare_training(base.config, base.weights, base.kernel_cache)
                 prepare_optimizer()
             except Exception:  # it will be loaded (and fail visibly) with a job that needs it
                 log.exception("worker %s: preloading %s failed", self.worker_id, name)

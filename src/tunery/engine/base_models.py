@@ -28,6 +28,7 @@ import torch
 
 from tunery.engine import tokenizer_check
 from tunery.engine.hf_imports import HF_LOAD_LOCK, hf_name
+from tunery.engine.kernel_cache import KernelCache
 from tunery.errors import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,12 @@ class LoadedBase:
         *,
         config: Any = None,
         weights: Mapping[str, torch.Tensor] | None = None,
+        kernel_cache: KernelCache | None = None,
     ) -> None:
         """Either `model` (a transformers causal LM), or None with `config` and `weights` (by
         state-dict name) to build it from when it is first asked for. `gguf`: the GGUF file the
-        model comes from (for llama.cpp), made on first call; None for a HF dir."""
+        model comes from (for llama.cpp), made on first call; None for a HF dir.
+        `kernel_cache`: where the fast forward keeps its packed weights (`kernel_cache`)."""
         if model is None and (config is None or weights is None):
             raise ValueError("a LoadedBase needs a model, or its config and weights")
         self.info = info
@@ -96,6 +99,7 @@ class LoadedBase:
         self.config: Any = config if model is None else model.config
         self._model = model
         self._weights = weights
+        self.kernel_cache = kernel_cache
 
     @property
     def model(self) -> Any:
@@ -361,9 +365,14 @@ class BaseModelRegistry:
                 model.to(self.device)
                 model.eval()
             tokenizer = tokenizer_future.result()
+        packs = None
+        if files and self.device.type == "cpu":
+            packs_dir = path / PACKS_DIR if ours else self.models_dir / PACKS_DIR / name
+            packs = KernelCache(packs_dir, _files_stamp(files, dtype))
         return LoadedBase(
-            info, model, tokenizer, path, self.device, dtype, gguf, config=config, weights=weights
-        )
+            info, model, tokenizer, path, self.device, dtype, gguf,
+            config=config, weights=weights, kernel_cache=packs,
+        )  # fmt: skip
 
     def gguf_file(self, name: str) -> Path | None:
         """The GGUF file `name` comes from: the embedded model's Q4_K_M file, assembled into its
@@ -409,6 +418,18 @@ def _load_tokenizer(
 
 
 TOKENIZER_CACHE_DIR = ".tokenizers"
+PACKS_DIR = ".packs"  # the fast forward's packed weights (`kernel_cache`)
+
+
+def _files_stamp(files: list[Path], dtype: torch.dtype) -> str:
+    """Names the weights `files` hold, read in `dtype`: their names, sizes and times."""
+    stamp = [str(dtype)]
+    for file in files:
+        stat = file.stat()
+        stamp += [file.name, str(stat.st_size), str(stat.st_mtime_ns)]
+    return hashlib.sha256("\0".join(stamp).encode()).hexdigest()[:16]
+
+
 _TOKENIZER_CACHE_FORMAT = "2"  # 2: without the construction-time vocab and merges copies
 
 

@@ -45,6 +45,8 @@ from typing import Any, Generic, Literal, TypeVar
 import torch
 import torch.nn.functional as F
 
+from tunery.engine import kernel_cache
+from tunery.engine.kernel_cache import KernelCache, Packs
 from tunery.engine.lora import ADAPTER_CONFIG
 from tunery.engine.native import (
     CacheTable,
@@ -222,6 +224,8 @@ class ByTensor(Generic[T]):
 _PACKED: ByTensor[dict[str, torch.Tensor | None]] = ByTensor()
 _NARROWED: ByTensor[dict[str, PackedLinear | None]] = ByTensor()  # `narrow_weight`'s, as `_PACKED`
 _PACKED_LOCK = threading.Lock()
+# a head tensor → its pack for greedy picks (`native/head.c`), made once: 0.4 s on 2 cores
+_HEADS: ByTensor[PackedHead | None] = ByTensor()
 
 
 def packed_weight(
@@ -247,12 +251,15 @@ def narrow_weight(
     name: str,
     parts: Callable[[], Sequence[torch.Tensor]],
     kernels: NativeKernels,
+    saved: Mapping[str, PackedLinear | None] | None = None,
 ) -> PackedLinear | None:
     """A model's fp32 weight `name`, the tensors `parts()` stacked by rows, in bf16 packed for
-    `kernels.linear_bf16w`, made once per model (see `packed_weight`); None where a value is
-    not a bf16 value (narrowing would round it)."""
+    `kernels.linear_bf16w`, made once per model (see `packed_weight`), or taken from `saved`
+    (`kernel_cache`); None where a value is not a bf16 value (narrowing would round it)."""
     packs = _NARROWED.get(owner, dict)
     with _PACKED_LOCK:
+        if name not in packs and saved is not None and name in saved:
+            packs[name] = saved[name]
         if name not in packs:
             tensors = [p.detach() for p in parts()]
             stacked = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
@@ -538,11 +545,13 @@ class FastGemma3:
         weights: Weights = "bf16",
         native: bool = True,
         head_scan: bool = True,
+        cache: KernelCache | None = None,
     ) -> None:
         """`native`: decode steps attend, add LoRA deltas and norm rows with the C kernels
         (`native`) where they build and the weights are bf16 or fp32 on a CPU; else (or False)
         torch. `head_scan`: pack the head for greedy picks (`packed_head`); training, which
-        needs the head's logits, does without it."""
+        needs the head's logits, does without it. `cache`: where the model's packed weights
+        are kept between processes (read if there, else written once built)."""
         self.weights = weights
         self.config = config
         embed = tensors[_EMBED]
@@ -594,11 +603,20 @@ class FastGemma3:
         # are read as bf16 by the kernels (`Linear`'s `narrow`), and have no oneDNN copy.
         # With int8 weights too: the prompts run on the bf16 ones.
         narrowing = self.native is not None and self.dtype == torch.float32
+        head = tensors.get(_HEAD, embed)  # tied to the embedding unless the model has its own
+        want_head = self.softcap is None and head_scan
+        saved = (
+            kernel_cache.read(cache, self.native, head if want_head else None)
+            if self.native is not None and cache is not None
+            else None
+        )
+
+        saved_linears = saved.linears if saved is not None else None
 
         def linear(name: str, parts: list[torch.Tensor], kind: Weights = weights) -> Linear:
             kernels = self.native
             bf16 = (
-                narrow_weight(embed, name, lambda: parts, kernels)
+                narrow_weight(embed, name, lambda: parts, kernels, saved_linears)
                 if narrowing and kernels
                 else None
             )
@@ -631,7 +649,6 @@ class FastGemma3:
                 )
             )
         self.final_norm = _norm_weight(tensors[_FINAL_NORM])
-        head = tensors.get(_HEAD, embed)  # tied to the embedding unless the model has its own
         self.head_weight = head
         # Greedy picks over the vocab without the full head (`native/head.c`), for bf16 or fp32
         # weights: on a CPU without AVX512-BF16 (fp32 weights) the fp32 head is half a step.
@@ -639,9 +656,15 @@ class FastGemma3:
         # whose full head then stays bf16 (sampling, or a row the scan leaves).
         self.packed_head: PackedHead | None = None
         self._head_kernels = kernels
-        if kernels is not None and self.softcap is None and head_scan:
-            self.packed_head = kernels.pack_head(head)
+        if kernels is not None and want_head:
+            kept = saved.head if saved is not None else None
+            self.packed_head = _HEADS.get(head, lambda: kept or kernels.pack_head(head))
         self.head = linear("head", [head], "bf16" if self.packed_head is not None else weights)
+        if kernels is not None and cache is not None and want_head and saved is None:
+            # the body's panels and the head's pack; the head's own panels (335 MB for Gemma 3
+            # 270M) are narrowed again, in ~0.1 s
+            body = {n: p for n, p in _NARROWED.get(embed, dict).items() if n != "head"}
+            kernel_cache.write_in_background(cache, kernels, Packs(body, self.packed_head))
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0
 

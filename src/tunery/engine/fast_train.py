@@ -48,6 +48,7 @@ from tunery.engine.fast_decode import (
     pack,
     packable,
 )
+from tunery.engine.kernel_cache import KernelCache
 from tunery.engine.lora import LoraLinear
 from tunery.engine.native import NativeKernels, PackedLinear
 from tunery.engine.specs import LoraSpec
@@ -243,18 +244,23 @@ def lora_shapes(fast: FastGemma3) -> dict[str, tuple[int, int]]:
     }
 
 
-def prepare_training(config: Any, tensors: Mapping[str, torch.Tensor]) -> None:
+def prepare_training(
+    config: Any, tensors: Mapping[str, torch.Tensor], cache: KernelCache | None = None
+) -> None:
     """Build now what the first `train()` on this model would (a worker does it when it
     preloads), the head's matmul copy included (a batch with many label rows reads it);
     nothing for a model that trains through the transformers modules."""
     if FastGemma3.supports(config):
-        base_kernels(training_forward(config, tensors)).head.frozen  # noqa: B018
+        base_kernels(training_forward(config, tensors, cache)).head.frozen  # noqa: B018
 
 
-def training_forward(config: Any, tensors: Mapping[str, torch.Tensor]) -> FastGemma3:
+def training_forward(
+    config: Any, tensors: Mapping[str, torch.Tensor], cache: KernelCache | None = None
+) -> FastGemma3:
     """The base model's forward as training reads it: its projections on the native kernels where
-    they narrow fp32 weights (`FastGemma3`), no head packed for greedy decoding."""
-    return FastGemma3(config, tensors, head_scan=False)
+    they narrow fp32 weights (`FastGemma3`, their panels read from `cache` where a server saved
+    them), no head packed for greedy decoding."""
+    return FastGemma3(config, tensors, head_scan=False, cache=cache)
 
 
 class TrainingHead:

@@ -376,6 +376,7 @@ class Generator:
                     self._base.weights,
                     "int8" if int8 else "bf16",
                     native=self._native,
+                    cache=self._base.kernel_cache,
                 )
             return self._fast
 

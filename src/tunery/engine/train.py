@@ -193,7 +193,7 @@ def _adapter(
     transformers model built (a worker then never imports transformers). Else injected into the
     transformers model, in train mode for the duration, on a padded batch."""
     if FastGemma3Train.fits(base.config, lora):
-        forward = training_forward(base.config, base.weights)
+        forward = training_forward(base.config, base.weights, base.kernel_cache)
         layers = lora_layers(lora_shapes(forward), lora, base.device)
         fast = FastGemma3Train(forward, layers)
         yield layers, lambda examples: fast.loss(pack(examples, base.device))

@@ -70,6 +70,8 @@ class NativeKernels:
     """The compiled kernels, for bf16 or fp32 CPU activations (and fp32 LoRA weights)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
+        # names the build (sources, flags, CPU), and so the layouts its packs are in
+        self.build = Path(library._name).stem.removeprefix("tunery-kernels-")
         i64, ptr, i32, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_float
         attend_args = [i64, i64, i64, i64, ptr, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, f32, ptr]
         self._attend = _by_dtype(library, "tunery_decode_attention", [*attend_args, i32], i32)
@@ -412,6 +414,35 @@ class PackedHead:
         self.scale, self.norm, self.err_norm = (torch.zeros(padded) for _ in range(3))
         self.offset = torch.zeros(padded, dtype=torch.int32)
         self._scratch = torch.empty(0)  # each row's upper bounds, then its candidates
+
+    @classmethod
+    def of(
+        cls,
+        weight: torch.Tensor,
+        int8: torch.Tensor,
+        scale: torch.Tensor,
+        norm: torch.Tensor,
+        err_norm: torch.Tensor,
+        offset: torch.Tensor,
+    ) -> PackedHead:
+        """The pack of `weight` from its parts, as `NativeKernels.pack_head` made them (read back
+        from a file); ValueError where they do not fit `weight`."""
+        head = cls.__new__(cls)
+        weight = weight.contiguous()  # as pack_head packs it
+        v, c = weight.shape
+        padded = -(-v // cls.BLOCK) * cls.BLOCK
+        parts = {
+            "int8": (int8, torch.int8, padded * c), "scale": (scale, torch.float32, padded),
+            "norm": (norm, torch.float32, padded), "err_norm": (err_norm, torch.float32, padded),
+            "offset": (offset, torch.int32, padded),
+        }  # fmt: skip
+        for name, (tensor, dtype, numel) in parts.items():
+            if tensor.dtype != dtype or tensor.numel() != numel or not tensor.is_contiguous():
+                raise ValueError(f"a head pack's {name} does not fit a ({v}, {c}) head")
+            setattr(head, name, tensor)
+        head.weight = weight
+        head._scratch = torch.empty(0)
+        return head
 
     def scratch(self, rows: int) -> torch.Tensor:
         """(rows, padded V) fp32 work space, kept between calls (its pages stay mapped)."""
