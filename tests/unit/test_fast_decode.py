@@ -162,3 +162,29 @@ def test_fp32_weights_narrow_to_bf16_only_when_no_value_rounds() -> None:
     x = torch.randn(2, 16)
     assert torch.allclose(kernels.linear_bf16w(x, narrowed), x @ values.t(), atol=1e-5)
     assert narrow_weight(owner, "fp32 values", lambda: [values + 1e-3], kernels) is None
+
+
+def test_a_cache_repeated_then_narrowed_steps_as_a_lone_one(tiny_model_path: Path) -> None:
+    """The native attention's per-layer cache tables are made once per cache: `repeat` and
+    `select` (candidates sharing a prompt, then some finishing) must remake them."""
+    from tunery.engine.fast_decode import model_tensors
+
+    if NativeKernels.load() is None:
+        pytest.skip("no C compiler on this machine")
+    base: LoadedBase = _load(tiny_model_path)
+    tensors = {name: t.detach().float() for name, t in model_tensors(base.model).items()}
+    fast = FastGemma3(base.model.config, tensors)
+    ids = base.tokenizer("The capital of France is")["input_ids"]
+    with torch.inference_mode():
+        lone, shared = fast.new_cache(len(ids) + 3), fast.new_cache(len(ids) + 3)
+        fast.prefill(ids, lone, None)
+        want = fast.step(torch.tensor([7]), lone, None)
+        fast.prefill(ids, shared, None)
+        fast.step(torch.tensor([3]), shared, None)  # tables made for one row
+        shared.length -= 1  # step again at the same position, now as three rows
+        shared.repeat(3)
+        three = fast.step(torch.tensor([5, 7, 9]), shared, None)
+        shared.select(torch.tensor([1]))
+        shared.length -= 1
+        again = fast.step(torch.tensor([7]), shared, None)
+    assert torch.equal(three[1], want[0]) and torch.equal(again, want)

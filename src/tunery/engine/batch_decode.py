@@ -167,7 +167,7 @@ class _Shadow(KVCache):
     def __init__(self, cache: KVCache) -> None:  # noqa: D107 (no KVCache.__init__: no copy)
         self.k, self.v, self.sizes = cache.k, cache.v, cache.sizes
         self.length, self.max_len = cache.length, cache.max_len
-        self._pointers = cache._pointers
+        self._pointers, self._tables = cache._pointers, None
 
 
 def _after_attention(

@@ -468,6 +468,15 @@ class KVCache:
         self.length = 0  # positions written so far
         self.max_len = max_len
         self._pointers: tuple[list[int], list[int]] | None = None
+        self._tables: list[CacheTable] | None = None
+
+    def tables(self) -> list[CacheTable]:
+        """Each layer's K and V caches of every batch row, as the native attention reads them;
+        made once (not per layer of every step)."""
+        if self._tables is None:
+            pairs = zip(self.k, self.v, strict=True)
+            self._tables = [CacheTable.of(list(k), list(v)) for k, v in pairs]
+        return self._tables
 
     def pointers(self) -> tuple[list[int], list[int]]:
         """Each layer's K and V data pointers (batch row 0), as the native attention reads a
@@ -480,12 +489,12 @@ class KVCache:
         """Keep only the batch rows in `index`."""
         self.k = [k.index_select(0, index) for k in self.k]
         self.v = [v.index_select(0, index) for v in self.v]
-        self._pointers = None
+        self._pointers = self._tables = None
 
     def repeat(self, n: int) -> None:
         self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
         self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
-        self._pointers = None
+        self._pointers = self._tables = None
 
 
 class FastGemma3:
@@ -767,6 +776,8 @@ class FastGemma3:
         x = F.embedding(tokens, self.embed) * self.embed_scale  # (B, C)
         rope = {k: (c[pos], s[pos]) for k, (c, s) in self._rope.items()}
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
+        if self.native is not None:
+            positions, tables = torch.full((b,), pos, dtype=torch.int64), cache.tables()
         for i, layer in enumerate(self.layers):
             cos, sin = rope["sliding" if layer.sliding else "full"]
             h = self.norm_rows(x, layer.ln_in)
@@ -774,9 +785,7 @@ class FastGemma3:
             if lora is not None and "qkv" in lora.layers[i]:
                 qkv = lora.layers[i]["qkv"].add_to(qkv, h, self.native)
             if self.native is not None:  # the kernels the batch scheduler's rows use
-                rows, positions = range(b), torch.full((b,), pos, dtype=torch.int64)
-                table = CacheTable.of([cache.k[i][r] for r in rows], [cache.v[i][r] for r in rows])
-                a = self.attend_native(i, qkv, table, positions)
+                a = self.attend_native(i, qkv, tables[i], positions)
                 x = self._after_attention(x, a, layer, i, lora, self.native)
                 continue
             q = self.norm_rows(qkv[:, : nh * hd], layer.q_norm, nh).view(b, nh, 1, hd)
