@@ -83,9 +83,18 @@ def test_a_later_process_reads_the_saved_packs_and_decodes_the_same_bits(
 
     monkeypatch.setattr(NativeKernels, "narrow_linear", counted)
     monkeypatch.setattr(NativeKernels, "pack_head", no_pack)
-    later = FastGemma3(config, _fresh(tensors), cache=cache)
+    later_tensors = _fresh(tensors)
+    later = FastGemma3(config, later_tensors, cache=cache)
     head = tensors["model.embed_tokens.weight"]
     assert narrowed == [tuple(head.shape)]  # only the head's own panels were packed
+
+    def no_read(*args: object) -> None:
+        raise AssertionError("the file was read again")
+
+    # a process's next forward of the same weights (a worker's next job) finds them in memory
+    monkeypatch.setattr(kernel_cache, "read", no_read)
+    FastGemma3(config, later_tensors, cache=cache)
+    FastGemma3(config, later_tensors, head_scan=False, cache=cache)
     hidden, picks = _decode(later, ids)
     want_hidden, want_picks = _decode(first, ids)
     assert torch.equal(hidden, want_hidden) and picks == want_picks

@@ -422,12 +422,16 @@ PACKS_DIR = ".packs"  # the fast forward's packed weights (`kernel_cache`)
 
 
 def _files_stamp(files: list[Path], dtype: torch.dtype) -> str:
-    """Names the weights `files` hold, read in `dtype`: their names, sizes and times."""
-    stamp = [str(dtype)]
+    """Names the weights `files` hold, read in `dtype`."""
+    return _stamp([str(dtype)], files)
+
+
+def _stamp(fields: list[str], files: list[Path]) -> str:
+    """A short hash of `fields` and the files' names, sizes and times: any change misses."""
     for file in files:
         stat = file.stat()
-        stamp += [file.name, str(stat.st_size), str(stat.st_mtime_ns)]
-    return hashlib.sha256("\0".join(stamp).encode()).hexdigest()[:16]
+        fields = [*fields, file.name, str(stat.st_size), str(stat.st_mtime_ns)]
+    return hashlib.sha256("\0".join(fields).encode()).hexdigest()[:16]
 
 
 _TOKENIZER_CACHE_FORMAT = "2"  # 2: without the construction-time vocab and merges copies
@@ -446,11 +450,9 @@ def _cached_tokenizer(model_dir: Path, cache_dir: Path, name: str) -> Any:
     import tokenizers
 
     transformers_version = hf_name("transformers", "__version__")
-    stamp = [_TOKENIZER_CACHE_FORMAT, transformers_version, tokenizers.__version__]
-    for file in sorted(model_dir.glob("tokenizer*")) + sorted(model_dir.glob("special_tokens*")):
-        stat = file.stat()
-        stamp += [file.name, str(stat.st_size), str(stat.st_mtime_ns)]
-    key = hashlib.sha256("\0".join(stamp).encode()).hexdigest()[:16]
+    versions = [_TOKENIZER_CACHE_FORMAT, transformers_version, tokenizers.__version__]
+    files = sorted(model_dir.glob("tokenizer*")) + sorted(model_dir.glob("special_tokens*"))
+    key = _stamp(versions, files)
     cached = cache_dir / f"{name}-{key}.pkl"
     try:
         with open(cached, "rb") as f, HF_LOAD_LOCK:  # unpickling imports the tokenizer's class

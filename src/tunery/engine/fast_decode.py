@@ -251,15 +251,17 @@ def narrow_weight(
     name: str,
     parts: Callable[[], Sequence[torch.Tensor]],
     kernels: NativeKernels,
-    saved: Mapping[str, PackedLinear | None] | None = None,
+    saved: Callable[[], Mapping[str, PackedLinear | None] | None] | None = None,
 ) -> PackedLinear | None:
     """A model's fp32 weight `name`, the tensors `parts()` stacked by rows, in bf16 packed for
-    `kernels.linear_bf16w`, made once per model (see `packed_weight`), or taken from `saved`
-    (`kernel_cache`); None where a value is not a bf16 value (narrowing would round it)."""
+    `kernels.linear_bf16w`, made once per model (see `packed_weight`), or taken from what
+    `saved()` gives (`kernel_cache`; asked only when this process has none yet); None where a
+    value is not a bf16 value (narrowing would round it)."""
     packs = _NARROWED.get(owner, dict)
     with _PACKED_LOCK:
-        if name not in packs and saved is not None and name in saved:
-            packs[name] = saved[name]
+        kept = saved() if saved is not None and name not in packs else None
+        if kept is not None and name in kept:
+            packs[name] = kept[name]
         if name not in packs:
             tensors = [p.detach() for p in parts()]
             stacked = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
@@ -614,13 +616,18 @@ class FastGemma3:
         narrowing = self.native is not None and self.dtype == torch.float32
         head = tensors.get(_HEAD, embed)  # tied to the embedding unless the model has its own
         want_head = self.softcap is None and head_scan
-        saved = (
-            kernel_cache.read(cache, self.native, head if want_head else None)
-            if self.native is not None and cache is not None
-            else None
-        )
+        disk: list[Packs | None] = []  # the file's packs: read at the first in-memory miss, once
 
-        saved_linears = saved.linears if saved is not None else None
+        def saved() -> Packs | None:
+            if not disk:
+                wanted = head if want_head else None
+                native = self.native
+                disk.append(kernel_cache.read(cache, native, wanted) if native and cache else None)
+            return disk[0]
+
+        def saved_linears() -> dict[str, PackedLinear | None] | None:
+            packs = saved()
+            return packs.linears if packs is not None else None
 
         def linear(name: str, parts: list[torch.Tensor], kind: Weights = weights) -> Linear:
             kernels = self.native
@@ -666,10 +673,15 @@ class FastGemma3:
         self.packed_head: PackedHead | None = None
         self._head_kernels = kernels
         if kernels is not None and want_head:
-            kept = saved.head if saved is not None else None
-            self.packed_head = _HEADS.get(head, lambda: kept or kernels.pack_head(head))
+
+            def head_pack() -> PackedHead | None:
+                packs = saved()
+                return packs.head if packs is not None and packs.head else kernels.pack_head(head)
+
+            self.packed_head = _HEADS.get(head, head_pack)
         self.head = linear("head", [head], "bf16" if self.packed_head is not None else weights)
-        if kernels is not None and cache is not None and want_head and saved is None:
+        # written where this process packed what the file lacked (it was read, and was not there)
+        if kernels is not None and cache is not None and want_head and disk == [None]:
             # the body's panels and the head's pack; the head's own panels (335 MB for Gemma 3
             # 270M) are narrowed again, in ~0.1 s
             body = {n: p for n, p in _NARROWED.get(embed, dict).items() if n != "head"}
