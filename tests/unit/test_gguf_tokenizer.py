@@ -23,13 +23,16 @@ def reference(models_dir: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def vocab(models_dir: Path) -> gguf_tokenizer.GgufVocab:
+    # the GGUF is assembled into the model dir on first use: whichever test runs first
+    base_models.BaseModelRegistry(models_dir).gguf_file(MODEL)
     found = gguf_tokenizer.read_vocab(models_dir / MODEL / EMBEDDED_GGUF)
     assert found is not None
     return found
 
 
 def fresh_model_dir(tmp_path: Path, models_dir: Path) -> Path:
-    """A converted model dir of the embedded model that has not been checked yet."""
+    """A converted model dir of the embedded model (its GGUF too) that has not been checked yet."""
+    base_models.BaseModelRegistry(models_dir).gguf_file(MODEL)
     model_dir = tmp_path / MODEL
     model_dir.mkdir()
     for file in (models_dir / MODEL).iterdir():

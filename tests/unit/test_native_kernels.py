@@ -245,6 +245,41 @@ def test_rms_norm_per_head_agrees_with_torch_within_a_step(dtype: torch.dtype) -
     )
 
 
+@each_dtype
+@pytest.mark.parametrize("per_head", [False, True], ids=["one-weight", "per-head-weights"])
+def test_training_rms_norm_and_its_backward_agree_with_torch_autograd(
+    dtype: torch.dtype, per_head: bool
+) -> None:
+    """Training's norm (q and k heads, each kind with its own weights, read from the fused qkv
+    rows) and its input gradient equal the fp32 autograd of the same formula to the element
+    type's rounding, with one thread and several; 2-D rows take one weight."""
+    assert native is not None
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(7, 5 * 40 + 24, generator=g).to(dtype) * 3  # rows wider than 5 heads
+    x = qkv[:, : 5 * 40].view(7, 5, 40)  # 5 heads of 40 (a tail of 8 past the vectors)
+    weight = torch.rand((5, 40) if per_head else (40,), generator=g) + 0.5
+    grad_out = torch.randn(7, 5, 40, generator=g).to(dtype)
+    xf = x.float().requires_grad_()
+    want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * weight
+    want.backward(grad_out.float())
+    assert xf.grad is not None
+    for threads in (1, 2):
+        with _threads(threads):
+            out = native.rms_norm_train(x, weight, 1e-6)
+            assert out is not None
+            y, rstd = out
+            gx = native.rms_norm_backward(x, grad_out, weight, rstd)
+        assert y.dtype == dtype and y.shape == x.shape and gx.shape == x.shape
+        tolerance = STEP[dtype] * want.detach().abs() + 1e-6
+        assert ((y.float() - want.detach()).abs() <= tolerance).all()
+        torch.testing.assert_close(gx.float(), xf.grad, rtol=4 * STEP[dtype], atol=1e-4)
+    flat = x[:, 0]  # 2-D rows: one head, one weight
+    one = native.rms_norm_train(flat, weight[0] if per_head else weight, 1e-6)
+    assert one is not None and torch.equal(one[0], y[:, 0])
+    assert native.rms_norm_train(x, torch.rand(3, 40), 1e-6) is None  # weights for 3 heads
+    assert native.rms_norm_train(x.transpose(0, 1), weight, 1e-6) is None  # heads apart
+
+
 def test_without_a_working_compiler_the_kernels_are_off_and_decoding_uses_torch(
     tmp_path: Path,
 ) -> None:

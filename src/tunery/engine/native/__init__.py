@@ -80,6 +80,10 @@ class NativeKernels:
         self._argmax = _by_dtype(library, "tunery_argmax", [i64, i64, ptr, i64, ptr, i32], None)
         rms_args = [i64, i64, i64, ptr, i64, ptr, f32, ptr, i64, i32]
         self._rms = _by_dtype(library, "tunery_rms_norm", rms_args, None)
+        rms_train_args = [i64, i64, i64, ptr, i64, ptr, i64, f32, ptr, ptr, i32]
+        self._rms_train = _by_dtype(library, "tunery_rms_norm_train", rms_train_args, None)
+        rms_back_args = [i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i32]
+        self._rms_back = _by_dtype(library, "tunery_rms_norm_backward", rms_back_args, None)
         qk_args = [i64, i64, i64, i64, ptr, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, i32]
         self._qk = _by_dtype(library, "tunery_qk_norm_rope", qk_args, None)
         self._linear = library.tunery_linear_bf16w
@@ -190,6 +194,40 @@ class NativeKernels:
             width, torch.get_num_threads(),
         )  # fmt: skip
         return out
+
+    def rms_norm_train(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Training's RMS norm of x (..., n) or (rows, heads, n) bf16 or fp32 over its last dim,
+        times `weight` fp32: (n,) for every head or (heads, n), each head its own → (the normed
+        values, a new contiguous tensor of x's shape and dtype; 1 / rms per row and head, fp32,
+        for `rms_norm_backward`). None where x's layout is not rows of contiguous heads."""
+        rows, heads, n, stride = _rows_of_heads(x)
+        if rows is None or not _norm_weight(weight, heads, n):
+            return None
+        out = torch.empty(x.shape, dtype=x.dtype)
+        rstd = torch.empty(rows, heads, dtype=torch.float32)
+        w_stride = n if weight.dim() == 2 else 0
+        _kernel(self._rms_train, x)(
+            rows, heads, n, x.data_ptr(), stride, weight.data_ptr(), w_stride, eps,
+            out.data_ptr(), rstd.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out, rstd
+
+    def rms_norm_backward(
+        self, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+    ) -> torch.Tensor:
+        """The input gradient of `rms_norm_train(x, weight, eps)` (which gave `rstd`) for the
+        output gradient g, as a new contiguous tensor of x's shape and dtype."""
+        rows, heads, n, stride = _rows_of_heads(x)
+        g = g.to(x.dtype).contiguous()
+        gx = torch.empty(x.shape, dtype=x.dtype)
+        w_stride = n if weight.dim() == 2 else 0
+        _kernel(self._rms_back, x, g)(
+            rows, heads, n, x.data_ptr(), stride, g.data_ptr(), weight.data_ptr(), w_stride,
+            rstd.data_ptr(), gx.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return gx
 
     def qk_norm_rope(
         self,
@@ -348,6 +386,26 @@ class NativeKernels:
 
 
 _HEAD_DTYPES = {torch.bfloat16: 0, torch.float32: 1}  # head.c's `fp32` flag
+
+
+def _rows_of_heads(x: torch.Tensor) -> tuple[Any, int, int, int]:
+    """x (rows, n) or (rows, heads, n), each row's heads one run of values (rows may lie apart) →
+    (rows, heads, n, row stride); rows None where x is laid out otherwise or off the CPU."""
+    if x.device.type != "cpu" or x.dim() not in (2, 3) or x.stride(-1) != 1:
+        return None, 0, 0, 0
+    if x.dtype not in (torch.bfloat16, torch.float32):
+        return None, 0, 0, 0
+    n = x.shape[-1]
+    heads = x.shape[1] if x.dim() == 3 else 1
+    if x.dim() == 3 and heads > 1 and x.stride(1) != n:
+        return None, 0, 0, 0
+    return x.shape[0], heads, n, x.stride(0)
+
+
+def _norm_weight(weight: torch.Tensor, heads: int, n: int) -> bool:
+    """Whether `weight` is an RMS norm's fp32 weight for `heads` heads of n: (n,) or (heads, n)."""
+    shape_ok = weight.shape in ((n,), (heads, n))
+    return shape_ok and weight.dtype == torch.float32 and weight.is_contiguous()
 
 
 def _linear_output(x: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:

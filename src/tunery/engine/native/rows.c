@@ -1,4 +1,5 @@
-/* Row-wise work of a decode step: the best logit of each row, and RMS norms.
+/* Row-wise work: the best logit of each row (a decode step), and RMS norms (a decode step's, and
+ * training's forward and backward).
  *
  * Each row (each head of a row) is reduced alone in an order fixed by its length, so a row
  * gets the same bits whatever else is in the batch. Values are bf16 (fp32: `elem.h`).
@@ -50,6 +51,27 @@ void KERNEL(tunery_argmax)(int64_t rows, int64_t n, const elem_t *x, int64_t str
     }
 }
 
+/* 1 / sqrt(mean(x^2) + eps) over n values, the sum of squares in LANES running sums and a fixed
+ * tree. */
+static inline float inverse_rms(const elem_t *x, int64_t n, float eps) {
+    f32v acc = {0};
+    int64_t d = 0;
+    for (; d + LANES <= n; d += LANES) {
+        f32v v = load_elemv(x + d);
+        acc += v * v;
+    }
+    float sum = sum_lanes(acc);
+    for (; d < n; d++) sum += elem_to_f32(x[d]) * elem_to_f32(x[d]);
+    return 1.0f / sqrtf(sum / (float)n + eps);
+}
+
+/* o = x * scale * w over n values, rounded once to the element type. */
+static inline void scaled(const elem_t *x, int64_t n, float scale, const float *w, elem_t *o) {
+    int64_t d = 0;
+    for (; d + LANES <= n; d += LANES) store_elemv(o + d, load_elemv(x + d) * scale * load_f32v(w + d));
+    for (; d < n; d++) o[d] = f32_to_elem(elem_to_f32(x[d]) * scale * w[d]);
+}
+
 /* Each of the `heads` chunks of n values in each row: x / sqrt(mean(x^2) + eps) * w, with the
  * sum of squares in LANES running sums and a fixed tree. */
 void KERNEL(tunery_rms_norm)(int64_t rows, int64_t heads, int64_t n, const elem_t *x,
@@ -60,18 +82,53 @@ void KERNEL(tunery_rms_norm)(int64_t rows, int64_t heads, int64_t n, const elem_
     for (int64_t t = 0; t < rows * heads; t++) {
         const elem_t *xr = x + (t / heads) * x_stride + (t % heads) * n;
         elem_t *o = out + (t / heads) * out_stride + (t % heads) * n;
+        scaled(xr, n, inverse_rms(xr, n, eps), w, o);
+    }
+}
+
+/* Training's RMS norm: as tunery_rms_norm, each head with its own weights (head h's at
+ * w + h * w_stride; w_stride 0: one weight for all), out contiguous (rows, heads, n), and each
+ * (row, head)'s 1 / rms kept in rstd (rows x heads) for the backward. */
+void KERNEL(tunery_rms_norm_train)(int64_t rows, int64_t heads, int64_t n, const elem_t *x,
+                                   int64_t x_stride, const float *w, int64_t w_stride, float eps,
+                                   elem_t *out, float *rstd, int threads) {
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static) \
+    if (rows * heads * n > 32768)
+    for (int64_t t = 0; t < rows * heads; t++) {
+        const elem_t *xr = x + (t / heads) * x_stride + (t % heads) * n;
+        rstd[t] = inverse_rms(xr, n, eps);
+        scaled(xr, n, rstd[t], w + (t % heads) * w_stride, out + t * n);
+    }
+}
+
+/* Its input gradient from the output's g (contiguous, as out): with xh = x * rstd and gw = g * w,
+ * gx = (gw - xh * mean(gw * xh)) * rstd, in fp32, rounded once; gx contiguous (rows, heads, n). */
+void KERNEL(tunery_rms_norm_backward)(int64_t rows, int64_t heads, int64_t n, const elem_t *x,
+                                      int64_t x_stride, const elem_t *g, const float *w,
+                                      int64_t w_stride, const float *rstd, elem_t *gx,
+                                      int threads) {
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static) \
+    if (rows * heads * n > 32768)
+    for (int64_t t = 0; t < rows * heads; t++) {
+        const elem_t *xr = x + (t / heads) * x_stride + (t % heads) * n, *gr = g + t * n;
+        const float *wr = w + (t % heads) * w_stride;
+        float r = rstd[t];
         f32v acc = {0};
         int64_t d = 0;
-        for (; d + LANES <= n; d += LANES) {
-            f32v v = load_elemv(xr + d);
-            acc += v * v;
+        for (; d + LANES <= n; d += LANES)
+            acc += load_elemv(gr + d) * load_f32v(wr + d) * (load_elemv(xr + d) * r);
+        float dot = sum_lanes(acc);
+        for (; d < n; d++) dot += elem_to_f32(gr[d]) * wr[d] * (elem_to_f32(xr[d]) * r);
+        dot /= (float)n;
+        elem_t *o = gx + t * n;
+        for (d = 0; d + LANES <= n; d += LANES) {
+            f32v xh = load_elemv(xr + d) * r;
+            store_elemv(o + d, (load_elemv(gr + d) * load_f32v(wr + d) - xh * dot) * r);
         }
-        float sum = sum_lanes(acc);
-        for (; d < n; d++) sum += elem_to_f32(xr[d]) * elem_to_f32(xr[d]);
-        float scale = 1.0f / sqrtf(sum / (float)n + eps);
-        for (d = 0; d + LANES <= n; d += LANES)
-            store_elemv(o + d, load_elemv(xr + d) * scale * load_f32v(w + d));
-        for (; d < n; d++) o[d] = f32_to_elem(elem_to_f32(xr[d]) * scale * w[d]);
+        for (; d < n; d++) {
+            float xh = elem_to_f32(xr[d]) * r;
+            o[d] = f32_to_elem((elem_to_f32(gr[d]) * wr[d] - xh * dot) * r);
+        }
     }
 }
 
