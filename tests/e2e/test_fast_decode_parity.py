@@ -94,12 +94,13 @@ def test_int8_answers_are_as_good_as_the_reference(
 ) -> None:
     """int8 weights are lossy: where the reference's top two tokens nearly tie, int8 may pick
     the other (seen: "3,171,752" for the reference's "3,171,751"), so it must score as well on the
-    held-out check, within one answer, rather than match token for token."""
-    correct = _correct
+    held-out check, within one answer, rather than match token for token. As well or better: a
+    near-tie may as well fall the right way (seen with llama.cpp: "-38" where the reference said
+    "-27")."""
     reference = _answers(generators[Backend.REFERENCE], PROMPTS, adapter, 16)
     int8 = _answers(generators[Backend.FAST_INT8], PROMPTS, adapter, 16)
     assert int8[0] == "IV"
-    assert abs(correct(int8) - correct(reference)) <= 1, (int8, reference)
+    assert _correct(int8) >= _correct(reference) - 1, (int8, reference)
 
 
 @pytest.mark.skipif(not llamacpp.installed(), reason="llama-cpp-python (the llamacpp extra)")
@@ -115,7 +116,7 @@ def test_llama_cpp_answers_are_as_good_as_the_reference(
     answers = _answers(llama, PROMPTS, adapter, 16)
     assert (adapter / llamacpp.ADAPTER_GGUF).exists()
     assert answers[0] == "IV"
-    assert abs(_correct(answers) - _correct(reference)) <= 1, (answers, reference)
+    assert _correct(answers) >= _correct(reference) - 1, (answers, reference)
     params = GenerationParams(max_output_tokens=16)
     assert "".join(c.text for c in llama.stream(PROMPTS[1], params, adapter)) == answers[1]
     # The base model again: the adapter is switched off, not left applied.

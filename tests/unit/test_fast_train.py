@@ -129,6 +129,31 @@ def test_the_fused_head_and_the_head_matmuls_agree(monkeypatch: pytest.MonkeyPat
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.skipif(NativeKernels.load() is None, reason="no native kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_native_and_torch_norms_give_one_loss_and_gradient(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """The norms (and the q/k heads' norm and rotation) on the native kernels and on torch's
+    ops (a GPU's path) agree, forward and backward, in fp32 and in a bf16 model."""
+    model = _tiny_gemma(64).to(dtype)
+    batch = pack(_examples([9, 5, 7, 12]), torch.device("cpu"))
+    with lora_injected(model, LoraSpec(rank=4, alpha=8)) as layers:
+        for layer in layers.values():
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+        params = trainable_parameters(layers)
+        fast = FastGemma3Train(FastGemma3.of_model(model), layers)
+        assert fast.spec.native is not None
+        native = _loss_and_grads(lambda: fast.loss(batch), params)
+        monkeypatch.setattr(fast.spec, "native", None)
+        plain = _loss_and_grads(lambda: fast.loss(batch), params)
+    rel = 1e-5 if dtype == torch.float32 else 2e-2
+    assert native[0] == pytest.approx(plain[0], rel=rel)
+    for want, have in zip(plain[1], native[1], strict=True):
+        scale = want.abs().max()
+        assert (have - want).abs().max() <= rel * 4 * scale + 1e-7
+
+
 def test_dense_and_per_example_attention_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _tiny_gemma(16)
     examples = _examples([30, 12, 21])

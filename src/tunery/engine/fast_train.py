@@ -382,43 +382,58 @@ class _HeadLossFn(torch.autograd.Function):
 _FUSED_RMS = hasattr(torch.ops.aten, "_fused_rms_norm")
 
 
-class _RmsNormFn(torch.autograd.Function):
+# What a norm's backward reads: x, 1/rms, the weight, and the kernels that normed x (or None)
+_NormSaved = tuple[torch.Tensor, torch.Tensor, torch.Tensor, NativeKernels | None]
+
+
+def _norm_forward(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, kernels: NativeKernels | None
+) -> tuple[torch.Tensor, _NormSaved]:
     """Gemma's RMSNorm, `x / rms(x) * (1 + w)` in fp32, cast back; frozen w (any shape that
-    broadcasts over x). One autograd node instead of the eight the plain ops leave; forward and
-    backward one native call each where the kernels take x (`rows.c`): 91 norms a step, whose
-    torch ops cost ~180 µs a norm at a seed step's ~40 rows (a warm seed `train()` of a bf16
-    model: 4.96 s against 5.85 s, medians of 12 alternating runs)."""
+    broadcasts over x): one native call where the kernels take x (`rows.c`), else torch's ops.
+    A seed step has 91 norms, whose torch ops cost ~180 µs a norm at its ~40 rows (a warm seed
+    `train()` of a bf16 model: 4.96 s native, 5.85 s torch, medians of 12 alternating runs)."""
+    native = kernels.rms_norm_train(x, weight, eps) if kernels is not None else None
+    if native is not None:
+        y, rstd = native
+        return y, (x, rstd, weight, kernels)
+    xf = x.float()
+    if _FUSED_RMS:  # x * rsqrt(mean(x²) + eps) in one call (fewer dispatches), same bits
+        y, rstd = torch.ops.aten._fused_rms_norm(xf, [x.shape[-1]], None, eps)
+    else:
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
+        y = xf * rstd
+    return y.mul_(weight).to(x.dtype), (x, rstd, weight, None)
+
+
+def _norm_backward(saved: _NormSaved, g: torch.Tensor) -> torch.Tensor:
+    """x's gradient from the output's g, by what normed x."""
+    x, rstd, weight, kernels = saved
+    if kernels is not None:
+        return kernels.rms_norm_backward(x, g, weight, rstd)
+    xhat = x.float() * rstd  # new tensors: in fp32, .float() is the saved tensor itself
+    gw = g.float() * weight
+    dot = (gw * xhat).mean(-1, keepdim=True)
+    return gw.sub_(xhat.mul_(dot)).mul_(rstd).to(x.dtype)
+
+
+class _RmsNormFn(torch.autograd.Function):
+    """`_norm_forward` as one autograd node instead of the eight the plain ops leave."""
 
     @staticmethod
     def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float,
         kernels: NativeKernels | None,
     ) -> torch.Tensor:  # fmt: skip
-        native = kernels.rms_norm_train(x, weight, eps) if kernels is not None else None
-        if native is not None:
-            y, rstd = native
-            ctx.kernels = kernels
-            ctx.save_for_backward(x, rstd, weight)
-            return y
-        ctx.kernels = None
-        xf = x.float()
-        if _FUSED_RMS:  # x * rsqrt(mean(x²) + eps) in one call (fewer dispatches), same bits
-            y, rstd = torch.ops.aten._fused_rms_norm(xf, [x.shape[-1]], None, eps)
-        else:
-            rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True).add_(eps))
-            y = xf * rstd
+        y, (x, rstd, weight, kernels) = _norm_forward(x, weight, eps, kernels)
+        ctx.kernels = kernels
         ctx.save_for_backward(x, rstd, weight)
-        return y.mul_(weight).to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, rstd, weight = ctx.saved_tensors
-        if ctx.kernels is not None:
-            return ctx.kernels.rms_norm_backward(x, g, weight, rstd), None, None, None
-        xhat = x.float() * rstd  # new tensors: in fp32, .float() is the saved tensor itself
-        gw = g.float() * weight
-        dot = (gw * xhat).mean(-1, keepdim=True)
-        return gw.sub_(xhat.mul_(dot)).mul_(rstd).to(x.dtype), None, None, None
+        return _norm_backward((x, rstd, weight, ctx.kernels), g), None, None, None
 
 
 def _norm(
@@ -426,6 +441,50 @@ def _norm(
 ) -> torch.Tensor:
     y: torch.Tensor = _RmsNormFn.apply(x, weight, eps, kernels)  # type: ignore[no-untyped-call]
     return y
+
+
+class _QkvHeadsFn(torch.autograd.Function):
+    """A layer's fused qkv output (T, (H + 2·Hkv)·D) → q (H, T, D), k and v (Hkv, T, D), each
+    contiguous: the q and k heads RMS-normed (each kind with its own weight) and rotated, as
+    `_norm` and `_rope` do them. One autograd node whose backward writes the qkv gradient whole,
+    where slicing qkv apart left a zero-filled qkv-sized gradient per slice, summed, and the
+    rotation's half-dozen ops each a node."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, qkv: torch.Tensor, heads: tuple[int, int, int], weight: torch.Tensor,
+        eps: float, rope: tuple[torch.Tensor, torch.Tensor], kernels: NativeKernels | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        nh, nkv, hd = heads
+        t = qkv.shape[0]
+        cos, sin = rope
+        qk = qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd)
+        normed, saved = _norm_forward(qk, weight, eps, kernels)
+        rotated = _rope(normed, cos, sin)
+        q = rotated[:, :nh].transpose(0, 1).contiguous()
+        k = rotated[:, nh:].transpose(0, 1).contiguous()
+        v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd).transpose(0, 1).contiguous()
+        ctx.heads, ctx.rope, ctx.norm = heads, rope, saved
+        return q, k, v
+
+    @staticmethod
+    def backward(
+        ctx: Any, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor
+    ) -> tuple[torch.Tensor | None, ...]:
+        nh, nkv, hd = ctx.heads
+        cos, sin = ctx.rope
+        t = gq.shape[1]
+        grad = torch.empty(t, (nh + 2 * nkv) * hd, dtype=gq.dtype, device=gq.device)
+        g_rot = torch.cat((gq.transpose(0, 1), gk.transpose(0, 1)), dim=1)  # (T, H + Hkv, D)
+        # the rotation's transpose: x·cos + rot(x)·sin with rot(x) = (-x₂, x₁)
+        half = hd // 2
+        g_sin = g_rot * sin
+        g_normed = g_rot * cos + torch.cat((g_sin[..., half:], -g_sin[..., :half]), dim=-1)
+        g_qk = _norm_backward(ctx.norm, g_normed)
+        grad[:, : (nh + nkv) * hd].view(t, nh + nkv, hd).copy_(g_qk)
+        grad[:, (nh + nkv) * hd :].view(t, nkv, hd).copy_(gv.transpose(0, 1))
+        ctx.norm = None
+        return grad, None, None, None, None, None
 
 
 # Up to this many packed tokens, attention is one masked matmul over the whole row; beyond, one
@@ -569,11 +628,9 @@ class FastGemma3Train:
             cos, sin = rope["sliding" if layer.sliding else "full"]
             h = _norm(x, layer.ln_in, f.eps, native)
             qkv = groups["qkv"](h, cast)
-            # q and k heads normed (each with its own weight) and rotated as one tensor
-            qk = qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd)
-            qk = _rope(_norm(qk, self._qk_norms[i], f.eps, native), cos, sin)
-            q, k = qk[:, :nh].transpose(0, 1), qk[:, nh:].transpose(0, 1)
-            v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd).transpose(0, 1)
+            q, k, v = _QkvHeadsFn.apply(
+                qkv, (nh, nkv, hd), self._qk_norms[i], f.eps, (cos, sin), native
+            )  # type: ignore[no-untyped-call]
             window = f.window if layer.sliding else None
             a = _attention(q, k, v, batch, window, f.scaling, masks[layer.sliding])
             x = x + _norm(groups["o"](a, cast), layer.ln_post_attn, f.eps, native)
