@@ -4,6 +4,7 @@ first uses cannot corrupt."""
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 import threading
@@ -11,9 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tunery.engine import base_models
 from tunery.engine.base_models import DEFAULT_BASE_MODEL, BaseModelRegistry
+from tunery.engine.native import cpu_flags
 from tunery.errors import InvalidArgument, NotFound
 
 
@@ -247,3 +250,16 @@ def test_threads_importing_transformers_and_peft_names_at_once_all_get_them() ->
     )
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == ""
+
+
+def test_a_cpu_runs_the_model_in_bf16_only_with_bf16_dot_products() -> None:
+    """AVX-512 alone (Skylake-X: torch calls it "AVX512" too) emulates bf16 matmuls: fp32 there."""
+    assert base_models.cpu_multiplies_bf16(frozenset({"avx512f", "avx512bw", "avx512_bf16"}))
+    assert base_models.cpu_multiplies_bf16(frozenset({"avx512f", "amx_tile", "amx_bf16"}))
+    assert not base_models.cpu_multiplies_bf16(frozenset({"avx2", "avx512f", "avx512bw"}))
+    assert not base_models.cpu_multiplies_bf16(frozenset({"avx2", "fma"}))
+    flags = cpu_flags()
+    if platform.machine() == "x86_64" and Path("/proc/cpuinfo").exists():
+        assert flags is not None and "sse2" in flags
+    want = torch.bfloat16 if base_models.cpu_multiplies_bf16(flags) else torch.float32
+    assert base_models.pick_dtype(torch.device("cpu")) == want

@@ -29,6 +29,7 @@ import torch
 from tunery.engine import tokenizer_check
 from tunery.engine.hf_imports import HF_LOAD_LOCK, hf_name
 from tunery.engine.kernel_cache import KernelCache
+from tunery.engine.native import cpu_flags
 from tunery.errors import InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
@@ -202,11 +203,20 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the hardware runs it natively, fp32 otherwise."""
+    """bf16 where the hardware multiplies it natively, fp32 otherwise."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    capability = torch.backends.cpu.get_cpu_capability()
-    return torch.bfloat16 if capability in ("AVX512", "AVX512_BF16", "AMX") else torch.float32
+    return torch.bfloat16 if cpu_multiplies_bf16(cpu_flags()) else torch.float32
+
+
+def cpu_multiplies_bf16(flags: frozenset[str] | None) -> bool:
+    """Whether a CPU with these flags (None: unknown) has bf16 dot products (AVX512-BF16, AMX).
+    torch's capability "AVX512" does not say: it covers AVX-512 CPUs without them, where bf16
+    matmuls are emulated, hundreds of times slower than fp32 ones. Unknown flags (no
+    /proc/cpuinfo) fall back to torch's capability, where it names bf16 hardware."""
+    if flags is not None:
+        return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX")
 
 
 class BaseModelRegistry:

@@ -627,10 +627,24 @@ def _cache_dir() -> Path:
 
 def _cpu() -> str:
     """What `-march=native` compiles for: a build is reused only on the same kind of CPU."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    info = _cpuinfo()
+    if info is None:
         return platform.processor() or platform.machine()
     flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
     model = next((line for line in info.splitlines() if line.startswith("model name")), "")
     return model + flags
+
+
+def _cpuinfo() -> str | None:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+
+
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags as Linux names them (`avx512_bf16`, `amx_bf16`...), or None
+    where /proc/cpuinfo does not say."""
+    info = _cpuinfo()
+    line = next((x for x in (info or "").splitlines() if x.startswith("flags")), None)
+    return frozenset(line.partition(":")[2].split()) if line is not None else None
