@@ -68,22 +68,34 @@ static inline float inverse_rms(const elem_t *x, int64_t n, float eps) {
 /* o = x * scale * w over n values, rounded once to the element type. */
 static inline void scaled(const elem_t *x, int64_t n, float scale, const float *w, elem_t *o) {
     int64_t d = 0;
-    for (; d + LANES <= n; d += LANES) store_elemv(o + d, load_elemv(x + d) * scale * load_f32v(w + d));
+    for (; d + LANES <= n; d += LANES)
+        store_elemv(o + d, load_elemv(x + d) * scale * load_f32v(w + d));
     for (; d < n; d++) o[d] = f32_to_elem(elem_to_f32(x[d]) * scale * w[d]);
 }
 
-/* Each of the `heads` chunks of n values in each row: x / sqrt(mean(x^2) + eps) * w, with the
- * sum of squares in LANES running sums and a fixed tree. */
-void KERNEL(tunery_rms_norm)(int64_t rows, int64_t heads, int64_t n, const elem_t *x,
-                             int64_t x_stride, const float *w, float eps, elem_t *out,
-                             int64_t out_stride, int threads) {
+/* Each of the `heads` chunks of n values in each row: x * inverse_rms(x) * w, head h's weights at
+ * w + h * w_stride, into out (rows out_stride apart, heads n apart); with each (row, head)'s
+ * 1 / rms kept in rstd (rows x heads) unless it is NULL. */
+static void norm_rows(int64_t rows, int64_t heads, int64_t n, const elem_t *x, int64_t x_stride,
+                      const float *w, int64_t w_stride, float eps, elem_t *out,
+                      int64_t out_stride, float *rstd, int threads) {
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static) \
     if (rows * heads * n > 32768)
     for (int64_t t = 0; t < rows * heads; t++) {
         const elem_t *xr = x + (t / heads) * x_stride + (t % heads) * n;
         elem_t *o = out + (t / heads) * out_stride + (t % heads) * n;
-        scaled(xr, n, inverse_rms(xr, n, eps), w, o);
+        float scale = inverse_rms(xr, n, eps);
+        if (rstd != NULL) rstd[t] = scale;
+        scaled(xr, n, scale, w + (t % heads) * w_stride, o);
     }
+}
+
+/* A decode step's RMS norm: each of the `heads` chunks of n values in each row, one weight for
+ * all. */
+void KERNEL(tunery_rms_norm)(int64_t rows, int64_t heads, int64_t n, const elem_t *x,
+                             int64_t x_stride, const float *w, float eps, elem_t *out,
+                             int64_t out_stride, int threads) {
+    norm_rows(rows, heads, n, x, x_stride, w, 0, eps, out, out_stride, NULL, threads);
 }
 
 /* Training's RMS norm: as tunery_rms_norm, each head with its own weights (head h's at
@@ -92,13 +104,7 @@ void KERNEL(tunery_rms_norm)(int64_t rows, int64_t heads, int64_t n, const elem_
 void KERNEL(tunery_rms_norm_train)(int64_t rows, int64_t heads, int64_t n, const elem_t *x,
                                    int64_t x_stride, const float *w, int64_t w_stride, float eps,
                                    elem_t *out, float *rstd, int threads) {
-#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static) \
-    if (rows * heads * n > 32768)
-    for (int64_t t = 0; t < rows * heads; t++) {
-        const elem_t *xr = x + (t / heads) * x_stride + (t % heads) * n;
-        rstd[t] = inverse_rms(xr, n, eps);
-        scaled(xr, n, rstd[t], w + (t % heads) * w_stride, out + t * n);
-    }
+    norm_rows(rows, heads, n, x, x_stride, w, w_stride, eps, out, heads * n, rstd, threads);
 }
 
 /* Its input gradient from the output's g (contiguous, as out): with xh = x * rstd and gw = g * w,
@@ -151,16 +157,8 @@ void KERNEL(tunery_qk_norm_rope)(int64_t rows, int64_t nh, int64_t nkv, int64_t 
         elem_t *o = h < nh ? q_out + (r * nh + h) * hd : k_out + (r * nkv + h - nh) * hd;
         const elem_t *c = cos + pos[r] * hd, *s = sin + pos[r] * hd;
         float y[hd];
-        float sum = 0.0f;
-        f32v acc = {0};
-        int64_t d = 0;
-        for (; d + LANES <= hd; d += LANES) {
-            f32v v = load_elemv(x + d);
-            acc += v * v;
-        }
-        sum = sum_lanes(acc);
-        for (; d < hd; d++) sum += elem_to_f32(x[d]) * elem_to_f32(x[d]);
-        float scale = 1.0f / sqrtf(sum / (float)hd + eps);
+        float scale = inverse_rms(x, hd, eps);
+        int64_t d;
         for (d = 0; d < hd; d++) y[d] = elem_to_f32(f32_to_elem(elem_to_f32(x[d]) * scale * w[d]));
         for (d = 0; d < hd; d++) {
             float rotated = d < half ? -y[d + half] : y[d - half];
