@@ -188,3 +188,25 @@ def test_a_cache_repeated_then_narrowed_steps_as_a_lone_one(tiny_model_path: Pat
         shared.length -= 1
         again = fast.step(torch.tensor([7]), shared, None)
     assert torch.equal(three[1], want[0]) and torch.equal(again, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_prompts_projected_rows_do_not_depend_on_the_prompts_beside_it(
+    dtype: torch.dtype,
+) -> None:
+    """The model's shapes (640 → 1536), short and long prompts: each prompt's rows projected
+    among others get the bits they get alone. (One 72-row oneDNN bf16 call rounded some rows
+    unlike an 8-row one on a CPU with AMX.)"""
+    from tunery.engine.fast_decode import Linear, _project_prompts, pack
+
+    torch.manual_seed(0)
+    weight = (torch.randn(1536, 640) * 0.05).to(dtype)
+    linear = Linear([weight], "bf16", pack(weight))
+    lengths = [6, 7, 1, 8, 2, 40, 5, 33, 3, 9, 8, 1]
+    x = torch.randn(1, sum(lengths), 640).to(dtype)
+    together = _project_prompts(linear, x, lengths)
+    start = 0
+    for t in lengths:
+        alone = _project_prompts(linear, x[:, start : start + t], [t])
+        assert torch.equal(together[:, start : start + t], alone), (start, t)
+        start += t

@@ -6,9 +6,10 @@ What is shared and what is not (each choice measured on this CPU, bf16 weights):
 - The base projections and the vocab head run as one matmul over all rows, so the weights are read
   once per step instead of once per request, which is where batching wins (greedy rows skip the
   full head where `FastGemma3.best_tokens` has its packed int8 copy, one pass for all rows).
-  oneDNN's packed bf16 matmul rounds each row alike for any count from 2 rows up (measured to
-  1,200 rows, 1 to 8 threads; `MAX_ROWS` caps a step's requests, not for this), but a 1-row
-  matmul takes another kernel whose sums differ in rare cancelling cases by one bf16 ulp: a lone
+  oneDNN's packed bf16 matmul rounds each row alike for any count from 2 to 32 rows (1 to 8
+  threads; on a CPU with AVX512-BF16 and no AMX up to 1,200 rows, but with AMX from 33 rows up
+  it blocks the rows otherwise: `MAX_ROWS` keeps a step within 32), but a 1-row matmul takes
+  another kernel (not with AMX) whose sums differ in rare cancelling cases by one bf16 ulp: a lone
   row is therefore padded to two (`pad_rows`; not on the native kernels' panels, where a row's
   sums do not depend on the others: `FastGemma3.lone_row_exact`), so a request decodes the same
   alone or batched (new prompts share their matmuls the same way: `FastGemma3.prefill_many`).
@@ -42,7 +43,7 @@ from tunery.engine.fast_decode import (
 )
 from tunery.engine.native import CacheTable, LoraDesc, NativeKernels
 
-MAX_ROWS = 32  # requests decoded per step at most (≤ `Linear.NATIVE_INT8_MAX_ROWS`)
+MAX_ROWS = 32  # requests per step at most (≤ `Linear.NATIVE_INT8_MAX_ROWS`; see above)
 # aten's bmm computes a product of fewer multiply-adds than this with its own loop, which rounds
 # unlike the BLAS call a 1-row `F.linear` makes: such (tiny) products run row by row instead.
 _BMM_NAIVE_BELOW = 400

@@ -707,11 +707,11 @@ class FastGemma3:
         """Run each prompt into its own empty cache, with its own adapter (or none); return
         each one's last position's hidden (N, C).
 
-        The prompts' rows run as one (1, ΣT, C) sequence through every projection (one matmul,
-        the weights read once for all), norm, residual and activation, whose rows are each
-        computed alone (a bf16 matmul's row gets the same bits among any ≥ 2 rows:
-        `_project_each`); LoRA and attention run per prompt. So a prompt gets the same bits
-        alone or among others."""
+        The prompts' rows run as one (1, ΣT, C) sequence through every norm, residual and
+        activation, whose rows are each computed alone, and through every projection in calls
+        whose rows get the bits they get alone (short prompts share a call, the weights read
+        once for them: `_project_prompts`); LoRA and attention run per prompt. So a prompt gets
+        the same bits alone or among others."""
         if not len(prompts) == len(caches) == len(loras):
             raise ValueError("one cache and one adapter (or None) per prompt")
         for ids, cache in zip(prompts, caches, strict=True):
@@ -963,20 +963,46 @@ def _project_each(
     groups: Sequence[dict[str, _LoraGroup]],
     name: str,
 ) -> torch.Tensor:
-    """`linear` of prompts' rows x (1, ΣT, in), each prompt's slice plus its own adapter's delta
-    (where it has `name`), as its `add_to` computes it alone.
-
-    oneDNN's bf16 matmul gives a row the same bits for any row count from 2 up (measured to
-    1,200 rows, 1 to 8 threads), not for a lone row: a lone row is padded to two. Prompts never
-    take int8 weights (`exact`): those are for decode steps."""
-    if x.shape[1] == 1:
-        base = linear(x.repeat(1, 2, 1), exact=True)[:, :1]
-    else:
-        base = linear(x, exact=True)
+    """`linear` of prompts' rows x (1, ΣT, in) (`_project_prompts`), each prompt's slice plus
+    its own adapter's delta (where it has `name`), as its `add_to` computes it alone."""
+    base = _project_prompts(linear, x, lengths)
     if not any(name in g for g in groups):
         return base
     pieces = zip(_slices(base, lengths), _slices(x, lengths), groups, strict=True)
     return torch.cat([g[name].add_to(b, p) if name in g else b for b, p, g in pieces], dim=1)
+
+
+# Prompts of at most this many rows share matmuls: oneDNN's bf16 matmul gives a row the same
+# bits in any call of 2 to 32 rows on every CPU measured (with AMX tiles also in a 1-row call),
+# but not across that bound on a CPU with AMX (a 72-row call rounds some rows unlike an 8-row
+# one: from 33 rows up it blocks the rows otherwise).
+PROMPT_BLOCK = 32
+
+
+def _project_prompts(linear: Linear, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
+    """`linear` of prompts' rows x (1, ΣT, in), each row's bits fixed by its own prompt alone,
+    whatever prompts it comes with: a prompt longer than `PROMPT_BLOCK` rows is one call of its
+    own (its length picks the kernel, as when it comes alone); shorter ones run together, in
+    order, in calls of at most `PROMPT_BLOCK` rows and at least two (a lone row is padded: a
+    1-row call takes another kernel on some CPUs). Prompts never take int8 weights (`exact`):
+    those are for decode steps."""
+    calls: list[tuple[int, int]] = []  # row ranges, one matmul each
+    start = 0
+    for t in lengths:
+        end = start + t
+        if calls and end - calls[-1][0] <= PROMPT_BLOCK:  # short prompts, together
+            calls[-1] = (calls[-1][0], end)
+        else:
+            calls.append((start, end))
+        start = end
+    outs = []
+    for lo, hi in calls:
+        rows = x[:, lo:hi]
+        outs.append(
+            linear(rows.repeat(1, 2, 1), exact=True)[:, :1] if hi - lo == 1
+            else linear(rows, exact=True)
+        )  # fmt: skip
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 def _slices(x: torch.Tensor, lengths: Sequence[int]) -> list[torch.Tensor]:
