@@ -997,11 +997,8 @@ def _project_prompts(linear: Linear, x: torch.Tensor, lengths: Sequence[int]) ->
         start = end
     outs = []
     for lo, hi in calls:
-        rows = x[:, lo:hi]
-        outs.append(
-            linear(rows.repeat(1, 2, 1), exact=True)[:, :1] if hi - lo == 1
-            else linear(rows, exact=True)
-        )  # fmt: skip
+        rows = x[:, lo:hi] if hi - lo > 1 else x[:, lo:hi].repeat(1, 2, 1)
+        outs.append(linear(rows, exact=True)[:, : hi - lo])
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
