@@ -562,3 +562,32 @@ def test_fused_head_loss_refuses_labels_outside_the_vocab_and_declines_odd_width
         native.head_loss(hidden, weight, torch.tensor([-1, 0]), grad=False)
     odd = native.head_loss(torch.randn(2, 40), torch.randn(100, 40), torch.tensor([1, 2]), True)
     assert odd is None  # a width the tiles do not divide: the caller's matmuls take it
+
+
+@each_dtype
+@pytest.mark.parametrize(("rows", "vocab"), [(1, 7), (5, 1000), (3, 4099)])
+def test_softmax_xent_turns_logits_into_their_gradient_and_gives_each_rows_loss(
+    dtype: torch.dtype, rows: int, vocab: int
+) -> None:
+    """In place, each row of logits becomes softmax - onehot(label) within a rounding step of
+    torch's, and its loss is torch's cross-entropy from the same logits, for vocab sizes that are
+    not whole vectors, with one thread and several; a label outside the vocabulary is refused."""
+    assert native is not None
+    g = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(rows, vocab, generator=g) * 6).to(dtype)
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[0] = vocab - 1  # in the row's tail, past its last whole vector
+    z = logits.float().requires_grad_()
+    want = F.cross_entropy(z, labels, reduction="sum")
+    want.backward()
+    assert z.grad is not None
+    for threads in (1, 2, 3):
+        got = logits.clone()
+        with _threads(threads):
+            losses = native.softmax_xent(got, labels)
+        assert losses is not None and losses.shape == (rows,)
+        torch.testing.assert_close(losses.sum(), want.detach(), rtol=1e-5, atol=1e-5)
+        assert (got.float() - z.grad).abs().max() <= STEP[dtype]
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        native.softmax_xent(logits.clone(), torch.full((rows,), vocab))
+    assert native.softmax_xent(logits[:, ::2], labels // 2) is None  # not contiguous

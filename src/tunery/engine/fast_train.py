@@ -285,6 +285,7 @@ class TrainingHead:
         # bf16 model's matmuls run on the CPU's bf16 units (AMX, say) and were not measured here
         fp32 = fast.dtype == torch.float32
         self._native = fast.native if fp32 and not fast.softcap else None
+        self.kernels = fast.native  # a chunk's softmax (`_softmax_xent`)
         self._frozen: FrozenWeight | None = None
         self._lock = threading.Lock()
 
@@ -327,6 +328,32 @@ GRAD_SKIPPED_MASS = 2.0**-8
 HEAD_CHUNK_ROWS = 256
 
 
+def _softmax_xent(
+    logits: torch.Tensor, labels: torch.Tensor, softcap: float, kernels: NativeKernels | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed cross-entropy of the rows against their labels, d loss / d logits in the logits'
+    dtype) for logits (N, V), softcapped first when `softcap` is set. By the kernels in place
+    (`softmax_xent`: 2x torch's softmax over 256 bf16 rows of Gemma's 262k vocab, AMX CPU; loss
+    from the fp32 logsumexp), else torch's ops."""
+    if not softcap and kernels is not None:
+        losses = kernels.softmax_xent(logits, labels)
+        if losses is not None:
+            return losses.sum(), logits
+    rows = torch.arange(labels.shape[0], device=logits.device)
+    if softcap:
+        capped = torch.tanh(logits.float().div_(softcap))
+        logits = capped * softcap
+    # Softmax in the activation dtype (accumulated in fp32 inside): 4x faster than an fp32 one
+    # plus the cast for the matmul on a CPU. The label's probability then has bf16's 3 digits,
+    # so each token's loss is within ~0.004 of the fp32 value.
+    grad = torch.softmax(logits, dim=-1)
+    picked = grad[rows, labels].float().clamp_min(torch.finfo(torch.float32).tiny)
+    grad[rows, labels] -= 1.0
+    if softcap:
+        grad.mul_((1.0 - capped * capped).to(grad.dtype))
+    return -picked.log().sum(), grad
+
+
 class _HeadLossFn(torch.autograd.Function):
     """Mean cross-entropy of `hidden @ Eᵀ` against labels; logits only for these rows.
 
@@ -352,24 +379,13 @@ class _HeadLossFn(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for lo in range(0, n, HEAD_CHUNK_ROWS):
             hi = min(n, lo + HEAD_CHUNK_ROWS)
-            rows = torch.arange(hi - lo, device=hidden.device)
             logits = frozen.forward(hidden[lo:hi])  # (n_c, V) in the activation dtype
-            if softcap:
-                capped = torch.tanh(logits.float().div_(softcap))
-                logits = capped * softcap
-            # Softmax in the activation dtype (accumulated in fp32 inside): 4x faster than an
-            # fp32 one plus the cast for the matmul on a CPU. The label's probability then has
-            # bf16's 3 digits, so each token's loss is within ~0.004 of the fp32 value.
-            grad = torch.softmax(logits, dim=-1)
-            picked = grad[rows, labels[lo:hi]].float().clamp_min(torch.finfo(torch.float32).tiny)
-            total -= picked.log().sum()
-            if grad_hidden is None:
-                continue
-            # d loss / d logits = (softmax - onehot) / N; the 1/N is applied after Eᵀ (C ≪ V)
-            grad[rows, labels[lo:hi]] -= 1.0
-            if softcap:
-                grad.mul_((1.0 - capped * capped).to(grad.dtype))
-            grad_hidden[lo:hi] = frozen.backward(grad).div_(n)
+            # d loss / d logits = softmax - onehot, in the activation dtype (in place where the
+            # kernels do it); the 1/N is applied after Eᵀ (C ≪ V)
+            chunk_loss, grad = _softmax_xent(logits, labels[lo:hi], softcap, head.kernels)
+            total += chunk_loss
+            if grad_hidden is not None:
+                grad_hidden[lo:hi] = frozen.backward(grad).div_(n)
         ctx.save_for_backward(grad_hidden)
         return total / n
 
@@ -515,12 +531,17 @@ def _attend(
 ) -> torch.Tensor:
     """q (H, T, D), k/v (Hkv, T, D), additive mask (H/Hkv·T, T) → (T, H·D).
 
-    Plain matmuls with fp32 scores, as the fused kernels keep them: on a CPU the fused
-    (flash) kernel is several times slower than this at these sizes, forward and backward.
+    Plain matmuls, the scores masked and softmaxed in fp32, as transformers' eager attention
+    does it: q·kᵀ in the activation dtype (oneDNN accumulates a bf16 matmul in fp32, then rounds
+    each score once), then scaled in fp32. On a CPU the fused (flash) kernel is no faster than
+    this at these sizes, forward and backward; q·kᵀ in fp32 was 2x slower at 400 tokens (AMX).
     """
     h, t, d = q.shape
     qg = q.reshape(k.shape[0], -1, d)  # the heads sharing one KV head, stacked along rows
-    scores = torch.baddbmm(mask, qg.float(), k.float().transpose(1, 2), alpha=scale)
+    if q.dtype == torch.float32:
+        scores = torch.baddbmm(mask, qg, k.transpose(1, 2), alpha=scale)
+    else:
+        scores = torch.bmm(qg, k.transpose(1, 2)).float().mul_(scale).add_(mask)
     probs = torch.softmax(scores, dim=-1).to(q.dtype)
     return (probs @ v).view(h, t, d).transpose(0, 1).reshape(t, h * d)
 

@@ -107,6 +107,9 @@ class NativeKernels:
         self._head_loss = library.tunery_head_loss
         self._head_loss.argtypes = [i64, i64, i64, ptr, ptr, i32, ptr, ptr, ptr, f32, i32]
         self._head_loss.restype = i32
+        self._softmax_xent = library.tunery_softmax_xent
+        self._softmax_xent.argtypes = [i64, i64, ptr, i32, ptr, ptr, i32]
+        self._softmax_xent.restype = i32
 
     @staticmethod
     def load() -> NativeKernels | None:
@@ -383,6 +386,23 @@ class NativeKernels:
         if status == -2:
             raise ValueError(f"a label outside the vocabulary of {weight.shape[0]}")
         return None if status == -3 else (loss, out)
+
+    def softmax_xent(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """Each row's cross-entropy against its label, fp32 (N,), with the logits (N, V), bf16
+        or fp32, turned in place into its gradient softmax - onehot(label) (`head_loss.c`); None
+        where the kernel does not take them (another dtype or device, not contiguous)."""
+        fits = logits.dtype in _HEAD_DTYPES and logits.device.type == "cpu"
+        if not fits or logits.dim() != 2 or not logits.is_contiguous():
+            return None
+        labels = labels.to(torch.int64).contiguous()
+        loss = torch.empty(logits.shape[0], dtype=torch.float32)
+        status = self._softmax_xent(
+            logits.shape[0], logits.shape[1], logits.data_ptr(), _HEAD_DTYPES[logits.dtype],
+            labels.data_ptr(), loss.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status == -2:
+            raise ValueError(f"a label outside the vocabulary of {logits.shape[1]}")
+        return loss
 
 
 _HEAD_DTYPES = {torch.bfloat16: 0, torch.float32: 1}  # head.c's `fp32` flag
