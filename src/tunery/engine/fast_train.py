@@ -503,6 +503,34 @@ class _QkvHeadsFn(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+class _GeluTimesFn(torch.autograd.Function):
+    """`_gelu_times` of the fused gate/up output by the kernels (`gelu.c`): one pass forward and
+    one backward, where torch's ops take five and a zero-filled gradient for the chunks; each
+    value rounded once (3.5-6x torch's ops at 46-800 rows, AMX CPU)."""
+
+    @staticmethod
+    def forward(ctx: Any, gu: torch.Tensor, kernels: NativeKernels) -> torch.Tensor:
+        out = kernels.gelu_times(gu)
+        assert out is not None  # `_mlp_activation` checked that it takes gu
+        ctx.kernels = kernels
+        ctx.save_for_backward(gu)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (gu,) = ctx.saved_tensors
+        return ctx.kernels.gelu_times_backward(gu, g), None
+
+
+def _mlp_activation(gu: torch.Tensor, kernels: NativeKernels | None) -> torch.Tensor:
+    """gelu-tanh(gate) · up of gu (..., 2F): by the kernels where they take it, else torch's."""
+    flat = gu.reshape(-1, gu.shape[-1])
+    if kernels is not None and kernels.takes_gate_up(flat):
+        out: torch.Tensor = _GeluTimesFn.apply(flat, kernels)  # type: ignore[no-untyped-call]
+        return out.view(*gu.shape[:-1], -1)
+    return _gelu_times(gu)
+
+
 # Up to this many packed tokens, attention is one masked matmul over the whole row; beyond, one
 # causal attention per example (a dense mask would cost O(T²) for mostly masked-out pairs).
 DENSE_ATTENTION_MAX_TOKENS = 256
@@ -656,7 +684,7 @@ class FastGemma3Train:
             a = _attention(q, k, v, batch, window, f.scaling, masks[layer.sliding])
             x = x + _norm(groups["o"](a, cast), layer.ln_post_attn, f.eps, native)
             h = _norm(x, layer.ln_pre_ff, f.eps, native)
-            m = _gelu_times(groups["gu"](h, cast))
+            m = _mlp_activation(groups["gu"](h, cast), native)
             x = x + _norm(groups["down"](m, cast), layer.ln_post_ff, f.eps, native)
         picked = x.index_select(0, batch.label_positions)
         hidden = _norm(picked, f.final_norm, f.eps, native)

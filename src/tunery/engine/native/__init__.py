@@ -56,7 +56,7 @@ _SOURCES = [
     Path(__file__).with_name(n)
     for n in (
         "decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c", "linear.c",
-        "head_loss.c",
+        "head_loss.c", "gelu.c",
     )
 ]  # fmt: skip
 # -ffp-contract=off: GCC fuses a * b + c into one FMA (one rounding) where its optimizer sees
@@ -86,6 +86,9 @@ class NativeKernels:
         self._rms_back = _by_dtype(library, "tunery_rms_norm_backward", rms_back_args, None)
         qk_args = [i64, i64, i64, i64, ptr, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, i32]
         self._qk = _by_dtype(library, "tunery_qk_norm_rope", qk_args, None)
+        self._gelu = _by_dtype(library, "tunery_gelu_times", [i64, i64, ptr, ptr, i32], None)
+        gelu_back_args = [i64, i64, ptr, ptr, ptr, i32]
+        self._gelu_back = _by_dtype(library, "tunery_gelu_times_backward", gelu_back_args, None)
         self._linear = library.tunery_linear_bf16w
         self._linear.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, i64, i32]
         self._linear.restype = i32
@@ -231,6 +234,33 @@ class NativeKernels:
             rstd.data_ptr(), gx.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return gx
+
+    @staticmethod
+    def takes_gate_up(gu: torch.Tensor) -> bool:
+        """Whether `gelu_times` takes gu: (rows, 2F) contiguous bf16 or fp32 on the CPU."""
+        fits = gu.device.type == "cpu" and gu.dtype in (torch.bfloat16, torch.float32)
+        return fits and gu.dim() == 2 and gu.shape[1] % 2 == 0 and gu.is_contiguous()
+
+    def gelu_times(self, gu: torch.Tensor) -> torch.Tensor | None:
+        """Training's MLP activation gelu-tanh(gate) · up of the fused gate/up output gu
+        (rows, 2F) bf16 or fp32 → (rows, F) in its dtype (`gelu.c`); None where it does not
+        take gu (`takes_gate_up`)."""
+        if not self.takes_gate_up(gu):
+            return None
+        rows, f = gu.shape[0], gu.shape[1] // 2
+        out = torch.empty(rows, f, dtype=gu.dtype)
+        _kernel(self._gelu, gu)(rows, f, gu.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out
+
+    def gelu_times_backward(self, gu: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The gradient in gu (rows, 2F) of `gelu_times(gu)` for the output's g (rows, F)."""
+        g = g.to(gu.dtype).contiguous()
+        rows, f = g.shape
+        grad = torch.empty(rows, 2 * f, dtype=gu.dtype)
+        _kernel(self._gelu_back, gu, g)(
+            rows, f, gu.data_ptr(), g.data_ptr(), grad.data_ptr(), torch.get_num_threads()
+        )
+        return grad
 
     def qk_norm_rope(
         self,

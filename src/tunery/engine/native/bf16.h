@@ -5,6 +5,7 @@
 #ifndef TUNERY_BF16_H
 #define TUNERY_BF16_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 #ifdef __AVX__
@@ -118,6 +119,32 @@ static inline f32v broadcast_v(float x) {
     f32v v;
     for (int l = 0; l < LANES; l++) v[l] = x;
     return v;
+#endif
+}
+
+/* exp(x), ~2 ulp, where the CPU has AVX-512: 2^x' for x' = x log2(e) (clamped to [-150, 128]:
+ * 0 and inf beyond), split into n = round(x') and f in [-1/2, 1/2], 2^f by its degree-6 Taylor
+ * polynomial (FMAs), times 2^n by `scalef`. Elsewhere expf per lane. */
+static inline f32v exp_v(f32v x) {
+#ifdef __AVX512F__
+    __m512 t = _mm512_mul_ps((__m512)x, _mm512_set1_ps(1.44269504088896341f));
+    t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-150.0f)), _mm512_set1_ps(128.0f));
+    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(t, n);
+    __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return (f32v)_mm512_scalef_ps(p, n);
+#else
+    float a[LANES];
+    memcpy(a, &x, sizeof a);
+    for (int l = 0; l < LANES; l++) a[l] = expf(a[l]);
+    memcpy(&x, a, sizeof a);
+    return x;
 #endif
 }
 

@@ -315,28 +315,6 @@ static inline void store_z1(void *z, int fp32, int64_t j, float x) {
     else ((uint16_t *)z)[j] = f32_to_bf16(x);
 }
 
-/* exp(x) for x <= 0, as `exp_nonpositive` (~2 ulp), in fewer instructions where the CPU has
- * AVX-512: 2^x' for x' = x log2(e), split into n = round(x') and f in [-1/2, 1/2], 2^f by a
- * degree-6 polynomial (FMAs), times 2^n by `scalef`. 2x the softmax pass's rate. */
-static inline f32v exp_softmax(f32v x) {
-#ifdef __AVX512F__
-    __m512 t = _mm512_mul_ps((__m512)x, _mm512_set1_ps(1.44269504088896341f));
-    t = _mm512_max_ps(t, _mm512_set1_ps(-150.0f));
-    __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(t, n);
-    __m512 p = _mm512_set1_ps(1.5403530393381609e-4f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return (f32v)_mm512_scalef_ps(p, n);
-#else
-    return exp_nonpositive(x);
-#endif
-}
-
 /* One row of n logits z, in place: softmax(z) - onehot(label), and its loss. Three passes (the
  * max, the sum of exp(z - max), the terms), the row read from cache after the first. */
 static float softmax_xent_row(int64_t n, void *z, int fp32, int64_t label) {
@@ -354,13 +332,13 @@ static float softmax_xent_row(int64_t n, void *z, int fp32, int64_t label) {
     for (int l = 0; l < LANES; l++) top = fmaxf(top, top_v[l]);
     for (int64_t j = tail; j < n; j++) top = fmaxf(top, load_z1(z, fp32, j));
     f32v m = broadcast_v(top), acc = {0};
-    for (int64_t j = 0; j < tail; j += LANES) acc += exp_softmax(load_z(z, fp32, j) - m);
+    for (int64_t j = 0; j < tail; j += LANES) acc += exp_v(load_z(z, fp32, j) - m);
     float sum = sum_lanes(acc);
     for (int64_t j = tail; j < n; j++) sum += expf(load_z1(z, fp32, j) - top);
     float picked = load_z1(z, fp32, label), inv = 1.0f / sum;
     f32v inv_v = broadcast_v(inv);
     for (int64_t j = 0; j < tail; j += LANES)
-        store_z(z, fp32, j, exp_softmax(load_z(z, fp32, j) - m) * inv_v);
+        store_z(z, fp32, j, exp_v(load_z(z, fp32, j) - m) * inv_v);
     for (int64_t j = tail; j < n; j++) store_z1(z, fp32, j, expf(load_z1(z, fp32, j) - top) * inv);
     store_z1(z, fp32, label, expf(picked - top) * inv - 1.0f);
     return top + logf(sum) - picked;

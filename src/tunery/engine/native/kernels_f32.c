@@ -5,3 +5,4 @@
 #include "decode_attention.c"
 #include "lora_delta.c"
 #include "rows.c"
+#include "gelu.c"
