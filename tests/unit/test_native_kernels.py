@@ -505,20 +505,32 @@ def test_fp32_weights_of_bf16_values_narrow_to_the_bf16_panels_and_others_do_not
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize(("vocab", "dim", "rows"), [(1000, 128, 1), (4099, 128, 13), (50, 640, 7)])
+@pytest.mark.parametrize(
+    ("vocab", "dim", "rows"),
+    [
+        (1000, 128, 1),
+        (4099, 128, 13),
+        (50, 640, 7),
+        (4099, 128, 40),
+        (300, 640, 64),
+        (300, 128, 65),  # tiles: 3 and 4 groups of 16 rows, then none (65)
+    ],
+)
 def test_fused_head_loss_is_cross_entropy_and_its_gradient(
     dtype: torch.dtype, vocab: int, dim: int, rows: int
 ) -> None:
     """Each row's loss and input gradient over the vocab head in one pass (an online softmax by
     blocks of vocab rows, shared among threads) equal torch's cross-entropy and autograd to fp32
-    rounding, for vocab sizes that are not whole blocks or tiles, with one thread and several."""
+    rounding, for vocab sizes that are not whole blocks or tiles, with one thread and several;
+    for a bf16 head on AMX tiles (up to 4 groups of 16 rows), of the rows rounded to bf16."""
     assert native is not None
     g = torch.Generator().manual_seed(vocab)
     weight = (torch.randn(vocab, dim, generator=g) * 0.1).to(dtype)
     hidden = torch.randn(rows, dim, generator=g) * 4
     labels = torch.randint(0, vocab, (rows,), generator=g)
     labels[0] = vocab - 1  # the last, partial block
-    h = hidden.clone().requires_grad_()
+    tiles = dtype == torch.bfloat16 and rows <= native.head_loss_tile_rows
+    h = (hidden.bfloat16().float() if tiles else hidden).clone().requires_grad_()
     want = F.cross_entropy(h @ weight.float().t(), labels, reduction="none")
     want.sum().backward()
     assert h.grad is not None
@@ -532,13 +544,16 @@ def test_fused_head_loss_is_cross_entropy_and_its_gradient(
         assert loss_only[1] is None and torch.equal(loss_only[0], got[0])
 
 
-def test_fused_head_loss_leaves_out_of_the_gradient_only_terms_below_the_bound() -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_fused_head_loss_leaves_out_of_the_gradient_only_terms_below_the_bound(
+    dtype: torch.dtype,
+) -> None:
     """With a skipped mass, the gradient leaves out softmax terms below mass / V: its error per
     row stays under mass x the largest row norm of the weight, the loss stays exact."""
     assert native is not None
     g = torch.Generator().manual_seed(7)
     vocab, dim, rows = 4099, 128, 9
-    weight = torch.randn(vocab, dim, generator=g) * 0.1
+    weight = (torch.randn(vocab, dim, generator=g) * 0.1).to(dtype)
     hidden = torch.randn(rows, dim, generator=g) * 12  # logits spread over ~30 nats: peaked
     labels = torch.randint(0, vocab, (rows,), generator=g)
     exact = native.head_loss(hidden, weight, labels, grad=True)
@@ -548,7 +563,7 @@ def test_fused_head_loss_leaves_out_of_the_gradient_only_terms_below_the_bound()
         assert got is not None and got[1] is not None
         torch.testing.assert_close(got[0], exact[0], rtol=1e-6, atol=1e-6)
         error = (got[1] - exact[1]).norm(dim=1)
-        assert error.max() <= mass * weight.norm(dim=1).max()
+        assert error.max() <= mass * weight.float().norm(dim=1).max()
         if mass == 0.5:
             assert not torch.equal(got[1], exact[1])  # terms were left out
 

@@ -264,10 +264,11 @@ def training_forward(
 
 
 class TrainingHead:
-    """The vocab head as the loss reads it: for a batch with few label rows of an fp32 model, by
-    the native fused kernel (`head_loss.c`: each row's loss and gradient in one read of the
-    weights) where it runs; else as a `FrozenWeight` (two matmuls, the backward's on a copy of
-    Wᵀ: 671 MB for Gemma 3 270M in fp32), built on first use or by `prepare_training`."""
+    """The vocab head as the loss reads it: for a batch with few label rows, by the native fused
+    kernel (`head_loss.c`: each row's loss and gradient in one read of the weights) where it runs:
+    an fp32 model's, or a bf16 one's where the CPU has AMX tiles; else as a `FrozenWeight` (two
+    matmuls, the backward's on a copy of Wᵀ: 671 MB for Gemma 3 270M in fp32), built on first use
+    or by `prepare_training`."""
 
     # The most label rows the fused kernel takes: below this it beats the two matmuls (weights
     # read once, not twice, and the gradient only over the terms that matter), above it their
@@ -281,10 +282,16 @@ class TrainingHead:
 
     def __init__(self, fast: FastGemma3) -> None:
         self._fast = fast
-        # fp32 models only (a CPU without AVX512-BF16): the kernel multiplies in fp32, where a
-        # bf16 model's matmuls run on the CPU's bf16 units (AMX, say) and were not measured here
+        # A bf16 model's head only by AMX tiles: its two oneDNN matmuls each read the bf16 head
+        # about as fast as the tiles' one pass does, and the kernel's fp32 multiply-adds are 2-3x
+        # slower than either. The seed run's 20 heads on an AMX Xeon (2 cores, bf16), same run:
+        # 346 ms by the tiles, 600 ms by the matmuls (steps with a flat softmax, whose gradient
+        # keeps most terms, about even: 34 / 31 ms at 12 rows; peaked ones 13-16 / 27-39 ms).
+        native = fast.native
         fp32 = fast.dtype == torch.float32
-        self._native = fast.native if fp32 and not fast.softcap else None
+        tiles = native.head_loss_tile_rows if native is not None and not fp32 else 0
+        self._native = native if (fp32 or tiles) and not fast.softcap else None
+        self._max_rows = self.FUSED_MAX_ROWS if fp32 else min(tiles, self.FUSED_MAX_ROWS)
         self.kernels = fast.native  # a chunk's softmax (`_softmax_xent`)
         self._frozen: FrozenWeight | None = None
         self._lock = threading.Lock()
@@ -305,9 +312,9 @@ class TrainingHead:
         self, hidden: torch.Tensor, labels: torch.Tensor, grad: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(sum of the rows' losses, each row's gradient in `hidden`'s dtype or None) by the
-        fused kernel; None where it does not run (no kernels, a bf16 model, a softcapped head, the
-        shapes, more than FUSED_MAX_ROWS rows)."""
-        if self._native is None or labels.shape[0] > self.FUSED_MAX_ROWS:
+        fused kernel; None where it does not run (no kernels, a bf16 model on a CPU without AMX,
+        a softcapped head, the shapes, more than `_max_rows` rows)."""
+        if self._native is None or labels.shape[0] > self._max_rows:
             return None
         weight = self._fast.head_weight
         out = self._native.head_loss(hidden.float(), weight, labels, grad, GRAD_SKIPPED_MASS)

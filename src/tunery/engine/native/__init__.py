@@ -110,6 +110,8 @@ class NativeKernels:
         self._head_loss = library.tunery_head_loss
         self._head_loss.argtypes = [i64, i64, i64, ptr, ptr, i32, ptr, ptr, ptr, f32, i32]
         self._head_loss.restype = i32
+        # the most label rows `head_loss` multiplies a bf16 head by AMX tiles (0: none here)
+        self.head_loss_tile_rows = int(library.tunery_head_loss_amx_rows())
         self._softmax_xent = library.tunery_softmax_xent
         self._softmax_xent.argtypes = [i64, i64, ptr, i32, ptr, ptr, i32]
         self._softmax_xent.restype = i32
@@ -395,6 +397,8 @@ class NativeKernels:
         (N,) int64 → (loss (N,), d loss / d hidden (N, C) or None), fp32. The gradient leaves
         out softmax terms below `skipped_mass` / V, less than `skipped_mass` of probability in
         all (its error at most that times the largest row norm of the weight); the loss is exact.
+        A bf16 weight is multiplied by AMX tiles where `head_loss_tile_rows` takes the rows: of the
+        hidden rows rounded to bf16, as a bf16 matmul does.
         None where the kernel does not take the shapes (C not a multiple of 8 vectors: 64 on
         AVX2, 128 with AVX-512) or the tensors are not on the CPU."""
         rows, c = hidden.shape

@@ -29,6 +29,16 @@
 
 #include "bf16.h"
 
+/* AMX bf16 tiles (`head_loss_amx`) where the compiler targets them */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
+#define HEAD_LOSS_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define HEAD_LOSS_AMX 0
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -199,6 +209,249 @@ static inline __attribute__((always_inline)) void block_pass(
                 grad_row(fp32, z + r * BLOCK, idx + r * BLOCK, kept[r], w, c, j0, k0, st.g + r * c);
 }
 
+#if HEAD_LOSS_AMX
+/* The AMX path: a bf16 W's logits by tiles, up to AMX_GROUPS x 16 label rows.
+ *
+ * A tile product C += A B takes A = 16 vocab rows of W x 32 columns straight from W's plain
+ * layout (a strided tile load) and B = the same 32 columns of 16 label rows, rounded to bf16
+ * and laid out in column pairs once per call (`pack_rows`), so C holds a 16 x 16 block of
+ * logits transposed: vocab rows down, label rows across. The online softmax then runs on whole
+ * registers, one lane per label row. The logits are bf16 h times bf16 W summed in fp32, as a
+ * bf16 matmul's; the gradient is summed in fp32 over the kept terms as in `block_pass`. */
+#define AMX_TILE 16   /* vocab rows, and label rows, of a tile */
+#define AMX_K 32      /* W's columns per tile product */
+#define AMX_BLOCK 64  /* vocab rows per block: 80 KB of Gemma's W, in L2 for the gradient */
+#define AMX_GROUPS 4  /* label row groups: at most 64 rows */
+
+/* Whether this process may use AMX tiles: the kernel's permission, asked once (Linux >= 5.16;
+ * oneDNN asks too). */
+static int amx_permitted(void) {
+    static int state = 0; /* 0 unknown, 1 yes, -1 no */
+    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
+                                    18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
+    return state == 1;
+}
+
+/* This thread's tiles: 0-3 a block's logits for up to four row groups, 4 W's rows, 5-7 rows. */
+static void amx_configure(void) {
+    struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } __attribute__((packed)) config = {0};
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) config.colsb[t] = 64, config.rows[t] = 16;
+    _tile_loadconfig(&config);
+}
+
+/* The label rows as B tiles: for group g and column chunk q, 16 rows of (32 row values: each
+ * row's columns 2p and 2p + 1), bf16; rows past `rows` are zero. */
+static void pack_rows(int64_t rows, int64_t c, const float *h, uint16_t *hb) {
+    int64_t chunks = c / AMX_K, groups = (rows + AMX_TILE - 1) / AMX_TILE;
+    memset(hb, 0, sizeof(uint16_t) * groups * chunks * AMX_TILE * AMX_K);
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t g = r / AMX_TILE, n = r % AMX_TILE;
+        for (int64_t k = 0; k < c; k++) {
+            int64_t q = k / AMX_K, p = (k % AMX_K) / 2;
+            hb[((g * chunks + q) * AMX_TILE + p) * AMX_K + 2 * n + k % 2] = f32_to_bf16(h[r * c + k]);
+        }
+    }
+}
+
+/* 16 vocab rows at w (stride c) times every group's rows: zt[g * AMX_BLOCK * 16 + m * 16 + n]
+ * for vocab row m, label row n; `next` (or NULL) is prefetched a sixteenth at a time. */
+static inline __attribute__((always_inline)) void vocab_tile(int groups, const uint16_t *w,
+                                                             int64_t c, const uint16_t *hb,
+                                                             float *zt, const char *next) {
+    int64_t chunks = c / AMX_K, tile = AMX_TILE * AMX_K;
+    _tile_zero(0);
+    if (groups > 1) _tile_zero(1);
+    if (groups > 2) _tile_zero(2);
+    if (groups > 3) _tile_zero(3);
+    for (int64_t q = 0; q < chunks; q++) {
+        if (next != NULL)
+            for (int l = 0; l < 16; l++) _mm_prefetch(next + (q * 16 + l) * 64, _MM_HINT_T1);
+        _tile_loadd(4, w + q * AMX_K, c * 2);
+        _tile_loadd(5, hb + q * tile, 64);
+        _tile_dpbf16ps(0, 4, 5);
+        if (groups > 1) {
+            _tile_loadd(6, hb + (chunks + q) * tile, 64);
+            _tile_dpbf16ps(1, 4, 6);
+        }
+        if (groups > 2) {
+            _tile_loadd(7, hb + (2 * chunks + q) * tile, 64);
+            _tile_dpbf16ps(2, 4, 7);
+        }
+        if (groups > 3) {
+            _tile_loadd(5, hb + (3 * chunks + q) * tile, 64);
+            _tile_dpbf16ps(3, 4, 5);
+        }
+    }
+    int64_t stride = AMX_BLOCK * AMX_TILE;
+    _tile_stored(0, zt, 64);
+    if (groups > 1) _tile_stored(1, zt + stride, 64);
+    if (groups > 2) _tile_stored(2, zt + 2 * stride, 64);
+    if (groups > 3) _tile_stored(3, zt + 3 * stride, 64);
+}
+
+/* `block_pass` for the block [j0, j0 + n) by tiles: zt (AMX_GROUPS x AMX_BLOCK x 16) takes its
+ * logits, e and idx (rows x AMX_BLOCK) each row's kept terms; `tail` is a zeroed 16 x c buffer
+ * for a last tile of fewer than 16 vocab rows, `wide` room for the block's rows in fp32
+ * (AMX_BLOCK x c); `next` the thread's next block (or NULL). */
+static void block_pass_amx(int64_t rows, int64_t c, const uint16_t *hb, const uint16_t *w,
+                           int64_t v, const int64_t *labels, int64_t j0, int64_t n, float *zt,
+                           float *e, int32_t *idx, int32_t *kept, float keep_min, share_t st,
+                           float *label_logit, uint16_t *tail, float *wide, const char *next) {
+    int groups = (int)((rows + AMX_TILE - 1) / AMX_TILE);
+    for (int64_t t = 0; t < n; t += AMX_TILE) {
+        const uint16_t *wt = w + (j0 + t) * c;
+        if (n - t < AMX_TILE) { /* past v: a copy, zero-padded to a whole tile */
+            memcpy(tail, wt, sizeof(uint16_t) * (v - j0 - t) * c);
+            wt = tail;
+        }
+        const char *ahead = next != NULL ? next + t * c * 2 : NULL;
+        vocab_tile(groups, wt, c, hb, zt + t * AMX_TILE, ahead);
+    }
+    for (int g = 0; g < groups; g++) {
+        int64_t r0 = (int64_t)g * AMX_TILE, live = rows - r0 < AMX_TILE ? rows - r0 : AMX_TILE;
+        __mmask16 valid = (__mmask16)((1u << live) - 1);
+        float *z = zt + g * AMX_BLOCK * AMX_TILE;
+        for (int64_t r = r0; r < r0 + live; r++)
+            if (labels[r] >= j0 && labels[r] < j0 + n)
+                label_logit[r] = z[(labels[r] - j0) * AMX_TILE + (r - r0)];
+        __m512 top = _mm512_load_ps(z);
+        for (int64_t j = 1; j < n; j++) top = _mm512_max_ps(top, _mm512_load_ps(z + j * AMX_TILE));
+        __m512 m = _mm512_maskz_loadu_ps(valid, st.m + r0);
+        __mmask16 grew = _mm512_mask_cmp_ps_mask(valid, top, m, _CMP_GT_OQ);
+        __m512 s = _mm512_maskz_loadu_ps(valid, st.s + r0);
+        if (grew) { /* a new max: what was summed shrinks by exp(old - new) */
+            __m512 grown = _mm512_mask_mov_ps(m, grew, top);
+            __m512 shrink = (__m512)exp_nonpositive((f32v)_mm512_sub_ps(m, grown));
+            s = _mm512_mul_ps(s, shrink);
+            m = grown;
+            _mm512_mask_storeu_ps(st.m + r0, valid, m);
+            float factor[AMX_TILE];
+            _mm512_storeu_ps(factor, shrink);
+            for (unsigned bits = grew; st.g != NULL && bits; bits &= bits - 1) {
+                int r = __builtin_ctz(bits);
+                float *gr = st.g + (r0 + r) * c;
+                for (int64_t k = 0; k < c; k++) gr[k] *= factor[r];
+            }
+        }
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t j = 0; j < n; j++) {
+            __m512 ej = (__m512)exp_nonpositive((f32v)_mm512_sub_ps(_mm512_load_ps(z + j * AMX_TILE), m));
+            _mm512_store_ps(z + j * AMX_TILE, ej);
+            sum = _mm512_add_ps(sum, ej);
+        }
+        s = _mm512_add_ps(s, sum);
+        _mm512_mask_storeu_ps(st.s + r0, valid, s);
+        if (st.g == NULL) continue;
+        /* the terms the gradient keeps, packed to the front of each row's block */
+        __m512 least = _mm512_mul_ps(_mm512_set1_ps(keep_min), _mm512_max_ps(s, _mm512_set1_ps(1.0f)));
+        for (int64_t r = r0; r < r0 + live; r++) kept[r] = 0;
+        for (int64_t j = 0; j < n; j++) {
+            unsigned bits = _mm512_mask_cmp_ps_mask(valid, _mm512_load_ps(z + j * AMX_TILE), least,
+                                                    _CMP_GE_OQ);
+            for (; bits; bits &= bits - 1) {
+                int64_t r = r0 + __builtin_ctz(bits);
+                e[r * AMX_BLOCK + kept[r]] = z[j * AMX_TILE + (r - r0)];
+                idx[r * AMX_BLOCK + kept[r]++] = (int32_t)j;
+            }
+        }
+    }
+    if (st.g == NULL) return;
+    /* With more kept terms than vocab rows (a flat softmax), the block's rows are widened to
+     * fp32 once (wide: AMX_BLOCK x c) rather than at each term: a term then costs a quarter of
+     * the instructions. */
+    int64_t terms = 0;
+    for (int64_t r = 0; r < rows; r++) terms += kept[r];
+    int widen = terms > n;
+    if (widen)
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t k = 0; k < c; k += LANES) {
+                f32v x = load_bf16v(w + (j0 + j) * c + k);
+                memcpy(wide + j * c + k, &x, sizeof x);
+            }
+    for (int64_t k0 = 0; k0 < c; k0 += GRAD_VECS * LANES)
+        for (int64_t r = 0; r < rows; r++) {
+            if (kept[r] == 0) continue;
+            const float *er = e + r * AMX_BLOCK;
+            const int32_t *ir = idx + r * AMX_BLOCK;
+            if (widen) grad_row(1, er, ir, kept[r], wide, c, 0, k0, st.g + r * c);
+            else grad_row(0, er, ir, kept[r], w, c, j0, k0, st.g + r * c);
+        }
+}
+
+/* All of `tunery_head_loss`'s work for a bf16 W by tiles (rows <= AMX_GROUPS x 16, c a multiple
+ * of AMX_K): each thread's share into state (laid out as there), the labels' logits into
+ * label_logit. Returns the threads used, or -1 out of memory. */
+static int head_loss_amx(int64_t rows, int64_t c, int64_t v, const float *h, const uint16_t *w,
+                         const int64_t *labels, float *state, float *label_logit, int with_grad,
+                         float keep_min, int nt) {
+    int64_t per = rows * (2 + (with_grad ? c : 0));
+    uint16_t *hb = aligned_alloc(64, sizeof(uint16_t) * AMX_GROUPS * c * AMX_TILE);
+    if (hb == NULL) return -1;
+    pack_rows(rows, c, h, hb);
+    int used = 1, failed = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        int t = 0, count = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num(), count = omp_get_num_threads();
+#endif
+#pragma omp single
+        used = count;
+        float *mine = state + per * t;
+        share_t st = {mine, mine + rows, with_grad ? mine + 2 * rows : NULL};
+        /* the running max starts at the label's logit, as the tiles round it */
+        for (int64_t r = 0; r < rows; r++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < c; k++)
+                acc += bf16_to_f32(f32_to_bf16(h[r * c + k])) * bf16_to_f32(w[labels[r] * c + k]);
+            st.m[r] = acc, st.s[r] = 0.0f;
+        }
+        if (st.g != NULL) memset(st.g, 0, sizeof(float) * rows * c);
+        float *zt = aligned_alloc(64, sizeof(float) * AMX_GROUPS * AMX_BLOCK * AMX_TILE);
+        float *e = malloc(sizeof(float) * rows * AMX_BLOCK);
+        int32_t *idx = malloc(sizeof(int32_t) * rows * (AMX_BLOCK + 1));
+        uint16_t *tail = calloc((size_t)AMX_TILE * c, sizeof(uint16_t));
+        float *wide = with_grad ? aligned_alloc(64, sizeof(float) * AMX_BLOCK * c) : NULL;
+        int ok = zt != NULL && e != NULL && idx != NULL && tail != NULL && (wide || !with_grad);
+        if (!ok) {
+#pragma omp atomic write
+            failed = 1;
+        }
+        if (ok) {
+            amx_configure();
+            int64_t blocks = (v + AMX_BLOCK - 1) / AMX_BLOCK;
+            for (int64_t b = t; b < blocks; b += count) {
+                int64_t j0 = b * AMX_BLOCK, n = v - j0 < AMX_BLOCK ? v - j0 : AMX_BLOCK;
+                int64_t after = b + count; /* this thread's next block, fetched meanwhile */
+                const char *next = after * AMX_BLOCK + AMX_BLOCK <= v
+                                       ? (const char *)(w + after * AMX_BLOCK * c) : NULL;
+                block_pass_amx(rows, c, hb, w, v, labels, j0, n, zt, e, idx, idx + rows * AMX_BLOCK,
+                               keep_min, st, label_logit, tail, wide, next);
+            }
+            _tile_release();
+        }
+        free(zt);
+        free(e);
+        free(idx);
+        free(tail);
+        free(wide);
+    }
+    free(hb);
+    return failed ? -1 : used;
+}
+
+/* Whether `tunery_head_loss` multiplies a bf16 W by AMX tiles here (for up to this many rows),
+ * 0 where not: the build's CPU or the kernel lacks them. */
+int tunery_head_loss_amx_rows(void) { return amx_permitted() ? AMX_GROUPS * AMX_TILE : 0; }
+#else
+int tunery_head_loss_amx_rows(void) { return 0; }
+#endif
+
 /* h . W_j: a label's logit, a lower bound of its row's max (bf16.h's dot products). */
 static float logit(int fp32, const float *h, const void *w, int64_t c, int64_t j) {
     return fp32 ? dot_f32_f32(h, (const float *)w + j * c, c)
@@ -222,6 +475,13 @@ int tunery_head_loss(int64_t rows, int64_t c, int64_t v, const float *h, const v
     float *label_logit = malloc(sizeof(float) * rows);
     int failed = state == NULL || label_logit == NULL;
     int used = 1;
+#if HEAD_LOSS_AMX
+    if (!failed && !fp32 && rows <= AMX_GROUPS * AMX_TILE && c % AMX_K == 0 && amx_permitted()) {
+        used = head_loss_amx(rows, c, v, h, w, labels, state, label_logit, grad != NULL, keep_min,
+                             nt);
+        failed = used < 0;
+    } else
+#endif
     if (!failed) {
 #pragma omp parallel num_threads(nt)
         {
