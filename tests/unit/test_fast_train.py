@@ -111,8 +111,8 @@ def test_the_fused_head_and_the_head_matmuls_agree(
 ) -> None:
     """The head's fused kernel (one read of the weights, online softmax) and the two matmuls it
     replaces for few label rows give one loss and one gradient; many rows take the matmuls. A
-    bf16 model's head takes the kernel where it runs on AMX tiles (its bf16 logits, then, to
-    the matmuls' bf16 rounding)."""
+    bf16 model's head takes the kernel for any rows where it runs on AMX tiles (its bf16
+    logits, then, to the matmuls' bf16 rounding)."""
     if dtype == torch.bfloat16 and (_KERNELS is None or _KERNELS.head_loss_tile_rows == 0):
         pytest.skip("no AMX tiles: a bf16 head takes the matmuls")
     model = _tiny_gemma(64).to(dtype)
@@ -131,7 +131,16 @@ def test_the_fused_head_and_the_head_matmuls_agree(
         many = pack(_examples([150, 120, 30]), torch.device("cpu"))
         assert many.labels.shape[0] > fast.head.FUSED_MAX_ROWS
         fast.loss(many)
-        assert fast.head.has_matmul_copy
+        # on tiles, in chunks of rows: the matmul copy is never built
+        assert fast.head.has_matmul_copy == (dtype == torch.float32)
+        assert fast.head.fuses_any_rows == (dtype == torch.bfloat16)
+        if dtype == torch.bfloat16:  # each row's loss and gradient whatever the chunk
+            whole = _loss_and_grads(lambda: fast.loss(many), params)
+            monkeypatch.setattr(fast.head, "_chunk_rows", 16)
+            chunked = _loss_and_grads(lambda: fast.loss(many), params)
+            assert chunked[0] == pytest.approx(whole[0], rel=1e-6)
+            for want, have in zip(whole[1], chunked[1], strict=True):
+                torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-7)
         monkeypatch.setattr(fast.head, "_native", None)
         matmuls = _loss_and_grads(lambda: fast.loss(batch), params)
     if dtype == torch.float32:

@@ -513,7 +513,8 @@ def test_fp32_weights_of_bf16_values_narrow_to_the_bf16_panels_and_others_do_not
         (50, 640, 7),
         (4099, 128, 40),
         (300, 640, 64),
-        (300, 128, 65),  # tiles: 3 and 4 groups of 16 rows, then none (65)
+        (300, 128, 65),
+        (300, 128, 200),  # tiles: groups of 16 rows in passes of 4
     ],
 )
 def test_fused_head_loss_is_cross_entropy_and_its_gradient(
@@ -540,7 +541,10 @@ def test_fused_head_loss_is_cross_entropy_and_its_gradient(
             loss_only = native.head_loss(hidden, weight, labels, grad=False)
         assert got is not None and got[1] is not None and loss_only is not None
         torch.testing.assert_close(got[0], want.detach(), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(got[1], h.grad, rtol=1e-5, atol=1e-5)
+        # on tiles, a block whose softmax keeps many terms sums them as bf16 (each off by at most
+        # 2^-9 of itself): the gradient by at most 2^-9 x the largest weight, here 2^-8
+        bound = 2.0**-8 * float(weight.float().abs().max()) if tiles else 1e-5
+        torch.testing.assert_close(got[1], h.grad, rtol=1e-5, atol=bound)
         assert loss_only[1] is None and torch.equal(loss_only[0], got[0])
 
 

@@ -28,6 +28,7 @@ transformers modules.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -248,10 +249,12 @@ def prepare_training(
     config: Any, tensors: Mapping[str, torch.Tensor], cache: KernelCache | None = None
 ) -> None:
     """Build now what the first `train()` on this model would (a worker does it when it
-    preloads), the head's matmul copy included (a batch with many label rows reads it);
+    preloads), the head's matmul copy included where a batch with many label rows reads it;
     nothing for a model that trains through the transformers modules."""
     if FastGemma3.supports(config):
-        base_kernels(training_forward(config, tensors, cache)).head.frozen  # noqa: B018
+        head = base_kernels(training_forward(config, tensors, cache)).head
+        if not head.fuses_any_rows:
+            head.frozen  # noqa: B018
 
 
 def training_forward(
@@ -264,11 +267,11 @@ def training_forward(
 
 
 class TrainingHead:
-    """The vocab head as the loss reads it: for a batch with few label rows, by the native fused
-    kernel (`head_loss.c`: each row's loss and gradient in one read of the weights) where it runs:
-    an fp32 model's, or a bf16 one's where the CPU has AMX tiles; else as a `FrozenWeight` (two
-    matmuls, the backward's on a copy of Wᵀ: 671 MB for Gemma 3 270M in fp32), built on first use
-    or by `prepare_training`."""
+    """The vocab head as the loss reads it: by the native fused kernel (`head_loss.c`: each row's
+    loss and gradient in one read of the weights) where it runs: an fp32 model's batch with few
+    label rows, or a bf16 model's batch of any rows where the CPU has AMX tiles; else as a
+    `FrozenWeight` (two matmuls, the backward's on a copy of Wᵀ: 671 MB for Gemma 3 270M in
+    fp32), built on first use or by `prepare_training`."""
 
     # The most label rows the fused kernel takes: below this it beats the two matmuls (weights
     # read once, not twice, and the gradient only over the terms that matter), above it their
@@ -291,7 +294,11 @@ class TrainingHead:
         fp32 = fast.dtype == torch.float32
         tiles = native.head_loss_tile_rows if native is not None and not fp32 else 0
         self._native = native if (fp32 or tiles) and not fast.softcap else None
-        self._max_rows = self.FUSED_MAX_ROWS if fp32 else min(tiles, self.FUSED_MAX_ROWS)
+        # By tiles, any rows in chunks of the kernel's most (one read of W a chunk): 1.6-2.5x the
+        # matmuls at 64-560 rows of the seed run's states, whose two matmuls do not gain as
+        # the rows grow (64 rows 101 / 43-53 ms, 128 171 / 59-69, 400 248 / 153, 560 350 / 195).
+        self._max_rows = self.FUSED_MAX_ROWS if fp32 else (sys.maxsize if tiles else 0)
+        self._chunk_rows = self.FUSED_MAX_ROWS if fp32 else tiles
         self.kernels = fast.native  # a chunk's softmax (`_softmax_xent`)
         self._frozen: FrozenWeight | None = None
         self._lock = threading.Lock()
@@ -308,20 +315,32 @@ class TrainingHead:
     def has_matmul_copy(self) -> bool:
         return self._frozen is not None
 
+    @property
+    def fuses_any_rows(self) -> bool:
+        """Whether the fused kernel takes every batch, so the matmul copy is never built."""
+        return self._max_rows == sys.maxsize
+
     def fused(
         self, hidden: torch.Tensor, labels: torch.Tensor, grad: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
         """(sum of the rows' losses, each row's gradient in `hidden`'s dtype or None) by the
-        fused kernel; None where it does not run (no kernels, a bf16 model on a CPU without AMX,
-        a softcapped head, the shapes, more than `_max_rows` rows)."""
-        if self._native is None or labels.shape[0] > self._max_rows:
+        fused kernel, chunk by chunk of rows; None where it does not run (no kernels, a bf16 model
+        on a CPU without AMX, a softcapped head, the shapes, more than `_max_rows` rows)."""
+        n = labels.shape[0]
+        if self._native is None or n > self._max_rows:
             return None
-        weight = self._fast.head_weight
-        out = self._native.head_loss(hidden.float(), weight, labels, grad, GRAD_SKIPPED_MASS)
-        if out is None:
-            return None
-        loss, grad_hidden = out
-        return loss.sum(), grad_hidden.to(hidden.dtype) if grad_hidden is not None else None
+        weight, rows = self._fast.head_weight, self._chunk_rows
+        losses, grads = [], []
+        for lo in range(0, n, rows):
+            x = hidden[lo : lo + rows].float()
+            out = self._native.head_loss(x, weight, labels[lo : lo + rows], grad, GRAD_SKIPPED_MASS)
+            if out is None:
+                return None
+            losses.append(out[0].sum())
+            grads.append(out[1])
+        if not grad:
+            return sum(losses[1:], losses[0]), None
+        return sum(losses[1:], losses[0]), torch.cat(grads).to(hidden.dtype)  # type: ignore[arg-type]
 
 
 # The most probability the fused head's gradient may leave out (softmax terms below this / V,

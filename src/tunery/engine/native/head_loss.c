@@ -210,7 +210,7 @@ static inline __attribute__((always_inline)) void block_pass(
 }
 
 #if HEAD_LOSS_AMX
-/* The AMX path: a bf16 W's logits by tiles, up to AMX_GROUPS x 16 label rows.
+/* The AMX path: a bf16 W's logits by tiles, for up to AMX_MAX_ROWS label rows.
  *
  * A tile product C += A B takes A = 16 vocab rows of W x 32 columns straight from W's plain
  * layout (a strided tile load) and B = the same 32 columns of 16 label rows, rounded to bf16
@@ -221,7 +221,8 @@ static inline __attribute__((always_inline)) void block_pass(
 #define AMX_TILE 16   /* vocab rows, and label rows, of a tile */
 #define AMX_K 32      /* W's columns per tile product */
 #define AMX_BLOCK 64  /* vocab rows per block: 80 KB of Gemma's W, in L2 for the gradient */
-#define AMX_GROUPS 4  /* label row groups: at most 64 rows */
+#define AMX_PASS 4     /* groups of 16 label rows per pass of tile products (tiles 0-3) */
+#define AMX_MAX_ROWS 1024
 
 /* Whether this process may use AMX tiles: the kernel's permission, asked once (Linux >= 5.16;
  * oneDNN asks too). */
@@ -264,7 +265,7 @@ static inline __attribute__((always_inline)) void vocab_tile(int groups, const u
                                                              int64_t c, const uint16_t *hb,
                                                              float *zt, const char *next) {
     int64_t chunks = c / AMX_K, tile = AMX_TILE * AMX_K;
-    _tile_zero(0);
+    _tile_zero(0); /* groups: 1 to AMX_PASS */
     if (groups > 1) _tile_zero(1);
     if (groups > 2) _tile_zero(2);
     if (groups > 3) _tile_zero(3);
@@ -294,28 +295,112 @@ static inline __attribute__((always_inline)) void vocab_tile(int groups, const u
     if (groups > 3) _tile_stored(3, zt + 3 * stride, 64);
 }
 
-/* `block_pass` for the block [j0, j0 + n) by tiles: zt (AMX_GROUPS x AMX_BLOCK x 16) takes its
- * logits, e and idx (rows x AMX_BLOCK) each row's kept terms; `tail` is a zeroed 16 x c buffer
- * for a last tile of fewer than 16 vocab rows, `wide` room for the block's rows in fp32
- * (AMX_BLOCK x c); `next` the thread's next block (or NULL). */
+/* The gradient's tile operands, each a 16-bit pair per 32-bit lane: `perm` takes lanes
+ * (a[i], b[i]) of two 16-value halves, as `_mm512_permutex2var_epi16` (b's values from 32) or
+ * as `_mm512_permutexvar_epi16` of one register (b's from 16) reads them. */
+static inline __m512i pair_index(int b_from) {
+    int16_t idx[32];
+    for (int i = 0; i < 16; i++) idx[2 * i] = (int16_t)i, idx[2 * i + 1] = (int16_t)(b_from + i);
+    return _mm512_loadu_si512(idx);
+}
+
+/* The block's n W rows as B tiles of the gradient (rows past n zero): for vocab chunk q (32
+ * rows) and column tile t (16 columns), 16 rows of (column i's values in vocab rows 2p, 2p + 1). */
+static void pack_block(const uint16_t *w, int64_t c, int64_t n, uint16_t *wb) {
+    __m512i perm = pair_index(32);
+    int64_t col_tiles = c / AMX_TILE;
+    for (int64_t q = 0; q < AMX_BLOCK / AMX_K; q++)
+        for (int64_t p = 0; p < AMX_TILE; p++) {
+            int64_t j = q * AMX_K + 2 * p;
+            const uint16_t *ra = w + j * c, *rb = ra + c;
+            for (int64_t t = 0; t < col_tiles; t++) {
+                __m256i a = j < n ? _mm256_loadu_si256((const __m256i *)(ra + t * AMX_TILE))
+                                  : _mm256_setzero_si256();
+                __m256i b = j + 1 < n ? _mm256_loadu_si256((const __m256i *)(rb + t * AMX_TILE))
+                                      : _mm256_setzero_si256();
+                __m512i x = _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), perm,
+                                                      _mm512_castsi256_si512(b));
+                _mm512_store_si512(wb + ((q * col_tiles + t) * AMX_TILE + p) * AMX_K, x);
+            }
+        }
+}
+
+/* One group's softmax terms z (z[j * 16 + i]: vocab row j, label row i; n rows) as bf16 A tiles:
+ * ea[i * AMX_BLOCK + j], zero past n. */
+static void pack_terms(const float *z, int64_t n, uint16_t *ea) {
+    __m512i perm = pair_index(16);
+    __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
+                                                        13, 14, 15),
+                                      _mm512_set1_epi32(AMX_BLOCK * 2)); /* row offsets, bytes */
+    for (int64_t j = 0; j < AMX_BLOCK; j += 2) {
+        __m512 e0 = j < n ? _mm512_load_ps(z + j * AMX_TILE) : _mm512_setzero_ps();
+        __m512 e1 = j + 1 < n ? _mm512_load_ps(z + (j + 1) * AMX_TILE) : _mm512_setzero_ps();
+        __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0); /* e0's 16 values, then e1's */
+        _mm512_i32scatter_epi32(ea + j, rows, _mm512_permutexvar_epi16(perm, both), 1);
+    }
+}
+
+/* gd (groups x 16 rows x c, fp32) += each group's terms (A tiles, ea) times the block's rows
+ * (B tiles, wb): the gradient of a block whose softmax keeps many terms, on tiles. */
+static void grad_tiles(int groups, int64_t c, const uint16_t *ea, const uint16_t *wb, float *gd) {
+    int64_t col_tiles = c / AMX_TILE, tile = AMX_TILE * AMX_K;
+    for (int g = 0; g < groups; g++) {
+        const uint16_t *eg = ea + g * AMX_TILE * AMX_BLOCK;
+        _tile_loadd(1, eg, AMX_BLOCK * 2);
+        _tile_loadd(3, eg + AMX_K, AMX_BLOCK * 2);
+        for (int64_t t = 0; t < col_tiles; t++) {
+            float *gt = gd + g * AMX_TILE * c + t * AMX_TILE;
+            _tile_loadd(0, gt, c * 4);
+            _tile_loadd(2, wb + t * tile, 64);
+            _tile_dpbf16ps(0, 1, 2);
+            _tile_loadd(4, wb + (col_tiles + t) * tile, 64);
+            _tile_dpbf16ps(0, 3, 4);
+            _tile_stored(0, gt, c * 4);
+        }
+    }
+}
+
+/* A thread's buffers for `block_pass_amx`. */
+typedef struct {
+    float *zt;      /* the block's logits, then terms: groups x AMX_BLOCK x 16 */
+    float *e;       /* each row's kept terms (rows x AMX_BLOCK) ... */
+    int32_t *idx;   /* ... their vocab rows, then each row's count (rows) */
+    uint16_t *tail; /* a zeroed 16 x c tile for a last tile of fewer than 16 vocab rows */
+    float *wide;    /* the block's rows in fp32 (AMX_BLOCK x c) */
+    uint16_t *wb;   /* the block's rows as the gradient's B tiles (AMX_BLOCK x c) */
+    uint16_t *ea;   /* the terms as A tiles (groups x 16 x AMX_BLOCK) */
+    float *gd;      /* the gradient sums of the blocks done on tiles (groups x 16 x c) */
+} amx_scratch_t;
+
+/* `block_pass` for the block [j0, j0 + n) by tiles; `next` is the thread's next block (or NULL).
+ * The gradient takes the kept terms one by one, or where they are many (a flat softmax: more
+ * than an eighth of the block's terms) every term of the block by tile products into b.gd. */
 static void block_pass_amx(int64_t rows, int64_t c, const uint16_t *hb, const uint16_t *w,
-                           int64_t v, const int64_t *labels, int64_t j0, int64_t n, float *zt,
-                           float *e, int32_t *idx, int32_t *kept, float keep_min, share_t st,
-                           float *label_logit, uint16_t *tail, float *wide, const char *next) {
+                           int64_t v, const int64_t *labels, int64_t j0, int64_t n,
+                           amx_scratch_t b, float keep_min, share_t st, float *label_logit,
+                           const char *next) {
     int groups = (int)((rows + AMX_TILE - 1) / AMX_TILE);
+    int32_t *kept = b.idx + rows * AMX_BLOCK;
     for (int64_t t = 0; t < n; t += AMX_TILE) {
         const uint16_t *wt = w + (j0 + t) * c;
         if (n - t < AMX_TILE) { /* past v: a copy, zero-padded to a whole tile */
-            memcpy(tail, wt, sizeof(uint16_t) * (v - j0 - t) * c);
-            wt = tail;
+            memcpy(b.tail, wt, sizeof(uint16_t) * (v - j0 - t) * c);
+            wt = b.tail;
         }
+        /* AMX_PASS groups at a time, the tile's W rows read from L1 after the first pass */
         const char *ahead = next != NULL ? next + t * c * 2 : NULL;
-        vocab_tile(groups, wt, c, hb, zt + t * AMX_TILE, ahead);
+        int64_t chunks = c / AMX_K;
+        for (int g0 = 0; g0 < groups; g0 += AMX_PASS) {
+            int now = groups - g0 < AMX_PASS ? groups - g0 : AMX_PASS;
+            vocab_tile(now, wt, c, hb + g0 * chunks * AMX_TILE * AMX_K,
+                       b.zt + (g0 * AMX_BLOCK + t) * AMX_TILE, g0 == 0 ? ahead : NULL);
+        }
     }
+    int64_t terms = 0;
     for (int g = 0; g < groups; g++) {
         int64_t r0 = (int64_t)g * AMX_TILE, live = rows - r0 < AMX_TILE ? rows - r0 : AMX_TILE;
         __mmask16 valid = (__mmask16)((1u << live) - 1);
-        float *z = zt + g * AMX_BLOCK * AMX_TILE;
+        float *z = b.zt + g * AMX_BLOCK * AMX_TILE;
         for (int64_t r = r0; r < r0 + live; r++)
             if (labels[r] >= j0 && labels[r] < j0 + n)
                 label_logit[r] = z[(labels[r] - j0) * AMX_TILE + (r - r0)];
@@ -334,8 +419,8 @@ static void block_pass_amx(int64_t rows, int64_t c, const uint16_t *hb, const ui
             _mm512_storeu_ps(factor, shrink);
             for (unsigned bits = grew; st.g != NULL && bits; bits &= bits - 1) {
                 int r = __builtin_ctz(bits);
-                float *gr = st.g + (r0 + r) * c;
-                for (int64_t k = 0; k < c; k++) gr[k] *= factor[r];
+                float *gr = st.g + (r0 + r) * c, *dr = b.gd + (r0 + r) * c;
+                for (int64_t k = 0; k < c; k++) gr[k] *= factor[r], dr[k] *= factor[r];
             }
         }
         __m512 sum = _mm512_setzero_ps();
@@ -355,42 +440,48 @@ static void block_pass_amx(int64_t rows, int64_t c, const uint16_t *hb, const ui
                                                     _CMP_GE_OQ);
             for (; bits; bits &= bits - 1) {
                 int64_t r = r0 + __builtin_ctz(bits);
-                e[r * AMX_BLOCK + kept[r]] = z[j * AMX_TILE + (r - r0)];
-                idx[r * AMX_BLOCK + kept[r]++] = (int32_t)j;
+                b.e[r * AMX_BLOCK + kept[r]] = z[j * AMX_TILE + (r - r0)];
+                b.idx[r * AMX_BLOCK + kept[r]++] = (int32_t)j;
             }
         }
+        for (int64_t r = r0; r < r0 + live; r++) terms += kept[r];
     }
     if (st.g == NULL) return;
-    /* With more kept terms than vocab rows (a flat softmax), the block's rows are widened to
-     * fp32 once (wide: AMX_BLOCK x c) rather than at each term: a term then costs a quarter of
-     * the instructions. */
-    int64_t terms = 0;
-    for (int64_t r = 0; r < rows; r++) terms += kept[r];
+    if (terms * 8 > rows * n) {
+        pack_block(w + j0 * c, c, n, b.wb);
+        for (int g = 0; g < groups; g++)
+            pack_terms(b.zt + g * AMX_BLOCK * AMX_TILE, n, b.ea + g * AMX_TILE * AMX_BLOCK);
+        grad_tiles(groups, c, b.ea, b.wb, b.gd);
+        return;
+    }
+    /* With more kept terms than vocab rows, the block's rows are widened to fp32 once rather
+     * than at each term: a term then costs a quarter of the instructions. */
     int widen = terms > n;
     if (widen)
         for (int64_t j = 0; j < n; j++)
             for (int64_t k = 0; k < c; k += LANES) {
                 f32v x = load_bf16v(w + (j0 + j) * c + k);
-                memcpy(wide + j * c + k, &x, sizeof x);
+                memcpy(b.wide + j * c + k, &x, sizeof x);
             }
     for (int64_t k0 = 0; k0 < c; k0 += GRAD_VECS * LANES)
         for (int64_t r = 0; r < rows; r++) {
             if (kept[r] == 0) continue;
-            const float *er = e + r * AMX_BLOCK;
-            const int32_t *ir = idx + r * AMX_BLOCK;
-            if (widen) grad_row(1, er, ir, kept[r], wide, c, 0, k0, st.g + r * c);
+            const float *er = b.e + r * AMX_BLOCK;
+            const int32_t *ir = b.idx + r * AMX_BLOCK;
+            if (widen) grad_row(1, er, ir, kept[r], b.wide, c, 0, k0, st.g + r * c);
             else grad_row(0, er, ir, kept[r], w, c, j0, k0, st.g + r * c);
         }
 }
 
-/* All of `tunery_head_loss`'s work for a bf16 W by tiles (rows <= AMX_GROUPS x 16, c a multiple
+/* All of `tunery_head_loss`'s work for a bf16 W by tiles (rows <= AMX_MAX_ROWS, c a multiple
  * of AMX_K): each thread's share into state (laid out as there), the labels' logits into
  * label_logit. Returns the threads used, or -1 out of memory. */
 static int head_loss_amx(int64_t rows, int64_t c, int64_t v, const float *h, const uint16_t *w,
                          const int64_t *labels, float *state, float *label_logit, int with_grad,
                          float keep_min, int nt) {
     int64_t per = rows * (2 + (with_grad ? c : 0));
-    uint16_t *hb = aligned_alloc(64, sizeof(uint16_t) * AMX_GROUPS * c * AMX_TILE);
+    int64_t groups = (rows + AMX_TILE - 1) / AMX_TILE, padded = groups * AMX_TILE;
+    uint16_t *hb = aligned_alloc(64, sizeof(uint16_t) * padded * c);
     if (hb == NULL) return -1;
     pack_rows(rows, c, h, hb);
     int used = 1, failed = 0;
@@ -412,12 +503,18 @@ static int head_loss_amx(int64_t rows, int64_t c, int64_t v, const float *h, con
             st.m[r] = acc, st.s[r] = 0.0f;
         }
         if (st.g != NULL) memset(st.g, 0, sizeof(float) * rows * c);
-        float *zt = aligned_alloc(64, sizeof(float) * AMX_GROUPS * AMX_BLOCK * AMX_TILE);
-        float *e = malloc(sizeof(float) * rows * AMX_BLOCK);
-        int32_t *idx = malloc(sizeof(int32_t) * rows * (AMX_BLOCK + 1));
-        uint16_t *tail = calloc((size_t)AMX_TILE * c, sizeof(uint16_t));
-        float *wide = with_grad ? aligned_alloc(64, sizeof(float) * AMX_BLOCK * c) : NULL;
-        int ok = zt != NULL && e != NULL && idx != NULL && tail != NULL && (wide || !with_grad);
+        amx_scratch_t b = {
+            aligned_alloc(64, sizeof(float) * padded * AMX_BLOCK),
+            malloc(sizeof(float) * rows * AMX_BLOCK),
+            malloc(sizeof(int32_t) * rows * (AMX_BLOCK + 1)),
+            calloc((size_t)AMX_TILE * c, sizeof(uint16_t)),
+            with_grad ? aligned_alloc(64, sizeof(float) * AMX_BLOCK * c) : NULL,
+            with_grad ? aligned_alloc(64, sizeof(uint16_t) * AMX_BLOCK * c) : NULL,
+            with_grad ? aligned_alloc(64, sizeof(uint16_t) * padded * AMX_BLOCK) : NULL,
+            with_grad ? calloc((size_t)padded * c, sizeof(float)) : NULL,
+        };
+        int ok = b.zt != NULL && b.e != NULL && b.idx != NULL && b.tail != NULL &&
+                 (!with_grad || (b.wide != NULL && b.wb != NULL && b.ea != NULL && b.gd != NULL));
         if (!ok) {
 #pragma omp atomic write
             failed = 1;
@@ -425,21 +522,26 @@ static int head_loss_amx(int64_t rows, int64_t c, int64_t v, const float *h, con
         if (ok) {
             amx_configure();
             int64_t blocks = (v + AMX_BLOCK - 1) / AMX_BLOCK;
-            for (int64_t b = t; b < blocks; b += count) {
-                int64_t j0 = b * AMX_BLOCK, n = v - j0 < AMX_BLOCK ? v - j0 : AMX_BLOCK;
-                int64_t after = b + count; /* this thread's next block, fetched meanwhile */
+            for (int64_t k = t; k < blocks; k += count) {
+                int64_t j0 = k * AMX_BLOCK, n = v - j0 < AMX_BLOCK ? v - j0 : AMX_BLOCK;
+                int64_t after = k + count; /* this thread's next block, fetched meanwhile */
                 const char *next = after * AMX_BLOCK + AMX_BLOCK <= v
                                        ? (const char *)(w + after * AMX_BLOCK * c) : NULL;
-                block_pass_amx(rows, c, hb, w, v, labels, j0, n, zt, e, idx, idx + rows * AMX_BLOCK,
-                               keep_min, st, label_logit, tail, wide, next);
+                block_pass_amx(rows, c, hb, w, v, labels, j0, n, b, keep_min, st, label_logit,
+                               next);
             }
             _tile_release();
+            if (st.g != NULL) /* the tiles' sums join the kept terms' (one running max) */
+                for (int64_t i = 0; i < rows * c; i++) st.g[i] += b.gd[i];
         }
-        free(zt);
-        free(e);
-        free(idx);
-        free(tail);
-        free(wide);
+        free(b.zt);
+        free(b.e);
+        free(b.idx);
+        free(b.tail);
+        free(b.wide);
+        free(b.wb);
+        free(b.ea);
+        free(b.gd);
     }
     free(hb);
     return failed ? -1 : used;
@@ -447,7 +549,7 @@ static int head_loss_amx(int64_t rows, int64_t c, int64_t v, const float *h, con
 
 /* Whether `tunery_head_loss` multiplies a bf16 W by AMX tiles here (for up to this many rows),
  * 0 where not: the build's CPU or the kernel lacks them. */
-int tunery_head_loss_amx_rows(void) { return amx_permitted() ? AMX_GROUPS * AMX_TILE : 0; }
+int tunery_head_loss_amx_rows(void) { return amx_permitted() ? AMX_MAX_ROWS : 0; }
 #else
 int tunery_head_loss_amx_rows(void) { return 0; }
 #endif
@@ -476,7 +578,7 @@ int tunery_head_loss(int64_t rows, int64_t c, int64_t v, const float *h, const v
     int failed = state == NULL || label_logit == NULL;
     int used = 1;
 #if HEAD_LOSS_AMX
-    if (!failed && !fp32 && rows <= AMX_GROUPS * AMX_TILE && c % AMX_K == 0 && amx_permitted()) {
+    if (!failed && !fp32 && rows <= AMX_MAX_ROWS && c % AMX_K == 0 && amx_permitted()) {
         used = head_loss_amx(rows, c, v, h, w, labels, state, label_logit, grad != NULL, keep_min,
                              nt);
         failed = used < 0;
