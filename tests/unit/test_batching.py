@@ -86,8 +86,9 @@ def test_batched_rows_are_bit_identical_to_rows_stepped_alone(
     if fp32 and fast.native is None:
         pytest.skip("no C compiler on this machine")
     assert fast.batchable
-    # a lone row steps unpadded exactly where every projection is on the panels
-    assert fast.lone_row_exact == fp32
+    # a lone row steps unpadded exactly where every projection is on the panels, or on AMX tiles
+    tiles = fast.native is not None and fast.native.tiles and not fp32
+    assert fast.lone_row_exact == (fp32 or tiles)
     assert MAX_ROWS <= Linear.NATIVE_INT8_MAX_ROWS  # every step of a row: the same kernel
     loras = [FastLora.load(a, fast) for a in adapters]
     assert all(lora is not None for lora in loras)

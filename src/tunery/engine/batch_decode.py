@@ -10,8 +10,9 @@ What is shared and what is not (each choice measured on this CPU, bf16 weights):
   threads; on a CPU with AVX512-BF16 and no AMX up to 1,200 rows, but with AMX from 33 rows up
   it blocks the rows otherwise: `MAX_ROWS` keeps a step within 32), but a 1-row matmul takes
   another kernel (not with AMX) whose sums differ in rare cancelling cases by one bf16 ulp: a lone
-  row is therefore padded to two (`pad_rows`; not on the native kernels' panels, where a row's
-  sums do not depend on the others: `FastGemma3.lone_row_exact`), so a request decodes the same
+  row is therefore padded to two (`pad_rows`; not on the native kernels' panels or AMX tiles,
+  where a row's sums do not depend on the others: `FastGemma3.lone_row_exact`; with AMX the
+  projections of up to 64 rows run on the tiles, `native/tiles.c`), so a request decodes the same
   alone or batched (new prompts share their matmuls the same way: `FastGemma3.prefill_many`).
   Against `FastGemma3.step` (1 row) the tokens are the same unless such an ulp decides a near
   tie.

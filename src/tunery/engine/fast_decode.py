@@ -120,16 +120,23 @@ class Linear:
         packed: torch.Tensor | None = None,
         narrow: tuple[NativeKernels, PackedLinear] | None = None,
         int8_kernels: NativeKernels | None = None,
+        tiled: tuple[NativeKernels, PackedLinear] | None = None,
     ) -> None:
         """`packed`: the parts stacked and pre-packed (`packed_weight`), used instead of them.
         `narrow`: for fp32 parts that are bf16 values, the kernels and the parts stacked in
         bf16 (`narrow_weight`), read instead of them by the kernels' `linear_bf16w`: half the
         bytes of fp32, each output's sum in one order for any number of rows (on 2 AVX2 cores
-        0.5-0.6x oneDNN's fp32 time at 1-2 rows, 0.9-1.0x at 32-128, 0.9-1.2x at 512-1024)."""
+        0.5-0.6x oneDNN's fp32 time at 1-2 rows, 0.9-1.0x at 32-128, 0.9-1.2x at 512-1024).
+        `tiled`: for bf16 parts on a CPU with AMX, the kernels and the parts stacked for their
+        `tiles_linear`, which takes up to 64 rows: 1-46 rows of Gemma 3 270M's projections in
+        0.78-0.84x the time of oneDNN's packed copy, with its bits up to 32 rows. More rows take
+        that copy (65-256 rows: 0.85-0.93x the time of 64-row tile calls, 0.68-0.78x torch's
+        matmul on the plain parts), so a bf16 model keeps both: its weights' size again."""
         self.parts = [p.detach() for p in parts]
         self.out_features = sum(p.shape[0] for p in self.parts)
         self.packed = packed
         self.narrow = narrow
+        self.tiled = tiled
         self.q: torch.Tensor | None = None  # torch's int8 copy
         self.q_native: tuple[NativeKernels, Int8Linear] | None = None
         if weights == "int8":
@@ -146,7 +153,8 @@ class Linear:
     def row_exact(self) -> bool:
         """Whether a decode step's row (≤ `NATIVE_INT8_MAX_ROWS`) gets the same bits alone as
         among any others: on the native kernels' panels, int8 or bf16."""
-        return self.q_native is not None or (self.q is None and self.narrow is not None)
+        exact_bf16 = self.narrow is not None or self.tiled is not None
+        return self.q_native is not None or (self.q is None and exact_bf16)
 
     @property
     def int8(self) -> bool:
@@ -171,6 +179,11 @@ class Linear:
                 x.reshape(rows, shape[-1]), self.q, self.scale
             )
             return y.view(*shape[:-1], self.out_features)
+        if self.tiled is not None and x.dtype == torch.bfloat16:
+            kernels, tiles = self.tiled
+            tiled = kernels.tiles_linear(x.reshape(rows, shape[-1]), tiles)
+            if tiled is not None:
+                return tiled.view(*shape[:-1], self.out_features)
         if self.packed is not None:
             flat = x.reshape(rows, shape[-1])
             y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, None, "none", [], "")
@@ -223,9 +236,25 @@ class ByTensor(Generic[T]):
 # a model's embedding tensor → name → its pre-packed weight; kept while the weights live
 _PACKED: ByTensor[dict[str, torch.Tensor | None]] = ByTensor()
 _NARROWED: ByTensor[dict[str, PackedLinear | None]] = ByTensor()  # `narrow_weight`'s, as `_PACKED`
+_TILED: ByTensor[dict[str, PackedLinear | None]] = ByTensor()  # `tiled_weight`'s, as `_PACKED`
 _PACKED_LOCK = threading.Lock()
 # a head tensor → its pack for greedy picks (`native/head.c`), made once: 0.4 s on 2 cores
 _HEADS: ByTensor[PackedHead | None] = ByTensor()
+
+
+def tiled_weight(
+    owner: torch.Tensor, name: str, parts: Callable[[], Sequence[torch.Tensor]],
+    kernels: NativeKernels,
+) -> PackedLinear | None:  # fmt: skip
+    """As `packed_weight`, packed for the kernels' `tiles_linear` (AMX tiles, bf16); None where
+    they do not run here or do not take the shape."""
+    tiles = _TILED.get(owner, dict)
+    with _PACKED_LOCK:
+        if name not in tiles:
+            tensors = [p.detach() for p in parts()]
+            weight = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+            tiles[name] = kernels.tiles_pack(weight) if kernels.tiles else None
+        return tiles[name]
 
 
 def packed_weight(
@@ -639,7 +668,9 @@ class FastGemma3:
             if bf16 is not None and kernels is not None:
                 return Linear(parts, kind, narrow=(kernels, bf16), int8_kernels=kernels)
             packed = packed_weight(embed, name, lambda: parts)
-            return Linear(parts, kind, packed, int8_kernels=kernels)
+            tiles = tiled_weight(embed, name, lambda: parts, kernels) if kernels else None
+            tiled = (kernels, tiles) if kernels is not None and tiles is not None else None
+            return Linear(parts, kind, packed, int8_kernels=kernels, tiled=tiled)
 
         def w(i: int, proj: str) -> torch.Tensor:
             return tensors[_layer_name(i, proj)]

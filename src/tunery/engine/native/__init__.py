@@ -20,7 +20,13 @@
   kernel reads ~2.5 GB/s on a 2-core AVX2 CPU: a 1-row step's projections took 82 ms).
 - `head_loss.c`: training's vocab head for a step with few label rows: each row's cross-entropy
   and its gradient in one read of the weights (an online softmax over blocks of vocab rows),
-  where two matmuls read the 671 MB fp32 head twice.
+  where two matmuls read the 671 MB fp32 head twice; for a bf16 head on a CPU with AMX, any
+  rows, by tiles (the seed run's 20 heads: 339 ms, the two oneDNN matmuls 649 ms), and its
+  softmax / cross-entropy pass over a chunk of logits (`softmax_xent`).
+- `tiles.c`: a bf16 model's projections for up to 64 rows (decode steps, prompt blocks, small
+  training steps) by AMX tiles from a copy packed for them: 0.78-0.84x oneDNN's time at 1-46
+  rows, with its bits up to 32 (`amx.h`: the tiles' permission and configuration).
+- `gelu.c`: training's MLP activation gelu-tanh(gate) · up and its gradient, one pass each.
 
 Each kernel but the heads' is built twice from one source (`elem.h`): for bf16 activations and
 caches, and (`kernels_f32.c`) for fp32 ones, where a CPU without AVX512-BF16 runs the model. In
@@ -51,12 +57,12 @@ log = logging.getLogger(__name__)
 
 Part = tuple[int, int, int, int, torch.Tensor]  # out_lo, out_hi, r_lo, r_hi, B (out_part, r_part)
 
-_HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "elem.h")]
+_HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "elem.h", "amx.h")]
 _SOURCES = [
     Path(__file__).with_name(n)
     for n in (
         "decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c", "linear.c",
-        "head_loss.c", "gelu.c",
+        "head_loss.c", "gelu.c", "tiles.c",
     )
 ]  # fmt: skip
 # -ffp-contract=off: GCC fuses a * b + c into one FMA (one rounding) where its optimizer sees
@@ -110,6 +116,13 @@ class NativeKernels:
         self._head_loss = library.tunery_head_loss
         self._head_loss.argtypes = [i64, i64, i64, ptr, ptr, i32, ptr, ptr, ptr, f32, i32]
         self._head_loss.restype = i32
+        self.tiles = bool(library.tunery_tiles_supported())  # `tiles_linear` runs here
+        self._tiles_pack = library.tunery_tiles_pack
+        self._tiles_pack.argtypes = [i64, i64, ptr, ptr]
+        self._tiles_pack.restype = None
+        self._tiles_linear = library.tunery_tiles_linear
+        self._tiles_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32]
+        self._tiles_linear.restype = i32
         # the most label rows `head_loss` multiplies a bf16 head by AMX tiles (0: none here)
         self.head_loss_tile_rows = int(library.tunery_head_loss_amx_rows())
         self._softmax_xent = library.tunery_softmax_xent
@@ -306,6 +319,34 @@ class NativeKernels:
             torch.get_num_threads(),
         )  # fmt: skip
         return PackedLinear(panels, n_out, n_in) if inexact == 0 else None
+
+    # the most rows `tiles_linear` takes (`tiles.c`)
+    TILES_MAX_ROWS = 64
+
+    def tiles_pack(self, weight: torch.Tensor) -> PackedLinear | None:
+        """`weight` (out, in) bf16 packed for `tiles_linear`; None where the tiles do not run here
+        or do not fit its shape (out a multiple of 16, in of 32)."""
+        n_out, n_in = weight.shape
+        if not self.tiles or weight.dtype != torch.bfloat16 or n_out % 16 or n_in % 32:
+            return None
+        panels = torch.empty(n_out * n_in, dtype=torch.bfloat16)
+        self._tiles_pack(n_out, n_in, weight.contiguous().data_ptr(), panels.data_ptr())
+        return PackedLinear(panels, n_out, n_in)
+
+    def tiles_linear(self, x: torch.Tensor, weight: PackedLinear) -> torch.Tensor | None:
+        """x (rows, in) bf16 @ W^T for W packed by `tiles_pack` → (rows, out) bf16, by AMX tiles
+        (`tiles.c`): a row's bits do not depend on the other rows; None for more than
+        `TILES_MAX_ROWS` rows."""
+        rows, n_in = x.shape
+        if rows > self.TILES_MAX_ROWS or x.dtype != torch.bfloat16 or n_in != weight.n_in:
+            return None
+        x = x.contiguous()
+        y = torch.empty(rows, weight.n_out, dtype=torch.bfloat16)
+        status = self._tiles_linear(
+            rows, n_in, weight.n_out, x.data_ptr(), weight.panels.data_ptr(), y.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return y if status == 0 else None
 
     def linear_bf16w(self, x: torch.Tensor, weight: PackedLinear) -> torch.Tensor:
         """x (rows, in) fp32 @ W^T, W (out, in) bf16 packed by `narrow_linear` → (rows, out)

@@ -29,15 +29,7 @@
 
 #include "bf16.h"
 
-/* AMX bf16 tiles (`head_loss_amx`) where the compiler targets them */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__)
-#define HEAD_LOSS_AMX 1
-#include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#else
-#define HEAD_LOSS_AMX 0
-#endif
+#include "amx.h" /* AMX bf16 tiles (`head_loss_amx`) where the compiler targets them */
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -209,7 +201,7 @@ static inline __attribute__((always_inline)) void block_pass(
                 grad_row(fp32, z + r * BLOCK, idx + r * BLOCK, kept[r], w, c, j0, k0, st.g + r * c);
 }
 
-#if HEAD_LOSS_AMX
+#if AMX
 /* The AMX path: a bf16 W's logits by tiles, for up to AMX_MAX_ROWS label rows.
  *
  * A tile product C += A B takes A = 16 vocab rows of W x 32 columns straight from W's plain
@@ -223,27 +215,6 @@ static inline __attribute__((always_inline)) void block_pass(
 #define AMX_BLOCK 64  /* vocab rows per block: 80 KB of Gemma's W, in L2 for the gradient */
 #define AMX_PASS 4     /* groups of 16 label rows per pass of tile products (tiles 0-3) */
 #define AMX_MAX_ROWS 1024
-
-/* Whether this process may use AMX tiles: the kernel's permission, asked once (Linux >= 5.16;
- * oneDNN asks too). */
-static int amx_permitted(void) {
-    static int state = 0; /* 0 unknown, 1 yes, -1 no */
-    if (state == 0) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */,
-                                    18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
-    return state == 1;
-}
-
-/* This thread's tiles: 0-3 a block's logits for up to four row groups, 4 W's rows, 5-7 rows. */
-static void amx_configure(void) {
-    struct {
-        uint8_t palette, start_row, reserved[14];
-        uint16_t colsb[16];
-        uint8_t rows[16];
-    } __attribute__((packed)) config = {0};
-    config.palette = 1;
-    for (int t = 0; t < 8; t++) config.colsb[t] = 64, config.rows[t] = 16;
-    _tile_loadconfig(&config);
-}
 
 /* The label rows as B tiles: for group g and column chunk q, 16 rows of (32 row values: each
  * row's columns 2p and 2p + 1), bf16; rows past `rows` are zero. */
@@ -577,7 +548,7 @@ int tunery_head_loss(int64_t rows, int64_t c, int64_t v, const float *h, const v
     float *label_logit = malloc(sizeof(float) * rows);
     int failed = state == NULL || label_logit == NULL;
     int used = 1;
-#if HEAD_LOSS_AMX
+#if AMX
     if (!failed && !fp32 && rows <= AMX_MAX_ROWS && c % AMX_K == 0 && amx_permitted()) {
         used = head_loss_amx(rows, c, v, h, w, labels, state, label_logit, grad != NULL, keep_min,
                              nt);
