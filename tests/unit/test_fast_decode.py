@@ -190,19 +190,31 @@ def test_a_cache_repeated_then_narrowed_steps_as_a_lone_one(tiny_model_path: Pat
     assert torch.equal(three[1], want[0]) and torch.equal(again, want)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    ("dtype", "tiled"), [(torch.bfloat16, False), (torch.float32, False), (torch.bfloat16, True)]
+)
 def test_a_prompts_projected_rows_do_not_depend_on_the_prompts_beside_it(
-    dtype: torch.dtype,
+    dtype: torch.dtype, tiled: bool
 ) -> None:
     """The model's shapes (640 → 1536), short and long prompts: each prompt's rows projected
     among others get the bits they get alone. (One 72-row oneDNN bf16 call rounded some rows
-    unlike an 8-row one on a CPU with AMX.)"""
+    unlike an 8-row one on a CPU with AMX.) With AMX tiles the prompts of up to 64 rows are cut
+    into 64-row calls wherever a cut falls, and still do."""
     from tunery.engine.fast_decode import Linear, _project_prompts, pack
+    from tunery.engine.native import NativeKernels
 
     torch.manual_seed(0)
     weight = (torch.randn(1536, 640) * 0.05).to(dtype)
-    linear = Linear([weight], "bf16", pack(weight))
-    lengths = [6, 7, 1, 8, 2, 40, 5, 33, 3, 9, 8, 1]
+    tiles = None
+    if tiled:
+        native = NativeKernels.load()
+        packed = None if native is None or not native.tiles else native.tiles_pack(weight)
+        if native is None or packed is None:
+            pytest.skip("no AMX tiles on this CPU")
+        tiles = (native, packed)
+    linear = Linear([weight], "bf16", pack(weight), tiled=tiles)
+    assert linear.free_rows(dtype) == (64 if tiled else 0)
+    lengths = [6, 7, 1, 8, 2, 40, 5, 33, 3, 9, 8, 1, 70, 64, 12]
     x = torch.randn(1, sum(lengths), 640).to(dtype)
     together = _project_prompts(linear, x, lengths)
     start = 0

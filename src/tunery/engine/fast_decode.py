@@ -34,6 +34,7 @@ import itertools
 import json
 import logging
 import math
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -155,6 +156,16 @@ class Linear:
         among any others: on the native kernels' panels, int8 or bf16."""
         exact_bf16 = self.narrow is not None or self.tiled is not None
         return self.q_native is not None or (self.q is None and exact_bf16)
+
+    def free_rows(self, dtype: torch.dtype) -> int:
+        """Most rows of `dtype` a call (`exact`) takes with each row's bits independent of the
+        others and of the call's row count: any number on the native bf16-weight panels (fp32
+        rows), up to `TILES_MAX_ROWS` on the AMX tiles (bf16 rows); 0 where neither runs."""
+        if self.narrow is not None and dtype == torch.float32:
+            return sys.maxsize
+        if self.tiled is not None and dtype == torch.bfloat16:
+            return self.tiled[0].TILES_MAX_ROWS
+        return 0
 
     @property
     def int8(self) -> bool:
@@ -741,6 +752,7 @@ class FastGemma3:
         prompts: Sequence[Sequence[int]],
         caches: Sequence[KVCache],
         loras: Sequence[FastLora | None],
+        descs: Sequence[Sequence[Mapping[str, LoraDesc]] | None] | None = None,
     ) -> torch.Tensor:
         """Run each prompt into its own empty cache, with its own adapter (or none); return
         each one's last position's hidden (N, C).
@@ -748,8 +760,11 @@ class FastGemma3:
         The prompts' rows run as one (1, ΣT, C) sequence through every norm, residual and
         activation, whose rows are each computed alone, and through every projection in calls
         whose rows get the bits they get alone (short prompts share a call, the weights read
-        once for them: `_project_prompts`); LoRA and attention run per prompt. So a prompt gets
-        the same bits alone or among others."""
+        once for them: `_project_prompts`); LoRA runs by the native kernel where there is one
+        (one call for all prompts, a row's sums in its adapter's order alone; `descs`: each
+        prompt's adapter as the kernel reads it, per layer, where the caller has it, else each
+        group's own), else per prompt; attention per prompt. So a prompt gets the same bits
+        alone or among others."""
         if not len(prompts) == len(caches) == len(loras):
             raise ValueError("one cache and one adapter (or None) per prompt")
         for ids, cache in zip(prompts, caches, strict=True):
@@ -760,22 +775,26 @@ class FastGemma3:
         tokens = torch.tensor([[t for p in prompts for t in p]], device=self.device)
         x = F.embedding(tokens, self.embed) * self.embed_scale  # (1, ΣT, C)
         masks = [self._window_mask(t) for t in lengths]
+        native = self.native if self.device.type == "cpu" else None
+        positions = torch.cat([torch.arange(t, device=self.device) for t in lengths])
+        rope = {k: (c[positions], s_[positions]) for k, (c, s_) in self._rope.items()}
+
+        def project(linear: Linear, x: torch.Tensor, name: str) -> torch.Tensor:
+            layer_descs = None if descs is None else [
+                None if d is None else d[i].get(name) for d in descs
+            ]  # fmt: skip
+            return _project_each(linear, x, lengths, groups, name, native, layer_descs)
+
         for i, layer in enumerate(self.layers):
             groups = [{} if lora is None else lora.layers[i] for lora in loras]
             h = _rms(x, layer.ln_in, self.eps)
-            qkv = _project_each(layer.qkv, h, lengths, groups, "qkv")
-            a = torch.cat(
-                [
-                    self._prompt_attention(i, qkv, cache, mask)
-                    for qkv, cache, mask in zip(_slices(qkv, lengths), caches, masks, strict=True)
-                ],
-                dim=1,
-            )
-            o = _project_each(layer.o, a, lengths, groups, "o")
+            qkv = project(layer.qkv, h, "qkv")
+            a = self._prompts_attention(i, qkv, lengths, caches, masks, rope)
+            o = project(layer.o, a, "o")
             x = x + _rms(o, layer.ln_post_attn, self.eps)
             h = _rms(x, layer.ln_pre_ff, self.eps)
-            m = _gelu_times(_project_each(layer.gu, h, lengths, groups, "gu"))
-            d = _project_each(layer.down, m, lengths, groups, "down")
+            m = _gelu_times(project(layer.gu, h, "gu"))
+            d = project(layer.down, m, "down")
             x = x + _rms(d, layer.ln_post_ff, self.eps)
         for t, cache in zip(lengths, caches, strict=True):
             cache.length = t
@@ -791,31 +810,48 @@ class FastGemma3:
         mask: torch.Tensor = (offset >= 0) & (offset < self.window)
         return mask
 
-    def _prompt_attention(
-        self, i: int, qkv: torch.Tensor, cache: KVCache, window_mask: torch.Tensor | None
+    def _prompts_attention(
+        self,
+        i: int,
+        qkv: torch.Tensor,
+        lengths: Sequence[int],
+        caches: Sequence[KVCache],
+        masks: Sequence[torch.Tensor | None],
+        rope: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     ) -> torch.Tensor:
-        """Layer i's attention over a whole prompt's fused qkv (1, T, ·): its K/V written into
-        the empty `cache`; returns (1, T, nh·hd)."""
-        layer, t = self.layers[i], qkv.shape[1]
-        cos, sin = self._rope["sliding" if layer.sliding else "full"]
-        cos, sin = cos[:t], sin[:t]
-        q, k, v = self._split_heads(qkv, t)  # (1, H, T, D)
+        """Layer i's attention over the prompts' fused qkv (1, ΣT, ·), each prompt over its own
+        rows, its K/V written into its empty cache; returns (1, ΣT, nh·hd). The q/k norms and
+        RoPE (each row's own position, in `rope`: (ΣT, D) cos and sin) run on all rows at once:
+        each value computed alone."""
+        layer = self.layers[i]
+        cos, sin = rope["sliding" if layer.sliding else "full"]
+        q, k, v = self._split_heads(qkv, qkv.shape[1])  # (1, H, ΣT, D)
         q = _rope(_rms(q, layer.q_norm, self.eps), cos, sin)
         k = _rope(_rms(k, layer.k_norm, self.eps), cos, sin)
-        size = cache.sizes[i]
-        keep = range(max(0, t - size), t)  # a ring keeps the last `size` positions
-        slots = torch.tensor([p % size for p in keep], device=self.device)
-        cache.k[i][:, :, slots] = k[:, :, keep.start :]
-        cache.v[i][:, :, slots] = v[:, :, keep.start :]
-        if layer.sliding and window_mask is not None:
-            a = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=window_mask, scale=self.scaling, enable_gqa=True
-            )
-        else:
-            a = F.scaled_dot_product_attention(
-                q, k, v, is_causal=t > 1, scale=self.scaling, enable_gqa=True
-            )
-        return a.transpose(1, 2).reshape(1, t, -1)
+        out = torch.empty(1, qkv.shape[1], q.shape[1] * q.shape[3], dtype=q.dtype, device=q.device)
+        end = 0
+        for t, cache, window_mask in zip(lengths, caches, masks, strict=True):
+            lo, end = end, end + t
+            qp, kp, vp = q[:, :, lo:end], k[:, :, lo:end], v[:, :, lo:end]
+            size = cache.sizes[i]
+            if t <= size:  # slots 0 … t-1
+                cache.k[i][:, :, :t] = kp
+                cache.v[i][:, :, :t] = vp
+            else:  # a ring keeps the last `size` positions
+                keep = range(t - size, t)
+                slots = torch.tensor([p % size for p in keep], device=self.device)
+                cache.k[i][:, :, slots] = kp[:, :, keep.start :]
+                cache.v[i][:, :, slots] = vp[:, :, keep.start :]
+            if layer.sliding and window_mask is not None:
+                a = F.scaled_dot_product_attention(
+                    qp, kp, vp, attn_mask=window_mask, scale=self.scaling, enable_gqa=True
+                )
+            else:
+                a = F.scaled_dot_product_attention(
+                    qp, kp, vp, is_causal=t > 1, scale=self.scaling, enable_gqa=True
+                )
+            out[:, lo:end] = a.transpose(1, 2).reshape(1, t, -1)
+        return out
 
     def step(self, tokens: torch.Tensor, cache: KVCache, lora: FastLora | None) -> torch.Tensor:
         """Feed one token per batch row (B,) at the next position; return hidden (B, C)."""
@@ -1000,12 +1036,29 @@ def _project_each(
     lengths: Sequence[int],
     groups: Sequence[dict[str, _LoraGroup]],
     name: str,
+    native: NativeKernels | None = None,
+    descs: Sequence[LoraDesc | None] | None = None,
 ) -> torch.Tensor:
     """`linear` of prompts' rows x (1, ΣT, in) (`_project_prompts`), each prompt's slice plus
-    its own adapter's delta (where it has `name`), as its `add_to` computes it alone."""
+    its own adapter's delta (where it has `name`): with `native`, by its LoRA kernel in one call
+    for all prompts (each row's sums in its adapter's order alone; `descs`: each prompt's
+    weights as the kernel reads them, else its group's own `desc`), else as its `add_to`
+    computes it alone."""
     base = _project_prompts(linear, x, lengths)
     if not any(name in g for g in groups):
         return base
+    if native is not None:
+        given = descs if descs is not None else [None] * len(groups)
+        kernel = [
+            None if name not in g else d if d is not None else g[name].desc
+            for d, g in zip(given, groups, strict=True)
+        ]
+        if all(d is not None for d, g in zip(kernel, groups, strict=True) if name in g):
+            base = base.contiguous()
+            ends = list(itertools.accumulate(lengths))
+            spans = [(end - t, end, d) for t, end, d in zip(lengths, ends, kernel, strict=True)]
+            native.lora_add(base.view(-1, base.shape[-1]), x.reshape(-1, x.shape[-1]), spans)
+            return base
     pieces = zip(_slices(base, lengths), _slices(x, lengths), groups, strict=True)
     return torch.cat([g[name].add_to(b, p) if name in g else b for b, p, g in pieces], dim=1)
 
@@ -1019,24 +1072,34 @@ PROMPT_BLOCK = 32
 
 def _project_prompts(linear: Linear, x: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
     """`linear` of prompts' rows x (1, ΣT, in), each row's bits fixed by its own prompt alone,
-    whatever prompts it comes with: a prompt longer than `PROMPT_BLOCK` rows is one call of its
-    own (its length picks the kernel, as when it comes alone); shorter ones run together, in
-    order, in calls of at most `PROMPT_BLOCK` rows and at least two (a lone row is padded: a
-    1-row call takes another kernel on some CPUs). Prompts never take int8 weights (`exact`):
-    those are for decode steps."""
-    calls: list[tuple[int, int]] = []  # row ranges, one matmul each
+    whatever prompts it comes with. Where the linear's kernel gives a row the same bits in any
+    call (`Linear.free_rows`), the prompts that fit one call alone are cut into calls of that
+    many rows, wherever a cut falls. Otherwise a prompt longer than `PROMPT_BLOCK` rows is one
+    call of its own (its length picks the kernel, as when it comes alone); shorter ones run
+    together, in order, in calls of at most `PROMPT_BLOCK` rows and at least two (a lone row is
+    padded: a 1-row call takes another kernel on some CPUs). Prompts never take int8 weights
+    (`exact`): those are for decode steps."""
+    free = linear.free_rows(x.dtype)
+    calls: list[tuple[int, int, bool]] = []  # row ranges, one matmul each; whether free
     start = 0
     for t in lengths:
         end = start + t
-        if calls and end - calls[-1][0] <= PROMPT_BLOCK:  # short prompts, together
-            calls[-1] = (calls[-1][0], end)
+        if t <= free and calls and calls[-1][2] and calls[-1][1] == start:  # any cut will do
+            calls[-1] = (calls[-1][0], end, True)
+        elif t <= free:
+            calls.append((start, end, True))
+        elif calls and not calls[-1][2] and end - calls[-1][0] <= PROMPT_BLOCK:  # together
+            calls[-1] = (calls[-1][0], end, False)
         else:
-            calls.append((start, end))
+            calls.append((start, end, False))
         start = end
     outs = []
-    for lo, hi in calls:
-        rows = x[:, lo:hi] if hi - lo > 1 else x[:, lo:hi].repeat(1, 2, 1)
-        outs.append(linear(rows, exact=True)[:, : hi - lo])
+    for lo, hi, exact_rows in calls:
+        step = free if exact_rows else hi - lo
+        for a in range(lo, hi, step):
+            b = min(hi, a + step)
+            rows = x[:, a:b] if b - a > 1 or exact_rows else x[:, a:b].repeat(1, 2, 1)
+            outs.append(linear(rows, exact=True)[:, : b - a])
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 

@@ -30,6 +30,11 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
 #define HEAD_INT8 2 /* AVX512-VNNI */
+#include "amx.h"
+#if AMX && defined(__AMX_INT8__)
+#define HEAD_AMX 1    /* and AMX's int8 tiles, for many rows */
+#define AMX_MIN_ROWS 4
+#endif
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define HEAD_INT8 1 /* AVX2 */
@@ -203,21 +208,16 @@ static void dot_1x1(const uint8_t *hq, int64_t groups, const int8_t *w, int32_t 
     _mm512_store_si512(sums, s);
 }
 
-/* The int8 sums of rows [r0, r0+NR) against the TILE-or-fewer blocks at `w`, then each
- * sum's bounds: the upper one stored in the row's `upper` (a padding token's: -inf), the lower
- * one raising the row's best lower bound (both kept per lane in `bounds_max`). */
+/* Each sum's bounds for rows [r0, r0+NR) (sums[i], i < NR) and the NV blocks from vocab row v0:
+ * the largest upper one of each block stored in the row's `upper` (at the block's index; a
+ * padding token's bound is -inf), the lower ones raising the row's best lower bound (both kept
+ * per lane in `bounds_max`). With `high` (NR = NV = 1) only the block's 16 upper bounds are
+ * stored there: `block_highs`, which recomputes them bit for bit. */
 static inline __attribute__((always_inline)) void
-scan(const int NR, const int NV, int64_t r0, int64_t v0, int64_t v_count, int64_t groups,
-     const uint8_t *hq, int64_t c, const int8_t *w, const float *scale, const float *norm,
-     const float *err_norm, const int32_t *offset, const row_info *info, float *bounds_max,
-     float *upper, int64_t v_padded) {
-    int32_t sums[ROWS][TILE][BLOCK] __attribute__((aligned(64)));
-    if (NV == 1)
-        for (int i = 0; i < NR; i++) dot_1x1(hq + (r0 + i) * c, groups, w, sums[i][0]);
-    else if (NR == ROWS)
-        dot_8x2(hq + r0 * c, c, groups, w, sums);
-    else
-        dot_1x2(hq + r0 * c, c, groups, w, sums);
+bound_sums(const int NR, const int NV, int64_t r0, int64_t v0, int64_t v_count,
+           int32_t sums[][TILE][BLOCK], const float *scale, const float *norm,
+           const float *err_norm, const int32_t *offset, const row_info *info, float *bounds_max,
+           float *upper, int64_t v_padded, float *high_out) {
 #pragma GCC unroll 2
     for (int j = 0; j < NV; j++) {
         int64_t v = v0 + j * BLOCK;
@@ -238,13 +238,105 @@ scan(const int NR, const int NV, int64_t r0, int64_t v0, int64_t v_count, int64_
             bound = _mm512_fmadd_ps(_mm512_abs_ps(approx), _mm512_set1_ps(1e-6f), bound);
             __m512 lower = _mm512_mask_sub_ps(none, valid, approx, bound);
             __m512 high = _mm512_mask_add_ps(none, valid, approx, bound);
+            if (high_out != NULL) {
+                _mm512_storeu_ps(high_out, high);
+                return;
+            }
             __m512 *most = (__m512 *)bounds_max + 2 * (r0 + i);
             most[0] = _mm512_max_ps(most[0], lower);
             most[1] = _mm512_max_ps(most[1], high);
-            _mm512_store_ps(upper + (r0 + i) * v_padded + v, high);
+            upper[(r0 + i) * v_padded + v / BLOCK] = _mm512_reduce_max_ps(high);
         }
     }
 }
+
+/* The int8 sums of rows [r0, r0+NR) against the TILE-or-fewer blocks at `w`, then their
+ * bounds. */
+static inline __attribute__((always_inline)) void
+scan(const int NR, const int NV, int64_t r0, int64_t v0, int64_t v_count, int64_t groups,
+     const uint8_t *hq, int64_t c, const int8_t *w, const float *scale, const float *norm,
+     const float *err_norm, const int32_t *offset, const row_info *info, float *bounds_max,
+     float *upper, int64_t v_padded) {
+    int32_t sums[ROWS][TILE][BLOCK] __attribute__((aligned(64)));
+    if (NV == 1)
+        for (int i = 0; i < NR; i++) dot_1x1(hq + (r0 + i) * c, groups, w, sums[i][0]);
+    else if (NR == ROWS)
+        dot_8x2(hq + r0 * c, c, groups, w, sums);
+    else
+        dot_1x2(hq + r0 * c, c, groups, w, sums);
+    bound_sums(NR, NV, r0, v0, v_count, sums, scale, norm, err_norm, offset, info, bounds_max,
+               upper, v_padded, NULL);
+}
+
+/* Row r's upper bounds of the 16 tokens of block b, as the scan computed them (the same integer
+ * sums, the same float operations). */
+static void block_highs(int64_t r, int64_t b, int64_t v_count, int64_t c, const uint8_t *hq,
+                        const int8_t *packed, const float *scale, const float *norm,
+                        const float *err_norm, const int32_t *offset, const row_info *info,
+                        float high[BLOCK]) {
+    int32_t sums[1][TILE][BLOCK] __attribute__((aligned(64)));
+    int64_t groups = c / 4;
+    dot_1x1(hq + r * c, groups, packed + b * groups * BLOCK * 4, sums[0][0]);
+    bound_sums(1, 1, r, b * BLOCK, v_count, sums, scale, norm, err_norm, offset, info, NULL, NULL,
+               0, high);
+}
+
+#if HEAD_AMX
+/* scan_blocks by AMX tiles (rows >= AMX_MIN_ROWS, c a multiple of 64): C (16 rows x 16 vocab
+ * rows, int32) += A (16 rows x 64 bytes of hq, unsigned) B (16 quads x 16 vocab rows x 4
+ * bytes, signed), where B is 1 KB of a packed block as it lies. The same integer sums as
+ * vpdpbusd's (no saturation either way), so the same bounds and answers; hq has room for its
+ * rows rounded up to 16. Two blocks and two row groups a pass, the tile's bytes streamed once
+ * for the first pair of row groups (and prefetched ahead), from cache for the rest. */
+static void scan_blocks_amx(int64_t rows, int64_t b_lo, int64_t b_hi, int64_t v_count, int64_t c,
+                            const uint8_t *hq, const int8_t *packed, const float *scale,
+                            const float *norm, const float *err_norm, const int32_t *offset,
+                            const row_info *info, float *bounds_max, float *upper,
+                            int64_t v_padded) {
+    int64_t groups = c / 4, steps = c / 64, row_groups = (rows + 15) / 16;
+    int32_t sums[32][TILE][BLOCK] __attribute__((aligned(64)));
+    for (int64_t b = b_lo; b < b_hi; b += TILE) {
+        const int8_t *w0 = packed + b * groups * BLOCK * 4, *w1 = w0 + groups * BLOCK * 4;
+        const char *next = (const char *)(w0 + TILE * groups * BLOCK * 4);
+        int two = b + 1 < b_hi;
+        for (int64_t g0 = 0; g0 < row_groups; g0 += 2) {
+            int both = row_groups - g0 > 1;
+            const uint8_t *x0 = hq + g0 * 16 * c, *x1 = x0 + 16 * c;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t k = 0; k < steps; k++) {
+                if (g0 == 0 && b + TILE < b_hi) /* the next tile, 2 KB a step */
+                    for (int l = 0; l < 32; l++) _mm_prefetch(next + (k * 32 + l) * 64, _MM_HINT_T0);
+                _tile_loadd(4, w0 + k * 1024, 64);
+                _tile_loadd(6, x0 + k * 64, c);
+                _tile_dpbusd(0, 6, 4);
+                if (two) {
+                    _tile_loadd(5, w1 + k * 1024, 64);
+                    _tile_dpbusd(1, 6, 5);
+                }
+                if (both) {
+                    _tile_loadd(7, x1 + k * 64, c);
+                    _tile_dpbusd(2, 7, 4);
+                    if (two) _tile_dpbusd(3, 7, 5);
+                }
+            }
+            _tile_stored(0, sums[0][0], TILE * BLOCK * 4);
+            if (two) _tile_stored(1, sums[0][1], TILE * BLOCK * 4);
+            if (both) _tile_stored(2, sums[16][0], TILE * BLOCK * 4);
+            if (both && two) _tile_stored(3, sums[16][1], TILE * BLOCK * 4);
+            int64_t r0 = g0 * 16, nr = rows - r0 < 32 ? rows - r0 : 32;
+            if (two)
+                bound_sums((int)nr, 2, r0, b * BLOCK, v_count, sums, scale, norm, err_norm,
+                           offset, info, bounds_max, upper, v_padded, NULL);
+            else
+                bound_sums((int)nr, 1, r0, b * BLOCK, v_count, sums, scale, norm, err_norm,
+                           offset, info, bounds_max, upper, v_padded, NULL);
+        }
+    }
+}
+#endif
 
 /* All rows against the vocab blocks [b_lo, b_hi), a tile at a time: its bytes are read from
  * memory once, then from cache for each 8 rows (and each row past those). */
@@ -276,16 +368,29 @@ static void scan_blocks(int64_t rows, int64_t b_lo, int64_t b_hi, int64_t v_coun
 }
 
 /* Row r's candidates: the tokens whose upper bound reaches `threshold`, in ascending order,
- * written as int32 over the front of its `upper` (never ahead of the reading); their count. */
-static int64_t candidates(float *upper, int64_t v_padded, float threshold) {
-    int32_t *token = (int32_t *)upper;
+ * into `token`; their count, or more than `cap` (then not all written). Only the blocks whose
+ * largest upper bound (`block_max`, one per block) reaches it are looked into: their bounds are
+ * recomputed (`block_highs`), which costs less than storing every token's bound in the scan
+ * and reading them all back (a peaked row has a few candidates in a few blocks). */
+static int64_t candidates(int64_t r, const float *block_max, int64_t blocks, float threshold,
+                          int32_t *token, int64_t cap, int64_t v_count, int64_t c,
+                          const uint8_t *hq, const int8_t *packed, const float *scale,
+                          const float *norm, const float *err_norm, const int32_t *offset,
+                          const row_info *info) {
     __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512 t = _mm512_set1_ps(threshold);
+    float high[BLOCK] __attribute__((aligned(64)));
     int64_t n = 0;
-    for (int64_t v = 0; v < v_padded; v += BLOCK) {
-        __mmask16 keep = _mm512_cmp_ps_mask(_mm512_load_ps(upper + v), t, _CMP_GE_OQ);
-        if (keep) {
-            __m512i ids = _mm512_add_epi32(lanes, _mm512_set1_epi32((int32_t)v));
+    for (int64_t b0 = 0; b0 < blocks; b0 += 16) {
+        __mmask16 valid = blocks - b0 >= 16 ? 0xffff : (__mmask16)((1u << (blocks - b0)) - 1);
+        __mmask16 hit = _mm512_mask_cmp_ps_mask(valid, _mm512_loadu_ps(block_max + b0), t,
+                                                _CMP_GE_OQ);
+        for (; hit; hit &= hit - 1) {
+            int64_t b = b0 + __builtin_ctz(hit);
+            block_highs(r, b, v_count, c, hq, packed, scale, norm, err_norm, offset, info, high);
+            __mmask16 keep = _mm512_cmp_ps_mask(_mm512_load_ps(high), t, _CMP_GE_OQ);
+            if (n + __builtin_popcount(keep) > cap) return cap + 1;
+            __m512i ids = _mm512_add_epi32(lanes, _mm512_set1_epi32((int32_t)(b * BLOCK)));
             _mm512_mask_compressstoreu_epi32(token + n, keep, ids);
             n += __builtin_popcount(keep);
         }
@@ -421,7 +526,8 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const void *h,
 #if HEAD_INT8
     if (threads < 1) threads = 1;
     int64_t blocks = (v_count + BLOCK - 1) / BLOCK, v_padded = blocks * BLOCK;
-    hq_t *hq = malloc(rows * c * sizeof *hq);
+    int64_t rows16 = (rows + 15) / 16 * 16; /* AMX reads row groups of 16 */
+    hq_t *hq = malloc(rows16 * c * sizeof *hq);
     float *hf = malloc(rows * c * sizeof *hf);
     row_info *info = malloc(rows * sizeof *info);
     /* per thread and row: the lanes' best lower bounds (16), then upper ones (16) */
@@ -460,6 +566,10 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const void *h,
         info[r].quant_norm = nextafterf((float)sqrt(quant), INFINITY) * 1.0001f;
     }
     for (int64_t i = 0; i < 2 * BLOCK * threads * rows; i++) bounds_max[i] = -INFINITY;
+    for (int64_t i = rows * c; i < rows16 * c; i++) hq[i] = (hq_t)HQ_BIAS;
+#if HEAD_AMX
+    int tiles = rows >= AMX_MIN_ROWS && c % 64 == 0 && amx_permitted();
+#endif
 
 #pragma omp parallel num_threads(threads)
     {
@@ -469,8 +579,17 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const void *h,
         int t = 0, nt = 1;
 #endif
         int64_t b_lo = blocks * t / nt, b_hi = blocks * (t + 1) / nt;
-        scan_blocks(rows, b_lo, b_hi, v_count, c, hq, packed, scale, norm, err_norm, offset,
-                    info, bounds_max + 2 * BLOCK * t * rows, upper, v_padded);
+        float *most = bounds_max + 2 * BLOCK * t * rows;
+#if HEAD_AMX
+        if (tiles) {
+            amx_configure();
+            scan_blocks_amx(rows, b_lo, b_hi, v_count, c, hq, packed, scale, norm, err_norm,
+                            offset, info, most, upper, v_padded);
+            _tile_release();
+        } else
+#endif
+            scan_blocks(rows, b_lo, b_hi, v_count, c, hq, packed, scale, norm, err_norm,
+                        offset, info, most, upper, v_padded);
     }
 
 #pragma omp parallel for num_threads(threads) schedule(dynamic)
@@ -492,12 +611,20 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const void *h,
          * are. */
         float step = fp32 ? 0 : fmaxf(fabsf(best), fabsf(most)) * (1.0f / 128) * 1.01f;
         float *row_upper = upper + r * v_padded;
+#if HEAD_INT8 == 2 /* the row's block maxima, then its candidates behind them */
+        int32_t *token = (int32_t *)(row_upper + blocks);
+        int64_t cap = limit < v_padded - blocks ? limit : v_padded - blocks;
+        int64_t n = candidates(r, row_upper, blocks, best - step, token, cap, v_count, c, hq,
+                               packed, scale, norm, err_norm, offset, info);
+#else
         int64_t n = candidates(row_upper, v_padded, best - step);
-        if (n > limit) { /* a flat row: exact logits for all of them would cost more */
+        const int32_t *token = (const int32_t *)row_upper;
+#endif
+        if (n > limit || n > v_padded - blocks) { /* a flat row: exact logits for all of them
+                                                    would cost more */
             out[r] = -1;
             continue;
         }
-        const int32_t *token = (const int32_t *)row_upper;
         int64_t width = c * (fp32 ? 4 : 2); /* bytes of a weight row */
         float top = -INFINITY;
         int64_t at = -1;
