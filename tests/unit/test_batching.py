@@ -127,20 +127,14 @@ def test_prompts_prefilled_together_get_the_bits_they_get_alone(
         for ids, lora in jobs:
             cache = fast.new_cache(len(ids) + 8)
             alone.append((fast.prefill(ids, cache, lora), cache))
-        # and as the scheduler runs them: with its adapters' copies for the LoRA kernel
-        weights = {id(lora): Lora32(lora, fast) for _, lora in jobs if lora is not None}
-        descs = [None if lora is None else weights[id(lora)].descs for _, lora in jobs]
-        for given in (None, descs):
-            caches = [fast.new_cache(len(ids) + 8) for ids, _ in jobs]
-            together = fast.prefill_many(
-                [i for i, _ in jobs], caches, [lora for _, lora in jobs], given
-            )
-            for k, ((hidden, cache), other) in enumerate(zip(alone, caches, strict=True)):
-                assert torch.equal(together[k : k + 1], hidden), k
-                assert other.length == cache.length == len(jobs[k][0])
-                n = min(cache.length, cache.sizes[0])  # the filled slots of layer 0's ring
-                assert torch.equal(other.k[0][:, :, :n], cache.k[0][:, :, :n]), k
-                assert torch.equal(other.v[-1][:, :, :n], cache.v[-1][:, :, :n]), k
+        caches = [fast.new_cache(len(ids) + 8) for ids, _ in jobs]
+        together = fast.prefill_many([i for i, _ in jobs], caches, [lora for _, lora in jobs])
+        for k, ((hidden, cache), other) in enumerate(zip(alone, caches, strict=True)):
+            assert torch.equal(together[k : k + 1], hidden), k
+            assert other.length == cache.length == len(jobs[k][0])
+            n = min(cache.length, cache.sizes[0])  # the filled slots of layer 0's ring
+            assert torch.equal(other.k[0][:, :, :n], cache.k[0][:, :, :n]), k
+            assert torch.equal(other.v[-1][:, :, :n], cache.v[-1][:, :, :n]), k
 
 
 def test_concurrent_requests_over_adapters_get_their_solo_tokens(

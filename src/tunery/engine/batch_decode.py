@@ -67,11 +67,8 @@ class Lora32:
     def __init__(self, lora: FastLora, fast: FastGemma3) -> None:
         self.layers: list[dict[str, _Group32]] = []
         self.descs: list[dict[str, LoraDesc]] | None = None
-        if fast.native is not None:  # B^T copies: while the adapter decodes, faster reads
-            descs = [
-                {name: LoraDesc.of(g.a, g.parts, transposed=True) for name, g in groups.items()}
-                for groups in lora.layers
-            ]
+        if fast.native is not None:  # the groups' own (their B read as it lies: no copy)
+            descs = [{name: g.desc for name, g in groups.items()} for groups in lora.layers]
             if all(d is not None for groups in descs for d in groups.values()):
                 self.descs = descs  # type: ignore[assignment]
                 return

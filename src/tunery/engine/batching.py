@@ -239,8 +239,7 @@ class BatchScheduler:
             if new:
                 caches = [r.new_cache(fast) for r in new]
                 prompts, loras = [r.prompt for r in new], [r.lora for r in new]
-                descs = [None if r.lora is None else self._weights(r.lora).descs for r in new]
-                hidden.append(fast.prefill_many(prompts, caches, loras, descs))
+                hidden.append(fast.prefill_many(prompts, caches, loras))
                 for row, cache in zip(new, caches, strict=True):
                     row.cache = cache
             rows += new

@@ -752,7 +752,6 @@ class FastGemma3:
         prompts: Sequence[Sequence[int]],
         caches: Sequence[KVCache],
         loras: Sequence[FastLora | None],
-        descs: Sequence[Sequence[Mapping[str, LoraDesc]] | None] | None = None,
     ) -> torch.Tensor:
         """Run each prompt into its own empty cache, with its own adapter (or none); return
         each one's last position's hidden (N, C).
@@ -761,10 +760,8 @@ class FastGemma3:
         activation, whose rows are each computed alone, and through every projection in calls
         whose rows get the bits they get alone (short prompts share a call, the weights read
         once for them: `_project_prompts`); LoRA runs by the native kernel where there is one
-        (one call for all prompts, a row's sums in its adapter's order alone; `descs`: each
-        prompt's adapter as the kernel reads it, per layer, where the caller has it, else each
-        group's own), else per prompt; attention per prompt. So a prompt gets the same bits
-        alone or among others."""
+        (one call for all prompts, a row's sums in its adapter's order alone), else per prompt;
+        attention per prompt. So a prompt gets the same bits alone or among others."""
         if not len(prompts) == len(caches) == len(loras):
             raise ValueError("one cache and one adapter (or None) per prompt")
         for ids, cache in zip(prompts, caches, strict=True):
@@ -780,10 +777,7 @@ class FastGemma3:
         rope = {k: (c[positions], s_[positions]) for k, (c, s_) in self._rope.items()}
 
         def project(linear: Linear, x: torch.Tensor, name: str) -> torch.Tensor:
-            layer_descs = None if descs is None else [
-                None if d is None else d[i].get(name) for d in descs
-            ]  # fmt: skip
-            return _project_each(linear, x, lengths, groups, name, native, layer_descs)
+            return _project_each(linear, x, lengths, groups, name, native)
 
         for i, layer in enumerate(self.layers):
             groups = [{} if lora is None else lora.layers[i] for lora in loras]
@@ -1037,28 +1031,21 @@ def _project_each(
     groups: Sequence[dict[str, _LoraGroup]],
     name: str,
     native: NativeKernels | None = None,
-    descs: Sequence[LoraDesc | None] | None = None,
 ) -> torch.Tensor:
     """`linear` of prompts' rows x (1, ΣT, in) (`_project_prompts`), each prompt's slice plus
     its own adapter's delta (where it has `name`): with `native`, by its LoRA kernel in one call
-    for all prompts (each row's sums in its adapter's order alone; `descs`: each prompt's
-    weights as the kernel reads them, else its group's own `desc`), else as its `add_to`
+    for all prompts (each row's sums in its adapter's order alone), else as its `add_to`
     computes it alone."""
     base = _project_prompts(linear, x, lengths)
     if not any(name in g for g in groups):
         return base
-    if native is not None:
-        given = descs if descs is not None else [None] * len(groups)
-        kernel = [
-            None if name not in g else d if d is not None else g[name].desc
-            for d, g in zip(given, groups, strict=True)
-        ]
-        if all(d is not None for d, g in zip(kernel, groups, strict=True) if name in g):
-            base = base.contiguous()
-            ends = list(itertools.accumulate(lengths))
-            spans = [(end - t, end, d) for t, end, d in zip(lengths, ends, kernel, strict=True)]
-            native.lora_add(base.view(-1, base.shape[-1]), x.reshape(-1, x.shape[-1]), spans)
-            return base
+    descs = [g[name].desc if name in g else None for g in groups]
+    if native is not None and all(g[name].desc is not None for g in groups if name in g):
+        base = base.contiguous()
+        ends = list(itertools.accumulate(lengths))
+        spans = [(end - t, end, d) for t, end, d in zip(lengths, ends, descs, strict=True)]
+        native.lora_add(base.view(-1, base.shape[-1]), x.reshape(-1, x.shape[-1]), spans)
+        return base
     pieces = zip(_slices(base, lengths), _slices(x, lengths), groups, strict=True)
     return torch.cat([g[name].add_to(b, p) if name in g else b for b, p, g in pieces], dim=1)
 

@@ -641,38 +641,23 @@ class CacheTable:
 
 class LoraDesc:
     """One fused group's LoRA as `lora_delta.c` reads it: A (r, in) and each part's B
-    (out_part, r_part), fp32 and contiguous (not copied: kept alive here), and their layout;
-    `transposed` adds a copy of each B^T in blocks of L output columns (the kernels' vector
-    width: 16 with AVX-512, else 8), (⌈out/L⌉, r, L) zero-padded, which the kernel reads as one
-    contiguous run per block (the same bits)."""
+    (out_part, r_part), fp32 and contiguous (not copied: kept alive here), and their layout."""
 
-    def __init__(self, a: torch.Tensor, parts: Sequence[Part], transposed: bool = False) -> None:
-        copies = [_blocked_transpose(p[4]) if transposed else None for p in parts]
-        self._tensors = [a, *(p[4] for p in parts), *(c for c in copies if c is not None)]
+    def __init__(self, a: torch.Tensor, parts: Sequence[Part]) -> None:
+        self._tensors = [a, *(p[4] for p in parts)]
         fields = [a.shape[1], a.shape[0], len(parts), a.data_ptr()]
-        for (c_lo, c_hi, r_lo, r_hi, b), bt in zip(parts, copies, strict=True):
-            fields += [c_lo, c_hi, r_lo, r_hi, b.data_ptr(), 0 if bt is None else bt.data_ptr()]
+        for c_lo, c_hi, r_lo, r_hi, b in parts:
+            fields += [c_lo, c_hi, r_lo, r_hi, b.data_ptr()]
         self._fields = torch.tensor(fields, dtype=torch.int64)
         self.pointer = self._fields.data_ptr()
 
     @staticmethod
-    def of(a: torch.Tensor, parts: Sequence[Part], transposed: bool = False) -> LoraDesc | None:
+    def of(a: torch.Tensor, parts: Sequence[Part]) -> LoraDesc | None:
         """The desc of these weights, or None where the kernel cannot read them in place."""
         tensors = [a, *(p[4] for p in parts)]
         if all(t.dtype == torch.float32 and t.is_contiguous() and not t.is_cuda for t in tensors):
-            return LoraDesc(a, parts, transposed)
+            return LoraDesc(a, parts)
         return None
-
-
-def _blocked_transpose(b: torch.Tensor) -> torch.Tensor:
-    """B (out, r) → (⌈out/L⌉, r, L) for the kernels' L lanes: block k holds B^T's columns
-    kL … kL + L - 1."""
-    library = _library()
-    lanes = int(library.tunery_lanes()) if library is not None else 16
-    out, rank = b.shape
-    padded = torch.zeros(-(-out // lanes) * lanes, rank, dtype=b.dtype)
-    padded[:out] = b
-    return padded.view(-1, lanes, rank).transpose(1, 2).contiguous()
 
 
 @cache

@@ -59,9 +59,6 @@ typedef uint8_t hq_t; /* a row's values fed as q + 128 */
 /* 2: AVX512-VNNI, 1: AVX2, 0: no kernel on this CPU. */
 int tunery_head_supported(void) { return HEAD_INT8; }
 
-/* The kernels' vector width (bf16.h): the column blocks of a LoRA's B^T copy. */
-int tunery_lanes(void) { return LANES; }
-
 /* fmax(m, |x|) and fmin(lim, fmax(-lim, r)), NaN handled alike (a NaN x leaves m; a NaN r is
  * -lim), without their libm calls: GCC keeps those calls for the NaN rules, and the pack made six
  * per weight (Gemma's 262k x 640 head: 1.1 s of a server's start-up, now 0.55 s on 2 cores). */
