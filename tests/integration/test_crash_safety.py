@@ -27,7 +27,7 @@ from tunery.domain import JobState
 from tunery.engine import train as train_module
 from tunery.engine.base_models import BaseModelRegistry
 from tunery.engine.specs import Example, StopReason, TrainSpec
-from tunery.engine.train import ADAPTER_DIR, CHECKPOINT_DIR, train
+from tunery.engine.train import ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILE, train
 from tunery.service.tuning import CreateRequest, TuningService
 from tunery.settings import Settings
 from tunery.store import Store
@@ -150,7 +150,7 @@ def test_serve_survives_sigterm_and_sigkill_mid_training_and_the_job_resumes_to_
         assert server.terminate() == 0, log.read_text()[-3000:]
     released = job_of(data_dir, "crashy")
     assert released.state is JobState.QUEUED and released.worker_id is None, released
-    assert (work / CHECKPOINT_DIR / "state.pt").exists()
+    assert (work / CHECKPOINT_DIR / CHECKPOINT_FILE).exists()
     assert released.attempts == 0  # a graceful stop does not count against the job
 
     # 2. SIGKILL of the whole tree: the job is orphaned RUNNING, its lease runs out.
@@ -223,7 +223,7 @@ def test_a_crash_while_saving_the_adapter_leaves_none_served_and_the_rerun_finis
     with pytest.raises(Crash):
         _train(tiny_base, work)
     assert not (work / ADAPTER_DIR).exists()  # the half-written one is only ever a temp dir
-    assert (work / CHECKPOINT_DIR / "state.pt").exists()
+    assert (work / CHECKPOINT_DIR / CHECKPOINT_FILE).exists()
 
     monkeypatch.setattr(train_module, "_replace_dir", real_save)
     result = _train(tiny_base, work)
@@ -298,7 +298,7 @@ def test_a_crash_during_delete_does_not_leak_the_old_checkpoint_into_a_new_model
     # A checkpoint of the first model, as if it had trained 4 of its 6 steps.
     work = svc.work_dir("reused")
     (work / CHECKPOINT_DIR).mkdir(parents=True)
-    (work / CHECKPOINT_DIR / "state.pt").write_bytes(b"stale")
+    (work / CHECKPOINT_DIR / CHECKPOINT_FILE).write_bytes(b"stale")
 
     def die(*_args: Any, **_kwargs: Any) -> None:
         raise Crash  # killed after the rows were deleted, before the files were
@@ -309,7 +309,7 @@ def test_a_crash_during_delete_does_not_leak_the_old_checkpoint_into_a_new_model
     with pytest.raises(Crash):
         svc.delete("reused", None)
     monkeypatch.undo()
-    assert (work / CHECKPOINT_DIR / "state.pt").exists()  # the orphan is still on disk
+    assert (work / CHECKPOINT_DIR / CHECKPOINT_FILE).exists()  # the orphan is still on disk
 
     svc.create(request, None)  # the same id again
     stop = threading.Event()

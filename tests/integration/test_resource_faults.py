@@ -17,7 +17,7 @@ import torch
 from live_server import LiveServer, live_server, wait_until
 
 from tunery.engine import train as train_module
-from tunery.engine.train import ADAPTER_DIR, CHECKPOINT_DIR
+from tunery.engine.train import ADAPTER_DIR, CHECKPOINT_DIR, CHECKPOINT_FILE
 from tunery.settings import Settings
 from tunery.worker import run_worker
 
@@ -160,7 +160,7 @@ def test_a_full_disk_while_saving_the_adapter_fails_the_job_and_keeps_the_checkp
     assert "No space left on device" in operation_error(http, "nospace")["message"]
     work = data_dir / "tuned_models" / "nospace"
     assert not (work / ADAPTER_DIR).exists()  # nothing half-written is in place
-    assert (work / CHECKPOINT_DIR / "state.pt").exists()  # the last whole state is intact
+    assert (work / CHECKPOINT_DIR / CHECKPOINT_FILE).exists()  # the last whole state is intact
     assert http.get("/healthz").status_code == 200
 
 

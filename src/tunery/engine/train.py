@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tunery.engine.base_models import LoadedBase
+from tunery.engine.checkpoint_file import read_state, write_state
 from tunery.engine.data import (
     Batch,
     TokenizedExample,
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_FILE = "state.bin"  # `checkpoint_file`
 # The Gemini API's learning rates (default 0.001) were chosen for Google's own tuning method;
 # for LoRA on these models the same number, times this factor, is the AdamW step size.
 LORA_LR_SCALE = 0.5
@@ -310,8 +312,8 @@ class CheckpointWriter:
         tmp = self.work_dir / f".{CHECKPOINT_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        with open(tmp / "state.pt", "wb") as f:
-            torch.save(state, f)
+        with open(tmp / CHECKPOINT_FILE, "wb") as f:
+            write_state(f, state)
             f.flush()
             os.fsync(f.fileno())
         _replace_dir(tmp, self.work_dir / CHECKPOINT_DIR)
@@ -334,7 +336,7 @@ def _load_checkpoint(
     path = _checkpoint_path(work_dir)
     if path is None:
         return 0
-    state = torch.load(path, weights_only=False)
+    state = read_state(path)
     load_adapter_state(layers, state["adapter"])
     opt.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
@@ -344,7 +346,7 @@ def _load_checkpoint(
 def _checkpoint_path(work_dir: Path) -> Path | None:
     """The newest whole checkpoint: the current one, or the one a crash left mid-swap."""
     for folder in (CHECKPOINT_DIR, f".{CHECKPOINT_DIR}.old"):  # see _replace_dir
-        path = work_dir / folder / "state.pt"
+        path = work_dir / folder / CHECKPOINT_FILE
         if path.exists():
             return path
     return None
