@@ -33,6 +33,14 @@ static inline void amx_configure(void) {
     for (int t = 0; t < 8; t++) config.colsb[t] = 64, config.rows[t] = 16;
     _tile_loadconfig(&config);
 }
+
+/* Tiles 0-3 set to zero: the sums of a pass (two row groups by two output tiles). */
+static inline void amx_zero_sums(void) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+}
 #else
 #define AMX 0
 #endif

@@ -299,10 +299,7 @@ static void scan_blocks_amx(int64_t rows, int64_t b_lo, int64_t b_hi, int64_t v_
         for (int64_t g0 = 0; g0 < row_groups; g0 += 2) {
             int both = row_groups - g0 > 1;
             const uint8_t *x0 = hq + g0 * 16 * c, *x1 = x0 + 16 * c;
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            amx_zero_sums();
             for (int64_t k = 0; k < steps; k++) {
                 if (g0 == 0 && b + TILE < b_hi) /* the next tile, 2 KB a step */
                     for (int l = 0; l < 32; l++) _mm_prefetch(next + (k * 32 + l) * 64, _MM_HINT_T0);

@@ -69,10 +69,7 @@ static void output_tiles(int64_t rows, int groups, int64_t in, const uint16_t *x
     for (int g0 = 0; g0 < groups; g0 += 2) {
         int both = groups - g0 > 1;
         const uint16_t *x0 = xp + g0 * 16 * in, *x1 = x0 + 16 * in;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        amx_zero_sums();
         for (int64_t q = 0; q < chunks; q++) {
             if (g0 == 0) { /* each stream's tile 32 KB on, while this one is read */
                 const char *ahead = (const char *)(b0 + q * tile) + AHEAD;
