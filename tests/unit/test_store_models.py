@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -84,6 +85,14 @@ def test_create_with_a_taken_id_is_already_exists(store: Store) -> None:
     add(store, "m")
     with pytest.raises(AlreadyExists, match="tunedModels/m"):
         add(store, "m")
+
+
+def test_get_can_leave_the_snapshots_out_and_changes_nothing_else(store: Store) -> None:
+    test_get_includes_snapshots_in_step_order(store)
+    full = store.models.get("m")
+    lean = store.models.get("m", snapshots=False)
+    assert full is not None and lean is not None and full.snapshots
+    assert lean.snapshots == () and replace(lean, snapshots=full.snapshots) == full
 
 
 def test_get_of_an_unknown_id_is_none(store: Store) -> None:

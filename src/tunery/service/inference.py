@@ -102,7 +102,7 @@ class InferenceService:
         return Resolved(name=base.resource_name, base=base)
 
     def _resolve_tuned(self, model_id: str, owner: str | None) -> Resolved:
-        tuned = self.tuning.get(model_id, owner)
+        tuned = self.tuning.get(model_id, owner, snapshots=False)
         if tuned.state is ModelState.CREATING:
             percent = tuned.job.completed_percent if tuned.job else 0.0
             raise FailedPrecondition(

@@ -184,12 +184,13 @@ class TuningService:
             )
 
     # -- read ----------------------------------------------------------------------------------
-    def get(self, model_id: str, owner: str | None) -> TunedModel:
-        """The caller's model; another owner's model is NotFound, as if it did not exist."""
+    def get(self, model_id: str, owner: str | None, snapshots: bool = True) -> TunedModel:
+        """The caller's model; another owner's model is NotFound, as if it did not exist.
+        `snapshots`=False leaves out its training snapshots (serving reads none)."""
         model_id = model_id.removeprefix("tunedModels/")
         if not TUNED_MODEL_ID.fullmatch(model_id):  # no such id can exist; spare the database
             raise NotFound(f"tunedModels/{model_id[:100]} is not found")
-        model = self.store.models.get(model_id)
+        model = self.store.models.get(model_id, snapshots)
         if model is None or model.owner_key != owner:
             raise NotFound(f"tunedModels/{model_id} is not found")
         return model

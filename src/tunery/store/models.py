@@ -47,10 +47,12 @@ class ModelRepository:
         assert found is not None
         return found
 
-    def get(self, model_id: str) -> TunedModel | None:
+    def get(self, model_id: str, snapshots: bool = True) -> TunedModel | None:
+        """The model with its job; with its training snapshots unless `snapshots` is False
+        (serving needs none: a long job has thousands, read on every request otherwise)."""
         with self._db.read() as session:
             row = session.get(TunedModelRow, model_id)
-            return _load(session, [row])[0] if row else None
+            return _load(session, [row], snapshots)[0] if row else None
 
     def exists(self, model_id: str) -> bool:
         with self._db.read() as session:
@@ -115,8 +117,11 @@ class ModelRepository:
             return int(getattr(result, "rowcount", 0)) == 1
 
 
-def _load(session: Session, rows: Sequence[TunedModelRow]) -> list[TunedModel]:
-    """Domain models for `rows`, fetching their jobs and snapshots in two queries."""
+def _load(
+    session: Session, rows: Sequence[TunedModelRow], snapshots: bool = True
+) -> list[TunedModel]:
+    """Domain models for `rows`, fetching their jobs and (`snapshots`) snapshots in two
+    queries."""
     ids = [r.id for r in rows]
     jobs = {
         j.tuned_model_id: job_from_row(j)
@@ -124,9 +129,8 @@ def _load(session: Session, rows: Sequence[TunedModelRow]) -> list[TunedModel]:
     }
     job_ids = [j.id for j in jobs.values()]
     snaps: dict[str, list[SnapshotRow]] = {}
-    for s in session.scalars(
-        select(SnapshotRow).where(SnapshotRow.job_id.in_(job_ids)).order_by(SnapshotRow.step)
-    ):
+    query = select(SnapshotRow).where(SnapshotRow.job_id.in_(job_ids)).order_by(SnapshotRow.step)
+    for s in session.scalars(query) if snapshots else ():
         snaps.setdefault(s.job_id, []).append(s)
     out = []
     for row in rows:
