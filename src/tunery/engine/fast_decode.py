@@ -1071,7 +1071,7 @@ def _project_prompts(linear: Linear, x: torch.Tensor, lengths: Sequence[int]) ->
     start = 0
     for t in lengths:
         end = start + t
-        if t <= free and calls and calls[-1][2] and calls[-1][1] == start:  # any cut will do
+        if t <= free and calls and calls[-1][2]:  # free rows, together: any cut will do
             calls[-1] = (calls[-1][0], end, True)
         elif t <= free:
             calls.append((start, end, True))

@@ -302,7 +302,8 @@ static void scan_blocks_amx(int64_t rows, int64_t b_lo, int64_t b_hi, int64_t v_
             amx_zero_sums();
             for (int64_t k = 0; k < steps; k++) {
                 if (g0 == 0 && b + TILE < b_hi) /* the next tile, 2 KB a step */
-                    for (int l = 0; l < 32; l++) _mm_prefetch(next + (k * 32 + l) * 64, _MM_HINT_T0);
+                    for (int l = 0; l < 32; l++)
+                        _mm_prefetch(next + (k * 32 + l) * 64, _MM_HINT_T0);
                 _tile_loadd(4, w0 + k * 1024, 64);
                 _tile_loadd(6, x0 + k * 64, c);
                 _tile_dpbusd(0, 6, 4);
