@@ -72,9 +72,11 @@ static void add_block4(elem_t *out, int64_t out_stride, int64_t n, const float *
     for (int k = 0; k < 4; k++) add_sums(out + k * out_stride, n, acc[k]);
 }
 
-#if LANES == 16 && defined(__AVX512F__)
+#if (LANES == 16 && defined(__AVX512F__)) || (LANES == 8 && defined(__AVX2__))
 #include <immintrin.h>
+#endif
 
+#if LANES == 16 && defined(__AVX512F__)
 /* r[j] lane l = the old r[l] lane j: a 16 x 16 transpose in registers. */
 static inline void transpose16(__m512 r[16]) {
     __m512 t[16];
@@ -98,10 +100,30 @@ static inline void transpose16(__m512 r[16]) {
         r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
     }
 }
+#elif LANES == 8 && defined(__AVX2__)
+/* r[j] lane l = the old r[l] lane j: an 8 x 8 transpose in registers. */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int h = 0; h < 2; h++) {
+            __m256 a = t[4 * i + h], b = t[4 * i + 2 + h];
+            r[4 * i + 2 * h] = _mm256_shuffle_ps(a, b, 0x44);
+            r[4 * i + 2 * h + 1] = _mm256_shuffle_ps(a, b, 0xee);
+        }
+    for (int j = 0; j < 4; j++) {
+        t[j] = _mm256_permute2f128_ps(r[j], r[4 + j], 0x20);
+        t[4 + j] = _mm256_permute2f128_ps(r[j], r[4 + j], 0x31);
+    }
+    for (int j = 0; j < 8; j++) r[j] = t[j];
+}
 #endif
 
 /* t (rank rows of LANES) = the block of B's rows b[0:n] (each `rank` values) transposed, the
- * lanes past n zero, in registers 16 ranks at a time (AVX-512: ~0.9x the time of reading a
+ * lanes past n zero, in registers LANES ranks at a time (AVX-512: ~0.9x the time of reading a
  * B^T copy made once, which cost 5.5 MB and ~30 ms to build per adapter of Gemma 3 270M). */
 static void transpose_block(const float *b, int64_t n, int64_t rank, float *t) {
 #if LANES == 16 && defined(__AVX512F__)
@@ -113,6 +135,17 @@ static void transpose_block(const float *b, int64_t n, int64_t rank, float *t) {
             r[l] = l < n ? _mm512_maskz_loadu_ps(cols, b + l * rank + j0) : _mm512_setzero_ps();
         transpose16(r);
         for (int64_t j = 0; j < m; j++) _mm512_store_ps(t + (j0 + j) * LANES, r[j]);
+    }
+#elif LANES == 8 && defined(__AVX2__)
+    for (int64_t j0 = 0; j0 < rank; j0 += 8) {
+        int64_t m = rank - j0 < 8 ? rank - j0 : 8;
+        __m256i cols = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)m),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        __m256 r[8];
+        for (int64_t l = 0; l < 8; l++)
+            r[l] = l < n ? _mm256_maskload_ps(b + l * rank + j0, cols) : _mm256_setzero_ps();
+        transpose8(r);
+        for (int64_t j = 0; j < m; j++) _mm256_store_ps(t + (j0 + j) * LANES, r[j]);
     }
 #else
     for (int64_t l = 0; l < LANES; l++)
