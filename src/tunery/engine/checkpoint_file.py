@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -37,16 +38,12 @@ def write_state(f: BinaryIO, state: Any) -> None:
     tensors: list[torch.Tensor] = []
 
     def strip(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            tensors.append(value.detach().contiguous())
-            return _Ref(len(tensors) - 1)
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(strip(v) for v in value)
-        return value
+        if not isinstance(value, torch.Tensor):
+            return value
+        tensors.append(value.detach().contiguous())
+        return _Ref(len(tensors) - 1)
 
-    skeleton = strip(state)
+    skeleton = _map_leaves(state, strip)
     table = [(str(t.dtype).removeprefix("torch."), tuple(t.shape), t.nbytes) for t in tensors]
     header = pickle.dumps((skeleton, table), protocol=pickle.HIGHEST_PROTOCOL)
     f.write(MAGIC + struct.pack("<Q", len(header)) + header)
@@ -73,13 +70,13 @@ def read_state(path: Path) -> Any:
         tensors.append(raw.view(getattr(torch, dtype)).reshape(shape))
         offset += nbytes
 
-    def fill(value: Any) -> Any:
-        if isinstance(value, _Ref):
-            return tensors[value.index]
-        if isinstance(value, dict):
-            return {k: fill(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(fill(v) for v in value)
-        return value
+    return _map_leaves(skeleton, lambda v: tensors[v.index] if isinstance(v, _Ref) else v)
 
-    return fill(skeleton)
+
+def _map_leaves(value: Any, leaf: Callable[[Any], Any]) -> Any:
+    """`value` with each leaf (anything but a dict, list or tuple) replaced by `leaf(it)`."""
+    if isinstance(value, dict):
+        return {k: _map_leaves(v, leaf) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map_leaves(v, leaf) for v in value)
+    return leaf(value)
