@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tunery.engine.base_models import LoadedBase
-from tunery.engine.checkpoint_file import read_state, write_state
+from tunery.engine.checkpoint_file import StateImage, read_state
 from tunery.engine.data import (
     Batch,
     TokenizedExample,
@@ -269,12 +269,14 @@ def _validate(
 
 class CheckpointWriter:
     """Writes checkpoints (adapter + optimizer state + step) whole or not at all, off the
-    training thread: the state is copied at once, the file is written and fsynced meanwhile."""
+    training thread: the state is copied at once (`StateImage`), the file is written and
+    fsynced meanwhile."""
 
     def __init__(self, work_dir: Path) -> None:
         self.work_dir = work_dir
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
         self._pending: Future[None] | None = None
+        self._last: StateImage | None = None  # written: its buffer serves the next one
 
     def __enter__(self) -> CheckpointWriter:
         return self
@@ -295,11 +297,12 @@ class CheckpointWriter:
         self.wait()
         state = {
             "step": step,
-            "adapter": adapter_state(layers),
-            "optimizer": _cloned(opt.state_dict()),
+            "adapter": adapter_state(layers, copy=False),
+            "optimizer": opt.state_dict(),
             "rng": torch.get_rng_state(),
         }
-        self._pending = self._pool.submit(self._write, state)
+        self._last = image = StateImage(state, reuse=self._last)
+        self._pending = self._pool.submit(self._write, image)
         if wait:
             self.wait()
 
@@ -308,26 +311,12 @@ class CheckpointWriter:
             pending, self._pending = self._pending, None
             pending.result()
 
-    def _write(self, state: dict[str, Any]) -> None:
+    def _write(self, image: StateImage) -> None:
         tmp = self.work_dir / f".{CHECKPOINT_DIR}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        with open(tmp / CHECKPOINT_FILE, "wb") as f:
-            write_state(f, state)
-            f.flush()
-            os.fsync(f.fileno())
+        image.write(tmp / CHECKPOINT_FILE)
         _replace_dir(tmp, self.work_dir / CHECKPOINT_DIR)
-
-
-def _cloned(value: Any) -> Any:
-    """A deep copy of an optimizer state dict's tensors (the optimizer updates them in place)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().clone()
-    if isinstance(value, dict):
-        return {k: _cloned(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_cloned(v) for v in value]
-    return value
 
 
 def _load_checkpoint(
