@@ -178,6 +178,29 @@ def test_native_and_torch_norms_give_one_loss_and_gradient(
         assert (have - want).abs().max() <= rel * 4 * scale + 1e-7
 
 
+@pytest.mark.parametrize("targets", [LoraSpec().target_modules, PROJECTIONS])
+def test_lora_products_in_fp32_and_in_bf16_agree(
+    monkeypatch: pytest.MonkeyPatch, targets: tuple[str, ...]
+) -> None:
+    """A bf16 model's small step takes its LoRA products in fp32 on the master weights, a large
+    one in bf16: one loss and one gradient, to bf16's precision."""
+    model = _tiny_gemma(64).to(torch.bfloat16)
+    batch = pack(_examples([9, 5, 7, 12]), torch.device("cpu"))
+    with lora_injected(model, LoraSpec(rank=4, alpha=8, target_modules=targets)) as layers:
+        for layer in layers.values():
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+        params = trainable_parameters(layers)
+        fast = FastGemma3Train(FastGemma3.of_model(model), layers)
+        assert batch.input_ids.shape[0] <= fast_train.LORA_FP32_MAX_ROWS
+        fp32 = _loss_and_grads(lambda: fast.loss(batch), params)
+        monkeypatch.setattr(fast_train, "LORA_FP32_MAX_ROWS", 0)
+        bf16 = _loss_and_grads(lambda: fast.loss(batch), params)
+    assert fp32[0] == pytest.approx(bf16[0], rel=2e-2)
+    for want, have in zip(bf16[1], fp32[1], strict=True):
+        assert have.dtype == torch.float32
+        assert (have - want).abs().max() <= 8e-2 * want.abs().max() + 1e-7
+
+
 def test_dense_and_per_example_attention_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _tiny_gemma(16)
     examples = _examples([30, 12, 21])

@@ -21,7 +21,8 @@ bookkeeping for ~60 ops per layer, and pads every row of a batch to the longest.
   the gradient over the softmax terms that matter only (`GRAD_SKIPPED_MASS`).
 
 Numerics follow the transformers Gemma 3 code (see `fast_decode`); the LoRA delta is computed in
-the activation dtype from fp32 master weights, as `lora.LoraLinear` does.
+the activation dtype from fp32 master weights, as `lora.LoraLinear` does, except in a step of few
+tokens, where it is computed in fp32 (`LORA_FP32_MAX_ROWS`: faster there, and closer).
 `FastGemma3.supports()` says whether a model qualifies; the caller otherwise trains through the
 transformers modules.
 """
@@ -105,7 +106,8 @@ class _LoraGroupFn(torch.autograd.Function):
 
     A is the members' A matrices stacked (R, in), so x is read once for all of them; each
     member's B adds its delta to its own block of columns (a block-diagonal B would cost a copy
-    and twice the multiply-adds). A and the Bs come in x's dtype; the gradients leave in fp32.
+    and twice the multiply-adds). A and the Bs come in x's dtype, or in fp32 (the master weights
+    themselves) for the products in fp32 (`LORA_FP32_MAX_ROWS`); the gradients leave in fp32.
     """
 
     @staticmethod
@@ -118,14 +120,18 @@ class _LoraGroupFn(torch.autograd.Function):
         *ab: torch.Tensor,
     ) -> torch.Tensor:
         """`ab` are the fp32 A₁, B₁, A₂, B₂... (for autograd); `low` is (A stacked, the Bs,
-        block bounds) in x's dtype."""
+        block bounds) in the products' dtype."""
         a, bs, blocks = low
-        u = x @ a.t()  # (N, R)
+        xa = x.to(a.dtype)
+        u = xa @ a.t()  # (N, R)
         y = weight.forward(x)  # (N, out), a fresh tensor
         for (lo, hi, r_lo, r_hi), b in zip(blocks, bs, strict=True):
-            y[:, lo:hi].addmm_(u[:, r_lo:r_hi], b.t(), alpha=scaling)
+            if y.dtype == a.dtype:
+                y[:, lo:hi].addmm_(u[:, r_lo:r_hi], b.t(), alpha=scaling)
+            else:  # the fp32 delta rounded once into y
+                y[:, lo:hi].add_(u[:, r_lo:r_hi] @ b.t(), alpha=scaling)
         ctx.weight, ctx.scaling, ctx.blocks = weight, scaling, blocks
-        ctx.save_for_backward(x, a, u, *bs)
+        ctx.save_for_backward(xa, a, u, *bs)
         return y
 
     @staticmethod
@@ -133,12 +139,18 @@ class _LoraGroupFn(torch.autograd.Function):
         x, a, u, *bs = ctx.saved_tensors
         s = ctx.scaling
         g = g.contiguous()
+        ga = g.to(a.dtype)
         blocks = zip(ctx.blocks, bs, strict=True)
-        parts = [(g[:, lo:hi], u[:, r_lo:r_hi], b) for (lo, hi, r_lo, r_hi), b in blocks]
-        gu = torch.cat([g_m @ b for g_m, _, b in parts], dim=1) if len(parts) > 1 else g @ bs[0]
+        parts = [(ga[:, lo:hi], u[:, r_lo:r_hi], b) for (lo, hi, r_lo, r_hi), b in blocks]
+        gu = torch.cat([g_m @ b for g_m, _, b in parts], dim=1) if len(parts) > 1 else ga @ bs[0]
         grad_a = (gu.t() @ x).float().mul_(s)  # (R, in)
-        # the input's gradient only where it is wanted (not below the first adapted layer)
-        gx = ctx.weight.backward(g).addmm_(gu, a, alpha=s) if ctx.needs_input_grad[0] else None
+        gx = None  # the input's gradient where wanted (not below the first adapted layer)
+        if ctx.needs_input_grad[0]:
+            gx = ctx.weight.backward(g)
+            if gx.dtype == a.dtype:
+                gx.addmm_(gu, a, alpha=s)
+            else:
+                gx.add_(gu @ a, alpha=s)
         out: list[torch.Tensor | None] = [gx, None, None, None]
         for (_, _, r_lo, r_hi), (g_m, u_m, _) in zip(ctx.blocks, parts, strict=True):
             out += [grad_a[r_lo:r_hi], (g_m.t() @ u_m).float().mul_(s)]
@@ -593,6 +605,10 @@ def _mlp_activation(gu: torch.Tensor, kernels: NativeKernels | None) -> torch.Te
 # Up to this many packed tokens, attention is one masked matmul over the whole row; beyond, one
 # causal attention per example (a dense mask would cost O(T²) for mostly masked-out pairs).
 DENSE_ATTENTION_MAX_TOKENS = 256
+# A step of at most this many tokens computes its LoRA products in fp32: at these sizes (K or N
+# of 16-32) MKL's fp32 products take 9-26 µs where oneDNN's bf16 ones take 22-37 µs (a seed step:
+# 40-70 tokens); from ~128 rows on, the bf16 ones on AMX are faster.
+LORA_FP32_MAX_ROWS = 128
 
 
 def _mask(
@@ -723,7 +739,8 @@ class FastGemma3Train:
         }  # (T, 1, D): one table for every head
         # detached: the weights may be a model's parameters that still want gradients
         x = F.embedding(batch.input_ids, f.embed.detach()) * f.embed_scale  # (T, C)
-        cast = self._flat.cast(x.dtype)
+        # a few rows: the LoRA products in fp32 on the master weights (no cast): see below
+        cast = self._flat.cast(torch.float32 if t <= LORA_FP32_MAX_ROWS else x.dtype)
         native = f.native
         hd, nh, nkv = f.head_dim, f.n_heads, f.n_kv
         masks: dict[bool, torch.Tensor | None] = {False: None, True: None}
