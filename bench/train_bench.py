@@ -7,7 +7,7 @@ Both sides get the same LoRA config (`TrainSpec().lora`), epochs, batch size, Ad
 own default (`bf16=True`) refuses to start unless `use_cpu=True`; `--trl-bf16` adds a bf16-autocast
 run. Trained tokens are counted once, with Tunery's tokenization, so tokens/s compare like for like.
 
-    python bench/train_bench.py [--data-dir DIR] [--trl-bf16] [--threads N]
+    python bench/train_bench.py [--data-dir DIR] [--trl-bf16] [--threads N] [--warm 3]
 
 Needs TRL (not a runtime dependency): see bench/README.md. The last line is the ratio.
 """
@@ -134,6 +134,9 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=None, help="default: TUNERY_DATA_DIR")
     parser.add_argument("--trl-bf16", action="store_true", help="also time TRL with bf16 autocast")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--warm", type=int, default=3, help="warm runs of Tunery (their median is compared)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -160,9 +163,14 @@ def main() -> None:
         work = Path(tmp)
         # The first run in a process also packs the base weights for training (once per process;
         # a server's workers do it when they preload) and warms oneDNN up; the second is what
-        # every later job on a warm worker costs. TRL's time likewise leaves out its set-up.
-        runs = [run_tunery(base, examples, spec, work / "cold", "cold")]
-        runs.insert(0, run_tunery(base, examples, spec, work / "warm", "warm"))
+        # every later job on a warm worker costs (the median of `--warm` runs: a run is 20 steps of
+        # ~0.1 s on a noisy machine). TRL's time likewise leaves out its set-up.
+        cold = run_tunery(base, examples, spec, work / "cold", "cold")
+        warm = [
+            run_tunery(base, examples, spec, work / f"warm{k}", "warm") for k in range(args.warm)
+        ]
+        print("tunery warm runs:", ", ".join(f"{r.seconds:.2f}" for r in warm), "s wall")
+        runs = [sorted(warm, key=lambda r: r.seconds)[len(warm) // 2], cold]  # the median warm
         runs.append(run_trl(base.model_dir, examples, spec, work, bf16=False))
         if args.trl_bf16:
             runs.append(run_trl(base.model_dir, examples, spec, work, bf16=True))
