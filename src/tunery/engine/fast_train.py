@@ -126,10 +126,7 @@ class _LoraGroupFn(torch.autograd.Function):
         u = xa @ a.t()  # (N, R)
         y = weight.forward(x)  # (N, out), a fresh tensor
         for (lo, hi, r_lo, r_hi), b in zip(blocks, bs, strict=True):
-            if y.dtype == a.dtype:
-                y[:, lo:hi].addmm_(u[:, r_lo:r_hi], b.t(), alpha=scaling)
-            else:  # the fp32 delta rounded once into y
-                y[:, lo:hi].add_(u[:, r_lo:r_hi] @ b.t(), alpha=scaling)
+            _add_product(y[:, lo:hi], u[:, r_lo:r_hi], b.t(), scaling)
         ctx.weight, ctx.scaling, ctx.blocks = weight, scaling, blocks
         ctx.save_for_backward(xa, a, u, *bs)
         return y
@@ -146,15 +143,19 @@ class _LoraGroupFn(torch.autograd.Function):
         grad_a = (gu.t() @ x).float().mul_(s)  # (R, in)
         gx = None  # the input's gradient where wanted (not below the first adapted layer)
         if ctx.needs_input_grad[0]:
-            gx = ctx.weight.backward(g)
-            if gx.dtype == a.dtype:
-                gx.addmm_(gu, a, alpha=s)
-            else:
-                gx.add_(gu @ a, alpha=s)
+            gx = _add_product(ctx.weight.backward(g), gu, a, s)
         out: list[torch.Tensor | None] = [gx, None, None, None]
         for (_, _, r_lo, r_hi), (g_m, u_m, _) in zip(ctx.blocks, parts, strict=True):
             out += [grad_a[r_lo:r_hi], (g_m.t() @ u_m).float().mul_(s)]
         return tuple(out)
+
+
+def _add_product(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:
+    """out += alpha · (x @ w) in place; a product in another dtype than `out` (fp32 into bf16)
+    is computed in its own and rounded once into `out`. Returns `out`."""
+    if out.dtype == x.dtype:
+        return out.addmm_(x, w, alpha=alpha)
+    return out.add_(x @ w, alpha=alpha)
 
 
 class _FrozenLinearFn(torch.autograd.Function):
