@@ -116,15 +116,13 @@ def trainable_parameters(layers: dict[str, LoraLinear]) -> list[nn.Parameter]:
     return [p for layer in layers.values() for p in (layer.lora_A, layer.lora_B)]
 
 
-def adapter_state(layers: dict[str, LoraLinear], copy: bool = True) -> dict[str, torch.Tensor]:
-    """The adapter's weights under PEFT's key names: detached copies, or (`copy=False`) the
-    weights themselves, detached."""
+def adapter_state(layers: dict[str, LoraLinear]) -> dict[str, torch.Tensor]:
+    """The adapter's weights under PEFT's key names, detached (not copies: the optimizer goes on
+    writing into them, so a caller copies or writes them out before the next step)."""
     state: dict[str, torch.Tensor] = {}
     for path, layer in layers.items():
-        for name, weight in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-            state[f"{PEFT_PREFIX}{path}.{name}.weight"] = (
-                weight.detach().clone() if copy else weight.detach()
-            )
+        state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A.detach()
+        state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B.detach()
     return state
 
 

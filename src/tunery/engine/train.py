@@ -297,7 +297,7 @@ class CheckpointWriter:
         self.wait()
         state = {
             "step": step,
-            "adapter": adapter_state(layers, copy=False),
+            "adapter": adapter_state(layers),
             "optimizer": opt.state_dict(),
             "rng": torch.get_rng_state(),
         }
