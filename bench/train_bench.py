@@ -162,7 +162,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tunery-bench-") as tmp:
         work = Path(tmp)
         # The first run in a process also packs the base weights for training (once per process;
-        # a server's workers do it when they preload) and warms oneDNN up; the second is what
+        # a server's workers do it when they preload) and warms oneDNN up; the later ones are what
         # every later job on a warm worker costs (the median of `--warm` runs: a run is 20 steps of
         # ~0.1 s on a noisy machine). TRL's time likewise leaves out its set-up.
         cold = run_tunery(base, examples, spec, work / "cold", "cold")
