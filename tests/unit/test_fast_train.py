@@ -201,6 +201,39 @@ def test_lora_products_in_fp32_and_in_bf16_agree(
         assert (have - want).abs().max() <= 8e-2 * want.abs().max() + 1e-7
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_lora_products_agree_with_torchs(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    """A small step's fp32 LoRA products by the native kernels (`lora_train.c`: rank 16, whole
+    vectors) and by torch's ops: one loss and one gradient, to the activations' precision."""
+    model = _tiny_gemma(64).to(dtype)
+    batch = pack(_examples([9, 5, 7, 12]), torch.device("cpu"))
+    spec = LoraSpec(rank=16, alpha=32, target_modules=PROJECTIONS)
+    with lora_injected(model, spec) as layers:
+        for layer in layers.values():
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+        params = trainable_parameters(layers)
+        fast = FastGemma3Train(FastGemma3.of_model(model), layers)
+        kernels = fast.spec.native
+        if kernels is None:
+            pytest.skip("no native kernels on this machine")
+        calls = []
+        forward = kernels.lora_train_forward
+        monkeypatch.setattr(
+            kernels, "lora_train_forward", lambda *a: calls.append(1) or forward(*a)
+        )
+        native = _loss_and_grads(lambda: fast.loss(batch), params)
+        assert len(calls) == 4 * len(fast.groups)  # every group took the kernels
+        monkeypatch.setattr(fast_train._Group, "_native", lambda *_: None)
+        torchs = _loss_and_grads(lambda: fast.loss(batch), params)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    assert native[0] == pytest.approx(torchs[0], rel=tolerance)
+    for want, have in zip(torchs[1], native[1], strict=True):
+        assert have.dtype == torch.float32 and have.shape == want.shape
+        assert (have - want).abs().max() <= 4 * tolerance * want.abs().max() + 1e-7
+
+
 def test_dense_and_per_example_attention_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     model = _tiny_gemma(16)
     examples = _examples([30, 12, 21])

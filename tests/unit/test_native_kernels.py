@@ -205,6 +205,57 @@ def test_lora_rows_agree_with_torch_within_a_step_and_alone_as_among_others(
 
 
 @each_dtype
+@pytest.mark.parametrize("rows", [1, 13, 45])
+def test_lora_training_products_agree_with_torch(dtype: torch.dtype, rows: int) -> None:
+    """A step's LoRA forward (u = x Aᵀ, y += s·u Bᵀ per part) and backward (A's and each B's
+    gradient, the input's added into gx) against torch's fp32 products: the fp32 results to a
+    few fp32 roundings, y and gx within a rounding step of their dtype."""
+    assert native is not None
+    g = torch.Generator().manual_seed(11)
+    desc = _adapter(4, 64, [64, 32, 32], [16, 16, 32])
+    assert native.lora_train_fits(desc, dtype)
+    a, *bs = desc._tensors
+    fields = desc._fields.tolist()
+    bounds = [fields[4 + 5 * k : 8 + 5 * k] for k in range(len(bs))]
+    x = torch.randn(rows, 64, generator=g).to(dtype)
+    y0 = torch.randn(rows, 128, generator=g).to(dtype)
+    grad_out = torch.randn(rows, 128, generator=g).to(dtype)
+    s = 0.5
+
+    y = y0.clone()
+    u = native.lora_train_forward(y, x, desc, s)
+    want_u = x.float() @ a.t()
+    assert (u - want_u).abs().max() <= 1e-5 * want_u.abs().max()
+    want_y = y0.float().clone()
+    for (c_lo, c_hi, r_lo, r_hi), b in zip(bounds, bs, strict=True):
+        want_y[:, c_lo:c_hi] += s * (want_u[:, r_lo:r_hi] @ b.t())
+    assert (y.float() - want_y).abs().max() <= STEP[dtype] * want_y.abs().max()
+
+    gx0 = torch.randn(rows, 64, generator=g).to(dtype)
+    for gx in (gx0.clone(), None):
+        grad_a, grad_bs = native.lora_train_backward(grad_out, x, u, desc, s, gx)
+        gf = grad_out.float()
+        gu = torch.cat([gf[:, c_lo:c_hi] @ b for (c_lo, c_hi, _, _), b in zip(bounds, bs)], 1)
+        want_a = s * gu.t() @ x.float()
+        assert (grad_a - want_a).abs().max() <= 1e-5 * want_a.abs().max()
+        for (c_lo, c_hi, r_lo, r_hi), have in zip(bounds, grad_bs, strict=True):
+            want_b = s * gf[:, c_lo:c_hi].t() @ u[:, r_lo:r_hi]
+            assert have.shape == want_b.shape
+            assert (have - want_b).abs().max() <= 1e-5 * want_b.abs().max()
+        if gx is not None:
+            want_gx = gx0.float() + s * gu @ a
+            assert (gx.float() - want_gx).abs().max() <= STEP[dtype] * want_gx.abs().max()
+
+
+def test_lora_training_kernels_refuse_ranks_and_widths_off_whole_vectors() -> None:
+    assert native is not None
+    assert not native.lora_train_fits(_adapter(1, 64, [64], [4]), torch.bfloat16)  # the rank
+    assert not native.lora_train_fits(_adapter(1, 40, [64], [16]), torch.bfloat16)  # the input
+    assert not native.lora_train_fits(_adapter(1, 64, [40], [16]), torch.bfloat16)  # a part
+    assert not native.lora_train_fits(_adapter(1, 64, [64], [16]), torch.float16)
+
+
+@each_dtype
 def test_argmax_is_the_first_of_the_largest_values_as_torch_max_finds_it(
     dtype: torch.dtype,
 ) -> None:

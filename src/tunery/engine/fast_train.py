@@ -22,7 +22,9 @@ bookkeeping for ~60 ops per layer, and pads every row of a batch to the longest.
 
 Numerics follow the transformers Gemma 3 code (see `fast_decode`); the LoRA delta is computed in
 the activation dtype from fp32 master weights, as `lora.LoraLinear` does, except in a step of few
-tokens, where it is computed in fp32 (`LORA_FP32_MAX_ROWS`: faster there, and closer).
+tokens, where it is computed in fp32 (`LORA_FP32_MAX_ROWS`: faster there, and closer), by the
+native kernels where they take the group's shapes (`native/lora_train.c`: forward and backward
+each one call).
 `FastGemma3.supports()` says whether a model qualifies; the caller otherwise trains through the
 transformers modules.
 """
@@ -32,7 +34,7 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -52,7 +54,7 @@ from tunery.engine.fast_decode import (
 )
 from tunery.engine.kernel_cache import KernelCache
 from tunery.engine.lora import LoraLinear
-from tunery.engine.native import NativeKernels, PackedLinear
+from tunery.engine.native import LoraDesc, NativeKernels, PackedLinear
 from tunery.engine.specs import LoraSpec
 
 
@@ -116,18 +118,29 @@ class _LoraGroupFn(torch.autograd.Function):
         x: torch.Tensor,
         weight: FrozenWeight,
         scaling: float,
-        low: tuple[torch.Tensor, list[torch.Tensor], list[tuple[int, int, int, int]]],
+        low: tuple[
+            torch.Tensor,
+            list[torch.Tensor],
+            list[tuple[int, int, int, int]],
+            tuple[NativeKernels, LoraDesc] | None,
+        ],
         *ab: torch.Tensor,
     ) -> torch.Tensor:
         """`ab` are the fp32 A₁, B₁, A₂, B₂... (for autograd); `low` is (A stacked, the Bs,
-        block bounds) in the products' dtype."""
-        a, bs, blocks = low
-        xa = x.to(a.dtype)
-        u = xa @ a.t()  # (N, R)
+        block bounds) in the products' dtype, and the kernels with the group's desc where they
+        compute the fp32 products (`_Group._native`)."""
+        a, bs, blocks, native = low
         y = weight.forward(x)  # (N, out), a fresh tensor
-        for (lo, hi, r_lo, r_hi), b in zip(blocks, bs, strict=True):
-            _add_product(y[:, lo:hi], u[:, r_lo:r_hi], b.t(), scaling)
-        ctx.weight, ctx.scaling, ctx.blocks = weight, scaling, blocks
+        if native is not None:  # one call for the products (fp32), the delta rounded once
+            kernels, desc = native
+            u = kernels.lora_train_forward(y, x, desc, scaling)
+            xa = x  # widened by the backward
+        else:
+            xa = x.to(a.dtype)
+            u = xa @ a.t()  # (N, R)
+            for (lo, hi, r_lo, r_hi), b in zip(blocks, bs, strict=True):
+                _add_product(y[:, lo:hi], u[:, r_lo:r_hi], b.t(), scaling)
+        ctx.weight, ctx.scaling, ctx.blocks, ctx.native = weight, scaling, blocks, native
         ctx.save_for_backward(xa, a, u, *bs)
         return y
 
@@ -136,6 +149,15 @@ class _LoraGroupFn(torch.autograd.Function):
         x, a, u, *bs = ctx.saved_tensors
         s = ctx.scaling
         g = g.contiguous()
+        if ctx.native is not None:  # one call for the LoRA's four products
+            kernels, desc = ctx.native
+            gx = ctx.weight.backward(g) if ctx.needs_input_grad[0] else None
+            grad_a, grad_bs = kernels.lora_train_backward(g, x, u, desc, s, gx)
+            out: list[torch.Tensor | None] = [gx, None, None, None]
+            for (_, _, r_lo, r_hi), grad_b in zip(ctx.blocks, grad_bs, strict=True):
+                out += [grad_a[r_lo:r_hi], grad_b]
+            return tuple(out)
+        x = x.to(a.dtype)
         ga = g.to(a.dtype)
         blocks = zip(ctx.blocks, bs, strict=True)
         parts = [(ga[:, lo:hi], u[:, r_lo:r_hi], b) for (lo, hi, r_lo, r_hi), b in blocks]
@@ -144,7 +166,7 @@ class _LoraGroupFn(torch.autograd.Function):
         gx = None  # the input's gradient where wanted (not below the first adapted layer)
         if ctx.needs_input_grad[0]:
             gx = _add_product(ctx.weight.backward(g), gu, a, s)
-        out: list[torch.Tensor | None] = [gx, None, None, None]
+        out = [gx, None, None, None]
         for (_, _, r_lo, r_hi), (g_m, u_m, _) in zip(ctx.blocks, parts, strict=True):
             out += [grad_a[r_lo:r_hi], (g_m.t() @ u_m).float().mul_(s)]
         return tuple(out)
@@ -177,6 +199,8 @@ class _Group:
     params: list[torch.nn.Parameter]  # the members' A₁, B₁, A₂, B₂... (empty: no LoRA)
     scaling: float
     blocks: list[tuple[int, int, int, int]]  # each member's (out_lo, out_hi, r_lo, r_hi)
+    kernels: NativeKernels | None = None  # for the products in fp32 (`lora_train.c`)
+    _desc: tuple[tuple[int, ...], LoraDesc | None] | None = field(default=None, repr=False)
 
     def __call__(self, x: torch.Tensor, cast: _Cast) -> torch.Tensor:
         shape = x.shape
@@ -184,11 +208,30 @@ class _Group:
         if self.params:
             # the members' As lie one after another in the flat buffer: stacked, they are a view
             a = cast.stacked(self.params[0::2])
-            low = (a, [cast.of(p) for p in self.params[1::2]], self.blocks)
+            bs = [cast.of(p) for p in self.params[1::2]]
+            low = (a, bs, self.blocks, self._native(a, bs, flat))
             y = _LoraGroupFn.apply(flat, self.weight, self.scaling, low, *self.params)  # type: ignore[no-untyped-call]
         else:
             y = _FrozenLinearFn.apply(flat, self.weight)  # type: ignore[no-untyped-call]
         return y.view(*shape[:-1], self.weight.out_features)  # type: ignore[no-any-return]
+
+    def _native(
+        self, a: torch.Tensor, bs: list[torch.Tensor], x: torch.Tensor
+    ) -> tuple[NativeKernels, LoraDesc] | None:
+        """The kernels and this group's desc where they run its fp32 products on x's rows."""
+        kernels = self.kernels
+        if kernels is None or a.dtype != torch.float32 or x.stride(-1) != 1:
+            return None
+        key = (a.data_ptr(), *(b.data_ptr() for b in bs))  # the fp32 cast is the buffer itself
+        if self._desc is None or self._desc[0] != key:
+            parts = [(lo, hi, r_lo, r_hi, b) for (lo, hi, r_lo, r_hi), b in zip(self.blocks, bs)]
+            desc = LoraDesc.of(a, parts)
+            fits = desc is not None and kernels.lora_train_fits(desc, x.dtype)
+            self._desc = (key, desc if fits else None)
+        desc = self._desc[1]
+        return None if desc is None or x.dtype not in (torch.bfloat16, torch.float32) else (
+            kernels, desc
+        )
 
 
 class _FlatParams:
@@ -695,7 +738,7 @@ class FastGemma3Train:
                     hi, r_hi = lo + lora.lora_B.shape[0], r_lo + lora.lora_B.shape[1]
                     blocks.append((lo, hi, r_lo, r_hi))
                     lo, r_lo = hi, r_hi
-                groups[group] = _Group(frozen[group], params, scaling, blocks)
+                groups[group] = _Group(frozen[group], params, scaling, blocks, spec.native)
             self.groups.append(groups)
         nh, nkv = self.spec.n_heads, self.spec.n_kv
         self._qk_norms = [

@@ -62,7 +62,7 @@ _SOURCES = [
     Path(__file__).with_name(n)
     for n in (
         "decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c", "linear.c",
-        "head_loss.c", "gelu.c", "tiles.c",
+        "head_loss.c", "gelu.c", "tiles.c", "lora_train.c",
     )
 ]  # fmt: skip
 # -ffp-contract=off: GCC fuses a * b + c into one FMA (one rounding) where its optimizer sees
@@ -83,6 +83,11 @@ class NativeKernels:
         self._attend = _by_dtype(library, "tunery_decode_attention", [*attend_args, i32], i32)
         lora_args = [i64, ptr, ptr, ptr, ptr, i64, ptr, i64, i32]
         self._lora = _by_dtype(library, "tunery_lora_add", lora_args, i32)
+        self._lora_fits = _by_dtype(library, "tunery_lora_train_fits", [ptr], i32)
+        lora_fwd_args = [i64, ptr, f32, ptr, i64, ptr, i64, ptr, i32]
+        self._lora_fwd = _by_dtype(library, "tunery_lora_train_forward", lora_fwd_args, i32)
+        lora_bwd_args = [i64, ptr, f32, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i32]
+        self._lora_bwd = _by_dtype(library, "tunery_lora_train_backward", lora_bwd_args, i32)
         self._argmax = _by_dtype(library, "tunery_argmax", [i64, i64, ptr, i64, ptr, i32], None)
         rms_args = [i64, i64, i64, ptr, i64, ptr, f32, ptr, i64, i32]
         self._rms = _by_dtype(library, "tunery_rms_norm", rms_args, None)
@@ -185,6 +190,53 @@ class NativeKernels:
         if status != 0:
             raise MemoryError("LoRA delta: out of memory")
         return base
+
+    def lora_train_fits(self, desc: LoraDesc, dtype: torch.dtype) -> bool:
+        """Whether `lora_train_forward` takes this group for activations of `dtype`."""
+        return dtype in _KERNEL_SUFFIXES and bool(self._lora_fits[dtype](desc.pointer))
+
+    def lora_train_forward(
+        self, y: torch.Tensor, x: torch.Tensor, desc: LoraDesc, scale: float
+    ) -> torch.Tensor:
+        """y (N, out) += scale · (x Aᵀ) Bᵀ over each part's columns, in place (fp32 sums
+        rounded once); returns u = x Aᵀ (N, R) in fp32. x and y of one dtype, rows contiguous,
+        the desc one `lora_train_fits` takes (`lora_train.c`)."""
+        if y.stride(-1) != 1 or x.stride(-1) != 1:
+            raise ValueError("x and y rows must be contiguous")
+        rows = x.shape[0]
+        u = torch.empty(rows, desc.rank, dtype=torch.float32)
+        status = _kernel(self._lora_fwd, y, x)(
+            rows, desc.pointer, scale, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0),
+            u.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("LoRA forward: out of memory")
+        return u
+
+    def lora_train_backward(
+        self, g: torch.Tensor, x: torch.Tensor, u: torch.Tensor, desc: LoraDesc, scale: float,
+        gx: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+        """The backward of `lora_train_forward` for the output's gradient g (N, out): the
+        gradient of A (R, in) and of each part's B, fp32; with `gx` (N, in, x's dtype) also adds
+        the input's gradient through the LoRA into it, in place (rounded once)."""
+        for t in (g, x) if gx is None else (g, x, gx):
+            if t.stride(-1) != 1:
+                raise ValueError("g, x and gx rows must be contiguous")
+        rows, r = u.shape
+        grad_a = torch.empty(r, desc.in_features, dtype=torch.float32)
+        grad_b = torch.empty(sum(desc.part_sizes), dtype=torch.float32)
+        tensors = (g, x) if gx is None else (g, x, gx)
+        status = _kernel(self._lora_bwd, *tensors)(
+            rows, desc.pointer, scale, x.data_ptr(), x.stride(0), g.data_ptr(), g.stride(0),
+            u.contiguous().data_ptr(), grad_a.data_ptr(), grad_b.data_ptr(),
+            None if gx is None else gx.data_ptr(), 0 if gx is None else gx.stride(0),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("LoRA backward: out of memory")
+        return grad_a, [b.view(shape) for b, shape in zip(
+            grad_b.split(desc.part_sizes), desc.part_shapes, strict=True)]
 
     def argmax(self, logits: torch.Tensor) -> list[int]:
         """(B, V) bf16 or fp32 → each row's index of its largest value, the first of equal
@@ -650,6 +702,9 @@ class LoraDesc:
             fields += [c_lo, c_hi, r_lo, r_hi, b.data_ptr()]
         self._fields = torch.tensor(fields, dtype=torch.int64)
         self.pointer = self._fields.data_ptr()
+        self.rank, self.in_features = a.shape
+        self.part_shapes = [(c_hi - c_lo, r_hi - r_lo) for c_lo, c_hi, r_lo, r_hi, _ in parts]
+        self.part_sizes = [rows * cols for rows, cols in self.part_shapes]
 
     @staticmethod
     def of(a: torch.Tensor, parts: Sequence[Part]) -> LoraDesc | None:

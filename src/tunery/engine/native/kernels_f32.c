@@ -6,3 +6,4 @@
 #include "lora_delta.c"
 #include "rows.c"
 #include "gelu.c"
+#include "lora_train.c"
