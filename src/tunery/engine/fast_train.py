@@ -118,12 +118,7 @@ class _LoraGroupFn(torch.autograd.Function):
         x: torch.Tensor,
         weight: FrozenWeight,
         scaling: float,
-        low: tuple[
-            torch.Tensor,
-            list[torch.Tensor],
-            list[tuple[int, int, int, int]],
-            tuple[NativeKernels, LoraDesc] | None,
-        ],
+        low: _Low,
         *ab: torch.Tensor,
     ) -> torch.Tensor:
         """`ab` are the fp32 A₁, B₁, A₂, B₂... (for autograd); `low` is (A stacked, the Bs,
@@ -131,25 +126,25 @@ class _LoraGroupFn(torch.autograd.Function):
         compute the fp32 products (`_Group._native`)."""
         a, bs, blocks, native = low
         y = weight.forward(x)  # (N, out), a fresh tensor
+        ctx.weight, ctx.scaling, ctx.blocks, ctx.native = weight, scaling, blocks, native
         if native is not None:  # one call for the products (fp32), the delta rounded once
             kernels, desc = native
-            u = kernels.lora_train_forward(y, x, desc, scaling)
-            xa = x  # widened by the backward
-        else:
-            xa = x.to(a.dtype)
-            u = xa @ a.t()  # (N, R)
-            for (lo, hi, r_lo, r_hi), b in zip(blocks, bs, strict=True):
-                _add_product(y[:, lo:hi], u[:, r_lo:r_hi], b.t(), scaling)
-        ctx.weight, ctx.scaling, ctx.blocks, ctx.native = weight, scaling, blocks, native
+            ctx.save_for_backward(x, kernels.lora_train_forward(y, x, desc, scaling))
+            return y
+        assert a is not None
+        xa = x.to(a.dtype)
+        u = xa @ a.t()  # (N, R)
+        for (lo, hi, r_lo, r_hi), b in zip(blocks, bs, strict=True):
+            _add_product(y[:, lo:hi], u[:, r_lo:r_hi], b.t(), scaling)
         ctx.save_for_backward(xa, a, u, *bs)
         return y
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, a, u, *bs = ctx.saved_tensors
         s = ctx.scaling
         g = g.contiguous()
         if ctx.native is not None:  # one call for the LoRA's four products
+            x, u = ctx.saved_tensors
             kernels, desc = ctx.native
             gx = ctx.weight.backward(g) if ctx.needs_input_grad[0] else None
             grad_a, grad_bs = kernels.lora_train_backward(g, x, u, desc, s, gx)
@@ -157,7 +152,7 @@ class _LoraGroupFn(torch.autograd.Function):
             for (_, _, r_lo, r_hi), grad_b in zip(ctx.blocks, grad_bs, strict=True):
                 out += [grad_a[r_lo:r_hi], grad_b]
             return tuple(out)
-        x = x.to(a.dtype)
+        x, a, u, *bs = ctx.saved_tensors
         ga = g.to(a.dtype)
         blocks = zip(ctx.blocks, bs, strict=True)
         parts = [(ga[:, lo:hi], u[:, r_lo:r_hi], b) for (lo, hi, r_lo, r_hi), b in blocks]
@@ -200,38 +195,52 @@ class _Group:
     scaling: float
     blocks: list[tuple[int, int, int, int]]  # each member's (out_lo, out_hi, r_lo, r_hi)
     kernels: NativeKernels | None = None  # for the products in fp32 (`lora_train.c`)
-    _desc: tuple[tuple[int, ...], LoraDesc | None] | None = field(default=None, repr=False)
+    _desc: tuple[int, LoraDesc | None] | None = field(default=None, repr=False)
 
     def __call__(self, x: torch.Tensor, cast: _Cast) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if self.params:
-            # the members' As lie one after another in the flat buffer: stacked, they are a view
-            a = cast.stacked(self.params[0::2])
-            bs = [cast.of(p) for p in self.params[1::2]]
-            low = (a, bs, self.blocks, self._native(a, bs, flat))
+            native = self._native(cast, flat)
+            if native is not None:  # the kernels read the weights through the group's desc
+                low: _Low = (None, [], self.blocks, native)
+            else:  # the members' As lie one after another in the flat buffer: stacked, a view
+                a = cast.stacked(self.params[0::2])
+                low = (a, [cast.of(p) for p in self.params[1::2]], self.blocks, None)
             y = _LoraGroupFn.apply(flat, self.weight, self.scaling, low, *self.params)  # type: ignore[no-untyped-call]
         else:
             y = _FrozenLinearFn.apply(flat, self.weight)  # type: ignore[no-untyped-call]
         return y.view(*shape[:-1], self.weight.out_features)  # type: ignore[no-any-return]
 
-    def _native(
-        self, a: torch.Tensor, bs: list[torch.Tensor], x: torch.Tensor
-    ) -> tuple[NativeKernels, LoraDesc] | None:
-        """The kernels and this group's desc where they run its fp32 products on x's rows."""
+    def _native(self, cast: _Cast, x: torch.Tensor) -> tuple[NativeKernels, LoraDesc] | None:
+        """The kernels and this group's desc where they run its fp32 products on x's rows (the
+        desc made once: an fp32 cast is the parameters' buffer itself, which stays put)."""
         kernels = self.kernels
-        if kernels is None or a.dtype != torch.float32 or x.stride(-1) != 1:
+        if kernels is None or cast.low.dtype != torch.float32 or x.stride(-1) != 1:
             return None
-        key = (a.data_ptr(), *(b.data_ptr() for b in bs))  # the fp32 cast is the buffer itself
+        if x.dtype not in (torch.bfloat16, torch.float32):
+            return None
+        key = cast.low.data_ptr()
         if self._desc is None or self._desc[0] != key:
+            a = cast.stacked(self.params[0::2])
+            bs = [cast.of(p) for p in self.params[1::2]]
             parts = [(lo, hi, r_lo, r_hi, b) for (lo, hi, r_lo, r_hi), b in zip(self.blocks, bs)]
             desc = LoraDesc.of(a, parts)
             fits = desc is not None and kernels.lora_train_fits(desc, x.dtype)
             self._desc = (key, desc if fits else None)
         desc = self._desc[1]
-        return None if desc is None or x.dtype not in (torch.bfloat16, torch.float32) else (
-            kernels, desc
-        )
+        return None if desc is None else (kernels, desc)
+
+
+# what `_LoraGroupFn` reads of a group's LoRA weights: A stacked and the Bs in the products'
+# dtype (or None and [] where the kernels read them), the members' column and rank bounds, and
+# the kernels with the group's desc where they compute the products
+_Low = tuple[
+    torch.Tensor | None,
+    list[torch.Tensor],
+    list[tuple[int, int, int, int]],
+    tuple[NativeKernels, LoraDesc] | None,
+]
 
 
 class _FlatParams:
