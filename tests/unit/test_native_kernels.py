@@ -384,6 +384,48 @@ def test_q_and_k_norm_and_rope_agree_with_torch_within_steps_and_alone_as_batche
         assert torch.equal(q1[0], q[r]) and torch.equal(k1[0], k[r]), r
 
 
+@each_dtype
+def test_training_q_and_k_heads_are_the_decode_ones_head_major_and_their_backward_torchs(
+    dtype: torch.dtype,
+) -> None:
+    """Training's q/k heads: the decode kernel's values laid out (heads, T, D) with each 1/rms
+    kept; the backward within a rounding step of autograd through torch's norm and rotation."""
+    assert native is not None
+    g = torch.Generator().manual_seed(8)
+    rows, nh, nkv, hd = 7, 4, 2, 32
+    qkv = torch.randn(rows, (nh + 2 * nkv) * hd, generator=g).to(dtype) * 2
+    weights = (torch.rand(hd, generator=g) + 0.5, torch.rand(hd, generator=g) + 0.5)
+    angles = torch.arange(50).float()[:, None] * torch.rand(hd // 2, generator=g)[None]
+    angles = torch.cat([angles, angles], dim=-1)
+    tables = (angles.cos().to(dtype), angles.sin().to(dtype))
+    positions = torch.tensor([0, 1, 2, 0, 1, 2, 3])
+    done = native.qk_heads_train(qkv, (nh, nkv), weights, 1e-6, tables, positions)
+    assert done is not None
+    q, k, rstd = done
+    q_dec, k_dec = native.qk_norm_rope(qkv, (nh, nkv), weights, 1e-6, tables, positions)
+    assert torch.equal(q, q_dec.transpose(0, 1)) and q.is_contiguous()
+    assert torch.equal(k, k_dec.view(rows, nkv, hd).transpose(0, 1)) and k.is_contiguous()
+    heads = qkv[:, : (nh + nkv) * hd].float().view(rows, nh + nkv, hd)
+    want_rstd = torch.rsqrt(heads.pow(2).mean(-1) + 1e-6)
+    assert torch.allclose(rstd, want_rstd, rtol=1e-5)
+
+    gq = torch.randn(nh, rows, hd, generator=g).to(dtype)
+    gk = torch.randn(nkv, rows, hd, generator=g).to(dtype)
+    grad = torch.full((rows, (nh + 2 * nkv) * hd), 7.0, dtype=dtype)
+    native.qk_heads_backward(qkv, (nh, nkv), weights, rstd, tables, positions, gq, gk, grad)
+    assert (grad[:, (nh + nkv) * hd :] == 7).all()  # v's columns: not the kernel's
+
+    x = heads.clone().requires_grad_()
+    w = torch.cat([weights[0].expand(nh, hd), weights[1].expand(nkv, hd)])
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+    c, s = tables[0].float()[positions][:, None], tables[1].float()[positions][:, None]
+    rotated = torch.cat([-y[..., hd // 2 :], y[..., : hd // 2]], dim=-1)
+    (y * c + rotated * s).backward(torch.cat((gq, gk)).float().transpose(0, 1))
+    want = x.grad.reshape(rows, -1)
+    have = grad[:, : (nh + nkv) * hd].float()
+    assert (have - want).abs().max() <= 2 * STEP[dtype] * want.abs().max()
+
+
 def _head(vocab: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A bf16 head (vocab, dim) with an outlier column and a repeated row (an exact tie), and
     rows of hidden states, one with a large outlier as Gemma's final states have."""

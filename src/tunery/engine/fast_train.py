@@ -588,22 +588,36 @@ class _QkvHeadsFn(torch.autograd.Function):
     contiguous: the q and k heads RMS-normed (each kind with its own weight) and rotated, as
     `_norm` and `_rope` do them. One autograd node whose backward writes the qkv gradient whole,
     where slicing qkv apart left a zero-filled qkv-sized gradient per slice, summed, and the
-    rotation's half-dozen ops each a node."""
+    rotation's half-dozen ops each a node. With the kernels, each way is one call
+    (`rows.c`: the rotation in fp32 and rounded once, where torch rounds each op; seed `train()`
+    1.99 -> 1.92 s, medians of 5 alternating runs)."""
 
     @staticmethod
     def forward(
         ctx: Any, qkv: torch.Tensor, heads: tuple[int, int, int], weight: torch.Tensor,
         eps: float, rope: tuple[torch.Tensor, torch.Tensor], kernels: NativeKernels | None,
+        native: _QkNative | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """`native`: the q and k norms' weights, the rotary tables and the tokens' positions,
+        for the kernels' one pass each way (`qk_heads_train`), where they take them."""
         nh, nkv, hd = heads
         t = qkv.shape[0]
+        v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd).transpose(0, 1).contiguous()
+        done = None
+        if kernels is not None and native is not None:
+            done = kernels.qk_heads_train(qkv, (nh, nkv), native[0], eps, native[1], native[2])
+        if done is not None:
+            q, k, rstd = done
+            ctx.heads, ctx.native, ctx.kernels = heads, native, kernels
+            ctx.save_for_backward(qkv, rstd)
+            return q, k, v
+        ctx.native = None
         cos, sin = rope
         qk = qkv[:, : (nh + nkv) * hd].view(t, nh + nkv, hd)
         normed, saved = _norm_forward(qk, weight, eps, kernels)
         rotated = _rope(normed, cos, sin)
         q = rotated[:, :nh].transpose(0, 1).contiguous()
         k = rotated[:, nh:].transpose(0, 1).contiguous()
-        v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd).transpose(0, 1).contiguous()
         ctx.heads, ctx.rope, ctx.norm = heads, rope, saved
         return q, k, v
 
@@ -612,9 +626,17 @@ class _QkvHeadsFn(torch.autograd.Function):
         ctx: Any, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor
     ) -> tuple[torch.Tensor | None, ...]:
         nh, nkv, hd = ctx.heads
-        cos, sin = ctx.rope
         t = gq.shape[1]
         grad = torch.empty(t, (nh + 2 * nkv) * hd, dtype=gq.dtype, device=gq.device)
+        if ctx.native is not None:
+            qkv, rstd = ctx.saved_tensors
+            weights, tables, positions = ctx.native
+            ctx.kernels.qk_heads_backward(
+                qkv, (nh, nkv), weights, rstd, tables, positions, gq, gk, grad
+            )
+            grad[:, (nh + nkv) * hd :].view(t, nkv, hd).copy_(gv.transpose(0, 1))
+            return grad, None, None, None, None, None, None
+        cos, sin = ctx.rope
         g_rot = torch.cat((gq.transpose(0, 1), gk.transpose(0, 1)), dim=1)  # (T, H + Hkv, D)
         # the rotation's transpose: x·cos + rot(x)·sin with rot(x) = (-x₂, x₁)
         half = hd // 2
@@ -624,7 +646,12 @@ class _QkvHeadsFn(torch.autograd.Function):
         grad[:, : (nh + nkv) * hd].view(t, nh + nkv, hd).copy_(g_qk)
         grad[:, (nh + nkv) * hd :].view(t, nkv, hd).copy_(gv.transpose(0, 1))
         ctx.norm = None
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
+
+
+# What the kernels read for a layer's q and k heads: the q and k norms' weights (fp32, (D,)),
+# the rotary (cos, sin) tables (positions, D) and the packed tokens' positions (T,) int64.
+_QkNative = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class _GeluTimesFn(torch.autograd.Function):
@@ -806,8 +833,10 @@ class FastGemma3Train:
             groups = self.groups[i]
             cos, sin = rope["sliding" if layer.sliding else "full"]
             qkv = groups["qkv"](h, cast)
+            kind = "sliding" if layer.sliding else "full"
+            qk_native = ((layer.q_norm, layer.k_norm), f._rope[kind], batch.positions)
             q, k, v = _QkvHeadsFn.apply(
-                qkv, (nh, nkv, hd), self._qk_norms[i], f.eps, (cos, sin), native
+                qkv, (nh, nkv, hd), self._qk_norms[i], f.eps, (cos, sin), native, qk_native
             )  # type: ignore[no-untyped-call]
             window = f.window if layer.sliding else None
             a = _attention(q, k, v, batch, window, f.scaling, masks[layer.sliding])

@@ -95,8 +95,12 @@ class NativeKernels:
         self._rms_train = _by_dtype(library, "tunery_rms_norm_train", rms_train_args, None)
         rms_back_args = [i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i32]
         self._rms_back = _by_dtype(library, "tunery_rms_norm_backward", rms_back_args, None)
-        qk_args = [i64, i64, i64, i64, ptr, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, ptr, i32]
+        qk_args = [i64, i64, i64, i64, ptr, i64, ptr, ptr, f32, ptr, ptr, ptr]
+        qk_args += [ptr, i64, i64, ptr, i64, i64, ptr, i32]
         self._qk = _by_dtype(library, "tunery_qk_norm_rope", qk_args, None)
+        qk_back_args = [i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr]
+        qk_back_args += [ptr, ptr, i64, i64, ptr, i64, i32]
+        self._qk_back = _by_dtype(library, "tunery_qk_norm_rope_backward", qk_back_args, None)
         self._gelu = _by_dtype(library, "tunery_gelu_times", [i64, i64, ptr, ptr, i32], None)
         gelu_back_args = [i64, i64, ptr, ptr, ptr, i32]
         self._gelu_back = _by_dtype(library, "tunery_gelu_times_backward", gelu_back_args, None)
@@ -352,10 +356,63 @@ class NativeKernels:
         k = torch.empty(rows, nkv * hd, dtype=qkv.dtype)
         qk(
             rows, nh, nkv, hd, qkv.data_ptr(), qkv.stride(0), q_w.data_ptr(), k_w.data_ptr(),
-            eps, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(),
-            k.data_ptr(), torch.get_num_threads(),
+            eps, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(), hd,
+            nh * hd, k.data_ptr(), hd, nkv * hd, None, torch.get_num_threads(),
         )  # fmt: skip
         return q, k
+
+    def qk_heads_train(
+        self,
+        qkv: torch.Tensor,
+        heads: tuple[int, int],
+        weights: tuple[torch.Tensor, torch.Tensor],
+        eps: float,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`qk_norm_rope` in training's layout: q (nh, T, hd) and k (nkv, T, hd), contiguous,
+        and each (token, head)'s 1 / rms (T, nh + nkv) for `qk_heads_backward`; None where the
+        tensors are not laid out for the kernel."""
+        (nh, nkv), (q_w, k_w), (cos, sin) = heads, weights, rope
+        rows, hd = qkv.shape[0], cos.shape[1]
+        if not _qk_laid_out(qkv, weights, rope, positions):
+            return None
+        q = torch.empty(nh, rows, hd, dtype=qkv.dtype)
+        k = torch.empty(nkv, rows, hd, dtype=qkv.dtype)
+        rstd = torch.empty(rows, nh + nkv, dtype=torch.float32)
+        _kernel(self._qk, qkv, cos, sin)(
+            rows, nh, nkv, hd, qkv.data_ptr(), qkv.stride(0), q_w.data_ptr(), k_w.data_ptr(),
+            eps, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(), rows * hd,
+            hd, k.data_ptr(), rows * hd, hd, rstd.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return q, k, rstd
+
+    def qk_heads_backward(
+        self,
+        qkv: torch.Tensor,
+        heads: tuple[int, int],
+        weights: tuple[torch.Tensor, torch.Tensor],
+        rstd: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
+        gq: torch.Tensor,
+        gk: torch.Tensor,
+        grad: torch.Tensor,
+    ) -> None:
+        """The backward of `qk_heads_train` for q's and k's gradients (nh, T, hd) and (nkv, T,
+        hd): the q and k heads' gradient written into grad's first (nh + nkv)·hd columns
+        (T, ·), rows contiguous."""
+        (nh, nkv), (q_w, k_w), (cos, sin) = heads, weights, rope
+        rows, hd = qkv.shape[0], cos.shape[1]
+        gq, gk = gq.contiguous(), gk.contiguous()
+        if grad.stride(-1) != 1 or gq.dtype != qkv.dtype or gk.dtype != qkv.dtype:
+            raise ValueError("the gradients in qkv's dtype, grad's rows contiguous")
+        _kernel(self._qk_back, qkv, cos, sin, gq, gk, grad)(
+            rows, nh, nkv, hd, qkv.data_ptr(), qkv.stride(0), q_w.data_ptr(), k_w.data_ptr(),
+            rstd.data_ptr(), cos.data_ptr(), sin.data_ptr(), positions.data_ptr(),
+            gq.data_ptr(), gk.data_ptr(), rows * hd, hd, grad.data_ptr(), grad.stride(0),
+            torch.get_num_threads(),
+        )  # fmt: skip
 
     def narrow_linear(self, weight: torch.Tensor) -> PackedLinear | None:
         """`weight` (out, in) fp32, with any strides (a transposed view reads as it lies), as
@@ -533,6 +590,28 @@ class NativeKernels:
 
 
 _HEAD_DTYPES = {torch.bfloat16: 0, torch.float32: 1}  # head.c's `fp32` flag
+
+
+def _qk_laid_out(
+    qkv: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor],
+    rope: tuple[torch.Tensor, torch.Tensor],
+    positions: torch.Tensor,
+) -> bool:
+    """Whether `qk_heads_train` takes these: CPU tensors, qkv's rows contiguous, the norm weights
+    fp32 (hd,) and the tables (·, hd) in qkv's dtype, contiguous; positions int64 (T,)."""
+    tables, hd = (*weights, *rope), rope[0].shape[-1]
+    return (
+        qkv.device.type == "cpu"
+        and qkv.dtype in _KERNEL_SUFFIXES
+        and qkv.stride(-1) == 1
+        and all(t.is_contiguous() and t.device.type == "cpu" for t in tables)
+        and all(w.dtype == torch.float32 and w.shape == (hd,) for w in weights)
+        and all(t.dtype == qkv.dtype and t.dim() == 2 for t in rope)
+        and positions.dtype == torch.int64
+        and positions.is_contiguous()
+        and positions.shape == (qkv.shape[0],)
+    )
 
 
 def _rows_of_heads(x: torch.Tensor) -> tuple[Any, int, int, int]:

@@ -140,13 +140,16 @@ void KERNEL(tunery_rms_norm_backward)(int64_t rows, int64_t heads, int64_t n, co
 
 /* Gemma's q and k of each row: every head of the row's fused qkv RMS-normed (rounded to the
  * element type, as `tunery_rms_norm` does), then rotated for the row's position (cos and sin:
- * rows of tables in the element type, `hd` wide), in fp32 and rounded once. q_out (B, nh, hd),
- * k_out (B, nkv, hd). */
+ * rows of tables in the element type, `hd` wide), in fp32 and rounded once. Row r's q head h
+ * goes to q_out + h * q_head + r * q_row (k's alike): (B, nh, hd) for a decode step, (nh, T, hd)
+ * for training, which also keeps each (row, head)'s 1 / rms in rstd (rows x (nh + nkv)) for the
+ * backward (NULL: not kept). */
 void KERNEL(tunery_qk_norm_rope)(int64_t rows, int64_t nh, int64_t nkv, int64_t hd,
                                  const elem_t *qkv, int64_t stride, const float *q_w,
                                  const float *k_w, float eps, const elem_t *cos,
                                  const elem_t *sin, const int64_t *pos, elem_t *q_out,
-                                 elem_t *k_out, int threads) {
+                                 int64_t q_head, int64_t q_row, elem_t *k_out, int64_t k_head,
+                                 int64_t k_row, float *rstd, int threads) {
     int64_t heads = nh + nkv, half = hd / 2;
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static) \
     if (rows * heads * hd > 32768)
@@ -154,15 +157,53 @@ void KERNEL(tunery_qk_norm_rope)(int64_t rows, int64_t nh, int64_t nkv, int64_t 
         int64_t r = t / heads, h = t % heads;
         const elem_t *x = qkv + r * stride + h * hd;
         const float *w = h < nh ? q_w : k_w;
-        elem_t *o = h < nh ? q_out + (r * nh + h) * hd : k_out + (r * nkv + h - nh) * hd;
+        elem_t *o = h < nh ? q_out + h * q_head + r * q_row : k_out + (h - nh) * k_head + r * k_row;
         const elem_t *c = cos + pos[r] * hd, *s = sin + pos[r] * hd;
         float y[hd];
         float scale = inverse_rms(x, hd, eps);
+        if (rstd != NULL) rstd[t] = scale;
         int64_t d;
         for (d = 0; d < hd; d++) y[d] = elem_to_f32(f32_to_elem(elem_to_f32(x[d]) * scale * w[d]));
         for (d = 0; d < hd; d++) {
             float rotated = d < half ? -y[d + half] : y[d - half];
             o[d] = f32_to_elem(y[d] * elem_to_f32(c[d]) + rotated * elem_to_f32(s[d]));
         }
+    }
+}
+
+/* The backward of `tunery_qk_norm_rope` (training's layout): from the gradients of q and k (head
+ * h of row r at gq + h * g_head + r * g_row, k's after q's at gk likewise), each head's gradient
+ * in qkv: the rotation's transpose, then the norm's backward (as `tunery_rms_norm_backward`), in
+ * fp32 and rounded once, into grad (row r's heads at grad + r * grad_stride). */
+void KERNEL(tunery_qk_norm_rope_backward)(int64_t rows, int64_t nh, int64_t nkv, int64_t hd,
+                                          const elem_t *qkv, int64_t stride, const float *q_w,
+                                          const float *k_w, const float *rstd,
+                                          const elem_t *cos, const elem_t *sin,
+                                          const int64_t *pos, const elem_t *gq,
+                                          const elem_t *gk, int64_t g_head, int64_t g_row,
+                                          elem_t *grad, int64_t grad_stride, int threads) {
+    int64_t heads = nh + nkv, half = hd / 2;
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static) \
+    if (rows * heads * hd > 32768)
+    for (int64_t t = 0; t < rows * heads; t++) {
+        int64_t r = t / heads, h = t % heads;
+        const elem_t *x = qkv + r * stride + h * hd;
+        const float *w = h < nh ? q_w : k_w;
+        const elem_t *g = h < nh ? gq + h * g_head + r * g_row : gk + (h - nh) * g_head + r * g_row;
+        const elem_t *c = cos + pos[r] * hd, *s = sin + pos[r] * hd;
+        float gw[hd]; /* the normed values' gradient, times the weight */
+        float scale = rstd[t], dot = 0.0f;
+        int64_t d;
+        for (d = 0; d < hd; d++) {
+            /* o[d] = y[d] c[d] + rot(y)[d] s[d], rot(y)[d] = -y[d + half] (d < half), y[d - half] */
+            float back = d < half ? elem_to_f32(g[d + half]) * elem_to_f32(s[d + half])
+                                  : -elem_to_f32(g[d - half]) * elem_to_f32(s[d - half]);
+            gw[d] = (elem_to_f32(g[d]) * elem_to_f32(c[d]) + back) * w[d];
+            dot += gw[d] * (elem_to_f32(x[d]) * scale);
+        }
+        dot /= (float)hd;
+        elem_t *o = grad + r * grad_stride + h * hd;
+        for (d = 0; d < hd; d++)
+            o[d] = f32_to_elem((gw[d] - elem_to_f32(x[d]) * scale * dot) * scale);
     }
 }
