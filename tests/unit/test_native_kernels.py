@@ -426,6 +426,49 @@ def test_training_q_and_k_heads_are_the_decode_ones_head_major_and_their_backwar
     assert (have - want).abs().max() <= 2 * STEP[dtype] * want.abs().max()
 
 
+@each_dtype
+@pytest.mark.parametrize("window", [None, 5])
+def test_training_attention_agrees_with_torchs_forward_and_backward(
+    dtype: torch.dtype, window: int | None
+) -> None:
+    """A packed step's attention (three examples, grouped query heads, with and without a
+    window) against autograd through `fast_train._attend` and its mask: output and gradients
+    within bf16's rounding (fp32: a few fp32 roundings)."""
+    from tunery.engine.fast_train import _attend, _mask
+
+    assert native is not None
+    g = torch.Generator().manual_seed(12)
+    heads, kv_heads, t, d = 4, 2, 23, 32
+    q, k, v = (torch.randn(n, t, d, generator=g).to(dtype) for n in (heads, kv_heads, kv_heads))
+    segments = torch.tensor([0] * 9 + [1] * 6 + [2] * 8)
+    assert native.takes_attention(q, k, v)
+    out, p = native.train_attention(q, k, v, segments, window, 0.125)
+    grad_out = torch.randn(t, heads * d, generator=g).to(dtype)
+    dq, dk, dv = native.train_attention_backward(q, k, v, segments, window, 0.125, p, grad_out)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    mask = _mask(t, window, heads // kv_heads, q.device, segments)
+    want = _attend(*leaves, mask, 0.125)
+    want.backward(grad_out)
+    tolerance = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    for have, ref in zip((out, dq, dk, dv), (want, *(x.grad for x in leaves)), strict=True):
+        assert have.shape == ref.shape and have.dtype == dtype
+        assert ((have.float() - ref.float()).norm() / ref.float().norm()) <= tolerance
+    # no weight crosses an example or reaches ahead
+    assert (p[:, 8, 9:] == 0).all() and (p[:, 9, :9] == 0).all()
+    assert torch.allclose(p.sum(-1), torch.ones(heads, t))
+
+
+def test_training_attention_refuses_what_its_kernel_does_not_lay_out() -> None:
+    q = torch.randn(4, 5, 32)
+    kv = torch.randn(2, 5, 32)
+    assert NativeKernels.takes_attention(q, kv, kv)
+    assert not NativeKernels.takes_attention(q, kv, kv.bfloat16())  # one dtype
+    assert not NativeKernels.takes_attention(torch.randn(3, 5, 32), kv, kv)  # heads per kv head
+    assert not NativeKernels.takes_attention(torch.randn(4, 5, 24), kv[..., :24], kv[..., :24])
+    assert not NativeKernels.takes_attention(torch.randn(4, 32, 5).transpose(1, 2), kv, kv)
+
+
 def _head(vocab: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A bf16 head (vocab, dim) with an outlier column and a repeated row (an exact tie), and
     rows of hidden states, one with a large outlier as Gemma's final states have."""

@@ -729,14 +729,43 @@ def _attend(
     return (probs @ v).view(h, t, d).transpose(0, 1).reshape(t, h * d)
 
 
+class _AttentionFn(torch.autograd.Function):
+    """A packed step's attention by the kernels (`train_attention.c`), one call each way: the
+    mask's rule (causal, in `window`, in the token's example) applied as it goes, where `_attend`
+    takes a dozen ops and autograd nodes each way (Gemma 3 270M's layer at 45 tokens, bf16:
+    364 -> 146 µs forward and backward)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor,
+        window: int | None, scale: float, kernels: NativeKernels,
+    ) -> torch.Tensor:  # fmt: skip
+        out, p = kernels.train_attention(q, k, v, segments, window, scale)
+        ctx.window, ctx.scale, ctx.kernels = window, scale, kernels
+        ctx.save_for_backward(q, k, v, segments, p)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, segments, p = ctx.saved_tensors
+        dq, dk, dv = ctx.kernels.train_attention_backward(
+            q, k, v, segments, ctx.window, ctx.scale, p, g
+        )
+        return dq, dk, dv, None, None, None, None
+
+
 def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
     window: int | None, scale: float, mask: torch.Tensor | None,
+    kernels: NativeKernels | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """q (H, T, D), k/v (Hkv, T, D) → (T, H·D): attention within each example, causal, and
     within `window` positions when given. `mask` (a `_mask` over the whole row) selects one pass
-    over it; without it each example attends on its own."""
+    over it, by the kernels where they take it; without it each example attends on its own."""
     if mask is not None:
+        if kernels is not None and kernels.takes_attention(q, k, v):
+            out: torch.Tensor = _AttentionFn.apply(q, k, v, batch.segments, window, scale, kernels)  # type: ignore[no-untyped-call]
+            return out
         return _attend(q, k, v, mask, scale)
     groups = q.shape[0] // k.shape[0]
     masks: dict[int, torch.Tensor] = {}
@@ -839,7 +868,7 @@ class FastGemma3Train:
                 qkv, (nh, nkv, hd), self._qk_norms[i], f.eps, (cos, sin), native, qk_native
             )  # type: ignore[no-untyped-call]
             window = f.window if layer.sliding else None
-            a = _attention(q, k, v, batch, window, f.scaling, masks[layer.sliding])
+            a = _attention(q, k, v, batch, window, f.scaling, masks[layer.sliding], native)
             o = groups["o"](a, cast)
             x, h = _AddNormFn.apply(x, o, layer.ln_post_attn, layer.ln_pre_ff, f.eps, native)  # type: ignore[no-untyped-call]
             m = _mlp_activation(groups["gu"](h, cast), native)

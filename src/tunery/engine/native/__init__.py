@@ -62,7 +62,7 @@ _SOURCES = [
     Path(__file__).with_name(n)
     for n in (
         "decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c", "linear.c",
-        "head_loss.c", "gelu.c", "tiles.c", "lora_train.c",
+        "head_loss.c", "gelu.c", "tiles.c", "lora_train.c", "train_attention.c",
     )
 ]  # fmt: skip
 # -ffp-contract=off: GCC fuses a * b + c into one FMA (one rounding) where its optimizer sees
@@ -86,6 +86,13 @@ class NativeKernels:
         self._lora_fits = _by_dtype(library, "tunery_lora_train_fits", [ptr], i32)
         lora_fwd_args = [i64, ptr, f32, ptr, i64, ptr, i64, ptr, i32]
         self._lora_fwd = _by_dtype(library, "tunery_lora_train_forward", lora_fwd_args, i32)
+        attn_args = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, f32, ptr, ptr, i32]
+        self._train_attn = _by_dtype(library, "tunery_train_attention", attn_args, None)
+        attn_back_args = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, i64, f32, ptr, ptr, ptr]
+        attn_back_args += [ptr, ptr, ptr, i32]
+        self._train_attn_back = _by_dtype(
+            library, "tunery_train_attention_backward", attn_back_args, None
+        )
         lora_bwd_args = [i64, ptr, f32, ptr, i64, ptr, i64, ptr, ptr, ptr, ptr, i64, i32]
         self._lora_bwd = _by_dtype(library, "tunery_lora_train_backward", lora_bwd_args, i32)
         self._argmax = _by_dtype(library, "tunery_argmax", [i64, i64, ptr, i64, ptr, i32], None)
@@ -241,6 +248,56 @@ class NativeKernels:
             raise MemoryError("LoRA backward: out of memory")
         return grad_a, [b.view(shape) for b, shape in zip(
             grad_b.split(desc.part_sizes), desc.part_shapes, strict=True)]
+
+    @staticmethod
+    def takes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether `train_attention` takes these: contiguous CPU (H, T, D), (Hkv, T, D) of one
+        dtype, H a multiple of Hkv and D of the vector width (16 values covers any build)."""
+        same = q.dtype == k.dtype == v.dtype and q.dtype in _KERNEL_SUFFIXES
+        shapes = q.dim() == 3 and k.shape == v.shape and k.shape[1:] == q.shape[1:]
+        return (
+            same and shapes and q.device.type == "cpu"
+            and all(t.is_contiguous() for t in (q, k, v))
+            and q.shape[0] % k.shape[0] == 0 and q.shape[2] % 16 == 0
+        )  # fmt: skip
+
+    def train_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor | None,
+        window: int | None, scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """A packed step's causal attention (`train_attention.c`): q (H, T, D), k and v (Hkv,
+        T, D) as `takes_attention` says, each token within `window` tokens back and its own
+        example (`segments` (T,) int64, or None: one) → (out (T, H·D), the softmax weights
+        (H, T, T) fp32 for `train_attention_backward`)."""
+        h, t, d = q.shape
+        out = torch.empty(t, h * d, dtype=q.dtype)
+        p = torch.empty(h, t, t, dtype=torch.float32)
+        seg = None if segments is None else segments.contiguous()
+        _kernel(self._train_attn, q, k, v)(
+            h, k.shape[0], t, d, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+            None if seg is None else seg.data_ptr(), window or 0, scale, out.data_ptr(),
+            p.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return out, p
+
+    def train_attention_backward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor | None,
+        window: int | None, scale: float, p: torch.Tensor, grad_out: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The gradients of q, k and v from the output's (T, H·D) (`train_attention`'s
+        arguments and weights)."""
+        h, t, d = q.shape
+        go = grad_out.to(q.dtype).contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        ds = torch.empty(h, t, t, dtype=torch.float32)
+        seg = None if segments is None else segments.contiguous()
+        _kernel(self._train_attn_back, q, k, v, go)(
+            h, k.shape[0], t, d, q.data_ptr(), k.data_ptr(), v.data_ptr(),
+            None if seg is None else seg.data_ptr(), window or 0, scale, p.data_ptr(),
+            go.data_ptr(), ds.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return dq, dk, dv
 
     def argmax(self, logits: torch.Tensor) -> list[int]:
         """(B, V) bf16 or fp32 → each row's index of its largest value, the first of equal

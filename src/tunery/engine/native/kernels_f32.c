@@ -7,3 +7,4 @@
 #include "rows.c"
 #include "gelu.c"
 #include "lora_train.c"
+#include "train_attention.c"
