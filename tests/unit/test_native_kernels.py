@@ -235,7 +235,8 @@ def test_lora_training_products_agree_with_torch(dtype: torch.dtype, rows: int) 
     for gx in (gx0.clone(), None):
         grad_a, grad_bs = native.lora_train_backward(grad_out, x, u, desc, s, gx)
         gf = grad_out.float()
-        gu = torch.cat([gf[:, c_lo:c_hi] @ b for (c_lo, c_hi, _, _), b in zip(bounds, bs)], 1)
+        parts = zip(bounds, bs, strict=True)
+        gu = torch.cat([gf[:, c_lo:c_hi] @ b for (c_lo, c_hi, _, _), b in parts], 1)
         want_a = s * gu.t() @ x.float()
         assert (grad_a - want_a).abs().max() <= 1e-5 * want_a.abs().max()
         for (c_lo, c_hi, r_lo, r_hi), have in zip(bounds, grad_bs, strict=True):
@@ -363,7 +364,7 @@ def test_q_and_k_norm_and_rope_agree_with_torch_within_steps_and_alone_as_batche
     angles = torch.cat([angles, angles], dim=-1)
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     positions = torch.tensor([0, 3, 49, 7, 20])
-    q, k = native.qk_norm_rope(qkv, (nh, nkv), (q_w, k_w), 1e-6, (cos, sin), positions)
+    q, k, _ = native.qk_norm_rope(qkv, (nh, nkv), (q_w, k_w), 1e-6, (cos, sin), positions)
 
     def torch_side(x: torch.Tensor, w: torch.Tensor, heads: int) -> torch.Tensor:
         xf = x.float().view(rows, heads, hd)
@@ -378,7 +379,7 @@ def test_q_and_k_norm_and_rope_agree_with_torch_within_steps_and_alone_as_batche
     ):
         assert ((got - want).abs() <= STEP[dtype] * want.abs() + 1e-3).all()
     for r in range(rows):  # alone: the same bits
-        q1, k1 = native.qk_norm_rope(
+        q1, k1, _ = native.qk_norm_rope(
             qkv[r : r + 1], (nh, nkv), (q_w, k_w), 1e-6, (cos, sin), positions[r : r + 1]
         )
         assert torch.equal(q1[0], q[r]) and torch.equal(k1[0], k[r]), r
@@ -399,10 +400,11 @@ def test_training_q_and_k_heads_are_the_decode_ones_head_major_and_their_backwar
     angles = torch.cat([angles, angles], dim=-1)
     tables = (angles.cos().to(dtype), angles.sin().to(dtype))
     positions = torch.tensor([0, 1, 2, 0, 1, 2, 3])
-    done = native.qk_heads_train(qkv, (nh, nkv), weights, 1e-6, tables, positions)
-    assert done is not None
-    q, k, rstd = done
-    q_dec, k_dec = native.qk_norm_rope(qkv, (nh, nkv), weights, 1e-6, tables, positions)
+    q, k, rstd = native.qk_norm_rope(
+        qkv, (nh, nkv), weights, 1e-6, tables, positions, training=True
+    )
+    assert rstd is not None
+    q_dec, k_dec, _ = native.qk_norm_rope(qkv, (nh, nkv), weights, 1e-6, tables, positions)
     assert torch.equal(q, q_dec.transpose(0, 1)) and q.is_contiguous()
     assert torch.equal(k, k_dec.view(rows, nkv, hd).transpose(0, 1)) and k.is_contiguous()
     heads = qkv[:, : (nh + nkv) * hd].float().view(rows, nh + nkv, hd)

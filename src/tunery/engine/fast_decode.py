@@ -893,7 +893,7 @@ class FastGemma3:
         (nkv, size, hd) K and V) at `positions[r]`, then attention; (B, nh·hd)."""
         assert self.native is not None
         layer, nh, nkv = self.layers[i], self.n_heads, self.n_kv
-        q, k = self.native.qk_norm_rope(
+        q, k, _ = self.native.qk_norm_rope(
             qkv, (nh, nkv), (layer.q_norm, layer.k_norm), self.eps,
             self._rope["sliding" if layer.sliding else "full"], positions,
         )  # fmt: skip

@@ -224,7 +224,8 @@ class _Group:
         if self._desc is None or self._desc[0] != key:
             a = cast.stacked(self.params[0::2])
             bs = [cast.of(p) for p in self.params[1::2]]
-            parts = [(lo, hi, r_lo, r_hi, b) for (lo, hi, r_lo, r_hi), b in zip(self.blocks, bs)]
+            blocks = zip(self.blocks, bs, strict=True)
+            parts = [(lo, hi, r_lo, r_hi, b) for (lo, hi, r_lo, r_hi), b in blocks]
             desc = LoraDesc.of(a, parts)
             fits = desc is not None and kernels.lora_train_fits(desc, x.dtype)
             self._desc = (key, desc if fits else None)
@@ -599,15 +600,15 @@ class _QkvHeadsFn(torch.autograd.Function):
         native: _QkNative | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
         """`native`: the q and k norms' weights, the rotary tables and the tokens' positions,
-        for the kernels' one pass each way (`qk_heads_train`), where they take them."""
+        for the kernels' one pass each way (`qk_norm_rope(training=True)`), where they take
+        them."""
         nh, nkv, hd = heads
         t = qkv.shape[0]
         v = qkv[:, (nh + nkv) * hd :].view(t, nkv, hd).transpose(0, 1).contiguous()
-        done = None
-        if kernels is not None and native is not None:
-            done = kernels.qk_heads_train(qkv, (nh, nkv), native[0], eps, native[1], native[2])
-        if done is not None:
-            q, k, rstd = done
+        if kernels is not None and native is not None and kernels.takes_qk(qkv, *native):
+            q, k, rstd = kernels.qk_norm_rope(
+                qkv, (nh, nkv), native[0], eps, native[1], native[2], training=True
+            )
             ctx.heads, ctx.native, ctx.kernels = heads, native, kernels
             ctx.save_for_backward(qkv, rstd)
             return q, k, v
@@ -651,7 +652,9 @@ class _QkvHeadsFn(torch.autograd.Function):
 
 # What the kernels read for a layer's q and k heads: the q and k norms' weights (fp32, (D,)),
 # the rotary (cos, sin) tables (positions, D) and the packed tokens' positions (T,) int64.
-_QkNative = tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor]
+_QkNative = tuple[
+    tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.Tensor
+]
 
 
 class _GeluTimesFn(torch.autograd.Function):

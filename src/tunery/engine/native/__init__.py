@@ -246,8 +246,11 @@ class NativeKernels:
         )  # fmt: skip
         if status != 0:
             raise MemoryError("LoRA backward: out of memory")
-        return grad_a, [b.view(shape) for b, shape in zip(
-            grad_b.split(desc.part_sizes), desc.part_shapes, strict=True)]
+        grad_bs, start = [], 0
+        for (rows_b, cols_b), size in zip(desc.part_shapes, desc.part_sizes, strict=True):
+            grad_bs.append(grad_b[start : start + size].view(rows_b, cols_b))
+            start += size
+        return grad_a, grad_bs
 
     @staticmethod
     def takes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -390,6 +393,29 @@ class NativeKernels:
         )
         return grad
 
+    @staticmethod
+    def takes_qk(
+        qkv: torch.Tensor,
+        weights: tuple[torch.Tensor, torch.Tensor],
+        rope: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
+    ) -> bool:
+        """Whether `qk_norm_rope` takes these: CPU tensors, qkv's rows contiguous, the norm
+        weights fp32 (hd,) and the tables (·, hd) in qkv's dtype, contiguous; positions int64
+        (T,)."""
+        tables, hd = (*weights, *rope), rope[0].shape[-1]
+        return (
+            qkv.device.type == "cpu"
+            and qkv.dtype in _KERNEL_SUFFIXES
+            and qkv.stride(-1) == 1
+            and all(t.is_contiguous() and t.device.type == "cpu" for t in tables)
+            and all(w.dtype == torch.float32 and w.shape == (hd,) for w in weights)
+            and all(t.dtype == qkv.dtype and t.dim() == 2 for t in rope)
+            and positions.dtype == torch.int64
+            and positions.is_contiguous()
+            and positions.shape == (qkv.shape[0],)
+        )
+
     def qk_norm_rope(
         self,
         qkv: torch.Tensor,
@@ -398,49 +424,31 @@ class NativeKernels:
         eps: float,
         rope: tuple[torch.Tensor, torch.Tensor],
         positions: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gemma's q (B, nh, hd) and k (B, nkv·hd) from the fused qkv (B, ≥ (nh + nkv)·hd)
-        bf16 or fp32: each head RMS-normed with its weight (q's, k's: (hd,) fp32), then rotated
-        by the (cos, sin) tables' (qkv's dtype, (positions, hd)) rows at `positions` (B,)
-        int64."""
+        training: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Gemma's q and k from the fused qkv (B, ≥ (nh + nkv)·hd) bf16 or fp32: each head
+        RMS-normed with its weight (q's, k's: (hd,) fp32), then rotated by the (cos, sin)
+        tables' (qkv's dtype, (positions, hd)) rows at `positions` (B,) int64. A decode step's
+        q (B, nh, hd) and k (B, nkv·hd); with `training`, q (nh, B, hd), k (nkv, B, hd) and each
+        (token, head)'s 1 / rms (B, nh + nkv) for `qk_heads_backward`."""
         (nh, nkv), (q_w, k_w), (cos, sin) = heads, weights, rope
         rows, hd = qkv.shape[0], cos.shape[1]
-        tensors = (qkv, q_w, k_w, cos, sin)
-        if qkv.stride(-1) != 1 or not all(t.is_contiguous() for t in tensors[1:]):
-            raise ValueError("contiguous rows, weights and tables")
-        qk = _kernel(self._qk, qkv, cos, sin)
-        q = torch.empty(rows, nh, hd, dtype=qkv.dtype)
-        k = torch.empty(rows, nkv * hd, dtype=qkv.dtype)
-        qk(
-            rows, nh, nkv, hd, qkv.data_ptr(), qkv.stride(0), q_w.data_ptr(), k_w.data_ptr(),
-            eps, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(), hd,
-            nh * hd, k.data_ptr(), hd, nkv * hd, None, torch.get_num_threads(),
-        )  # fmt: skip
-        return q, k
-
-    def qk_heads_train(
-        self,
-        qkv: torch.Tensor,
-        heads: tuple[int, int],
-        weights: tuple[torch.Tensor, torch.Tensor],
-        eps: float,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        positions: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """`qk_norm_rope` in training's layout: q (nh, T, hd) and k (nkv, T, hd), contiguous,
-        and each (token, head)'s 1 / rms (T, nh + nkv) for `qk_heads_backward`; None where the
-        tensors are not laid out for the kernel."""
-        (nh, nkv), (q_w, k_w), (cos, sin) = heads, weights, rope
-        rows, hd = qkv.shape[0], cos.shape[1]
-        if not _qk_laid_out(qkv, weights, rope, positions):
-            return None
-        q = torch.empty(nh, rows, hd, dtype=qkv.dtype)
-        k = torch.empty(nkv, rows, hd, dtype=qkv.dtype)
-        rstd = torch.empty(rows, nh + nkv, dtype=torch.float32)
+        if not self.takes_qk(qkv, weights, rope, positions):
+            raise ValueError("contiguous CPU rows, fp32 (hd,) weights, tables in qkv's dtype")
+        if training:
+            q = torch.empty(nh, rows, hd, dtype=qkv.dtype)
+            k = torch.empty(nkv, rows, hd, dtype=qkv.dtype)
+            rstd: torch.Tensor | None = torch.empty(rows, nh + nkv, dtype=torch.float32)
+            head, row = rows * hd, hd
+        else:
+            q = torch.empty(rows, nh, hd, dtype=qkv.dtype)
+            k = torch.empty(rows, nkv * hd, dtype=qkv.dtype)
+            rstd, head, row = None, hd, 0
         _kernel(self._qk, qkv, cos, sin)(
             rows, nh, nkv, hd, qkv.data_ptr(), qkv.stride(0), q_w.data_ptr(), k_w.data_ptr(),
-            eps, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(), rows * hd,
-            hd, k.data_ptr(), rows * hd, hd, rstd.data_ptr(), torch.get_num_threads(),
+            eps, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(), head,
+            row or nh * hd, k.data_ptr(), head, row or nkv * hd,
+            None if rstd is None else rstd.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return q, k, rstd
 
@@ -456,9 +464,9 @@ class NativeKernels:
         gk: torch.Tensor,
         grad: torch.Tensor,
     ) -> None:
-        """The backward of `qk_heads_train` for q's and k's gradients (nh, T, hd) and (nkv, T,
-        hd): the q and k heads' gradient written into grad's first (nh + nkv)·hd columns
-        (T, ·), rows contiguous."""
+        """The backward of `qk_norm_rope(training=True)` for q's and k's gradients (nh, T, hd)
+        and (nkv, T, hd): the q and k heads' gradient written into grad's first (nh + nkv)·hd
+        columns (T, ·), rows contiguous."""
         (nh, nkv), (q_w, k_w), (cos, sin) = heads, weights, rope
         rows, hd = qkv.shape[0], cos.shape[1]
         gq, gk = gq.contiguous(), gk.contiguous()
@@ -647,28 +655,6 @@ class NativeKernels:
 
 
 _HEAD_DTYPES = {torch.bfloat16: 0, torch.float32: 1}  # head.c's `fp32` flag
-
-
-def _qk_laid_out(
-    qkv: torch.Tensor,
-    weights: tuple[torch.Tensor, torch.Tensor],
-    rope: tuple[torch.Tensor, torch.Tensor],
-    positions: torch.Tensor,
-) -> bool:
-    """Whether `qk_heads_train` takes these: CPU tensors, qkv's rows contiguous, the norm weights
-    fp32 (hd,) and the tables (·, hd) in qkv's dtype, contiguous; positions int64 (T,)."""
-    tables, hd = (*weights, *rope), rope[0].shape[-1]
-    return (
-        qkv.device.type == "cpu"
-        and qkv.dtype in _KERNEL_SUFFIXES
-        and qkv.stride(-1) == 1
-        and all(t.is_contiguous() and t.device.type == "cpu" for t in tables)
-        and all(w.dtype == torch.float32 and w.shape == (hd,) for w in weights)
-        and all(t.dtype == qkv.dtype and t.dim() == 2 for t in rope)
-        and positions.dtype == torch.int64
-        and positions.is_contiguous()
-        and positions.shape == (qkv.shape[0],)
-    )
 
 
 def _rows_of_heads(x: torch.Tensor) -> tuple[Any, int, int, int]:

@@ -138,6 +138,22 @@ void KERNEL(tunery_rms_norm_backward)(int64_t rows, int64_t heads, int64_t n, co
     }
 }
 
+/* Task t = (row, head) of the q and k heads: the head's values in qkv, its norm weights and
+ * the row's rotary table rows. */
+typedef struct {
+    const elem_t *x, *c, *s;
+    const float *w;
+} qk_task;
+
+static inline qk_task qk_task_of(int64_t t, int64_t heads, int64_t nh, int64_t hd,
+                                 const elem_t *qkv, int64_t stride, const float *q_w,
+                                 const float *k_w, const elem_t *cos, const elem_t *sin,
+                                 const int64_t *pos) {
+    int64_t r = t / heads, h = t % heads;
+    return (qk_task){qkv + r * stride + h * hd, cos + pos[r] * hd, sin + pos[r] * hd,
+                     h < nh ? q_w : k_w};
+}
+
 /* Gemma's q and k of each row: every head of the row's fused qkv RMS-normed (rounded to the
  * element type, as `tunery_rms_norm` does), then rotated for the row's position (cos and sin:
  * rows of tables in the element type, `hd` wide), in fp32 and rounded once. Row r's q head h
@@ -155,18 +171,17 @@ void KERNEL(tunery_qk_norm_rope)(int64_t rows, int64_t nh, int64_t nkv, int64_t 
     if (rows * heads * hd > 32768)
     for (int64_t t = 0; t < rows * heads; t++) {
         int64_t r = t / heads, h = t % heads;
-        const elem_t *x = qkv + r * stride + h * hd;
-        const float *w = h < nh ? q_w : k_w;
         elem_t *o = h < nh ? q_out + h * q_head + r * q_row : k_out + (h - nh) * k_head + r * k_row;
-        const elem_t *c = cos + pos[r] * hd, *s = sin + pos[r] * hd;
+        qk_task a = qk_task_of(t, heads, nh, hd, qkv, stride, q_w, k_w, cos, sin, pos);
         float y[hd];
-        float scale = inverse_rms(x, hd, eps);
+        float scale = inverse_rms(a.x, hd, eps);
         if (rstd != NULL) rstd[t] = scale;
         int64_t d;
-        for (d = 0; d < hd; d++) y[d] = elem_to_f32(f32_to_elem(elem_to_f32(x[d]) * scale * w[d]));
+        for (d = 0; d < hd; d++)
+            y[d] = elem_to_f32(f32_to_elem(elem_to_f32(a.x[d]) * scale * a.w[d]));
         for (d = 0; d < hd; d++) {
             float rotated = d < half ? -y[d + half] : y[d - half];
-            o[d] = f32_to_elem(y[d] * elem_to_f32(c[d]) + rotated * elem_to_f32(s[d]));
+            o[d] = f32_to_elem(y[d] * elem_to_f32(a.c[d]) + rotated * elem_to_f32(a.s[d]));
         }
     }
 }
@@ -187,10 +202,10 @@ void KERNEL(tunery_qk_norm_rope_backward)(int64_t rows, int64_t nh, int64_t nkv,
     if (rows * heads * hd > 32768)
     for (int64_t t = 0; t < rows * heads; t++) {
         int64_t r = t / heads, h = t % heads;
-        const elem_t *x = qkv + r * stride + h * hd;
-        const float *w = h < nh ? q_w : k_w;
         const elem_t *g = h < nh ? gq + h * g_head + r * g_row : gk + (h - nh) * g_head + r * g_row;
-        const elem_t *c = cos + pos[r] * hd, *s = sin + pos[r] * hd;
+        qk_task a = qk_task_of(t, heads, nh, hd, qkv, stride, q_w, k_w, cos, sin, pos);
+        const elem_t *x = a.x, *c = a.c, *s = a.s;
+        const float *w = a.w;
         float gw[hd]; /* the normed values' gradient, times the weight */
         float scale = rstd[t], dot = 0.0f;
         int64_t d;
