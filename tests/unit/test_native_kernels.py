@@ -248,6 +248,15 @@ def test_lora_training_products_agree_with_torch(dtype: torch.dtype, rows: int) 
             assert (gx.float() - want_gx).abs().max() <= STEP[dtype] * want_gx.abs().max()
 
 
+def test_lora_training_kernels_take_no_rows_as_no_gradient() -> None:
+    assert native is not None
+    desc = _adapter(2, 64, [64], [16])
+    x = torch.empty(0, 64).bfloat16()
+    u = native.lora_train_forward(torch.empty(0, 64).bfloat16(), x, desc, 1.0)
+    grad_a, (grad_b,) = native.lora_train_backward(x, x, u, desc, 1.0, None)
+    assert u.shape == (0, 16) and not grad_a.any() and not grad_b.any()
+
+
 def test_lora_training_kernels_refuse_ranks_and_widths_off_whole_vectors() -> None:
     assert native is not None
     assert not native.lora_train_fits(_adapter(1, 64, [64], [4]), torch.bfloat16)  # the rank

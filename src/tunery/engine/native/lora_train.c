@@ -268,9 +268,17 @@ int KERNEL(tunery_lora_train_backward)(int64_t rows, const int64_t *desc, float 
                                        int64_t g_stride, const float *u, float *grad_a,
                                        float *grad_b, elem_t *gx, int64_t gx_stride,
                                        int threads) {
-    int64_t in = DESC_IN(desc), r = DESC_R(desc), parts = DESC_PARTS(desc), out = 0;
-    for (int64_t p = 0; p < parts; p++)
-        if (DESC_PART(desc, p).c_hi > out) out = DESC_PART(desc, p).c_hi;
+    int64_t in = DESC_IN(desc), r = DESC_R(desc), parts = DESC_PARTS(desc), out = 0, b_size = 0;
+    for (int64_t p = 0; p < parts; p++) {
+        TrainPart part = DESC_PART(desc, p);
+        if (part.c_hi > out) out = part.c_hi;
+        b_size += (part.c_hi - part.c_lo) * (part.r_hi - part.r_lo);
+    }
+    if (rows <= 0) { /* no rows: no gradient */
+        memset(grad_a, 0, sizeof(float) * r * in);
+        memset(grad_b, 0, sizeof(float) * b_size);
+        return 0;
+    }
     float *gf = malloc(sizeof(float) * rows * out), *xf = malloc(sizeof(float) * rows * in);
     float *gu = malloc(sizeof(float) * rows * r);
     int64_t *b_at = malloc(sizeof(int64_t) * (parts + 1)); /* each part's grad_b offset */
