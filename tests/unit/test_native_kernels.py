@@ -480,6 +480,30 @@ def test_training_attention_refuses_what_its_kernel_does_not_lay_out() -> None:
     assert not NativeKernels.takes_attention(torch.randn(4, 32, 5).transpose(1, 2), kv, kv)
 
 
+@each_dtype
+def test_fused_residual_and_norm_give_the_separate_kernels_bits(dtype: torch.dtype) -> None:
+    """`add_norm_train` and its backward: the bits of the two norms' kernels and torch's adds."""
+    assert native is not None
+    g = torch.Generator().manual_seed(13)
+    rows, n = 9, 96
+    x, y, g_s, g_h = (torch.randn(rows, n, generator=g).to(dtype) for _ in range(4))
+    w_out, w_next = torch.rand(n, generator=g) + 0.5, torch.rand(n, generator=g) + 0.5
+    fused = native.add_norm_train(x, y, w_out, w_next, 1e-6)
+    assert fused is not None
+    s, h, rstd_y, rstd_s = fused
+    normed, want_rstd_y = native.rms_norm_train(y, w_out, 1e-6)  # type: ignore[misc]
+    want_s = x + normed
+    want_h, want_rstd_s = native.rms_norm_train(want_s, w_next, 1e-6)  # type: ignore[misc]
+    assert torch.equal(s, want_s) and torch.equal(h, want_h)
+    assert torch.equal(rstd_y, want_rstd_y.view(-1)) and torch.equal(rstd_s, want_rstd_s.view(-1))
+
+    grad_x, grad_y = native.add_norm_backward(y, s, (w_out, w_next), (rstd_y, rstd_s), g_s, g_h)
+    want_x = g_s + native.rms_norm_backward(s, g_h, w_next, want_rstd_s)
+    assert torch.equal(grad_x, want_x)
+    assert torch.equal(grad_y, native.rms_norm_backward(y, want_x, w_out, want_rstd_y))
+    assert native.add_norm_train(x, y[:, :48], w_out, w_next, 1e-6) is None  # shapes differ
+
+
 def _head(vocab: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A bf16 head (vocab, dim) with an outlier column and a repeated row (an exact tie), and
     rows of hidden states, one with a large outlier as Gemma's final states have."""

@@ -554,19 +554,23 @@ def _norm(
 class _AddNormFn(torch.autograd.Function):
     """A residual step and the next norm, `s = x + norm(y, w_out)` and `h = norm(s, w_next)`, as
     one autograd node instead of three (36 of these a seed step; a node costs ~7 µs here, so the
-    seed `train()` 2.562 -> 2.541 s). The same arithmetic, so the same bits: s's gradient is the
-    sum of what its users send (the next residual add, and h's norm here), which autograd would
-    add alike."""
+    seed `train()` 2.562 -> 2.541 s), and with the kernels one call each way (`rows.c`). The same
+    arithmetic, so the same bits: s's gradient is the sum of what its users send (the next
+    residual add, and h's norm here), which autograd would add alike."""
 
     @staticmethod
     def forward(
         ctx: Any, x: torch.Tensor, y: torch.Tensor, w_out: torch.Tensor, w_next: torch.Tensor,
         eps: float, kernels: NativeKernels | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-        n, (y, rstd_y, w_out, _) = _norm_forward(y, w_out, eps, kernels)
-        s = x + n
-        h, (s, rstd_s, w_next, _) = _norm_forward(s, w_next, eps, kernels)
-        ctx.kernels = kernels
+        fused = kernels.add_norm_train(x, y, w_out, w_next, eps) if kernels is not None else None
+        if fused is not None:  # one pass a row (`rows.c`)
+            s, h, rstd_y, rstd_s = fused
+        else:
+            n, (y, rstd_y, w_out, _) = _norm_forward(y, w_out, eps, kernels)
+            s = x + n
+            h, (s, rstd_s, w_next, _) = _norm_forward(s, w_next, eps, kernels)
+        ctx.kernels, ctx.fused = kernels, fused is not None
         ctx.save_for_backward(y, rstd_y, w_out, s, rstd_s, w_next)
         return s, h
 
@@ -575,6 +579,11 @@ class _AddNormFn(torch.autograd.Function):
         ctx: Any, g_s: torch.Tensor | None, g_h: torch.Tensor | None
     ) -> tuple[torch.Tensor | None, ...]:
         y, rstd_y, w_out, s, rstd_s, w_next = ctx.saved_tensors
+        if ctx.fused and g_s is not None and g_h is not None:
+            g, g_y = ctx.kernels.add_norm_backward(
+                y, s, (w_out, w_next), (rstd_y, rstd_s), g_s, g_h
+            )
+            return g, g_y, None, None, None, None
         g = g_s
         if g_h is not None:
             from_h = _norm_backward((s, rstd_s, w_next, ctx.kernels), g_h)

@@ -102,6 +102,12 @@ class NativeKernels:
         self._rms_train = _by_dtype(library, "tunery_rms_norm_train", rms_train_args, None)
         rms_back_args = [i64, i64, i64, ptr, i64, ptr, ptr, i64, ptr, ptr, i32]
         self._rms_back = _by_dtype(library, "tunery_rms_norm_backward", rms_back_args, None)
+        add_norm_args = [i64, i64, ptr, i64, ptr, i64, ptr, ptr, f32, ptr, ptr, ptr, ptr, i32]
+        self._add_norm = _by_dtype(library, "tunery_add_norm_train", add_norm_args, None)
+        add_norm_back_args = [i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr]
+        self._add_norm_back = _by_dtype(
+            library, "tunery_add_norm_backward", [*add_norm_back_args, ptr, i32], None
+        )
         qk_args = [i64, i64, i64, i64, ptr, i64, ptr, ptr, f32, ptr, ptr, ptr]
         qk_args += [ptr, i64, i64, ptr, i64, i64, ptr, i32]
         self._qk = _by_dtype(library, "tunery_qk_norm_rope", qk_args, None)
@@ -365,6 +371,47 @@ class NativeKernels:
             rstd.data_ptr(), gx.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return gx
+
+    def add_norm_train(
+        self, x: torch.Tensor, y: torch.Tensor, w_out: torch.Tensor, w_next: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:  # fmt: skip
+        """A residual step and the next norm: s = x + norm(y)·w_out, h = norm(s)·w_next, for
+        x, y (rows, n) of one dtype, rows contiguous, and fp32 (n,) weights → (s, h, 1/rms of y,
+        1/rms of s); None where they are laid out otherwise."""
+        fits = x.dim() == 2 and all(_rows_of_heads(t)[1] == 1 for t in (x, y))
+        fits = fits and x.dtype == y.dtype
+        if (
+            not fits
+            or x.shape != y.shape
+            or not all(_norm_weight(w, 1, x.shape[-1]) and w.dim() == 1 for w in (w_out, w_next))
+        ):
+            return None
+        rows, n = x.shape
+        s, h = torch.empty(rows, n, dtype=x.dtype), torch.empty(rows, n, dtype=x.dtype)
+        rstd_y, rstd_s = torch.empty(rows), torch.empty(rows)
+        _kernel(self._add_norm, x, y)(
+            rows, n, x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), w_out.data_ptr(),
+            w_next.data_ptr(), eps, s.data_ptr(), h.data_ptr(), rstd_y.data_ptr(),
+            rstd_s.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return s, h, rstd_y, rstd_s
+
+    def add_norm_backward(
+        self, y: torch.Tensor, s: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor],
+        rstd: tuple[torch.Tensor, torch.Tensor], g_s: torch.Tensor, g_h: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The gradients of x and y of `add_norm_train` (which gave s and `rstd`) for those of
+        s and h."""
+        rows, n = s.shape
+        g_s, g_h = g_s.to(s.dtype).contiguous(), g_h.to(s.dtype).contiguous()
+        g, g_y, tmp = (torch.empty(rows, n, dtype=s.dtype) for _ in range(3))
+        _kernel(self._add_norm_back, y, s, g_s, g_h)(
+            rows, n, y.data_ptr(), y.stride(0), s.data_ptr(), weights[0].data_ptr(),
+            weights[1].data_ptr(), rstd[0].data_ptr(), rstd[1].data_ptr(), g_s.data_ptr(),
+            g_h.data_ptr(), tmp.data_ptr(), g.data_ptr(), g_y.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return g, g_y
 
     @staticmethod
     def takes_gate_up(gu: torch.Tensor) -> bool:

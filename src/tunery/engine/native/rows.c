@@ -107,6 +107,27 @@ void KERNEL(tunery_rms_norm_train)(int64_t rows, int64_t heads, int64_t n, const
     norm_rows(rows, heads, n, x, x_stride, w, w_stride, eps, out, heads * n, rstd, threads);
 }
 
+/* One row's (head's) norm backward: with xh = x * r and gw = g * w, o = (gw - xh * mean(gw * xh))
+ * * r over n values, in fp32, rounded once. */
+static inline void norm_back_row(const elem_t *xr, const elem_t *gr, const float *wr, float r,
+                                 int64_t n, elem_t *o) {
+    f32v acc = {0};
+    int64_t d = 0;
+    for (; d + LANES <= n; d += LANES)
+        acc += load_elemv(gr + d) * load_f32v(wr + d) * (load_elemv(xr + d) * r);
+    float dot = sum_lanes(acc);
+    for (; d < n; d++) dot += elem_to_f32(gr[d]) * wr[d] * (elem_to_f32(xr[d]) * r);
+    dot /= (float)n;
+    for (d = 0; d + LANES <= n; d += LANES) {
+        f32v xh = load_elemv(xr + d) * r;
+        store_elemv(o + d, (load_elemv(gr + d) * load_f32v(wr + d) - xh * dot) * r);
+    }
+    for (; d < n; d++) {
+        float xh = elem_to_f32(xr[d]) * r;
+        o[d] = f32_to_elem((elem_to_f32(gr[d]) * wr[d] - xh * dot) * r);
+    }
+}
+
 /* Its input gradient from the output's g (contiguous, as out): with xh = x * rstd and gw = g * w,
  * gx = (gw - xh * mean(gw * xh)) * rstd, in fp32, rounded once; gx contiguous (rows, heads, n). */
 void KERNEL(tunery_rms_norm_backward)(int64_t rows, int64_t heads, int64_t n, const elem_t *x,
@@ -115,26 +136,55 @@ void KERNEL(tunery_rms_norm_backward)(int64_t rows, int64_t heads, int64_t n, co
                                       int threads) {
 #pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static) \
     if (rows * heads * n > 32768)
-    for (int64_t t = 0; t < rows * heads; t++) {
-        const elem_t *xr = x + (t / heads) * x_stride + (t % heads) * n, *gr = g + t * n;
-        const float *wr = w + (t % heads) * w_stride;
-        float r = rstd[t];
-        f32v acc = {0};
-        int64_t d = 0;
-        for (; d + LANES <= n; d += LANES)
-            acc += load_elemv(gr + d) * load_f32v(wr + d) * (load_elemv(xr + d) * r);
-        float dot = sum_lanes(acc);
-        for (; d < n; d++) dot += elem_to_f32(gr[d]) * wr[d] * (elem_to_f32(xr[d]) * r);
-        dot /= (float)n;
-        elem_t *o = gx + t * n;
-        for (d = 0; d + LANES <= n; d += LANES) {
-            f32v xh = load_elemv(xr + d) * r;
-            store_elemv(o + d, (load_elemv(gr + d) * load_f32v(wr + d) - xh * dot) * r);
-        }
-        for (; d < n; d++) {
-            float xh = elem_to_f32(xr[d]) * r;
-            o[d] = f32_to_elem((elem_to_f32(gr[d]) * wr[d] - xh * dot) * r);
-        }
+    for (int64_t t = 0; t < rows * heads; t++)
+        norm_back_row(x + (t / heads) * x_stride + (t % heads) * n, g + t * n,
+                      w + (t % heads) * w_stride, rstd[t], n, gx + t * n);
+}
+
+/* o = a + b over n values, rounded once (o may be b). */
+static inline void add_rows(const elem_t *a, const elem_t *b, int64_t n, elem_t *o) {
+    int64_t d = 0;
+    for (; d + LANES <= n; d += LANES) store_elemv(o + d, load_elemv(a + d) + load_elemv(b + d));
+    for (; d < n; d++) o[d] = f32_to_elem(elem_to_f32(a[d]) + elem_to_f32(b[d]));
+}
+
+/* Training's residual step and the next norm, each row in one pass: s = x + norm(y) * w_out,
+ * h = norm(s) * w_next, each value rounded as the three ops round theirs (the normed y, the
+ * sum, h), with 1 / rms of y and of s kept. x and y rows `x_stride` and `y_stride` apart; s and
+ * h contiguous (rows, n). */
+void KERNEL(tunery_add_norm_train)(int64_t rows, int64_t n, const elem_t *x, int64_t x_stride,
+                                   const elem_t *y, int64_t y_stride, const float *w_out,
+                                   const float *w_next, float eps, elem_t *s, elem_t *h,
+                                   float *rstd_y, float *rstd_s, int threads) {
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static) \
+    if (rows * n > 32768)
+    for (int64_t r = 0; r < rows; r++) {
+        const elem_t *xr = x + r * x_stride, *yr = y + r * y_stride;
+        elem_t *sr = s + r * n;
+        float scale = inverse_rms(yr, n, eps);
+        rstd_y[r] = scale;
+        scaled(yr, n, scale, w_out, sr); /* the normed y, then plus x */
+        add_rows(xr, sr, n, sr);
+        rstd_s[r] = inverse_rms(sr, n, eps);
+        scaled(sr, n, rstd_s[r], w_next, h + r * n);
+    }
+}
+
+/* Its backward for the gradients of s and h (contiguous, as s): g = g_s + the norm backward of
+ * g_h (each rounded, as torch adds the two), then y's gradient g_y, the norm backward of g. g,
+ * g_y contiguous (rows, n); `tmp` rows x n of scratch. */
+void KERNEL(tunery_add_norm_backward)(int64_t rows, int64_t n, const elem_t *y, int64_t y_stride,
+                                      const elem_t *s, const float *w_out, const float *w_next,
+                                      const float *rstd_y, const float *rstd_s,
+                                      const elem_t *g_s, const elem_t *g_h, elem_t *tmp,
+                                      elem_t *g, elem_t *g_y, int threads) {
+#pragma omp parallel for num_threads(threads > 0 ? threads : 1) schedule(static) \
+    if (rows * n > 32768)
+    for (int64_t r = 0; r < rows; r++) {
+        elem_t *gr = g + r * n, *from_h = tmp + r * n;
+        norm_back_row(s + r * n, g_h + r * n, w_next, rstd_s[r], n, from_h);
+        add_rows(g_s + r * n, from_h, n, gr);
+        norm_back_row(y + r * y_stride, gr, w_out, rstd_y[r], n, g_y + r * n);
     }
 }
 
