@@ -281,7 +281,7 @@ class NativeKernels:
         h, t, d = q.shape
         out = torch.empty(t, h * d, dtype=q.dtype)
         p = torch.empty(h, t, t, dtype=torch.float32)
-        seg = None if segments is None else segments.contiguous()
+        seg = None if segments is None else segments.to(torch.int64).contiguous()
         _kernel(self._train_attn, q, k, v)(
             h, k.shape[0], t, d, q.data_ptr(), k.data_ptr(), v.data_ptr(),
             None if seg is None else seg.data_ptr(), window or 0, scale, out.data_ptr(),
@@ -299,7 +299,7 @@ class NativeKernels:
         go = grad_out.to(q.dtype).contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         ds = torch.empty(h, t, t, dtype=torch.float32)
-        seg = None if segments is None else segments.contiguous()
+        seg = None if segments is None else segments.to(torch.int64).contiguous()
         _kernel(self._train_attn_back, q, k, v, go)(
             h, k.shape[0], t, d, q.data_ptr(), k.data_ptr(), v.data_ptr(),
             None if seg is None else seg.data_ptr(), window or 0, scale, p.data_ptr(),
