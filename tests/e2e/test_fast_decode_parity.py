@@ -56,8 +56,8 @@ def _same_up_to_ties(
     generators: dict[Backend, Generator], prompts: list[str], adapter: Path | None, n: int
 ) -> list[str]:
     """The fast backend's answers, checked against the reference's: the same text, or (where
-    they part) fast's greedy tokens are each the reference model's best up to a bf16 tie (its
-    decode attention rounds in another order: see `greedy_ties`)."""
+    they part) fast's greedy tokens are each the reference model's best up to how far two bf16
+    forwards part (its kernels round in another order, in every layer: see `greedy_ties`)."""
     fast, reference = generators[Backend.FAST], generators[Backend.REFERENCE]
     answers = _answers(fast, prompts, adapter, n)
     want = _answers(reference, prompts, adapter, n)
