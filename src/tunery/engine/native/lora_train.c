@@ -42,27 +42,52 @@ int KERNEL(tunery_lora_train_fits)(const int64_t *desc) {
     return 1;
 }
 
-/* rows [r0, r0 + n) of x (n <= 4) in fp32 into xf (4 rows of `in`); missing rows repeat the
- * first, so a 4-row block can always run (its extra sums are dropped). */
-static void widen_rows(const elem_t *x, int64_t stride, int64_t r0, int64_t n, int64_t in,
-                       float *xf) {
-    for (int64_t k = 0; k < ROWS4; k++) {
-        const elem_t *row = x + (r0 + (k < n ? k : 0)) * stride;
-        for (int64_t d = 0; d < in; d += LANES) {
-            f32v v = load_elemv(row + d);
-            memcpy(xf + k * in + d, &v, sizeof v);
-        }
-    }
+/* Blocks of `unit` columns over the parts, each part's last one partial where `unit` does not
+ * divide its columns. */
+static int64_t column_blocks(const int64_t *desc, int64_t unit) {
+    int64_t blocks = 0;
+    for (int64_t p = 0; p < DESC_PARTS(desc); p++)
+        blocks += (DESC_PART(desc, p).c_hi - DESC_PART(desc, p).c_lo + unit - 1) / unit;
+    return blocks;
 }
 
-/* out[k][j] = xf_k . a_j for 4 rows of xf and 4 rows of a (`in` apart each), 16 sums at once. */
-static void dots4x4(const float *xf, const float *const a[4], int64_t in, float out[4][4]) {
+/* Block t of `column_blocks(desc, unit)`: its part (returned), its first column relative to the
+ * part's (*c), and where the part's B values start among all parts' (*b_at). */
+static int64_t column_block(const int64_t *desc, int64_t unit, int64_t t, int64_t *c,
+                            int64_t *b_at) {
+    int64_t p = 0;
+    *b_at = 0;
+    for (;; p++) {
+        TrainPart part = DESC_PART(desc, p);
+        int64_t blocks = (part.c_hi - part.c_lo + unit - 1) / unit;
+        if (t < blocks) break;
+        t -= blocks;
+        *b_at += (part.c_hi - part.c_lo) * (part.r_hi - part.r_lo);
+    }
+    *c = t * unit;
+    return p;
+}
+
+/* rows x n values of `src` (rows `stride` apart) widened to fp32 into dst (rows n apart), the
+ * rows split among the team (inside a parallel region). */
+static void widen_all(const elem_t *src, int64_t stride, int64_t rows, int64_t n, float *dst) {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < rows; i++)
+        for (int64_t d = 0; d < n; d += LANES) {
+            f32v v = load_elemv(src + i * stride + d);
+            memcpy(dst + i * n + d, &v, sizeof v);
+        }
+}
+
+/* out[k][j] = x_k . a_j for 4 rows of x and 4 of a (`in` values each), 16 sums at once. */
+static void dots4x4(const float *const x[4], const float *const a[4], int64_t in,
+                    float out[4][4]) {
     f32v acc[4][4];
     memset(acc, 0, sizeof acc);
     for (int64_t d = 0; d < in; d += LANES) {
         f32v av[4], xv[4];
         for (int j = 0; j < 4; j++) av[j] = load_f32v(a[j] + d);
-        for (int k = 0; k < 4; k++) xv[k] = load_f32v(xf + k * in + d);
+        for (int k = 0; k < 4; k++) xv[k] = load_f32v(x[k] + d);
         for (int k = 0; k < 4; k++)
             for (int j = 0; j < 4; j++) acc[k][j] = fma_v(xv[k], av[j], acc[k][j]);
     }
@@ -70,15 +95,17 @@ static void dots4x4(const float *xf, const float *const a[4], int64_t in, float 
         for (int j = 0; j < 4; j++) out[k][j] = sum_lanes(acc[k][j]);
 }
 
-/* u (rows x R) = x A^T for the 4-row block at r0 (n real rows), x widened into xf. */
+/* u (rows x R) = x A^T for the 4-row block at r0 (n real rows) of xf, x widened (the block's
+ * missing rows repeat its first: their sums are dropped). */
 static void u_block(const int64_t *desc, const float *xf, int64_t r0, int64_t n, float *u) {
     int64_t in = DESC_IN(desc), r = DESC_R(desc);
-    const float *a = DESC_A(desc);
+    const float *a = DESC_A(desc), *xs[4];
+    for (int k = 0; k < 4; k++) xs[k] = xf + (r0 + (k < n ? k : 0)) * in;
     for (int64_t j0 = 0; j0 < r; j0 += 4) {
         const float *rows[4];
         for (int j = 0; j < 4; j++) rows[j] = a + (j0 + j < r ? j0 + j : j0) * in;
         float out[4][4];
-        dots4x4(xf, rows, in, out);
+        dots4x4(xs, rows, in, out);
         for (int64_t k = 0; k < n; k++)
             for (int j = 0; j < 4 && j0 + j < r; j++) u[(r0 + k) * r + j0 + j] = out[k][j];
     }
@@ -118,58 +145,37 @@ static void transpose_rows(const float *b, int64_t rank, f32v *bt) {
 int KERNEL(tunery_lora_train_forward)(int64_t rows, const int64_t *desc, float scale,
                                       const elem_t *x, int64_t x_stride, elem_t *y,
                                       int64_t y_stride, float *u, int threads) {
-    int64_t in = DESC_IN(desc), r = DESC_R(desc), parts = DESC_PARTS(desc);
-    int64_t blocks = (rows + ROWS4 - 1) / ROWS4, columns = 0;
-    for (int64_t p = 0; p < parts; p++)
-        columns += (DESC_PART(desc, p).c_hi - DESC_PART(desc, p).c_lo) / LANES;
+    int64_t in = DESC_IN(desc), r = DESC_R(desc);
+    int64_t blocks = (rows + ROWS4 - 1) / ROWS4, columns = column_blocks(desc, LANES);
+    float *xf = malloc(sizeof(float) * (rows > 0 ? rows : 1) * in);
+    if (xf == NULL) return -1;
     int failed = 0;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
-        float *xf = malloc(sizeof(float) * ROWS4 * in);
+        widen_all(x, x_stride, rows, in, xf);
+#pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < blocks; blk++) {
+            int64_t r0 = blk * ROWS4;
+            u_block(desc, xf, r0, rows - r0 < ROWS4 ? rows - r0 : ROWS4, u);
+        }
         f32v *bt = aligned_alloc(64, sizeof(f32v) * (r > 0 ? r : 1));
-        if (xf == NULL || bt == NULL) {
+        if (bt == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
-        for (int64_t blk = 0; blk < blocks; blk++) {
-            if (xf == NULL) continue;
-            int64_t r0 = blk * ROWS4, n = rows - r0 < ROWS4 ? rows - r0 : ROWS4;
-            widen_rows(x, x_stride, r0, n, in, xf);
-            u_block(desc, xf, r0, n, u);
-        }
-#pragma omp for schedule(static)
         for (int64_t t = 0; t < columns; t++) {
             if (bt == NULL) continue;
-            int64_t p = 0, c = t * LANES; /* the t-th block of LANES columns over the parts */
-            for (int64_t before = 0;; p++) {
-                int64_t width = DESC_PART(desc, p).c_hi - DESC_PART(desc, p).c_lo;
-                if (c - before < width) {
-                    c = c - before;
-                    break;
-                }
-                before += width;
-            }
-            TrainPart part = DESC_PART(desc, p);
+            int64_t c, b_at;
+            TrainPart part = DESC_PART(desc, column_block(desc, LANES, t, &c, &b_at));
             int64_t rank = part.r_hi - part.r_lo;
             transpose_rows(part.b + c * rank, rank, bt);
             add_columns(rows, u, r, part.r_lo, rank, bt, scale, y, y_stride, part.c_lo + c);
         }
-        free(xf);
         free(bt);
     }
+    free(xf);
     return failed ? -1 : 0;
-}
-
-/* rows x n values of `src` (rows `stride` apart) widened to fp32 into dst (rows n apart), the
- * rows split among the team (inside a parallel region). */
-static void widen_all(const elem_t *src, int64_t stride, int64_t rows, int64_t n, float *dst) {
-#pragma omp for schedule(static)
-    for (int64_t i = 0; i < rows; i++)
-        for (int64_t d = 0; d < n; d += LANES) {
-            f32v v = load_elemv(src + i * stride + d);
-            memcpy(dst + i * n + d, &v, sizeof v);
-        }
 }
 
 /* gu (rows x R) for the 8-row block at i0 (n real rows): gu[i][r_lo + k] = sum over the part's
@@ -268,8 +274,8 @@ int KERNEL(tunery_lora_train_backward)(int64_t rows, const int64_t *desc, float 
                                        int64_t g_stride, const float *u, float *grad_a,
                                        float *grad_b, elem_t *gx, int64_t gx_stride,
                                        int threads) {
-    int64_t in = DESC_IN(desc), r = DESC_R(desc), parts = DESC_PARTS(desc), out = 0, b_size = 0;
-    for (int64_t p = 0; p < parts; p++) {
+    int64_t in = DESC_IN(desc), r = DESC_R(desc), out = 0, b_size = 0;
+    for (int64_t p = 0; p < DESC_PARTS(desc); p++) {
         TrainPart part = DESC_PART(desc, p);
         if (part.c_hi > out) out = part.c_hi;
         b_size += (part.c_hi - part.c_lo) * (part.r_hi - part.r_lo);
@@ -281,18 +287,11 @@ int KERNEL(tunery_lora_train_backward)(int64_t rows, const int64_t *desc, float 
     }
     float *gf = malloc(sizeof(float) * rows * out), *xf = malloc(sizeof(float) * rows * in);
     float *gu = malloc(sizeof(float) * rows * r);
-    int64_t *b_at = malloc(sizeof(int64_t) * (parts + 1)); /* each part's grad_b offset */
-    if (gf == NULL || xf == NULL || gu == NULL || b_at == NULL) {
-        free(gf), free(xf), free(gu), free(b_at);
+    if (gf == NULL || xf == NULL || gu == NULL) {
+        free(gf), free(xf), free(gu);
         return -1;
     }
-    int64_t b_blocks = 0;
-    b_at[0] = 0;
-    for (int64_t p = 0; p < parts; p++) {
-        TrainPart part = DESC_PART(desc, p);
-        b_at[p + 1] = b_at[p] + (part.c_hi - part.c_lo) * (part.r_hi - part.r_lo);
-        b_blocks += (part.c_hi - part.c_lo + 7) / 8;
-    }
+    int64_t b_blocks = column_blocks(desc, 8);
     int64_t row8 = (rows + 7) / 8, row4 = (rows + 3) / 4, pairs = in / (2 * LANES);
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
@@ -304,10 +303,9 @@ int KERNEL(tunery_lora_train_backward)(int64_t rows, const int64_t *desc, float 
             gu_block(desc, gf, out, t * 8, rows - t * 8 < 8 ? rows - t * 8 : 8, gu);
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < b_blocks; t++) {
-            int64_t p = 0, c = t;
-            while (c >= (DESC_PART(desc, p).c_hi - DESC_PART(desc, p).c_lo + 7) / 8)
-                c -= (DESC_PART(desc, p).c_hi - DESC_PART(desc, p).c_lo + 7) / 8, p++;
-            grad_b_rows(DESC_PART(desc, p), gf, out, u, r, rows, c * 8, scale, grad_b + b_at[p]);
+            int64_t c, b_at;
+            int64_t p = column_block(desc, 8, t, &c, &b_at);
+            grad_b_rows(DESC_PART(desc, p), gf, out, u, r, rows, c, scale, grad_b + b_at);
         }
         /* then from gu: grad_a, and gx */
 #pragma omp for schedule(static) nowait
@@ -322,6 +320,6 @@ int KERNEL(tunery_lora_train_backward)(int64_t rows, const int64_t *desc, float 
             }
         }
     }
-    free(gf), free(xf), free(gu), free(b_at);
+    free(gf), free(xf), free(gu);
     return 0;
 }
