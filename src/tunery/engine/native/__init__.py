@@ -482,20 +482,21 @@ class NativeKernels:
         rows, hd = qkv.shape[0], cos.shape[1]
         if not self.takes_qk(qkv, weights, rope, positions):
             raise ValueError("contiguous CPU rows, fp32 (hd,) weights, tables in qkv's dtype")
-        if training:
+        if training:  # head-major: a head's rows one after another
             q = torch.empty(nh, rows, hd, dtype=qkv.dtype)
             k = torch.empty(nkv, rows, hd, dtype=qkv.dtype)
             rstd: torch.Tensor | None = torch.empty(rows, nh + nkv, dtype=torch.float32)
-            head, row = rows * hd, hd
-        else:
+            q_head, q_row, k_head, k_row = rows * hd, hd, rows * hd, hd
+        else:  # row-major: a row's heads one after another
             q = torch.empty(rows, nh, hd, dtype=qkv.dtype)
             k = torch.empty(rows, nkv * hd, dtype=qkv.dtype)
-            rstd, head, row = None, hd, 0
+            rstd = None
+            q_head, q_row, k_head, k_row = hd, nh * hd, hd, nkv * hd
         _kernel(self._qk, qkv, cos, sin)(
             rows, nh, nkv, hd, qkv.data_ptr(), qkv.stride(0), q_w.data_ptr(), k_w.data_ptr(),
-            eps, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(), head,
-            row or nh * hd, k.data_ptr(), head, row or nkv * hd,
-            None if rstd is None else rstd.data_ptr(), torch.get_num_threads(),
+            eps, cos.data_ptr(), sin.data_ptr(), positions.data_ptr(), q.data_ptr(), q_head,
+            q_row, k.data_ptr(), k_head, k_row, None if rstd is None else rstd.data_ptr(),
+            torch.get_num_threads(),
         )  # fmt: skip
         return q, k, rstd
 

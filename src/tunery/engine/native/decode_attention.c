@@ -178,9 +178,7 @@ int KERNEL(tunery_decode_attention)(int64_t rows, int64_t nh, int64_t nkv, int64
     int64_t each = 2 * per * hd + per + per * longest;
     float *work = malloc(sizeof(float) * each * teams);
     if (work == NULL) return -1;
-    /* Each thread takes one run of tasks of about equal cost (the slots read), so that while it
-     * computes one task it can fetch the next one's keys and values (the caches are cold: the
-     * step's weights stream through the caches between two layers). */
+    /* one run of tasks a thread, of about equal cost (the slots read): see the top */
     int64_t total = 0;
     for (int64_t r = 0; r < rows; r++) total += filled(pos[r], size[r]) * nkv;
 #pragma omp parallel num_threads(teams)

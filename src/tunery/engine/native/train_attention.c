@@ -36,6 +36,11 @@ static inline void axpy(float w, const elem_t *v, float *acc, int64_t d) {
     }
 }
 
+/* o[0:d] = acc[0:d], rounded to the element type. */
+static inline void store_row(elem_t *o, const float *acc, int64_t d) {
+    for (int64_t x = 0; x < d; x += LANES) store_elemv(o + x, load_f32v(acc + x));
+}
+
 /* out (T, H*D) and p (H, T, T): the forward. */
 void KERNEL(tunery_train_attention)(int64_t h_count, int64_t kv_count, int64_t t_count,
                                     int64_t d, const elem_t *q, const elem_t *k, const elem_t *v,
@@ -50,8 +55,10 @@ void KERNEL(tunery_train_attention)(int64_t h_count, int64_t kv_count, int64_t t
         float *pi = p + (h * t_count + i) * t_count;
         float m = -INFINITY;
         for (int64_t j = 0; j < t_count; j++) {
-            pi[j] = attends(i, j, window, segments) ? dot_elem(qi, kg + j * d, d) * scale : 0.0f;
-            if (attends(i, j, window, segments) && pi[j] > m) m = pi[j];
+            pi[j] = 0.0f;
+            if (!attends(i, j, window, segments)) continue;
+            pi[j] = dot_elem(qi, kg + j * d, d) * scale;
+            if (pi[j] > m) m = pi[j];
         }
         float total = 0.0f;
         for (int64_t j = 0; j < t_count; j++)
@@ -63,8 +70,7 @@ void KERNEL(tunery_train_attention)(int64_t h_count, int64_t kv_count, int64_t t
             pi[j] /= total;
             axpy(round_elem(pi[j]), vg + j * d, acc, d);
         }
-        elem_t *o = out + (i * h_count + h) * d;
-        for (int64_t x = 0; x < d; x += LANES) store_elemv(o + x, load_f32v(acc + x));
+        store_row(out + (i * h_count + h) * d, acc, d);
     }
 }
 
@@ -99,8 +105,7 @@ void KERNEL(tunery_train_attention_backward)(int64_t h_count, int64_t kv_count, 
                 si[j] = pi[j] * (si[j] - inner);
                 axpy(si[j] * scale, kg + j * d, acc, d);
             }
-            elem_t *o = dq + (h * t_count + i) * d;
-            for (int64_t x = 0; x < d; x += LANES) store_elemv(o + x, load_f32v(acc + x));
+            store_row(dq + (h * t_count + i) * d, acc, d);
         }
         /* 2. each key row of each kv head, over its query heads and the rows that attend to it:
          * dk = scale sum ds q, dv = sum p (rounded, as the forward weighed v) go */
@@ -117,11 +122,8 @@ void KERNEL(tunery_train_attention_backward)(int64_t h_count, int64_t kv_count, 
                     axpy(round_elem(p[(h * t_count + i) * t_count + j]),
                          go + (i * h_count + h) * d, acc2, d);
                 }
-            elem_t *ok = dk + (g * t_count + j) * d, *ov = dv + (g * t_count + j) * d;
-            for (int64_t x = 0; x < d; x += LANES) {
-                store_elemv(ok + x, load_f32v(acc + x));
-                store_elemv(ov + x, load_f32v(acc2 + x));
-            }
+            store_row(dk + (g * t_count + j) * d, acc, d);
+            store_row(dv + (g * t_count + j) * d, acc2, d);
         }
     }
 }
