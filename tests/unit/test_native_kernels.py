@@ -828,3 +828,22 @@ def test_tiles_linear_gives_each_row_the_same_bits_in_any_batch() -> None:
     assert native.tiles_linear(torch.zeros(65, 96).bfloat16(), tiled) is None
     assert native.tiles_pack(torch.zeros(80, 100).bfloat16()) is None  # inputs not a multiple of 32
     assert native.tiles_pack(torch.zeros(40, 96).bfloat16()) is None  # outputs not of 16
+
+
+@pytest.mark.skipif(native is None or not native.tiles, reason="no AMX tiles on this CPU")
+def test_the_decode_steps_gelu_gives_torchs_bits() -> None:
+    """The whole decode step's gelu-tanh(gate) · up is torch's `F.gelu(gate) * up` in bf16 bit
+    for bit (torch's op order and its own tanh), over gates of every magnitude, on 1-3 threads;
+    with AMX tiles here, the step runs (torch's tanh found and checked at load)."""
+    assert native is not None and native.steps
+    g = torch.Generator().manual_seed(11)
+    gu = (torch.randn(7, 2 * 2048, generator=g) * torch.logspace(-3, 2, 2 * 2048)).bfloat16()
+    gate, up = gu.chunk(2, dim=-1)
+    want = F.gelu(gate, approximate="tanh") * up
+    for threads in (1, 2, 3):
+        with _threads(threads):
+            assert torch.equal(
+                native.gelu_times_torch(gu).view(torch.int16), want.view(torch.int16)
+            )
+    with pytest.raises(ValueError):
+        native.gelu_times_torch(gu[:, :40])  # f = 20: not whole vectors

@@ -67,10 +67,12 @@ class Lora32:
     def __init__(self, lora: FastLora, fast: FastGemma3) -> None:
         self.layers: list[dict[str, _Group32]] = []
         self.descs: list[dict[str, LoraDesc]] | None = None
+        self.pointers: torch.Tensor | None = None  # the descs for the whole-step kernel
         if fast.native is not None:  # the groups' own (their B read as it lies: no copy)
             descs = [{name: g.desc for name, g in groups.items()} for groups in lora.layers]
             if all(d is not None for groups in descs for d in groups.values()):
                 self.descs = descs  # type: ignore[assignment]
+                self.pointers = lora.desc_pointers
                 return
         for groups in lora.layers:
             out: dict[str, _Group32] = {}
@@ -105,8 +107,17 @@ def step_rows(
     if any(p >= c.max_len for p, c in zip(positions, caches, strict=True)):
         raise ValueError("a cache is full")
     hd, nh, nkv = fast.head_dim, fast.n_heads, fast.n_kv
-    x = F.embedding(tokens, fast.embed) * fast.embed_scale  # (B, C)
     index = torch.tensor(positions, device=fast.device)
+    if fast.step_model is not None and all(
+        s[2] is None or s[2].pointers is not None for s in spans
+    ):
+        hidden = fast.native_step(
+            tokens, index, _cache_pointers(caches), _step_spans(spans, len(fast.layers))
+        )
+        for cache, pos in zip(caches, positions, strict=True):
+            cache.length = pos + 1
+        return hidden
+    x = F.embedding(tokens, fast.embed) * fast.embed_scale  # (B, C)
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # torch's RoPE only: rows' cos, sin
     if fast.native is None:
         rope = {k: (c[index].view(b, 1, 1, hd), s[index].view(b, 1, 1, hd))
@@ -149,14 +160,34 @@ def pad_rows(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.repeat(2, 1) if hidden.shape[0] == 1 else hidden
 
 
+def _cache_pointers(caches: Sequence[KVCache]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each layer's K and V data pointers and ring sizes of the rows' batch-1 caches, (L, B)
+    int64 each."""
+    pointers = [c.pointers() for c in caches]
+    k = torch.tensor([p[0] for p in pointers], dtype=torch.int64).t().contiguous()
+    v = torch.tensor([p[1] for p in pointers], dtype=torch.int64).t().contiguous()
+    sizes = torch.tensor([c.sizes for c in caches], dtype=torch.int64).t().contiguous()
+    return k, v, sizes
+
+
 def _cache_tables(caches: Sequence[KVCache], kv_heads: int, dtype: torch.dtype) -> list[CacheTable]:
     """Every layer's `CacheTable` of the rows' batch-1 caches (`dtype`), made at once for a
     step."""
-    pointers = [c.pointers() for c in caches]
-    k = torch.tensor([p[0] for p in pointers], dtype=torch.int64).t().contiguous()  # (L, B)
-    v = torch.tensor([p[1] for p in pointers], dtype=torch.int64).t().contiguous()
-    sizes = torch.tensor([c.sizes for c in caches], dtype=torch.int64).t().contiguous()
+    k, v, sizes = _cache_pointers(caches)
     return [CacheTable(k[i], v[i], sizes[i], kv_heads, dtype) for i in range(k.shape[0])]
+
+
+def _step_spans(
+    spans: Sequence[Span], layers: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The spans as the whole-step kernel takes them: rows [lo, hi) (S,) int64 each and the LoRA
+    desc pointers (L, 4, S) (0: no adapter)."""
+    lo = torch.tensor([s[0] for s in spans], dtype=torch.int64)
+    hi = torch.tensor([s[1] for s in spans], dtype=torch.int64)
+    none = torch.zeros(layers, len(GROUPS), dtype=torch.int64)
+    tables = [s[2].pointers if s[2] is not None else None for s in spans]
+    stacked = torch.stack([t if t is not None else none for t in tables])
+    return lo, hi, stacked.permute(1, 2, 0).contiguous()
 
 
 class _Shadow(KVCache):

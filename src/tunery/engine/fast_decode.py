@@ -56,6 +56,7 @@ from tunery.engine.native import (
     NativeKernels,
     PackedHead,
     PackedLinear,
+    StepModel,
 )
 from tunery.engine.sampling import greedy
 
@@ -354,6 +355,23 @@ class FastLora:
     def __init__(self, layers: list[dict[str, _LoraGroup]]) -> None:
         self.layers = layers
 
+    @cached_property
+    def desc_pointers(self) -> torch.Tensor | None:
+        """Each layer's groups' `LoraDesc` pointers, (L, 4) int64 in `GROUPS` order (0: no LoRA
+        there), as the whole-step kernel reads them (`FastGemma3.native_step`); None where a
+        group has no desc (weights the LoRA kernel cannot read in place)."""
+        pointers = []
+        for groups in self.layers:
+            row = []
+            for name, _ in GROUPS:
+                group = groups.get(name)
+                desc = group.desc if group is not None else None
+                if group is not None and desc is None:
+                    return None
+                row.append(0 if desc is None else desc.pointer)
+            pointers.append(row)
+        return torch.tensor(pointers, dtype=torch.int64)
+
     @property
     def nbytes(self) -> int:
         return sum(
@@ -520,6 +538,13 @@ class KVCache:
             self._tables = [CacheTable.of(list(k), list(v)) for k, v in pairs]
         return self._tables
 
+    def table_pointers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`tables()` as the whole-step kernel reads them: each layer's K and V pointers and
+        ring sizes of every batch row, (L, B) int64 each."""
+        tables = self.tables()
+        return (torch.stack([t.k for t in tables]), torch.stack([t.v for t in tables]),
+                torch.stack([t.sizes for t in tables]))  # fmt: skip
+
     def pointers(self) -> tuple[list[int], list[int]]:
         """Each layer's K and V data pointers (batch row 0), as the native attention reads a
         batch-1 cache; made once."""
@@ -597,13 +622,17 @@ class FastGemma3:
         native: bool = True,
         head_scan: bool = True,
         cache: KernelCache | None = None,
+        whole_step: bool = True,
     ) -> None:
         """`native`: decode steps attend, add LoRA deltas and norm rows with the C kernels
         (`native`) where they build and the weights are bf16 or fp32 on a CPU; else (or False)
         torch. `head_scan`: pack the head for greedy picks (`packed_head`); training, which
         needs the head's logits, does without it. `cache`: where the model's packed weights
-        are kept between processes (read if there, else written once built)."""
+        are kept between processes (read if there, else written once built). `whole_step`:
+        a decode step is one call of those kernels where it can be (`step_model`); False: one
+        call per op, with the same bits (to compare)."""
         self.weights = weights
+        self.whole_step = whole_step
         self.config = config
         embed = tensors[_EMBED]
         self.dtype: torch.dtype = embed.dtype
@@ -853,6 +882,14 @@ class FastGemma3:
         if pos >= cache.max_len:
             raise ValueError("the cache is full")
         b = tokens.shape[0]
+        no_lora = torch.zeros(len(self.layers), len(GROUPS), dtype=torch.int64)
+        pointers = lora.desc_pointers if lora is not None else no_lora
+        if self.step_model is not None and pointers is not None:  # the whole step in one call
+            spans = (torch.tensor([0]), torch.tensor([b]), pointers.unsqueeze(-1))
+            positions = torch.full((b,), pos, dtype=torch.int64)
+            hidden = self.native_step(tokens, positions, cache.table_pointers(), spans)
+            cache.length = pos + 1
+            return hidden
         x = F.embedding(tokens, self.embed) * self.embed_scale  # (B, C)
         rope = {k: (c[pos], s[pos]) for k, (c, s) in self._rope.items()}
         hd, nh, nkv = self.head_dim, self.n_heads, self.n_kv
@@ -916,6 +953,54 @@ class FastGemma3:
         full (its best logits are recomputed by one matmul over all the rows)."""
         return (self.packed_head is not None or not self.head.int8) and all(
             linear.q is None for layer in self.layers for linear in layer.projections
+        )
+
+    @cached_property
+    def step_model(self) -> StepModel | None:
+        """The model as the native whole-step kernel reads it (`native.decode_step`, one call a
+        decode step instead of ~300 ops), or None where it does not run: it needs bf16 weights,
+        every projection on the AMX tiles, and torch's tanh (`NativeKernels.steps`). Made again
+        when the RoPE tables grow."""
+        native = self.native
+        if not self.whole_step or native is None or not native.steps:
+            return None
+        if self.dtype != torch.bfloat16:
+            return None
+        self._ensure_rope(1)
+        ff = self.layers[0].gu.out_features // 2
+        if ff % 16 or self.head_dim % 16 or self.n_heads % self.n_kv:
+            return None
+        fields = [len(self.layers), self.hidden, self.n_heads, self.n_kv, self.head_dim, ff]
+        fields.append(self.final_norm.data_ptr())
+        tensors = [self.final_norm]
+        for layer in self.layers:
+            tiles = [p.tiled[1].panels for p in layer.projections if p.tiled is not None]
+            if len(tiles) != len(GROUPS) or any(p.int8 for p in layer.projections):
+                return None
+            cos, sin = self._rope["sliding" if layer.sliding else "full"]
+            norms = (layer.ln_in, layer.q_norm, layer.k_norm, layer.ln_post_attn,
+                     layer.ln_pre_ff, layer.ln_post_ff)  # fmt: skip
+            own = [*tiles, *norms, cos, sin]
+            if not all(t.is_contiguous() for t in own):
+                return None
+            fields += [t.data_ptr() for t in own]
+            tensors += own
+        return native.step_model(fields, tensors)
+
+    def native_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        caches: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        spans: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """A decode step by the whole-step kernel (`step_model` not None): one token per row (B,)
+        at `positions`; `caches` and `spans` as `NativeKernels.decode_step` takes them. The same
+        bits as the step op by op. Returns the hidden states (B, C)."""
+        assert self.native is not None and self.step_model is not None
+        x = (F.embedding(tokens, self.embed) * self.embed_scale).contiguous()
+        return self.native.decode_step(
+            self.step_model, self.eps, self.scaling, x, positions, caches, spans
         )
 
     @cached_property
@@ -1018,6 +1103,7 @@ class FastGemma3:
             key = "sliding" if t == "sliding_attention" else "full"
             self._rope[key] = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
         self._rope_len = length
+        self.__dict__.pop("step_model", None)  # it points into the tables: made again
 
 
 def _norm_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,7 @@ _SOURCES = [
     for n in (
         "decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c", "linear.c",
         "head_loss.c", "gelu.c", "tiles.c", "lora_train.c", "train_attention.c",
+        "decode_step.c",
     )
 ]  # fmt: skip
 # -ffp-contract=off: GCC fuses a * b + c into one FMA (one rounding) where its optimizer sees
@@ -147,6 +148,16 @@ class NativeKernels:
         self._tiles_linear.restype = i32
         # the most label rows `head_loss` multiplies a bf16 head by AMX tiles (0: none here)
         self.head_loss_tile_rows = int(library.tunery_head_loss_amx_rows())
+        self._step = library.tunery_decode_step
+        self._step.argtypes = [ptr, f32, f32, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr]
+        self._step.argtypes += [ptr, ptr, i32]
+        self._step.restype = i32
+        self._gelu_torch = library.tunery_gelu_times_torch
+        self._gelu_torch.argtypes = [i64, i64, ptr, ptr, ptr, i32]
+        self._gelu_torch.restype = None
+        tanh = _torch_tanh16() if library.tunery_decode_step_supported() else None
+        # torch's own tanh, where the step's gelu with it gives torch's bits (else no step)
+        self._tanh16 = tanh if tanh is not None and self._gelu_is_torchs(tanh) else None
         self._softmax_xent = library.tunery_softmax_xent
         self._softmax_xent.argtypes = [i64, i64, ptr, i32, ptr, ptr, i32]
         self._softmax_xent.restype = i32
@@ -570,6 +581,73 @@ class NativeKernels:
         )  # fmt: skip
         return y if status == 0 else None
 
+    @property
+    def steps(self) -> bool:
+        """Whether `decode_step` runs here: AMX tiles, and torch's AVX-512 tanh found, with which
+        the step's gelu gives torch's bits."""
+        return self._tanh16 is not None
+
+    def gelu_times_torch(self, gu: torch.Tensor) -> torch.Tensor:
+        """(B, 2f) bf16 → `F.gelu(gate, approximate="tanh") * up` (B, f) by the step's kernel,
+        with torch's bits (where `steps`)."""
+        rows, f = gu.shape[0], gu.shape[1] // 2
+        if self._tanh16 is None or gu.dtype != torch.bfloat16 or f % 16 or not gu.is_contiguous():
+            raise ValueError("the step's gelu: contiguous bf16 rows of 2f, f a multiple of 16")
+        out = torch.empty(rows, f, dtype=torch.bfloat16)
+        self._gelu_torch(rows, f, gu.data_ptr(), out.data_ptr(), self._tanh16, 1)
+        return out
+
+    def _gelu_is_torchs(self, tanh16: int) -> bool:
+        """Whether the step's gelu with `tanh16` gives torch's bits: on every finite bf16 gate
+        (and -inf), each times an up of either sign and a few magnitudes."""
+        gate = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+        gate = gate.view(torch.bfloat16)
+        gate = gate[~gate.isnan() & (gate != float("inf"))]
+        gate = gate[: gate.numel() // 16 * 16].view(-1, 16)
+        up = torch.tensor([1.0, -3.5, 0.0078125, 117.0] * 4, dtype=torch.bfloat16)
+        up = up.expand_as(gate)
+        gu, out = torch.cat([gate, up], 1), torch.empty_like(gate)
+        self._gelu_torch(gate.shape[0], 16, gu.data_ptr(), out.data_ptr(), tanh16, 1)
+        want = torch.nn.functional.gelu(gate, approximate="tanh") * up
+        return bool(torch.equal(out.view(torch.int16), want.view(torch.int16)))
+
+    def step_model(self, fields: Sequence[int], tensors: Sequence[torch.Tensor]) -> StepModel:
+        """A model as `decode_step` reads it (see `decode_step.c`'s layout), keeping `tensors`
+        (what the fields point into) alive."""
+        return StepModel(torch.tensor(fields, dtype=torch.int64), list(tensors))
+
+    def decode_step(
+        self,
+        model: StepModel,
+        eps: float,
+        scale: float,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        caches: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        spans: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """A whole decode step (`decode_step.c`): x (B, C) bf16 the tokens' scaled embeddings
+        (overwritten: the residual stream), positions (B,) int64; `caches` each layer's K and V
+        data pointers and ring sizes (L, B) int64; `spans` (row_lo, row_hi) (S,) int64 and each
+        layer's groups' LoRA desc pointers (L, 4, S) int64 (0: none). Returns the final norm
+        (B, C)."""
+        if self._tanh16 is None:
+            raise RuntimeError("the decode step does not run here")
+        rows = x.shape[0]
+        if rows > self.TILES_MAX_ROWS or x.dtype != torch.bfloat16 or not x.is_contiguous():
+            raise ValueError(f"contiguous bf16 rows, at most {self.TILES_MAX_ROWS}")
+        (k, v, sizes), (lo, hi, lora) = caches, spans
+        out = torch.empty_like(x)
+        status = self._step(
+            model.fields.data_ptr(), eps, scale, rows, x.data_ptr(), positions.data_ptr(),
+            k.data_ptr(), v.data_ptr(), sizes.data_ptr(), lo.shape[0], lo.data_ptr(),
+            hi.data_ptr(), lora.data_ptr(), self._tanh16, out.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("decode step: out of memory")
+        return out
+
     def linear_bf16w(self, x: torch.Tensor, weight: PackedLinear) -> torch.Tensor:
         """x (rows, in) fp32 @ W^T, W (out, in) bf16 packed by `narrow_linear` → (rows, out)
         fp32, each output one running sum over `in` in order (`linear.c`): a row's bits do not
@@ -772,6 +850,25 @@ def _kernel(builds: Kernel, *tensors: torch.Tensor, dtype: torch.dtype | None = 
             f"the kernels take all bf16 or all fp32 tensors, not {sorted(map(str, kinds))}"
         )
     return builds[kinds.pop()]
+
+
+class StepModel:
+    """A model's weights as `decode_step.c` reads them: its int64 fields (sizes, and pointers
+    into `tensors`, kept alive here)."""
+
+    def __init__(self, fields: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+        self.fields, self._tensors = fields, tensors
+
+
+def _torch_tanh16() -> int | None:
+    """The address of the AVX-512 tanh torch's own kernels call (SLEEF's, which libtorch_cpu
+    exports), or None where it has none."""
+    library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    try:
+        function = ctypes.CDLL(str(library)).Sleef_tanhf16_u10
+    except (OSError, AttributeError):
+        return None
+    return ctypes.cast(function, ctypes.c_void_p).value
 
 
 class PackedHead:
