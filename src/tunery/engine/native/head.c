@@ -515,6 +515,13 @@ static int64_t candidates(float *upper, int64_t v_padded, float threshold) {
  * or has more than `limit` candidates (the caller takes it another way). `upper`: room for
  * rows x v_count rounded up to BLOCK floats. Returns 0, or -1 out of memory / without the
  * kernel. */
+/* A token's exact logit: the fp32 dot product of the row and its weights (fp32, or bf16 and
+ * then rounded to bf16, as the bf16 head rounds it). */
+static inline float exact_logit(const float *x, const char *weights, int64_t c, int fp32) {
+    return fp32 ? dot_f32_f32(x, (const float *)weights, c)
+                : bf16_to_f32(f32_to_bf16(dot_f32_bf16(x, (const uint16_t *)weights, c)));
+}
+
 int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const void *h,
                        int64_t h_stride, const int8_t *packed, const float *scale,
                        const float *norm, const float *err_norm, const int32_t *offset,
@@ -608,7 +615,23 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const void *h,
          * are. */
         float step = fp32 ? 0 : fmaxf(fabsf(best), fabsf(most)) * (1.0f / 128) * 1.01f;
         float *row_upper = upper + r * v_padded;
+        int64_t width = c * (fp32 ? 4 : 2); /* bytes of a weight row */
 #if HEAD_INT8 == 2 /* the row's block maxima, then its candidates behind them */
+        /* The exact logit of the token with the highest upper bound is a lower bound of the
+         * best logit, most often far above the bounds' (an int8 logit's error bound is wide):
+         * a higher threshold leaves fewer candidates, and no fewer than the answer needs. */
+        int64_t top_block = 0;
+        for (int64_t b = 1; b < blocks; b++)
+            if (row_upper[b] > row_upper[top_block]) top_block = b;
+        float high[BLOCK] __attribute__((aligned(64)));
+        block_highs(r, top_block, v_count, c, hq, packed, scale, norm, err_norm, offset, info,
+                    high);
+        int lane = 0;
+        for (int l = 1; l < BLOCK; l++)
+            if (high[l] > high[lane]) lane = l;
+        float known = exact_logit(hf + r * c, (const char *)w + (top_block * BLOCK + lane) * width,
+                                  c, fp32);
+        best = fmaxf(best, known);
         int32_t *token = (int32_t *)(row_upper + blocks);
         int64_t cap = limit < v_padded - blocks ? limit : v_padded - blocks;
         int64_t n = candidates(r, row_upper, blocks, best - step, token, cap, v_count, c, hq,
@@ -622,17 +645,13 @@ int tunery_head_argmax(int64_t rows, int64_t c, int64_t v_count, const void *h,
             out[r] = -1;
             continue;
         }
-        int64_t width = c * (fp32 ? 4 : 2); /* bytes of a weight row */
         float top = -INFINITY;
         int64_t at = -1;
         for (int64_t i = 0; i < n; i++) {
             if (i + 4 < n) /* the weights' rows are far apart: fetch ahead */
                 for (int64_t off = 0; off < width; off += 64)
                     _mm_prefetch((const char *)w + token[i + 4] * width + off, _MM_HINT_T0);
-            const char *row = (const char *)w + token[i] * width;
-            float logit = fp32 ? dot_f32_f32(hf + r * c, (const float *)row, c)
-                               : bf16_to_f32(f32_to_bf16( /* as the bf16 head rounds it */
-                                     dot_f32_bf16(hf + r * c, (const uint16_t *)row, c)));
+            float logit = exact_logit(hf + r * c, (const char *)w + token[i] * width, c, fp32);
             if (at < 0 || logit > top) {
                 top = logit;
                 at = token[i];
