@@ -119,27 +119,30 @@ def test_a_decode_step_in_one_native_call_gives_the_op_by_op_bits(
 ) -> None:
     """The whole-step kernel (`FastGemma3.step_model`: every layer in one C call) gives each row
     the bits of the step op by op, batched over adapters and a row with none, and on the
-    single-stream path (`FastGemma3.step`), past the sliding window's wrap."""
+    single-stream path (`FastGemma3.step`), past the sliding window's wrap. (Both from the same
+    caches: the op-by-op model's prefill, as the whole-step one prefills by its kernel.)"""
     whole = FastGemma3(base.config, base.weights)
     if whole.step_model is None:
         pytest.skip("no whole-step kernel here (it needs AMX tiles)")
     by_op = FastGemma3(base.config, base.weights, whole_step=False)
     assert by_op.step_model is None
     runs = []
+    by_op_loras = [FastLora.load(a, by_op) for a in adapters]
     for fast in (whole, by_op):
         loras = [FastLora.load(a, fast) for a in adapters]
         assert all(lora is not None for lora in loras)
         w32 = [Lora32(lora, fast) for lora in loras if lora is not None]
         spans = [(0, 1, None), (1, 3, w32[0]), (3, 4, w32[1]), (4, 6, w32[2])]
-        rows = [None, loras[0], loras[0], loras[1], loras[2], loras[2]]
         ids = [base.tokenizer(p)["input_ids"] for p in PROMPTS]
         out = []
         with torch.inference_mode():
             caches = [fast.new_cache(len(i) + 80) for i in ids]
             single = fast.new_cache(len(ids[2]) + 80)
-            for i, cache, lora in zip(ids, caches, rows, strict=True):
-                fast.prefill(i, cache, lora)
-            fast.prefill(ids[2], single, loras[0])
+            first, second, third = by_op_loras
+            prefill_rows = [None, first, first, second, third, third]  # as the spans
+            for i, cache, lora in zip(ids, caches, prefill_rows, strict=True):
+                by_op.prefill(i, cache, lora)
+            by_op.prefill(ids[2], single, by_op_loras[0])
             for step in range(70):
                 tokens = torch.tensor([(5 * step + 11 * r) % 1000 + 10 for r in range(6)])
                 out.append(step_rows(fast, tokens, caches, spans))

@@ -198,8 +198,8 @@ def test_a_prompts_projected_rows_do_not_depend_on_the_prompts_beside_it(
 ) -> None:
     """The model's shapes (640 → 1536), short and long prompts: each prompt's rows projected
     among others get the bits they get alone. (One 72-row oneDNN bf16 call rounded some rows
-    unlike an 8-row one on a CPU with AMX.) With AMX tiles the prompts of up to 64 rows are cut
-    into 64-row calls wherever a cut falls, and still do."""
+    unlike an 8-row one on a CPU with AMX.) With AMX tiles the prompts are cut into calls of
+    `Linear.TILED_MAX_ROWS` rows wherever a cut falls, and still do."""
     from tunery.engine.fast_decode import Linear, _project_prompts, pack
     from tunery.engine.native import NativeKernels
 
@@ -213,7 +213,7 @@ def test_a_prompts_projected_rows_do_not_depend_on_the_prompts_beside_it(
             pytest.skip("no AMX tiles on this CPU")
         tiles = (native, packed)
     linear = Linear([weight], "bf16", pack(weight), tiled=tiles)
-    assert linear.free_rows(dtype) == (64 if tiled else 0)
+    assert linear.free_rows(dtype) == (Linear.TILED_MAX_ROWS if tiled else 0)
     lengths = [6, 7, 1, 8, 2, 40, 5, 33, 3, 9, 8, 1, 70, 64, 12]
     x = torch.randn(1, sum(lengths), 640).to(dtype)
     together = _project_prompts(linear, x, lengths)

@@ -807,25 +807,27 @@ def test_gelu_times_and_its_gradient_agree_with_torch_autograd(
 
 @pytest.mark.skipif(native is None or not native.tiles, reason="no AMX tiles on this CPU")
 def test_tiles_linear_gives_each_row_the_same_bits_in_any_batch() -> None:
-    """`tiles_linear` (AMX tiles) is x Wᵀ summed in fp32 and rounded to bf16 once, for 1-64 rows
-    (output tiles in pairs and an odd one, row groups in passes), and a row's bits do not depend
-    on the rows around it or the thread count; more rows, or odd shapes, are declined."""
+    """`tiles_linear` (AMX tiles) is x Wᵀ summed in fp32 and rounded to bf16 once, for 1 to
+    `TILES_MAX_ROWS` rows (output tiles in pairs and an odd one, row groups two a pass), and a
+    row's bits do not depend on the rows around it or the thread count; more rows, or odd
+    shapes, are declined."""
     assert native is not None
     g = torch.Generator().manual_seed(5)
     weight = (torch.randn(80, 96, generator=g) * 0.1).bfloat16()  # 5 output tiles, 3 chunks
     tiled = native.tiles_pack(weight)
     assert tiled is not None
-    x = torch.randn(64, 96, generator=g).bfloat16()
+    most = native.TILES_MAX_ROWS
+    x = torch.randn(most, 96, generator=g).bfloat16()
     whole = native.tiles_linear(x, tiled)
     assert whole is not None and whole.dtype == torch.bfloat16
     want = (x.float() @ weight.float().t()).bfloat16()
     assert ((whole.float() - want.float()).abs() <= want.float().abs() * 2**-7 + 1e-6).all()
-    for rows in (1, 2, 17, 33, 50):
+    for rows in (1, 2, 17, 33, 50, 64, 65, 300):
         for threads in (1, 2):
             with _threads(threads):
-                part = native.tiles_linear(x[64 - rows :], tiled)
-            assert part is not None and torch.equal(part, whole[64 - rows :])
-    assert native.tiles_linear(torch.zeros(65, 96).bfloat16(), tiled) is None
+                part = native.tiles_linear(x[most - rows :], tiled)
+            assert part is not None and torch.equal(part, whole[most - rows :])
+    assert native.tiles_linear(torch.zeros(most + 1, 96).bfloat16(), tiled) is None
     assert native.tiles_pack(torch.zeros(80, 100).bfloat16()) is None  # inputs not a multiple of 32
     assert native.tiles_pack(torch.zeros(40, 96).bfloat16()) is None  # outputs not of 16
 

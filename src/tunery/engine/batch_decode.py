@@ -17,7 +17,8 @@ What is shared and what is not (each choice measured on this CPU, bf16 weights):
   Against `FastGemma3.step` (1 row) the tokens are the same unless such an ulp decides a near
   tie.
 - Attention, LoRA and the norms run per row, each row in an order fixed by its own cache and
-  adapter: by the C kernels (`native`, one call per layer for all rows) where they build, else
+  adapter: by the C kernels (`native`, one call per layer for all rows; with AMX tiles one call
+  for the whole step, `FastGemma3.native_step`) where they build, else
   in torch. There LoRA runs per adapter on its contiguous range of rows (rows are ordered by
   adapter), as Punica/LoRAX group them: a 1-row fp32 `F.linear` and a many-row one round
   differently, but a `bmm` of (m, 1, in) rows with the adapter's transposed weight expanded over

@@ -68,13 +68,32 @@ class Handle:
         self.closed = True
 
     def _put(self, item: object) -> None:
-        if self._loop is None or self._arrived is None:
-            self._queue.put(item)
-            return
-        try:  # one wake-up of the loop runs every handle's put of a step
-            self._loop.call_soon_threadsafe(self._arrived.put_nowait, item)
+        _deliver([(self, item)])
+
+
+def _deliver(puts: list[tuple[Handle, object]]) -> None:
+    """Hand each item to its handle: a step's items for the handles of one asyncio loop in one
+    wake-up of that loop (not a `call_soon_threadsafe` each: 32 wake-ups a step), the others on
+    their queues."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Handle, object]]] = {}
+    for handle, item in puts:
+        if handle._loop is None or handle._arrived is None:
+            handle._queue.put(item)
+        else:
+            by_loop.setdefault(handle._loop, []).append((handle, item))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_arrive, items)
         except RuntimeError:  # the loop has closed: nobody is listening
-            self.closed = True
+            for handle, _ in items:
+                handle.closed = True
+
+
+def _arrive(items: list[tuple[Handle, object]]) -> None:
+    """On a handle's loop: each item onto its handle's queue."""
+    for handle, item in items:
+        assert handle._arrived is not None
+        handle._arrived.put_nowait(item)
 
 
 def _token(item: object) -> int | None:
@@ -126,6 +145,8 @@ class BatchScheduler:
         self._prompt_tokens = prompt_tokens
         self._waiting: deque[_Row] = deque()
         self._rows: list[_Row] = []  # decoding; touched by the decode thread only
+        # The last step's tokens, handed out just before the next native call (see `_flush`)
+        self._outbox: list[tuple[Handle, object]] = []
         self._lora32: dict[int, tuple[FastLora, Lora32]] = {}  # id(lora) → fp32 copy in use
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -185,6 +206,7 @@ class BatchScheduler:
                             lambda: bool(self._waiting) or self._closed, timeout=IDLE_EXIT_S
                         )
                     if self._closed:
+                        self._flush()
                         for row in [*self._waiting, *self._rows]:
                             row.handle._put(RuntimeError("the server is shutting down"))
                         self._waiting.clear()
@@ -203,10 +225,13 @@ class BatchScheduler:
                     self._iteration(new)
                 except Exception as e:  # a bug, or out of memory: fail these requests, go on
                     log.exception("batched decode step failed")
+                    self._flush()
                     for row in self._rows + new:
                         row.handle._put(e)
                     self._rows = []
                     self._lora32.clear()
+                if not self._rows:  # no step next: nothing to hand them out before
+                    self._flush()
                 with self._cond:
                     self._running = len(self._rows)
 
@@ -233,10 +258,13 @@ class BatchScheduler:
         if rows:
             tokens = torch.tensor([r.next_token for r in rows], device=fast.device)
             caches = [r.cache for r in rows if r.cache is not None]
-            hidden.append(step_rows(fast, tokens, caches, self._spans(rows)))
+            spans = self._spans(rows)
+            self._flush()
+            hidden.append(step_rows(fast, tokens, caches, spans))
         new = [row for row in new if not row.handle.closed]
         try:
             if new:
+                self._flush()
                 caches = [r.new_cache(fast) for r in new]
                 prompts, loras = [r.prompt for r in new], [r.lora for r in new]
                 hidden.append(fast.prefill_many(prompts, caches, loras))
@@ -271,19 +299,30 @@ class BatchScheduler:
             for k, j in enumerate(sampled):  # its generator draws as in the solo loop
                 best[j] = int(pick(logits[k : k + 1].float(), rows[j].params, rows[j].rng))
         keep = []
+        puts: list[tuple[Handle, object]] = []
         for j, row in enumerate(rows):
             token = best[j]
             row.produced += 1
-            row.handle._put(token)
+            puts.append((row.handle, token))
             if token in self._eos or row.produced >= row.params.max_output_tokens:
-                row.handle._put(_END)
+                puts.append((row.handle, _END))
             else:
                 row.next_token = token
                 keep.append(row)
+        self._outbox = puts
         self._rows = keep
         live = {r.key for r in keep}
         for key in [k for k in self._lora32 if k not in live]:
             del self._lora32[key]
+
+    def _flush(self) -> None:
+        """Hand out the last step's tokens. Called just before the next step's native call,
+        which releases the GIL for its whole length: the asyncio loop then streams them out
+        meanwhile. Handed out as the step ended, the loop took the GIL from the decode thread's
+        bookkeeping for ~2 ms a 32-row step."""
+        if self._outbox:
+            _deliver(self._outbox)
+            self._outbox = []
 
     def _spans(self, rows: list[_Row]) -> list[Span]:
         """Runs of rows (sorted by adapter) sharing one adapter, with its fp32 weights."""

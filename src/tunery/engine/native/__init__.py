@@ -554,7 +554,7 @@ class NativeKernels:
         return PackedLinear(panels, n_out, n_in) if inexact == 0 else None
 
     # the most rows `tiles_linear` takes (`tiles.c`)
-    TILES_MAX_ROWS = 64
+    TILES_MAX_ROWS = 1024
 
     def tiles_pack(self, weight: torch.Tensor) -> PackedLinear | None:
         """`weight` (out, in) bf16 packed for `tiles_linear`; None where the tiles do not run here

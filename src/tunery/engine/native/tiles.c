@@ -4,13 +4,14 @@
  * With few rows, a matmul is a stream of W through the cores, so what counts is reading W at the
  * memory's rate. A tile product C += A B takes B = 16 outputs x 32 inputs of W, laid out in input
  * pairs (`tunery_tiles_pack`: each tile's 1 KB contiguous, the tiles in the order they are read),
- * and A = 16 rows of x; two output tiles go at once, so four sums are in flight. Up to 64 rows
- * (row groups of 16, two a pass, the second pass reading W's tiles from cache).
+ * and A = 16 rows of x; two output tiles go at once, so four sums are in flight. Up to 1024 rows
+ * (row groups of 16, two a pass, each pass after the first reading W's tiles from cache): the
+ * whole-step kernel sends a batch of prompts' rows in one call, W read from memory once.
  *
  * Each output's sum runs over the inputs in chunks of 32 in order, the same for any number of
- * rows (up to 64) and any thread count: a row gets the same bits alone as among others. On an
- * AMX Xeon these are oneDNN's bits up to 32 rows (which it computes the same way, measured on
- * Gemma 3 270M's shapes), at 0.78-0.84x its time for 1-46 rows.
+ * rows (up to MAX_ROWS) and any thread count: a row gets the same bits alone as among others.
+ * On an AMX Xeon these are oneDNN's bits up to 32 rows (which it computes the same way, measured
+ * on Gemma 3 270M's shapes), at 0.78-0.84x its time for 1-46 rows.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -24,7 +25,7 @@
 
 #define TILE_OUT 16  /* outputs per tile */
 #define TILE_IN 32   /* inputs per tile */
-#define MAX_ROWS 64  /* four row groups of 16 */
+#define MAX_ROWS 1024 /* row groups of 16, two a pass */
 #define AHEAD 32768  /* bytes of W prefetched ahead of each stream of tiles */
 
 /* W (out x in, bf16, contiguous) → wp: for output tile o and input chunk q, the 16 x 32 tile as
@@ -110,7 +111,8 @@ int tunery_tiles_supported(void) {
 }
 
 /* y (rows x out, bf16) = x (rows x in, bf16, contiguous) W^T for W packed by `tunery_tiles_pack`.
- * Returns 0; -1 where it does not run (no tiles, more than 64 rows, shapes) or out of memory. */
+ * Returns 0; -1 where it does not run (no tiles, more than MAX_ROWS rows, shapes) or out of
+ * memory. */
 int tunery_tiles_linear(int64_t rows, int64_t in, int64_t out, const uint16_t *x,
                         const uint16_t *wp, uint16_t *y, int threads) {
 #if AMX
