@@ -119,10 +119,16 @@ int tunery_tiles_linear(int64_t rows, int64_t in, int64_t out, const uint16_t *x
     if (!amx_permitted() || rows < 1 || rows > MAX_ROWS || in % TILE_IN || out % TILE_OUT)
         return -1;
     int groups = (int)((rows + 15) / 16);
-    uint16_t *xp = aligned_alloc(64, sizeof(uint16_t) * groups * 16 * in);
-    if (xp == NULL) return -1;
-    memcpy(xp, x, sizeof(uint16_t) * rows * in);
-    memset(xp + rows * in, 0, sizeof(uint16_t) * (groups * 16 - rows) * in);
+    /* x padded with zero rows to whole groups of 16; read in place when it has them */
+    uint16_t *padded = NULL;
+    const uint16_t *xp = x;
+    if (rows % 16) {
+        padded = aligned_alloc(64, sizeof(uint16_t) * groups * 16 * in);
+        if (padded == NULL) return -1;
+        memcpy(padded, x, sizeof(uint16_t) * rows * in);
+        memset(padded + rows * in, 0, sizeof(uint16_t) * (groups * 16 - rows) * in);
+        xp = padded;
+    }
     int64_t tiles = out / TILE_OUT, pairs = (tiles + 1) / 2, chunk = in / TILE_IN * TILE_OUT * TILE_IN;
 #pragma omp parallel num_threads(threads > 0 ? threads : 1)
     {
@@ -137,7 +143,7 @@ int tunery_tiles_linear(int64_t rows, int64_t in, int64_t out, const uint16_t *x
         }
         _tile_release();
     }
-    free(xp);
+    free(padded);
     return 0;
 #else
     (void)rows, (void)in, (void)out, (void)x, (void)wp, (void)y, (void)threads;
