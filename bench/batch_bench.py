@@ -20,6 +20,7 @@ spares the tuning on a slow CPU.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -88,6 +89,13 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--models", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--generation-config",
+        type=json.loads,
+        default=None,
+        help="JSON joined to each request's generationConfig, e.g. "
+        '\'{"temperature": 1, "topK": 64}\' (sampled streams)',
+    )
     parser.add_argument("--keep", action="store_true", help="keep the data dir and serve.log")
     parser.add_argument("--data-dir", type=Path, help="a data dir kept by --keep: serve it again")
     args = parser.parse_args()
@@ -113,7 +121,9 @@ def main() -> int:
         jobs = [(models[k % len(models)], PROMPTS[k % len(PROMPTS)]) for k in range(args.streams)]
 
         cpu0 = time.process_time()
-        wall, lat, tokens = run_load(url, jobs, args.streams, args.max_tokens)
+        wall, lat, tokens = run_load(
+            url, jobs, args.streams, args.max_tokens, args.generation_config
+        )
         client_cpu = time.process_time() - cpu0
         batched = tokens / wall
         print(
@@ -122,7 +132,7 @@ def main() -> int:
             f"{pct(lat, 50):.2f} s, p99 {pct(lat, 99):.2f} s; "
             f"{tokens / len(lat):.0f} tokens/request; load generator CPU {client_cpu:.2f} s"
         )
-        wall1, lat1, tokens1 = run_load(url, jobs, 1, args.max_tokens)
+        wall1, lat1, tokens1 = run_load(url, jobs, 1, args.max_tokens, args.generation_config)
         serial = tokens1 / wall1
         print(
             f"one at a time: the same {len(jobs)} requests: {tokens1} tokens in {wall1:.1f} s = "

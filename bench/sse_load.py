@@ -28,13 +28,14 @@ class SseConnection:
         reader, writer = await asyncio.open_connection(host, port)
         return SseConnection(reader, writer, f"{host}:{port}")
 
-    async def stream(self, model: str, prompt: str, max_tokens: int) -> tuple[float, int]:
-        """Seconds for the whole stream and the generated tokens the server reports."""
+    async def stream(
+        self, model: str, prompt: str, max_tokens: int, config: dict[str, object] | None = None
+    ) -> tuple[float, int]:
+        """Seconds for the whole stream and the generated tokens the server reports; `config`
+        joins the request's generationConfig."""
+        generation = {"maxOutputTokens": max_tokens, **(config or {})}
         body = json.dumps(
-            {
-                "contents": [{"parts": [{"text": prompt}]}],
-                "generationConfig": {"maxOutputTokens": max_tokens},
-            }
+            {"contents": [{"parts": [{"text": prompt}]}], "generationConfig": generation}
         ).encode()
         head = (
             f"POST /v1beta/{model}:streamGenerateContent?alt=sse HTTP/1.1\r\n"
@@ -83,16 +84,24 @@ class SseConnection:
 
 
 def run_load(
-    url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int
+    url: str,
+    jobs: list[tuple[str, str]],
+    concurrency: int,
+    max_tokens: int,
+    config: dict[str, object] | None = None,
 ) -> tuple[float, list[float], int]:
     """All `jobs` (model, prompt) over `concurrency` connections, each taking the next job when
     its stream ends: wall seconds, each request's latency, the total generated tokens. The
     connections are opened before the clock starts."""
-    return asyncio.run(_load(url, jobs, concurrency, max_tokens))
+    return asyncio.run(_load(url, jobs, concurrency, max_tokens, config))
 
 
 async def _load(
-    url: str, jobs: list[tuple[str, str]], concurrency: int, max_tokens: int
+    url: str,
+    jobs: list[tuple[str, str]],
+    concurrency: int,
+    max_tokens: int,
+    config: dict[str, object] | None,
 ) -> tuple[float, list[float], int]:
     connections = [await SseConnection.open(url) for _ in range(concurrency)]
     todo = list(reversed(jobs))
@@ -103,7 +112,7 @@ async def _load(
         nonlocal total
         while todo:
             model, prompt = todo.pop()
-            seconds, tokens = await connection.stream(model, prompt, max_tokens)
+            seconds, tokens = await connection.stream(model, prompt, max_tokens, config)
             latencies.append(seconds)
             total += tokens
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -205,6 +206,43 @@ def test_concurrent_requests_over_adapters_get_their_solo_tokens(
             if text.finish_reason is not None:
                 break
         assert results[k] == text.text, k
+
+
+def test_concurrent_sampled_requests_draw_their_solo_tokens(
+    base: LoadedBase, adapters: list[Path]
+) -> None:
+    """Seeded sampling in a batch: rows with top-k draw from their k largest logits (other k's
+    in the same step: the scheduler takes the largest and each row its first k), a row without
+    top-k from its full logits, each with its own generator: the tokens the unbatched loop draws
+    for the same request, and another seed other tokens."""
+    gen = Generator(base, backend=Backend.FAST)
+    kinds = [
+        GenerationParams(max_output_tokens=24, temperature=1.0, top_k=40, top_p=0.95, seed=1),
+        GenerationParams(max_output_tokens=24, temperature=0.7, top_k=5, seed=2),
+        GenerationParams(max_output_tokens=24, temperature=1.0, top_p=0.9, seed=3),
+        GenerationParams(max_output_tokens=24),
+    ]
+    jobs = [(p, [None, *adapters][k % 4], kinds[k % 4]) for k, p in enumerate(PROMPTS * 2)]
+    results: dict[int, str] = {}
+
+    def run(k: int) -> None:
+        prompt, adapter, params = jobs[k]
+        results[k] = gen.generate(prompt, params, adapter).candidates[0].text
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+    assert gen._batcher is not None and gen._batcher.peak_rows > 4  # they did share steps
+    for k, (prompt, adapter, params) in enumerate(jobs):  # the unbatched loop (`_decode`)
+        ids = gen._encode(prompt, adapter)
+        text = _TextStream(base.tokenizer, params, adapter is not None)
+        assert "".join(gen._locked(ids, params, adapter, text)) == results[k], k
+    prompt, adapter, params = jobs[0]
+    other = gen.generate(prompt, replace(params, seed=99), adapter).candidates[0].text
+    assert other != results[0]
 
 
 def test_closing_a_stream_frees_its_row(base: LoadedBase, adapters: list[Path]) -> None:

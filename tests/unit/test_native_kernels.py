@@ -564,6 +564,53 @@ def test_packed_fp32_head_picks_the_exact_argmax_alone_and_batched(vocab: int, d
         native.best_tokens(h.bfloat16(), head)
 
 
+@pytest.mark.parametrize(("vocab", "dim"), [(1000, 64), (4099, 640)])
+def test_top_logits_are_each_rows_k_largest_alone_batched_and_any_threads(
+    vocab: int, dim: int
+) -> None:
+    """A top-k sampler's inputs without the (rows, vocab) logits: each row's k largest logits
+    rounded to bf16, largest first, the first of equal ones first (the tie of 7 and vocab - 5),
+    the same bits for a row alone, in a batch, with one thread, and as the first j of a larger
+    k. fp32 sums of another order than torch's: equal to its logits up to their rounding."""
+    assert native is not None
+    w, h = _head(vocab, dim)
+    k = 40
+    top = native.top_logits(h, w, k)
+    if top is None:
+        pytest.skip("no AMX tiles on this CPU")
+    values, tokens = top
+    assert values.shape == tokens.shape == (40, k)
+    exact = h.double() @ w.double().T
+    for r in range(40):
+        got = exact[r, tokens[r]]
+        assert torch.allclose(values[r].double(), got, rtol=2**-7, atol=1e-6), r
+        assert values[r].bfloat16().float().equal(values[r]), r  # rounded to bf16
+        assert bool((values[r][:-1] >= values[r][1:]).all()), r  # largest first
+        kth = float(exact[r].sort(descending=True).values[k - 1])
+        assert float(got.min()) >= kth - 2**-6 * abs(kth), r  # no larger logit left out
+    assert tokens[2, :2].tolist() == [7, vocab - 5]
+    for r in (0, 1, 2, 17, 39):
+        alone = native.top_logits(h[r : r + 1], w, k)
+        assert alone is not None
+        assert torch.equal(alone[0][0], values[r]) and torch.equal(alone[1][0], tokens[r]), r
+    small = native.top_logits(h[:9], w, 5)
+    assert small is not None
+    assert torch.equal(small[1], tokens[:9, :5]) and torch.equal(small[0], values[:9, :5])
+    torch.set_num_threads(1)
+    try:
+        one = native.top_logits(h[:33], w, k)
+        assert one is not None
+        assert torch.equal(one[1], tokens[:33]) and torch.equal(one[0], values[:33])
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    h[3, 0] = float("nan")
+    nan = native.top_logits(h[:5], w, 3)
+    assert nan is not None and nan[1][3, 0] == -1 and bool((nan[1][[0, 1, 2, 4], 0] >= 0).all())
+    assert native.top_logits(h.float(), w.float(), k) is None  # bf16 only
+    with pytest.raises(ValueError, match="k must be"):
+        native.top_logits(h[:2], w, vocab + 1)
+
+
 def test_packed_head_marks_a_row_that_is_not_finite_for_the_caller() -> None:
     assert native is not None
     w, h = _head(1000, 64)

@@ -29,7 +29,7 @@ import torch
 from tunery.engine.batch_decode import MAX_ROWS, Lora32, Span, pad_rows, step_rows
 from tunery.engine.fast_decode import FastGemma3, FastLora, KVCache
 from tunery.engine.openmp import release_workers
-from tunery.engine.sampling import pick, rng_for
+from tunery.engine.sampling import pick, pick_top, rng_for
 from tunery.engine.specs import GenerationParams
 
 log = logging.getLogger(__name__)
@@ -296,10 +296,25 @@ class BatchScheduler:
             picked = fast.best_tokens(states if not sampled else states[greedy_rows])
             for j, token in zip(greedy_rows, picked, strict=True):
                 best[j] = token
-        if sampled:  # their full logits, (B, V) in bf16 (exact in fp32; a lone row padded)
-            logits = fast.logits(pad_rows(states[sampled]), float32=False)
-            for k, j in enumerate(sampled):  # its generator draws as in the solo loop
-                best[j] = int(pick(logits[k : k + 1].float(), rows[j].params, rows[j].rng))
+        # Sampled rows with top-k: their k largest logits (the most any asks for; a row's
+        # first k are its own k largest); the others their full logits, (B, V) in bf16 (exact
+        # in fp32; a lone row padded). Each row's generator draws as in the solo loop.
+        top = [(j, rows[j].params, rows[j].rng) for j in sampled if rows[j].params.top_k > 0]
+        if top:
+            values, index = fast.top_logits(
+                states[[j for j, _, _ in top]], max(p.top_k for _, p, _ in top)
+            )
+            for i, (j, params, rng) in enumerate(top):
+                if rng is not None:  # (a sampled row's)
+                    n = params.top_k
+                    best[j] = int(
+                        pick_top(values[i : i + 1, :n], index[i : i + 1, :n], params, rng)
+                    )
+        full = [j for j in sampled if rows[j].params.top_k <= 0]
+        if full:
+            logits = fast.logits(pad_rows(states[full]), float32=False)
+            for i, j in enumerate(full):
+                best[j] = int(pick(logits[i : i + 1].float(), rows[j].params, rows[j].rng))
         keep = []
         puts: list[tuple[Handle, object]] = []
         for j, row in enumerate(rows):

@@ -587,6 +587,8 @@ class FastGemma3:
     # 120 steps of real text, 9 of 32 rows fed random tokens, measured) takes the bf16 head:
     # their exact logits would cost more (~0.1 ms a thousand).
     CANDIDATES_MAX = 4096
+    # The largest top-k the native head gives (a larger one takes the full head's logits).
+    TOP_K_MAX = 1024
 
     @staticmethod
     def supports(config: Any) -> bool:
@@ -1101,6 +1103,29 @@ class FastGemma3:
             for j, token in zip(lost, self._full_head_best(hidden[lost]), strict=True):
                 best[j] = token
         return best
+
+    def top_logits(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C) → each row's k largest logits, fp32 and largest first, and their tokens: what
+        a top-k sampler needs. On AMX tiles in one read of a bf16 head, no (B, V) logits (the
+        first of equal ones first: the first j of a row's k are its j largest, the same in any
+        batch); else, or for a row it leaves, the topk of the full head's logits."""
+        k = min(k, self.head_weight.shape[0])
+        top = None
+        if self.native is not None and self.softcap is None and k <= self.TOP_K_MAX:
+            top = self.native.top_logits(hidden, self.head_weight, k)
+        if top is None:
+            return self._full_head_top(hidden, k)
+        values, tokens = top
+        lost = (tokens[:, 0] < 0).nonzero().flatten().tolist()
+        if lost:
+            values[lost], tokens[lost] = self._full_head_top(hidden[lost], k)
+        return values, tokens
+
+    def _full_head_top(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k largest of the full head's logits (the weights' dtype); a lone row padded."""
+        logits = self.logits(hidden.repeat(2, 1) if hidden.shape[0] == 1 else hidden, False)
+        values, tokens = logits[: hidden.shape[0]].topk(k, dim=-1)
+        return values.float(), tokens
 
     def _full_head_best(self, hidden: torch.Tensor) -> list[int]:
         """Greedy over the full head's logits (the weights' dtype); a lone row padded to two

@@ -43,7 +43,7 @@ from tunery.engine.hf_imports import HF_LOAD_LOCK, hf_name
 from tunery.engine.llamacpp import LlamaCppModel, adapter_gguf
 from tunery.engine.lora import ADAPTER_CONFIG
 from tunery.engine.openmp import release_workers
-from tunery.engine.sampling import pick, rng_for
+from tunery.engine.sampling import pick, pick_top, rng_for
 from tunery.engine.specs import (
     Candidate,
     FinishReason,
@@ -599,10 +599,13 @@ class _FastForward(_Forward):
     def next_tokens(
         self, hidden: torch.Tensor, params: GenerationParams, rng: torch.Generator | None
     ) -> list[int]:
-        """Greedy rows by the packed head's scan where the model has one (as the batch
-        scheduler picks them): no full vocab head."""
+        """Greedy rows by the packed head's scan where the model has one, sampled ones with top-k
+        from their k largest logits (`FastGemma3.top_logits`): as the batch scheduler picks."""
         if rng is None and self._fast.packed_head is not None:
             return self._fast.best_tokens(hidden)
+        if rng is not None and params.top_k > 0:
+            values, index = self._fast.top_logits(hidden, params.top_k)
+            return pick_top(values, index, params, rng).tolist()
         return super().next_tokens(hidden, params, rng)
 
 

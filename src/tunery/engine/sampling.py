@@ -17,14 +17,30 @@ def pick(
     """(B, V) logits → (B,) next tokens: argmax, or temperature/top-k/top-p sampling."""
     if rng is None:
         return greedy(logits)
-    logits = logits / params.temperature
     if params.top_k > 0:
         values, index = logits.topk(min(params.top_k, logits.shape[-1]), dim=-1)
-    elif params.top_p < 1.0:
+        return pick_top(values, index, params, rng)
+    logits = logits / params.temperature
+    if params.top_p < 1.0:
         values, index = logits.sort(dim=-1, descending=True)
-    else:
-        probs = logits.softmax(dim=-1)
-        return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+        return _nucleus(values, index, params, rng)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+
+
+def pick_top(
+    values: torch.Tensor, index: torch.Tensor, params: GenerationParams, rng: torch.Generator
+) -> torch.Tensor:
+    """Sampling with top-k from each row's k largest logits (B, k), largest first, and their
+    tokens (B, k): the same draw as `pick` on the full logits, which need not exist (see
+    `FastGemma3.top_logits`)."""
+    return _nucleus(values / params.temperature, index, params, rng)
+
+
+def _nucleus(
+    values: torch.Tensor, index: torch.Tensor, params: GenerationParams, rng: torch.Generator
+) -> torch.Tensor:
+    """A draw from the head of sorted tempered logits (B, n) whose mass reaches top_p."""
     if params.top_p < 1.0:
         probs = values.softmax(dim=-1)
         # Keep the smallest head whose mass reaches top_p (the first token always survives).

@@ -63,7 +63,7 @@ _SOURCES = [
     for n in (
         "decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c", "linear.c",
         "head_loss.c", "gelu.c", "tiles.c", "lora_train.c", "train_attention.c",
-        "decode_step.c",
+        "decode_step.c", "head_topk.c",
     )
 ]  # fmt: skip
 # -ffp-contract=off: GCC fuses a * b + c into one FMA (one rounding) where its optimizer sees
@@ -136,6 +136,10 @@ class NativeKernels:
         self._head_argmax.argtypes = [i64, i64, i64, ptr, i64, ptr, ptr, ptr, ptr, ptr, ptr]
         self._head_argmax.argtypes += [i32, i64, ptr, ptr, i32]
         self._head_argmax.restype = i32
+        self.head_topk = bool(library.tunery_head_topk_supported())  # `top_logits` runs here
+        self._head_topk = library.tunery_head_topk
+        self._head_topk.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, i32]
+        self._head_topk.restype = i32
         self._head_loss = library.tunery_head_loss
         self._head_loss.argtypes = [i64, i64, i64, ptr, ptr, i32, ptr, ptr, ptr, f32, i32]
         self._head_loss.restype = i32
@@ -728,6 +732,30 @@ class NativeKernels:
         if status != 0:
             raise MemoryError("head argmax: out of memory")
         return out.tolist()
+
+    def top_logits(
+        self, hidden: torch.Tensor, weight: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(B, C) bf16 rows and a bf16 head (V, C) → each row's k largest logits, fp32 (AMX sums
+        rounded to bf16), largest first and the first of equal ones first, and their tokens:
+        ((B, k), (B, k) int64), in one read of the head (`head_topk.c`). A row with fewer than
+        k finite logits gets token -1 first. None where the kernel does not run (no AMX tiles,
+        other dtypes or shapes)."""
+        rows, c = hidden.shape
+        fits = self.head_topk and hidden.dtype == weight.dtype == torch.bfloat16
+        if not fits or c % 32 or not weight.is_contiguous() or hidden.stride(-1) != 1:
+            return None
+        if not 0 < k <= weight.shape[0]:
+            raise ValueError(f"k must be in [1, {weight.shape[0]}]")
+        values = torch.empty(rows, k)
+        tokens = torch.empty(rows, k, dtype=torch.int64)
+        status = self._head_topk(
+            rows, c, weight.shape[0], hidden.data_ptr(), hidden.stride(0), weight.data_ptr(), k,
+            values.data_ptr(), tokens.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("head top-k: out of memory")
+        return values, tokens
 
     def head_loss(
         self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, grad: bool,
