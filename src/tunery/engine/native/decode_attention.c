@@ -9,7 +9,10 @@
  * Each thread takes one run of (row, kv head) tasks of about equal cost and fetches the next
  * task's keys and values while it computes one: between two layers the step's weights stream
  * through the caches, so the KV caches are cold (32 rows at ~50 slots, 18 layers, the caches
- * flushed before: 3.6-3.9 -> 3.0-3.5 ms).
+ * flushed before: 3.6-3.9 -> 3.0-3.5 ms). The fetches are spread over the task's score loop, a
+ * slot's worth a key: all at its start, they waited on the core's few outstanding misses as
+ * long as the task itself (a real 32-row step of Gemma 3 270M: 3.9 -> 2.5 ms at ~30 slots,
+ * 8.2 -> 5.5 ms at ~100).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -60,11 +63,39 @@ static void weigh_values(const float *ph, int64_t n, int64_t hd, const elem_t *v
     }
 }
 
+/* The slots a row attends over: those filled so far, at most its ring's size. */
+static inline int64_t filled(int64_t pos, int64_t size) { return pos + 1 < size ? pos + 1 : size; }
+
+/* A task's keys and values, to fetch into L2 ahead of it (bytes 0: none). */
+typedef struct {
+    const char *k, *v;
+    int64_t bytes;
+} task_data;
+
+/* Task t's (row t / nkv, kv head t % nkv) */
+static task_data data_of(int64_t t, int64_t nkv, int64_t hd, elem_t *const *k_cache,
+                         elem_t *const *v_cache, const int64_t *pos, const int64_t *size) {
+    int64_t r = t / nkv, g = t % nkv;
+    return (task_data){(const char *)(k_cache[r] + g * size[r] * hd),
+                       (const char *)(v_cache[r] + g * size[r] * hd),
+                       filled(pos[r], size[r]) * hd * (int64_t)sizeof(elem_t)};
+}
+
+/* Bytes [lo, hi) of its keys and values fetched into L2. */
+static inline void fetch(task_data next, int64_t lo, int64_t hi) {
+    for (int64_t off = lo; off < hi && off < next.bytes; off += 64) {
+        __builtin_prefetch(next.k + off, 0, 2);
+        __builtin_prefetch(next.v + off, 0, 2);
+    }
+}
+
 /* The 4 query heads of one kv head at once (hd a multiple of LANES): each K and V row read and
  * widened once for all four, every sum in the order `dot_f32_elem` and `weigh_values` take. */
 static void attend4(int64_t n, int64_t hd, const float *qf, const elem_t *k, const elem_t *v,
-                    float scale, float *p, float *acc, float *totals) {
+                    float scale, float *p, float *acc, float *totals, task_data next) {
+    int64_t share = (next.bytes / n + 63) / 64 * 64; /* of the next task's data, a key each */
     for (int64_t j = 0; j < n; j++) {
+        fetch(next, j * share, (j + 1) * share);
         f32v s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
         for (int64_t d = 0; d < hd; d += LANES) {
             f32v kv = load_elemv(k + j * hd + d);
@@ -95,27 +126,11 @@ static void attend4(int64_t n, int64_t hd, const float *qf, const elem_t *k, con
     }
 }
 
-/* The slots a row attends over: those filled so far, at most its ring's size. */
-static inline int64_t filled(int64_t pos, int64_t size) { return pos + 1 < size ? pos + 1 : size; }
-
-/* Task t's keys and values (row t / nkv, kv head t % nkv) fetched into L2. */
-static void fetch_task(int64_t t, int64_t nkv, int64_t hd, elem_t *const *k_cache,
-                       elem_t *const *v_cache, const int64_t *pos, const int64_t *size) {
-    int64_t r = t / nkv, g = t % nkv;
-    int64_t bytes = filled(pos[r], size[r]) * hd * (int64_t)sizeof(elem_t);
-    const char *k = (const char *)(k_cache[r] + g * size[r] * hd);
-    const char *v = (const char *)(v_cache[r] + g * size[r] * hd);
-    for (int64_t off = 0; off < bytes; off += 64) {
-        __builtin_prefetch(k + off, 0, 2);
-        __builtin_prefetch(v + off, 0, 2);
-    }
-}
-
 /* Row r, kv head g: its query heads attend over the filled slots of the row's cache. */
 static void attend(int64_t r, int64_t g, int64_t nh, int64_t nkv, int64_t hd,
                    const elem_t *q, elem_t *const *k_cache, elem_t *const *v_cache,
                    const int64_t *pos, const int64_t *size, float scale, elem_t *out,
-                   float *work) {
+                   float *work, task_data next) {
     int64_t per = nh / nkv;
     int64_t n = filled(pos[r], size[r]);
     const elem_t *k = k_cache[r] + g * size[r] * hd;
@@ -132,8 +147,9 @@ static void attend(int64_t r, int64_t g, int64_t nh, int64_t nkv, int64_t hd,
     }
     for (; d < per * hd; d++) qf[d] = elem_to_f32(qr[d]);
     if (per == 4 && hd % LANES == 0) { /* Gemma 3's grouping: the 4 heads share each read */
-        attend4(n, hd, qf, k, v, scale, p, acc, totals);
+        attend4(n, hd, qf, k, v, scale, p, acc, totals, next);
     } else {
+        fetch(next, 0, next.bytes);
         for (int64_t h = 0; h < per; h++) {
             float *ph = p + h * n;
             for (int64_t j = 0; j < n; j++)
@@ -197,10 +213,15 @@ int KERNEL(tunery_decode_attention)(int64_t rows, int64_t nh, int64_t nkv, int64
             if (share > me) { hi = t; break; }
             seen += filled(pos[t / nkv], size[t / nkv]);
         }
+        if (lo < hi) {
+            task_data first = data_of(lo, nkv, hd, k_cache, v_cache, pos, size);
+            fetch(first, 0, first.bytes);
+        }
         for (int64_t t = lo; t < hi; t++) {
-            if (t + 1 < hi) fetch_task(t + 1, nkv, hd, k_cache, v_cache, pos, size);
+            task_data next = {NULL, NULL, 0};
+            if (t + 1 < hi) next = data_of(t + 1, nkv, hd, k_cache, v_cache, pos, size);
             attend(t / nkv, t % nkv, nh, nkv, hd, q, k_cache, v_cache, pos, size, scale, out,
-                   mine);
+                   mine, next);
         }
     }
     free(work);
