@@ -176,17 +176,14 @@ def test_prompts_prefilled_together_get_the_bits_they_get_alone(
             assert torch.equal(other.v[-1][:, :, :n], cache.v[-1][:, :, :n]), k
 
 
-def test_concurrent_requests_over_adapters_get_their_solo_tokens(
-    base: LoadedBase, adapters: list[Path]
-) -> None:
-    gen = Generator(base, backend=Backend.FAST)
-    fast = FastGemma3(base.config, base.weights)
-    jobs = [(p, [None, *adapters][k % 4]) for k, p in enumerate(PROMPTS * 2)]
-    params = GenerationParams(max_output_tokens=40)
+def _concurrently(
+    gen: Generator, jobs: list[tuple[str, Path | None, GenerationParams]]
+) -> dict[int, str]:
+    """Each job's text, all requested at once from threads; they must have shared steps."""
     results: dict[int, str] = {}
 
     def run(k: int) -> None:
-        prompt, adapter = jobs[k]
+        prompt, adapter, params = jobs[k]
         results[k] = gen.generate(prompt, params, adapter).candidates[0].text
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
@@ -194,8 +191,18 @@ def test_concurrent_requests_over_adapters_get_their_solo_tokens(
         t.start()
     for t in threads:
         t.join()
-
     assert gen._batcher is not None and gen._batcher.peak_rows > 4  # they did share steps
+    return results
+
+
+def test_concurrent_requests_over_adapters_get_their_solo_tokens(
+    base: LoadedBase, adapters: list[Path]
+) -> None:
+    gen = Generator(base, backend=Backend.FAST)
+    fast = FastGemma3(base.config, base.weights)
+    jobs = [(p, [None, *adapters][k % 4]) for k, p in enumerate(PROMPTS * 2)]
+    params = GenerationParams(max_output_tokens=40)
+    results = _concurrently(gen, [(prompt, adapter, params) for prompt, adapter in jobs])
     for k, (prompt, adapter) in enumerate(jobs):  # one at a time: a batch of one
         assert gen.generate(prompt, params, adapter).candidates[0].text == results[k], k
     for k, (prompt, adapter) in enumerate(jobs):  # the single-stream loop, `FastGemma3.step`
@@ -223,19 +230,7 @@ def test_concurrent_sampled_requests_draw_their_solo_tokens(
         GenerationParams(max_output_tokens=24),
     ]
     jobs = [(p, [None, *adapters][k % 4], kinds[k % 4]) for k, p in enumerate(PROMPTS * 2)]
-    results: dict[int, str] = {}
-
-    def run(k: int) -> None:
-        prompt, adapter, params = jobs[k]
-        results[k] = gen.generate(prompt, params, adapter).candidates[0].text
-
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-
-    assert gen._batcher is not None and gen._batcher.peak_rows > 4  # they did share steps
+    results = _concurrently(gen, jobs)
     for k, (prompt, adapter, params) in enumerate(jobs):  # the unbatched loop (`_decode`)
         ids = gen._encode(prompt, adapter)
         text = _TextStream(base.tokenizer, params, adapter is not None)
