@@ -42,6 +42,7 @@ from tunery.engine.fast_decode import (
     _gelu_times,
     _Layer,
     _rope,
+    cache_pointers,
 )
 from tunery.engine.native import CacheTable, LoraDesc, NativeKernels
 
@@ -113,7 +114,10 @@ def step_rows(
         s[2] is None or s[2].pointers is not None for s in spans
     ):
         hidden = fast.native_step(
-            tokens, index, _cache_pointers(caches), _step_spans(spans, len(fast.layers))
+            tokens,
+            index,
+            cache_pointers(caches),
+            fast.step_spans([(lo, hi, None if w is None else w.pointers) for lo, hi, w in spans]),
         )
         for cache, pos in zip(caches, positions, strict=True):
             cache.length = pos + 1
@@ -161,34 +165,11 @@ def pad_rows(hidden: torch.Tensor) -> torch.Tensor:
     return hidden.repeat(2, 1) if hidden.shape[0] == 1 else hidden
 
 
-def _cache_pointers(caches: Sequence[KVCache]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each layer's K and V data pointers and ring sizes of the rows' batch-1 caches, (L, B)
-    int64 each."""
-    pointers = [c.pointers() for c in caches]
-    k = torch.tensor([p[0] for p in pointers], dtype=torch.int64).t().contiguous()
-    v = torch.tensor([p[1] for p in pointers], dtype=torch.int64).t().contiguous()
-    sizes = torch.tensor([c.sizes for c in caches], dtype=torch.int64).t().contiguous()
-    return k, v, sizes
-
-
 def _cache_tables(caches: Sequence[KVCache], kv_heads: int, dtype: torch.dtype) -> list[CacheTable]:
     """Every layer's `CacheTable` of the rows' batch-1 caches (`dtype`), made at once for a
     step."""
-    k, v, sizes = _cache_pointers(caches)
+    k, v, sizes = cache_pointers(caches)
     return [CacheTable(k[i], v[i], sizes[i], kv_heads, dtype) for i in range(k.shape[0])]
-
-
-def _step_spans(
-    spans: Sequence[Span], layers: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The spans as the whole-step kernel takes them: rows [lo, hi) (S,) int64 each and the LoRA
-    desc pointers (L, 4, S) (0: no adapter)."""
-    lo = torch.tensor([s[0] for s in spans], dtype=torch.int64)
-    hi = torch.tensor([s[1] for s in spans], dtype=torch.int64)
-    none = torch.zeros(layers, len(GROUPS), dtype=torch.int64)
-    tables = [s[2].pointers if s[2] is not None else None for s in spans]
-    stacked = torch.stack([t if t is not None else none for t in tables])
-    return lo, hi, stacked.permute(1, 2, 0).contiguous()
 
 
 class _Shadow(KVCache):

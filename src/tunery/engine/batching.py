@@ -299,17 +299,18 @@ class BatchScheduler:
         # Sampled rows with top-k: their k largest logits (the most any asks for; a row's
         # first k are its own k largest); the others their full logits, (B, V) in bf16 (exact
         # in fp32; a lone row padded). Each row's generator draws as in the solo loop.
-        top = [(j, rows[j].params, rows[j].rng) for j in sampled if rows[j].params.top_k > 0]
+        top = [
+            (j, rows[j].params, rng)
+            for j in sampled
+            if rows[j].params.top_k > 0 and (rng := rows[j].rng) is not None
+        ]
         if top:
             values, index = fast.top_logits(
                 states[[j for j, _, _ in top]], max(p.top_k for _, p, _ in top)
             )
             for i, (j, params, rng) in enumerate(top):
-                if rng is not None:  # (a sampled row's)
-                    n = params.top_k
-                    best[j] = int(
-                        pick_top(values[i : i + 1, :n], index[i : i + 1, :n], params, rng)
-                    )
+                n = params.top_k
+                best[j] = int(pick_top(values[i : i + 1, :n], index[i : i + 1, :n], params, rng))
         full = [j for j in sampled if rows[j].params.top_k <= 0]
         if full:
             logits = fast.logits(pad_rows(states[full]), float32=False)

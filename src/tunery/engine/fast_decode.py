@@ -871,28 +871,20 @@ class FastGemma3:
         assert self.native is not None
         rows = [(k, pos) for k, ids in enumerate(prompts) for pos in range(len(ids))]
         tokens = torch.tensor([t for ids in prompts for t in ids], device=self.device)
-        pointers = [cache.pointers() for cache in caches]
-        no_lora = torch.zeros(len(self.layers), len(GROUPS), dtype=torch.int64)
-        tables = []
-        for lora in loras:
-            table = no_lora if lora is None else lora.desc_pointers
-            assert table is not None  # see `_fits_step`
-            tables.append(table)
+        tables = [None if lora is None else lora.desc_pointers for lora in loras]
         hidden = []
         for lo in range(0, len(rows), self.native.TILES_MAX_ROWS):
             part = rows[lo : lo + self.native.TILES_MAX_ROWS]
             owners = [k for k, _ in part]
-            k_ptr = torch.tensor([pointers[k][0] for k in owners], dtype=torch.int64)
-            v_ptr = torch.tensor([pointers[k][1] for k in owners], dtype=torch.int64)
-            sizes = torch.tensor([caches[k].sizes for k in owners], dtype=torch.int64)
             ends = list(itertools.accumulate(len(list(g)) for _, g in itertools.groupby(owners)))
             starts = [0, *ends[:-1]]
-            descs = torch.stack([tables[owners[a]] for a in starts]).permute(1, 2, 0)
+            spans = self.step_spans(
+                [(a, e, tables[owners[a]]) for a, e in zip(starts, ends, strict=True)]
+            )
             positions = torch.tensor([pos for _, pos in part], dtype=torch.int64)
-            caches_of = (k_ptr.t().contiguous(), v_ptr.t().contiguous(), sizes.t().contiguous())
-            spans = (torch.tensor(starts), torch.tensor(ends), descs.contiguous())
+            row_caches = cache_pointers([caches[k] for k in owners])
             hidden.append(
-                self.native_step(tokens[lo : lo + len(part)], positions, caches_of, spans)
+                self.native_step(tokens[lo : lo + len(part)], positions, row_caches, spans)
             )
         for ids, cache in zip(prompts, caches, strict=True):
             cache.length = len(ids)
@@ -957,10 +949,9 @@ class FastGemma3:
         if pos >= cache.max_len:
             raise ValueError("the cache is full")
         b = tokens.shape[0]
-        no_lora = torch.zeros(len(self.layers), len(GROUPS), dtype=torch.int64)
-        pointers = lora.desc_pointers if lora is not None else no_lora
-        if self.step_model is not None and pointers is not None:  # the whole step in one call
-            spans = (torch.tensor([0]), torch.tensor([b]), pointers.unsqueeze(-1))
+        if self.step_model is not None and (lora is None or lora.desc_pointers is not None):
+            # the whole step in one call
+            spans = self.step_spans([(0, b, None if lora is None else lora.desc_pointers)])
             positions = torch.full((b,), pos, dtype=torch.int64)
             hidden = self.native_step(tokens, positions, cache.table_pointers(), spans)
             cache.length = pos + 1
@@ -1062,6 +1053,22 @@ class FastGemma3:
             tensors += own
         return native.step_model(fields, tensors)
 
+    @cached_property
+    def _no_lora_pointers(self) -> torch.Tensor:
+        """A span without an adapter as the whole-step kernel reads it: (L, 4) zeros."""
+        return torch.zeros(len(self.layers), len(GROUPS), dtype=torch.int64)
+
+    def step_spans(
+        self, spans: Sequence[tuple[int, int, torch.Tensor | None]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Runs of rows [lo, hi) sharing an adapter, each with its `FastLora.desc_pointers`
+        (None: no adapter), as the whole-step kernel takes them: lo and hi (S,) int64 each and
+        the desc pointers (L, 4, S) (0: no LoRA)."""
+        lo = torch.tensor([s[0] for s in spans], dtype=torch.int64)
+        hi = torch.tensor([s[1] for s in spans], dtype=torch.int64)
+        tables = [self._no_lora_pointers if s[2] is None else s[2] for s in spans]
+        return lo, hi, torch.stack(tables).permute(1, 2, 0).contiguous()
+
     def native_step(
         self,
         tokens: torch.Tensor,
@@ -1122,17 +1129,20 @@ class FastGemma3:
         return values, tokens
 
     def _full_head_top(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The k largest of the full head's logits (the weights' dtype); a lone row padded."""
-        logits = self.logits(hidden.repeat(2, 1) if hidden.shape[0] == 1 else hidden, False)
-        values, tokens = logits[: hidden.shape[0]].topk(k, dim=-1)
+        """The k largest of the full head's logits (`_full_head_logits`)."""
+        values, tokens = self._full_head_logits(hidden).topk(k, dim=-1)
         return values.float(), tokens
 
     def _full_head_best(self, hidden: torch.Tensor) -> list[int]:
-        """Greedy over the full head's logits (the weights' dtype); a lone row padded to two
-        (see `batch_decode.pad_rows`)."""
+        """Greedy over the full head's logits (`_full_head_logits`)."""
+        logits = self._full_head_logits(hidden)
+        return self.native.argmax(logits) if self.native is not None else greedy(logits).tolist()
+
+    def _full_head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits of the full head in the weights' dtype; a lone row padded to two for
+        the matmul (see `batch_decode.pad_rows`), so it rounds as among others."""
         logits = self.logits(hidden.repeat(2, 1) if hidden.shape[0] == 1 else hidden, False)
-        best = self.native.argmax(logits) if self.native is not None else greedy(logits).tolist()
-        return best[: hidden.shape[0]]
+        return logits[: hidden.shape[0]]
 
     def logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         """(B, C) → (B, V) logits, in float32 or (`float32=False`) the weights' dtype, whose
@@ -1202,6 +1212,16 @@ class FastGemma3:
             self._rope[key] = (emb.cos().to(self.dtype), emb.sin().to(self.dtype))
         self._rope_len = length
         self.__dict__.pop("step_model", None)  # it points into the tables: made again
+
+
+def cache_pointers(caches: Sequence[KVCache]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each layer's K and V data pointers and ring sizes of batch-1 caches, one row each, (L, B)
+    int64 each: as the whole-step kernel and `CacheTable` read them."""
+    pointers = [c.pointers() for c in caches]
+    k = torch.tensor([p[0] for p in pointers], dtype=torch.int64).t().contiguous()
+    v = torch.tensor([p[1] for p in pointers], dtype=torch.int64).t().contiguous()
+    sizes = torch.tensor([c.sizes for c in caches], dtype=torch.int64).t().contiguous()
+    return k, v, sizes
 
 
 def _norm_weight(weight: torch.Tensor) -> torch.Tensor:
