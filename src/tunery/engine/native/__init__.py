@@ -159,9 +159,13 @@ class NativeKernels:
         self._gelu_torch = library.tunery_gelu_times_torch
         self._gelu_torch.argtypes = [i64, i64, ptr, ptr, ptr, i32]
         self._gelu_torch.restype = None
+        self._gelu_table_of = library.tunery_gelu_table
+        self._gelu_table_of.argtypes = [ptr, ptr]
+        self._gelu_table_of.restype = None
         tanh = _torch_tanh16() if library.tunery_decode_step_supported() else None
-        # torch's own tanh, where the step's gelu with it gives torch's bits (else no step)
-        self._tanh16 = tanh if tanh is not None and self._gelu_is_torchs(tanh) else None
+        # the step's gelu of each bf16 gate, by torch's own tanh, where it gives torch's bits
+        # (else no step)
+        self._gelu_table = self._torchs_gelu_table(tanh) if tanh is not None else None
         self._softmax_xent = library.tunery_softmax_xent
         self._softmax_xent.argtypes = [i64, i64, ptr, i32, ptr, ptr, i32]
         self._softmax_xent.restype = i32
@@ -589,21 +593,25 @@ class NativeKernels:
     def steps(self) -> bool:
         """Whether `decode_step` runs here: AMX tiles, and torch's AVX-512 tanh found, with which
         the step's gelu gives torch's bits."""
-        return self._tanh16 is not None
+        return self._gelu_table is not None
 
     def gelu_times_torch(self, gu: torch.Tensor) -> torch.Tensor:
         """(B, 2f) bf16 → `F.gelu(gate, approximate="tanh") * up` (B, f) by the step's kernel,
         with torch's bits (where `steps`)."""
         rows, f = gu.shape[0], gu.shape[1] // 2
-        if self._tanh16 is None or gu.dtype != torch.bfloat16 or f % 16 or not gu.is_contiguous():
+        table = self._gelu_table
+        if table is None or gu.dtype != torch.bfloat16 or f % 16 or not gu.is_contiguous():
             raise ValueError("the step's gelu: contiguous bf16 rows of 2f, f a multiple of 16")
         out = torch.empty(rows, f, dtype=torch.bfloat16)
-        self._gelu_torch(rows, f, gu.data_ptr(), out.data_ptr(), self._tanh16, 1)
+        self._gelu_torch(rows, f, gu.data_ptr(), out.data_ptr(), table.data_ptr(), 1)
         return out
 
-    def _gelu_is_torchs(self, tanh16: int) -> bool:
-        """Whether the step's gelu with `tanh16` gives torch's bits: on every finite bf16 gate
-        (and -inf), each times an up of either sign and a few magnitudes."""
+    def _torchs_gelu_table(self, tanh16: int) -> torch.Tensor | None:
+        """The step's gelu table (`tunery_gelu_table`) made with `tanh16`, where the step's gelu
+        with it gives torch's bits: on every finite bf16 gate (and -inf), each times an up of
+        either sign and a few magnitudes; else None."""
+        table = torch.empty(2**16 + 1, dtype=torch.int16)
+        self._gelu_table_of(tanh16, table.data_ptr())
         gate = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
         gate = gate.view(torch.bfloat16)
         gate = gate[~gate.isnan() & (gate != float("inf"))]
@@ -611,9 +619,9 @@ class NativeKernels:
         up = torch.tensor([1.0, -3.5, 0.0078125, 117.0] * 4, dtype=torch.bfloat16)
         up = up.expand_as(gate)
         gu, out = torch.cat([gate, up], 1), torch.empty_like(gate)
-        self._gelu_torch(gate.shape[0], 16, gu.data_ptr(), out.data_ptr(), tanh16, 1)
+        self._gelu_torch(gate.shape[0], 16, gu.data_ptr(), out.data_ptr(), table.data_ptr(), 1)
         want = torch.nn.functional.gelu(gate, approximate="tanh") * up
-        return bool(torch.equal(out.view(torch.int16), want.view(torch.int16)))
+        return table if torch.equal(out.view(torch.int16), want.view(torch.int16)) else None
 
     def step_model(self, fields: Sequence[int], tensors: Sequence[torch.Tensor]) -> StepModel:
         """A model as `decode_step` reads it (see `decode_step.c`'s layout), keeping `tensors`
@@ -635,7 +643,8 @@ class NativeKernels:
         data pointers and ring sizes (L, B) int64; `spans` (row_lo, row_hi) (S,) int64 and each
         layer's groups' LoRA desc pointers (L, 4, S) int64 (0: none). Returns the final norm
         (B, C)."""
-        if self._tanh16 is None:
+        table = self._gelu_table
+        if table is None:
             raise RuntimeError("the decode step does not run here")
         rows = x.shape[0]
         if rows > self.TILES_MAX_ROWS or x.dtype != torch.bfloat16 or not x.is_contiguous():
@@ -645,7 +654,7 @@ class NativeKernels:
         status = self._step(
             model.fields.data_ptr(), eps, scale, rows, x.data_ptr(), positions.data_ptr(),
             k.data_ptr(), v.data_ptr(), sizes.data_ptr(), lo.shape[0], lo.data_ptr(),
-            hi.data_ptr(), lora.data_ptr(), self._tanh16, out.data_ptr(),
+            hi.data_ptr(), lora.data_ptr(), table.data_ptr(), out.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
