@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tunery.engine.gguf_blocks import Blocks
 from tunery.engine.native import CacheTable, LoraDesc, NativeKernels
 
 native = NativeKernels.load()
@@ -877,6 +878,38 @@ def test_tiles_linear_gives_each_row_the_same_bits_in_any_batch() -> None:
     assert native.tiles_linear(torch.zeros(most + 1, 96).bfloat16(), tiled) is None
     assert native.tiles_pack(torch.zeros(80, 100).bfloat16()) is None  # inputs not a multiple of 32
     assert native.tiles_pack(torch.zeros(40, 96).bfloat16()) is None  # outputs not of 16
+
+
+@pytest.mark.skipif(native is None or not native.tiles, reason="no AMX tiles on this CPU")
+@pytest.mark.parametrize("block, offsets", [(32, False), (16, False), (32, True)])
+def test_tiles_on_gguf_blocks_give_the_bits_of_the_bf16_weight_they_make(
+    block: int, offsets: bool
+) -> None:
+    """`tiles_linear` on a weight's GGUF blocks (codes, a scale per 16 or 32 inputs, offsets)
+    gives, for any number of rows and threads, exactly what it gives on the bf16 weight the
+    blocks make (`Blocks.dequantized`, rounded): the kernel makes each tile back into those
+    bf16 values."""
+    assert native is not None
+    g = torch.Generator().manual_seed(7)
+    out, n_in = 80, 96
+    codes = torch.randint(-32, 32, (out, n_in), generator=g, dtype=torch.int8)
+    scale = torch.rand(out, n_in // block, generator=g) * 0.01 + 1e-4
+    offset = torch.rand(out, n_in // block, generator=g) * 0.01 if offsets else None
+    blocks = Blocks(codes, scale, offset, block)
+    weight = blocks.dequantized().bfloat16()
+    assert blocks.matches(weight) and not blocks.matches(weight * 2)
+    packed, plain = native.blocks_pack(blocks), native.tiles_pack(weight)
+    assert packed is not None and plain is not None
+    x = torch.randn(70, n_in, generator=g).bfloat16()
+    for rows in (1, 5, 16, 33, 70):
+        for threads in (1, 2):
+            with _threads(threads):
+                got = native.tiles_linear(x[:rows], packed)
+                want = native.tiles_linear(x[:rows], plain)
+            assert got is not None and want is not None
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    odd = Blocks(codes[:40], scale[:40], None if offset is None else offset[:40], block)
+    assert native.blocks_pack(odd) is None  # outputs not a multiple of 16
 
 
 @pytest.mark.skipif(native is None or not native.tiles, reason="no AMX tiles on this CPU")

@@ -53,7 +53,8 @@ from typing import Any, Generic, Literal, TypeVar
 import torch
 import torch.nn.functional as F
 
-from tunery.engine import kernel_cache
+from tunery.engine import gguf_blocks, kernel_cache
+from tunery.engine.gguf_blocks import Blocks
 from tunery.engine.kernel_cache import KernelCache, Packs
 from tunery.engine.lora import ADAPTER_CONFIG
 from tunery.engine.native import (
@@ -61,6 +62,7 @@ from tunery.engine.native import (
     Int8Linear,
     LoraDesc,
     NativeKernels,
+    PackedBlocks,
     PackedHead,
     PackedLinear,
     StepModel,
@@ -132,7 +134,7 @@ class Linear:
         packed: torch.Tensor | None = None,
         narrow: tuple[NativeKernels, PackedLinear] | None = None,
         int8_kernels: NativeKernels | None = None,
-        tiled: tuple[NativeKernels, PackedLinear] | None = None,
+        tiled: tuple[NativeKernels, PackedLinear | PackedBlocks] | None = None,
     ) -> None:
         """`packed`: the parts stacked and pre-packed (`packed_weight`), used instead of them.
         `narrow`: for fp32 parts that are bf16 values, the kernels and the parts stacked in
@@ -143,7 +145,9 @@ class Linear:
         `tiles_linear`, up to `TILED_MAX_ROWS` rows: 1-46 rows of Gemma 3 270M's projections in
         0.78-0.84x the time of oneDNN's packed copy, with its bits up to 32 rows. More rows take
         that copy (65-256 rows: 0.85-0.93x the time of 64-row tile calls, 0.68-0.78x torch's
-        matmul on the plain parts), so a bf16 model keeps both: its weights' size again."""
+        matmul on the plain parts), so a bf16 model keeps both: its weights' size again; for
+        weights that are a GGUF's blocks exactly, the tiles' copy is the blocks' codes
+        (`qtiles.c`, the same bits in ~0.85x the time at 1-32 rows)."""
         self.parts = [p.detach() for p in parts]
         self.out_features = sum(p.shape[0] for p in self.parts)
         self.packed = packed
@@ -258,7 +262,9 @@ class ByTensor(Generic[T]):
 # a model's embedding tensor → name → its pre-packed weight; kept while the weights live
 _PACKED: ByTensor[dict[str, torch.Tensor | None]] = ByTensor()
 _NARROWED: ByTensor[dict[str, PackedLinear | None]] = ByTensor()  # `narrow_weight`'s, as `_PACKED`
-_TILED: ByTensor[dict[str, PackedLinear | None]] = ByTensor()  # `tiled_weight`'s, as `_PACKED`
+# `tiled_weight`'s, as `_PACKED`; those where blocks were asked for under name + BLOCKS_KEY
+BLOCKS_KEY = ":blocks"
+_TILED: ByTensor[dict[str, PackedLinear | PackedBlocks | None]] = ByTensor()
 _PACKED_LOCK = threading.Lock()
 # a head tensor → its pack for greedy picks (`native/head.c`), made once: 0.4 s on 2 cores
 _HEADS: ByTensor[PackedHead | None] = ByTensor()
@@ -266,17 +272,41 @@ _HEADS: ByTensor[PackedHead | None] = ByTensor()
 
 def tiled_weight(
     owner: torch.Tensor, name: str, parts: Callable[[], Sequence[torch.Tensor]],
-    kernels: NativeKernels,
-) -> PackedLinear | None:  # fmt: skip
+    kernels: NativeKernels, blocks: Callable[[], Blocks | None] | None = None,
+    saved: Callable[[], Mapping[str, PackedBlocks | None] | None] | None = None,
+) -> PackedLinear | PackedBlocks | None:  # fmt: skip
     """As `packed_weight`, packed for the kernels' `tiles_linear` (AMX tiles, bf16); None where
-    they do not run here or do not take the shape."""
+    they do not run here or do not take the shape. Where `blocks()` gives the weight's GGUF
+    blocks (which are exactly it), those are packed instead, or taken from what `saved()` gives
+    (`kernel_cache`: asked only when this process has none yet; None for a name checked before
+    and packed in bf16)."""
     tiles = _TILED.get(owner, dict)
+    key = name if blocks is None else f"{name}{BLOCKS_KEY}"  # a forward without blocks: bf16
     with _PACKED_LOCK:
-        if name not in tiles:
-            tensors = [p.detach() for p in parts()]
-            weight = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
-            tiles[name] = kernels.tiles_pack(weight) if kernels.tiles else None
-        return tiles[name]
+        if key not in tiles:
+            tiles[key] = _tiles_pack(name, parts, kernels, blocks, saved)
+        return tiles[key]
+
+
+def _tiles_pack(
+    name: str, parts: Callable[[], Sequence[torch.Tensor]], kernels: NativeKernels,
+    blocks: Callable[[], Blocks | None] | None,
+    saved: Callable[[], Mapping[str, PackedBlocks | None] | None] | None,
+) -> PackedLinear | PackedBlocks | None:  # fmt: skip
+    """`tiled_weight`'s pack, made (or read) once."""
+    if not kernels.tiles:
+        return None
+    if blocks is not None:
+        kept = saved() if saved is not None else None
+        if kept is not None and name in kept:
+            packed = kept[name]
+        else:
+            made = blocks()
+            packed = kernels.blocks_pack(made) if made is not None else None
+        if packed is not None:
+            return packed
+    tensors = [p.detach() for p in parts()]
+    return kernels.tiles_pack(torch.cat(tensors) if len(tensors) > 1 else tensors[0])
 
 
 def packed_weight(
@@ -635,6 +665,7 @@ class FastGemma3:
         head_scan: bool = True,
         cache: KernelCache | None = None,
         whole_step: bool = True,
+        blocks: Callable[[str], Blocks | None] | None = None,
     ) -> None:
         """`native`: decode steps attend, add LoRA deltas and norm rows with the C kernels
         (`native`) where they build and the weights are bf16 or fp32 on a CPU; else (or False)
@@ -642,7 +673,9 @@ class FastGemma3:
         needs the head's logits, does without it. `cache`: where the model's packed weights
         are kept between processes (read if there, else written once built). `whole_step`:
         a decode step is one call of those kernels where it can be (`step_model`); False: one
-        call per op, with the same bits (to compare)."""
+        call per op, with the same bits (to compare). `blocks`: a weight's GGUF blocks by
+        state-dict name (`gguf_blocks.GgufBlocks.of`), which the AMX tiles read instead of its
+        bf16 values where they are exactly those."""
         self.weights = weights
         self.whole_step = whole_step
         self.config = config
@@ -710,11 +743,20 @@ class FastGemma3:
             packs = saved()
             return packs.linears if packs is not None else None
 
+        def saved_blocks() -> dict[str, PackedBlocks | None] | None:
+            packs = saved()
+            return packs.blocks if packs is not None else None
+
         def linear(
-            name: str, parts: list[torch.Tensor], kind: Weights = weights, tiles: bool = True
+            name: str,
+            parts: list[torch.Tensor],
+            kind: Weights = weights,
+            tiles: bool = True,
+            sources: list[str] | None = None,
         ) -> Linear:
             """`tiles`: also the AMX tiles' copy where they run (not for the vocab head, whose
-            decode steps take `best_tokens`' int8 scan: 320 MB for Gemma 3 270M's)."""
+            decode steps take `best_tokens`' int8 scan: 320 MB for Gemma 3 270M's); of the GGUF
+            blocks of the weights named `sources` (the parts) where they are exactly those."""
             kernels = self.native
             bf16 = (
                 narrow_weight(embed, name, lambda: parts, kernels, saved_linears)
@@ -726,12 +768,21 @@ class FastGemma3:
             packed = packed_weight(embed, name, lambda: parts)
             tiled = None
             if tiles and kernels is not None:
-                packed_tiles = tiled_weight(embed, name, lambda: parts, kernels)
+                of = blocks
+                exact = (
+                    (lambda: gguf_blocks.matching(of, sources, parts))
+                    if of is not None and sources is not None
+                    else None
+                )
+                packed_tiles = tiled_weight(
+                    embed, name, lambda: parts, kernels, exact, saved_blocks
+                )
                 tiled = (kernels, packed_tiles) if packed_tiles is not None else None
             return Linear(parts, kind, packed, int8_kernels=kernels, tiled=tiled)
 
-        def w(i: int, proj: str) -> torch.Tensor:
-            return tensors[_layer_name(i, proj)]
+        def projection(i: int, group: str, projs: list[str]) -> Linear:
+            names = [_layer_name(i, proj) for proj in projs]
+            return linear(f"{i}.{group}", [tensors[n] for n in names], sources=names)
 
         def norm(i: int, name: str) -> torch.Tensor:
             return _norm_weight(tensors[f"model.layers.{i}.{name}.weight"])
@@ -741,10 +792,10 @@ class FastGemma3:
             self.layers.append(
                 _Layer(
                     sliding=config.layer_types[i] == "sliding_attention",
-                    qkv=linear(f"{i}.qkv", [w(i, "q_proj"), w(i, "k_proj"), w(i, "v_proj")]),
-                    o=linear(f"{i}.o", [w(i, "o_proj")]),
-                    gu=linear(f"{i}.gu", [w(i, "gate_proj"), w(i, "up_proj")]),
-                    down=linear(f"{i}.down", [w(i, "down_proj")]),
+                    qkv=projection(i, "qkv", ["q_proj", "k_proj", "v_proj"]),
+                    o=projection(i, "o", ["o_proj"]),
+                    gu=projection(i, "gu", ["gate_proj", "up_proj"]),
+                    down=projection(i, "down", ["down_proj"]),
                     ln_in=norm(i, "input_layernorm"),
                     ln_post_attn=norm(i, "post_attention_layernorm"),
                     ln_pre_ff=norm(i, "pre_feedforward_layernorm"),
@@ -775,7 +826,14 @@ class FastGemma3:
             # the body's panels and the head's pack; the head's own panels (335 MB for Gemma 3
             # 270M) are narrowed again, in ~0.1 s
             body = {n: p for n, p in _NARROWED.get(embed, dict).items() if n != "head"}
-            kernel_cache.write_in_background(cache, kernels, Packs(body, self.packed_head))
+            # each projection's blocks pack, or None: checked, and packed in bf16
+            tiled = _TILED.get(embed, dict).items() if blocks is not None else ()
+            packed = {
+                n.removesuffix(BLOCKS_KEY): p if isinstance(p, PackedBlocks) else None
+                for n, p in tiled
+                if n.endswith(BLOCKS_KEY)
+            }
+            kernel_cache.write_in_background(cache, kernels, Packs(body, self.packed_head, packed))
         self._rope: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._rope_len = 0
 
@@ -1040,16 +1098,18 @@ class FastGemma3:
         fields.append(self.final_norm.data_ptr())
         tensors = [self.final_norm]
         for layer in self.layers:
-            tiles = [p.tiled[1].panels for p in layer.projections if p.tiled is not None]
-            if len(tiles) != len(GROUPS) or any(p.int8 for p in layer.projections):
+            packs = [p.tiled[1] for p in layer.projections if p.tiled is not None]
+            if len(packs) != len(GROUPS) or any(p.int8 for p in layer.projections):
                 return None
+            tiles = [p.records if isinstance(p, PackedBlocks) else p.panels for p in packs]
+            kinds = [p.kind if isinstance(p, PackedBlocks) else 0 for p in packs]
             cos, sin = self._rope["sliding" if layer.sliding else "full"]
             norms = (layer.ln_in, layer.q_norm, layer.k_norm, layer.ln_post_attn,
                      layer.ln_pre_ff, layer.ln_post_ff)  # fmt: skip
             own = [*tiles, *norms, cos, sin]
             if not all(t.is_contiguous() for t in own):
                 return None
-            fields += [t.data_ptr() for t in own]
+            fields += [t.data_ptr() for t in own] + kinds
             tensors += own
         return native.step_model(fields, tensors)
 

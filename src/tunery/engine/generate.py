@@ -39,6 +39,7 @@ from tunery.engine.base_models import LoadedBase
 from tunery.engine.batching import BatchScheduler
 from tunery.engine.data import OUTPUT_PREFIX, encode_prompt
 from tunery.engine.fast_decode import FastGemma3, FastLora, KVCache
+from tunery.engine.gguf_blocks import GgufBlocks
 from tunery.engine.hf_imports import HF_LOAD_LOCK, hf_name
 from tunery.engine.llamacpp import LlamaCppModel, adapter_gguf
 from tunery.engine.lora import ADAPTER_CONFIG
@@ -377,6 +378,7 @@ class Generator:
                     "int8" if int8 else "bf16",
                     native=self._native,
                     cache=self._base.kernel_cache,
+                    blocks=GgufBlocks(self._base.gguf).of,
                 )
             return self._fast
 

@@ -49,9 +49,12 @@ import tempfile
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from tunery.engine.gguf_blocks import Blocks
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +66,7 @@ _SOURCES = [
     for n in (
         "decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c", "linear.c",
         "head_loss.c", "gelu.c", "tiles.c", "lora_train.c", "train_attention.c",
-        "decode_step.c", "head_topk.c",
+        "decode_step.c", "head_topk.c", "qtiles.c",
     )
 ]  # fmt: skip
 # -ffp-contract=off: GCC fuses a * b + c into one FMA (one rounding) where its optimizer sees
@@ -150,6 +153,15 @@ class NativeKernels:
         self._tiles_linear = library.tunery_tiles_linear
         self._tiles_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32]
         self._tiles_linear.restype = i32
+        self._qtiles_pack = library.tunery_qtiles_pack
+        self._qtiles_pack.argtypes = [i64, i64, ptr, ptr, i64, ptr, ptr]
+        self._qtiles_pack.restype = None
+        self._qtiles_record = library.tunery_qtiles_record
+        self._qtiles_record.argtypes = [i64, i64]
+        self._qtiles_record.restype = i64
+        self._qtiles_linear = library.tunery_qtiles_linear
+        self._qtiles_linear.argtypes = [i64, i64, i64, ptr, ptr, i64, i64, ptr, i32]
+        self._qtiles_linear.restype = i32
         # the most label rows `head_loss` multiplies a bf16 head by AMX tiles (0: none here)
         self.head_loss_tile_rows = int(library.tunery_head_loss_amx_rows())
         self._step = library.tunery_decode_step
@@ -574,19 +586,51 @@ class NativeKernels:
         self._tiles_pack(n_out, n_in, weight.contiguous().data_ptr(), panels.data_ptr())
         return PackedLinear(panels, n_out, n_in)
 
-    def tiles_linear(self, x: torch.Tensor, weight: PackedLinear) -> torch.Tensor | None:
-        """x (rows, in) bf16 @ W^T for W packed by `tiles_pack` → (rows, out) bf16, by AMX tiles
-        (`tiles.c`): a row's bits do not depend on the other rows; None for more than
-        `TILES_MAX_ROWS` rows."""
+    def blocks_pack(self, blocks: Blocks) -> PackedBlocks | None:
+        """A weight's GGUF blocks (`gguf_blocks.Blocks`) packed for `tiles_linear`, which then
+        reads their codes (`qtiles.c`: ~1.1-1.25 bytes a weight, not 2) and gets the bits it
+        gets from the bf16 weight they round to; None where the tiles do not run here or do not
+        fit its shape."""
+        n_out, n_in = blocks.codes.shape
+        if not self.tiles or n_out % 16 or n_in % 32 or blocks.block not in (16, 32):
+            return None
+        sets, offsets = 32 // blocks.block, int(blocks.offset is not None)
+        record = self.blocks_record(sets, offsets)
+        records = torch.empty(n_out // 16 * (n_in // 32) * record, dtype=torch.uint8)
+        offset = blocks.offset.float().contiguous() if blocks.offset is not None else None
+        self._qtiles_pack(
+            n_out, n_in, blocks.codes.contiguous().data_ptr(),
+            blocks.scale.float().contiguous().data_ptr(), blocks.block,
+            offset.data_ptr() if offset is not None else None, records.data_ptr(),
+        )  # fmt: skip
+        return PackedBlocks(records, n_out, n_in, sets, offsets)
+
+    def blocks_record(self, sets: int, offsets: int) -> int:
+        """Bytes of one 16 x 32 tile of a `blocks_pack`."""
+        return int(self._qtiles_record(sets, offsets))
+
+    def tiles_linear(
+        self, x: torch.Tensor, weight: PackedLinear | PackedBlocks
+    ) -> torch.Tensor | None:
+        """x (rows, in) bf16 @ W^T for W packed by `tiles_pack` or `blocks_pack` → (rows, out)
+        bf16, by AMX tiles (`tiles.c`, `qtiles.c`): a row's bits do not depend on the other
+        rows; None for more than `TILES_MAX_ROWS` rows."""
         rows, n_in = x.shape
         if rows > self.TILES_MAX_ROWS or x.dtype != torch.bfloat16 or n_in != weight.n_in:
             return None
         x = x.contiguous()
         y = torch.empty(rows, weight.n_out, dtype=torch.bfloat16)
-        status = self._tiles_linear(
-            rows, n_in, weight.n_out, x.data_ptr(), weight.panels.data_ptr(), y.data_ptr(),
-            torch.get_num_threads(),
-        )  # fmt: skip
+        threads = torch.get_num_threads()
+        if isinstance(weight, PackedBlocks):
+            status = self._qtiles_linear(
+                rows, n_in, weight.n_out, x.data_ptr(), weight.records.data_ptr(), weight.sets,
+                weight.offsets, y.data_ptr(), threads,
+            )  # fmt: skip
+        else:
+            status = self._tiles_linear(
+                rows, n_in, weight.n_out, x.data_ptr(), weight.panels.data_ptr(), y.data_ptr(),
+                threads,
+            )  # fmt: skip
         return y if status == 0 else None
 
     @property
@@ -854,6 +898,20 @@ class PackedLinear:
 
     def __init__(self, panels: torch.Tensor, n_out: int, n_in: int) -> None:
         self.panels, self.n_out, self.n_in = panels, n_out, n_in
+
+
+class PackedBlocks:
+    """A weight's GGUF blocks in `qtiles.c`'s records: codes, `sets` scales (1: one per 32
+    inputs, 2: per 16) and (`offsets` 1) offsets a tile."""
+
+    def __init__(self, records: torch.Tensor, n_out: int, n_in: int, sets: int, offsets: int):
+        self.records, self.n_out, self.n_in = records, n_out, n_in
+        self.sets, self.offsets = sets, offsets
+
+    @property
+    def kind(self) -> int:
+        """How the whole-step kernel is told the layout (`decode_step.c`): sets + 4 offsets."""
+        return self.sets + 4 * self.offsets
 
 
 class Int8Linear:

@@ -28,6 +28,9 @@ void tunery_rms_norm(int64_t rows, int64_t heads, int64_t n, const elem_t *x, in
                      const float *w, float eps, elem_t *out, int64_t out_stride, int threads);
 int tunery_tiles_linear(int64_t rows, int64_t in, int64_t out, const uint16_t *x,
                         const uint16_t *wp, uint16_t *y, int threads);
+int tunery_qtiles_linear(int64_t rows, int64_t in, int64_t out, const uint16_t *x,
+                         const uint8_t *wp, int64_t sets, int64_t offsets, uint16_t *y,
+                         int threads);
 int tunery_lora_add(int64_t spans, const int64_t *row_lo, const int64_t *row_hi,
                     const int64_t *const *desc, const elem_t *x, int64_t x_stride, elem_t *base,
                     int64_t base_stride, int threads);
@@ -47,12 +50,23 @@ typedef __m512 (*tanh16_fn)(__m512);
 /* The model as `model` lays it out (int64 fields, pointers as integers): */
 enum { M_LAYERS, M_HIDDEN, M_HEADS, M_KV_HEADS, M_HEAD_DIM, M_FF, M_FINAL_NORM, M_FIELDS };
 /* then per layer: the four projections packed for the tiles (in `GROUPS` order: qkv, o, gu,
- * down), the six norms' fp32 weights, and its RoPE kind's cos and sin tables (bf16, hd wide) */
+ * down), the six norms' fp32 weights, its RoPE kind's cos and sin tables (bf16, hd wide), and
+ * each projection's pack: 0 bf16 (`tiles.c`), else GGUF blocks (`qtiles.c`) with (kind & 3)
+ * scale sets and (kind >> 2) offsets */
+#define GROUPS 4
 enum {
     L_QKV, L_O, L_GU, L_DOWN, L_LN_IN, L_Q_NORM, L_K_NORM, L_LN_POST_ATTN, L_LN_PRE_FF,
-    L_LN_POST_FF, L_COS, L_SIN, L_FIELDS
+    L_LN_POST_FF, L_COS, L_SIN, L_KIND, L_FIELDS = L_KIND + GROUPS
 };
-#define GROUPS 4
+
+/* y (rows, out) = x (rows, in) W^T for the layer's projection g, by its pack's kernel */
+static int project(const int64_t *L, int g, int64_t rows, int64_t in, int64_t out,
+                   const elem_t *x, elem_t *y, int threads) {
+    const void *w = (const void *)(intptr_t)L[L_QKV + g];
+    int64_t kind = L[L_KIND + g];
+    if (kind == 0) return tunery_tiles_linear(rows, in, out, x, w, y, threads);
+    return tunery_qtiles_linear(rows, in, out, x, w, kind & 3, kind >> 2, y, threads);
+}
 
 /* x += y, both (n values) bf16: in fp32, rounded once, as torch's bf16 add */
 static void add_into(elem_t *x, const elem_t *y, int64_t n) {
@@ -125,7 +139,7 @@ int tunery_decode_step(const int64_t *model, float eps, float scale, int64_t row
         const int64_t *const *desc = (const int64_t *const *)(lora + i * GROUPS * spans);
 #define W(field) ((const void *)(intptr_t)L[field])
         tunery_rms_norm(rows, 1, c, x, c, W(L_LN_IN), eps, h, c, threads);
-        status |= tunery_tiles_linear(rows, c, width, h, W(L_QKV), qkv, threads);
+        status |= project(L, 0, rows, c, width, h, qkv, threads);
         status |= tunery_lora_add(spans, row_lo, row_hi, desc, h, c, qkv, width, threads);
         tunery_qk_norm_rope(rows, nh, nkv, hd, qkv, width, W(L_Q_NORM), W(L_K_NORM), eps,
                             W(L_COS), W(L_SIN), pos, q, hd, nh * hd, k, hd, nkv * hd, NULL,
@@ -134,16 +148,16 @@ int tunery_decode_step(const int64_t *model, float eps, float scale, int64_t row
                                           qkv + (nh + nkv) * hd, width, k_cache + i * rows,
                                           v_cache + i * rows, pos, sizes + i * rows, scale, a,
                                           threads);
-        status |= tunery_tiles_linear(rows, nh * hd, c, a, W(L_O), o, threads);
+        status |= project(L, 1, rows, nh * hd, c, a, o, threads);
         status |= tunery_lora_add(spans, row_lo, row_hi, desc + spans, a, nh * hd, o, c, threads);
         tunery_rms_norm(rows, 1, c, o, c, W(L_LN_POST_ATTN), eps, t, c, threads);
         add_into(x, t, rows * c);
         tunery_rms_norm(rows, 1, c, x, c, W(L_LN_PRE_FF), eps, h, c, threads);
-        status |= tunery_tiles_linear(rows, c, 2 * f, h, W(L_GU), gu, threads);
+        status |= project(L, 2, rows, c, 2 * f, h, gu, threads);
         status |= tunery_lora_add(spans, row_lo, row_hi, desc + 2 * spans, h, c, gu, 2 * f,
                                   threads);
         tunery_gelu_times_torch(rows, f, gu, m, gelu, threads);
-        status |= tunery_tiles_linear(rows, f, c, m, W(L_DOWN), o, threads);
+        status |= project(L, 3, rows, f, c, m, o, threads);
         status |= tunery_lora_add(spans, row_lo, row_hi, desc + 3 * spans, m, f, o, c, threads);
         tunery_rms_norm(rows, 1, c, o, c, W(L_LN_POST_FF), eps, t, c, threads);
         add_into(x, t, rows * c);
