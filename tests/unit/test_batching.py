@@ -4,6 +4,7 @@ single-stream loop, and a closed request frees its row."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from dataclasses import replace
@@ -15,7 +16,7 @@ import torch
 from tests.unit.test_generate import _load
 from tunery.engine.base_models import LoadedBase
 from tunery.engine.batch_decode import MAX_ROWS, Lora32, step_rows
-from tunery.engine.batching import BatchScheduler
+from tunery.engine.batching import STREAM_EVERY, STREAM_ROWS, BatchScheduler, Handle
 from tunery.engine.fast_decode import FastGemma3, FastLora, Linear, Weights
 from tunery.engine.generate import Backend, Generator, _TextStream
 from tunery.engine.native import NativeKernels
@@ -238,6 +239,40 @@ def test_concurrent_sampled_requests_draw_their_solo_tokens(
     prompt, adapter, params = jobs[0]
     other = gen.generate(prompt, replace(params, seed=99), adapter).candidates[0].text
     assert other != results[0]
+
+
+def test_a_full_batch_hands_out_tokens_in_chunks_of_stream_every(base: LoadedBase) -> None:
+    """With `STREAM_ROWS` rows or more, a row's tokens reach its asyncio loop `STREAM_EVERY` at
+    a time (its first at once), as one batch of the handle each: the same tokens, in order, as
+    a request alone, in fewer hand-outs."""
+    fast = FastGemma3(base.config, base.weights)
+    # no EOS: every row makes all its tokens; every prompt prefilled in the first step
+    scheduler = BatchScheduler(fast, eos_ids=[], prompt_tokens=100_000)
+    params = GenerationParams(max_output_tokens=9)
+    prompts = [base.tokenizer(p)["input_ids"] for p in PROMPTS] * 4  # 24 rows
+    assert len(prompts) >= STREAM_ROWS
+
+    async def run() -> list[list[list[int]]]:
+        loop = asyncio.get_running_loop()
+        with scheduler._cond:  # all waiting before the decode thread's first step
+            handles = [scheduler.submit(ids, None, params, loop) for ids in prompts]
+
+        async def batches(handle: Handle) -> list[list[int]]:
+            return [tokens async for tokens in handle.batches()]
+
+        return await asyncio.gather(*(batches(h) for h in handles))
+
+    got = asyncio.run(run())
+    assert scheduler.peak_rows == len(prompts)
+    alone = BatchScheduler(fast, eos_ids=[])
+    try:
+        for ids, batches in zip(prompts, got, strict=True):
+            assert [t for b in batches for t in b] == list(alone.submit(ids, None, params)), ids
+            assert batches[0] == batches[0][:1]  # the first token on its own
+            assert len(batches) <= 1 + -(-(params.max_output_tokens - 1) // STREAM_EVERY)
+    finally:
+        scheduler.close()
+        alone.close()
 
 
 def test_closing_a_stream_frees_its_row(base: LoadedBase, adapters: list[Path]) -> None:

@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 # (~0.3 ms a token of short prompts by the whole-step kernel, 32 prompts of ~11 tokens in 115 ms;
 # it was 256 at twice that cost a token).
 PROMPT_TOKENS_PER_STEP = 512
+# With this many rows or more, a row's tokens are handed out every STREAM_EVERY steps (its first
+# token and its last at once), so a stream sends a chunk of STREAM_EVERY tokens, not one a step.
+# Each chunk costs the asyncio loop ~75 us (its JSON, Starlette's and uvicorn's send chain,
+# detokenizing), taken from one of the decode step's OpenMP threads on a 2-core CPU; a token
+# then reaches its client at most STREAM_EVERY - 1 steps later, and the request ends no later.
+STREAM_ROWS = 16
+STREAM_EVERY = 2
 IDLE_EXIT_S = 60.0  # the decode thread ends after this long with nothing to do; submit restarts it
 
 _END = object()  # queue marker: no more tokens
@@ -61,10 +68,30 @@ class Handle:
             yield token
 
     async def __aiter__(self) -> AsyncIterator[int]:
+        async for tokens in self.batches():
+            for token in tokens:
+                yield token
+
+    async def batches(self) -> AsyncIterator[list[int]]:
+        """On the handle's loop: the token ids that have arrived since the last batch (at least
+        one), as one list each, until the end."""
         if self._arrived is None:
             raise RuntimeError("a handle made without a loop is iterated with `for`")
-        while (token := _token(await self._arrived.get())) is not None:
-            yield token
+        arrived = self._arrived
+        while True:
+            tokens: list[int] = []
+            item = await arrived.get()
+            while True:
+                token = _token(item)
+                if token is None:
+                    if tokens:
+                        yield tokens
+                    return
+                tokens.append(token)
+                if arrived.empty():
+                    break
+                item = arrived.get_nowait()
+            yield tokens
 
     def close(self) -> None:
         self.closed = True
@@ -120,6 +147,7 @@ class _Row:
     cache: KVCache | None = None
     next_token: int = 0  # fed at the next step
     produced: int = 0
+    held: list[object] = field(default_factory=list)  # tokens not yet handed out (STREAM_EVERY)
     key: int = field(default=-1)  # adapter identity: rows are ordered by it into spans
 
     def new_cache(self, fast: FastGemma3) -> KVCache:
@@ -318,15 +346,20 @@ class BatchScheduler:
                 best[j] = int(pick(logits[i : i + 1].float(), rows[j].params, rows[j].rng))
         keep = []
         puts: list[tuple[Handle, object]] = []
+        every = STREAM_EVERY if len(rows) >= STREAM_ROWS else 1
         for j, row in enumerate(rows):
             token = best[j]
             row.produced += 1
-            puts.append((row.handle, token))
-            if token in self._eos or row.produced >= row.params.max_output_tokens:
-                puts.append((row.handle, _END))
+            row.held.append(token)
+            ended = token in self._eos or row.produced >= row.params.max_output_tokens
+            if ended:
+                row.held.append(_END)
             else:
                 row.next_token = token
                 keep.append(row)
+            if ended or (row.produced - 1) % every == 0:  # the first, then every `every`
+                puts += [(row.handle, item) for item in row.held]
+                row.held = []
         self._outbox = puts
         self._rows = keep
         live = {r.key for r in keep}

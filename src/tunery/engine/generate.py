@@ -201,8 +201,9 @@ class Generator:
         text = _TextStream(self._tokenizer, params, tuned)
         handle = route.scheduler.submit(ids, route.lora, params, asyncio.get_running_loop())
         try:
-            async for token in handle:
-                if (chunk := _chunk(self._delta(token, params, text), text, ids)) is not None:
+            async for tokens in handle.batches():  # one chunk for the tokens that came at once
+                delta = "".join(self._deltas(tokens, params, text))
+                if (chunk := _chunk(delta, text, ids)) is not None:
                     yield chunk
                 if text.finish_reason is not None:
                     return
