@@ -66,7 +66,9 @@ def test_each_format_unpacks_to_gguf_pys_values(base: LoadedBase) -> None:
         assert torch.equal(got.dequantized(), want), kind.name
         seen.add(kind.name)
     assert seen == {"Q5_0", "Q8_0", "Q4_K", "Q6_K"}
-    assert blocks.of("model.embed_tokens.weight") is None  # not a projection
+    embed = blocks.of("model.embed_tokens.weight")  # the vocab head (tied): Q8_0
+    assert embed is not None and embed.matches(base.weights["model.embed_tokens.weight"])
+    assert blocks.of("model.norm.weight") is None  # neither a projection nor the head
     assert GgufBlocks(lambda: None).of("model.layers.0.self_attn.q_proj.weight") is None
 
 
@@ -90,6 +92,7 @@ def test_every_projection_is_its_blocks_and_decodes_with_the_same_bits(base: Loa
     for fast, kind in ((quantized, PackedBlocks), (plain, PackedLinear)):
         packs = [p.tiled for layer in fast.layers for p in layer.projections]
         assert {type(p[1]) for p in packs if p is not None} == {kind}
+    assert isinstance(quantized.head_blocks, PackedBlocks) and plain.head_blocks is None
     prompt = [2, 818, 5279, 529, 9405, 563, 236743]
     outs = []
     for fast in (quantized, plain):
@@ -99,6 +102,9 @@ def test_every_projection_is_its_blocks_and_decodes_with_the_same_bits(base: Loa
             hidden.append(fast.step(torch.tensor([token]), cache, None))
         outs.append(torch.cat(hidden))
     assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+    for k in (1, 64):  # a sampler's top-k from the head's blocks: the bf16 head's
+        got, want = quantized.top_logits(outs[0], k), plain.top_logits(outs[0], k)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_blocks_of_several_formats_stack_into_the_finest() -> None:
@@ -140,7 +146,7 @@ def test_a_later_process_reads_the_blocks_packs_instead_of_the_gguf(
         time.sleep(0.05)
     saved = kernel_cache.read(cache, kernels, None)
     assert saved is not None
-    assert len(saved.blocks) == 4 * base.config.num_hidden_layers
+    assert len(saved.blocks) == 4 * base.config.num_hidden_layers + 1  # and the head
     assert all(isinstance(p, PackedBlocks) for p in saved.blocks.values())
 
     def unpacked(name: str) -> None:

@@ -913,6 +913,33 @@ def test_tiles_on_gguf_blocks_give_the_bits_of_the_bf16_weight_they_make(
 
 
 @pytest.mark.skipif(native is None or not native.tiles, reason="no AMX tiles on this CPU")
+def test_top_logits_of_a_head_as_gguf_blocks_are_those_of_its_bf16_values() -> None:
+    """A head packed as Q8_0-like blocks (a scale per 32 inputs) gives each row the very k
+    values and tokens the bf16 head of the blocks' values gives, alone or batched, with ties
+    (equal vocab rows) kept in token order."""
+    assert native is not None
+    g = torch.Generator().manual_seed(11)
+    vocab, dim = 4096 + 48, 640  # an odd tile pair at the end
+    codes = torch.randint(-127, 128, (vocab, dim), generator=g, dtype=torch.int8)
+    codes[vocab - 5] = codes[7]  # a tie: the same logits for two tokens
+    scale = torch.rand(vocab, dim // 32, generator=g) * 1e-3 + 1e-4
+    scale[vocab - 5] = scale[7]
+    blocks = Blocks(codes, scale, None, 32)
+    weight = blocks.dequantized().bfloat16()
+    packed = native.blocks_pack(blocks)
+    assert packed is not None
+    h = torch.randn(37, dim, generator=g).bfloat16()
+    h[2] = weight[7].float().bfloat16()  # row 2's best: the tie
+    for rows in (h, h[5:6], h[:17]):
+        for k in (1, 40):
+            got, want = native.top_logits(rows, packed, k), native.top_logits(rows, weight, k)
+            assert got is not None and want is not None
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (rows.shape, k)
+    top = native.top_logits(h[:3], packed, 2)
+    assert top is not None and top[1][2].tolist() == [7, vocab - 5]
+
+
+@pytest.mark.skipif(native is None or not native.tiles, reason="no AMX tiles on this CPU")
 def test_the_decode_steps_gelu_gives_torchs_bits() -> None:
     """The whole decode step's gelu-tanh(gate) · up is torch's `F.gelu(gate) * up` in bf16 bit
     for bit (torch's op order and its own tanh), over gates of every magnitude, on 1-3 threads;

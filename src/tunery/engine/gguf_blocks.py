@@ -142,6 +142,20 @@ def _q6_k(raw: np.ndarray, out: int, n_in: int) -> Blocks:
     )
 
 
+# state-dict names of the embedding and an untied head → the GGUF's
+_OWN_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight"}
+
+
+def gguf_name(name: str) -> str | None:
+    """The GGUF tensor name of the state-dict weight `name` ("model.layers.3.self_attn.q_proj
+    .weight" → "blk.3.attn_q.weight"), or None for one that is not a projection or the head."""
+    parts = name.split(".")
+    if len(parts) == 6 and parts[:2] == ["model", "layers"] and parts[5] == "weight":
+        proj = GGUF_NAMES.get(parts[4])
+        return f"blk.{parts[2]}.{proj}.weight" if proj else None
+    return _OWN_NAMES.get(name)
+
+
 # GGML type id → (values a block, bytes a block, unpacker)
 _FORMATS: dict[int, tuple[int, int, Callable[[np.ndarray, int, int], Blocks]]] = {
     8: (32, 34, _q8_0),  # Q8_0
@@ -172,13 +186,9 @@ class GgufBlocks:
         return self._tensors
 
     def of(self, name: str) -> Blocks | None:
-        """The blocks of the state-dict weight `name`, or None (not a projection, no file, a
-        format not supported here)."""
-        parts = name.split(".")
-        if len(parts) != 6 or parts[:2] != ["model", "layers"] or parts[5] != "weight":
-            return None
-        proj = GGUF_NAMES.get(parts[4])
-        info = self._by_name().get(f"blk.{parts[2]}.{proj}.weight") if proj else None
+        """The blocks of the state-dict weight `name`, or None (not a projection or the vocab
+        head, no file, a format not supported here)."""
+        info = self._by_name().get(gguf_name(name) or "")
         kind = _FORMATS.get(info.ggml_type) if info is not None else None
         if info is None or kind is None or len(info.dims) != 2 or self._file is None:
             return None

@@ -27,7 +27,7 @@ from tunery.engine.native import NativeKernels, PackedBlocks, PackedHead, Packed
 
 log = logging.getLogger(__name__)
 
-_FORMAT = "2"
+_FORMAT = "3"
 _HEAD_FIELDS = ("int8", "scale", "norm", "err_norm", "offset")
 
 

@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 Part = tuple[int, int, int, int, torch.Tensor]  # out_lo, out_hi, r_lo, r_hi, B (out_part, r_part)
 
-_HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "elem.h", "amx.h")]
+_HEADERS = [Path(__file__).with_name(n) for n in ("bf16.h", "elem.h", "amx.h", "blocks.h")]
 _SOURCES = [
     Path(__file__).with_name(n)
     for n in (
@@ -143,6 +143,10 @@ class NativeKernels:
         self._head_topk = library.tunery_head_topk
         self._head_topk.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, ptr, ptr, i32]
         self._head_topk.restype = i32
+        self._head_topk_blocks = library.tunery_head_topk_blocks
+        self._head_topk_blocks.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, i64, i64, ptr, ptr]
+        self._head_topk_blocks.argtypes += [i32]
+        self._head_topk_blocks.restype = i32
         self._head_loss = library.tunery_head_loss
         self._head_loss.argtypes = [i64, i64, i64, ptr, ptr, i32, ptr, ptr, ptr, f32, i32]
         self._head_loss.restype = i32
@@ -787,25 +791,37 @@ class NativeKernels:
         return out.tolist()
 
     def top_logits(
-        self, hidden: torch.Tensor, weight: torch.Tensor, k: int
+        self, hidden: torch.Tensor, weight: torch.Tensor | PackedBlocks, k: int
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(B, C) bf16 rows and a bf16 head (V, C) → each row's k largest logits, fp32 (AMX sums
         rounded to bf16), largest first and the first of equal ones first, and their tokens:
-        ((B, k), (B, k) int64), in one read of the head (`head_topk.c`). A row with fewer than
-        k finite logits gets token -1 first. None where the kernel does not run (no AMX tiles,
-        other dtypes or shapes)."""
+        ((B, k), (B, k) int64), in one read of the head (`head_topk.c`); of a head packed as
+        GGUF blocks (`blocks_pack`), the same as of the bf16 head they make. A row with fewer
+        than k finite logits gets token -1 first. None where the kernel does not run (no AMX
+        tiles, other dtypes or shapes)."""
         rows, c = hidden.shape
-        fits = self.head_topk and hidden.dtype == weight.dtype == torch.bfloat16
-        if not fits or c % 32 or not weight.is_contiguous() or hidden.stride(-1) != 1:
+        blocks = isinstance(weight, PackedBlocks)
+        vocab = weight.n_out if isinstance(weight, PackedBlocks) else weight.shape[0]
+        dtype = torch.bfloat16 if isinstance(weight, PackedBlocks) else weight.dtype
+        fits = self.head_topk and hidden.dtype == dtype == torch.bfloat16
+        contiguous = blocks or (isinstance(weight, torch.Tensor) and weight.is_contiguous())
+        if not fits or c % 32 or not contiguous or hidden.stride(-1) != 1:
             return None
-        if not 0 < k <= weight.shape[0]:
-            raise ValueError(f"k must be in [1, {weight.shape[0]}]")
+        if not 0 < k <= vocab:
+            raise ValueError(f"k must be in [1, {vocab}]")
         values = torch.empty(rows, k)
         tokens = torch.empty(rows, k, dtype=torch.int64)
-        status = self._head_topk(
-            rows, c, weight.shape[0], hidden.data_ptr(), hidden.stride(0), weight.data_ptr(), k,
-            values.data_ptr(), tokens.data_ptr(), torch.get_num_threads(),
-        )  # fmt: skip
+        threads = torch.get_num_threads()
+        if isinstance(weight, PackedBlocks):
+            status = self._head_topk_blocks(
+                rows, c, vocab, hidden.data_ptr(), hidden.stride(0), weight.records.data_ptr(),
+                weight.sets, weight.offsets, k, values.data_ptr(), tokens.data_ptr(), threads,
+            )  # fmt: skip
+        else:
+            status = self._head_topk(
+                rows, c, vocab, hidden.data_ptr(), hidden.stride(0), weight.data_ptr(), k,
+                values.data_ptr(), tokens.data_ptr(), threads,
+            )  # fmt: skip
         if status != 0:
             raise MemoryError("head top-k: out of memory")
         return values, tokens

@@ -24,6 +24,7 @@
 #endif
 
 #include "amx.h"
+#include "blocks.h"
 
 #define TILE_IN 32 /* inputs per tile */
 
@@ -164,6 +165,104 @@ static void scan_vocab(int64_t v_lo, int64_t v_hi, int64_t v_count, int64_t c, c
     }
 }
 
+/* The sums of rows 16g .. 16g + 15 (one per line of `sums`) by vocab rows v0 .. v0 + 15 (its
+ * columns) into those rows' heaps, each rounded to bf16 first: `offer_tile` transposed, each
+ * row's tokens in order. */
+static void offer_rows(float sums[16][16], int64_t v0, int64_t g, int64_t rows, int64_t k,
+                       heaps *hs) {
+    for (int i = 0; i < 16 && 16 * g + i < rows; i++) {
+        int64_t r = 16 * g + i;
+        __m512 v = _mm512_cvtpbh_ps(_mm512_cvtneps_pbh(_mm512_load_ps(sums[i])));
+        __mmask16 pass = _mm512_cmp_ps_mask(v, _mm512_set1_ps(hs->least[r]), _CMP_GT_OQ);
+        if (!pass) continue;
+        float values[16] __attribute__((aligned(64)));
+        _mm512_store_ps(values, v);
+        scored *heap = hs->heap + r * k;
+        for (; pass; pass &= pass - 1) {
+            int m = __builtin_ctz(pass);
+            hs->count[r] = heap_offer(heap, hs->count[r], k, (scored){values[m], v0 + m});
+            if (hs->count[r] == k) hs->least[r] = heap[0].value;
+        }
+    }
+}
+
+/* Vocab tile pairs [p_lo, p_hi) of a head packed as GGUF blocks (`blocks.h`, `chunks` records
+ * per 16 vocab rows) against every row of xp (groups x 16 rows of c, zero-padded), as
+ * `qtiles.c` multiplies: each tile made back into bf16 once, in `strip`, for every row group. */
+static void scan_blocks(int64_t p_lo, int64_t p_hi, int64_t tiles, int64_t c, const uint8_t *wp,
+                        int sets, int offsets, const uint16_t *xp, int64_t groups, int64_t rows,
+                        int64_t k, uint16_t *strip, heaps *hs) {
+    int64_t chunks = c / TILE_IN, rec = blocks_record(sets, offsets), tile = 16 * TILE_IN;
+    float sums[2][2][16][16] __attribute__((aligned(64)));
+    for (int64_t pr = p_lo; pr < p_hi; pr++) {
+        int64_t o = 2 * pr;
+        int two = o + 1 < tiles;
+        const uint8_t *r0 = wp + o * chunks * rec, *r1 = r0 + chunks * rec;
+        for (int64_t g0 = 0; g0 < groups; g0 += 2) {
+            int both = groups - g0 > 1;
+            const uint16_t *x0 = xp + g0 * 16 * c, *x1 = x0 + 16 * c;
+            amx_zero_sums();
+            for (int64_t q = 0; q < chunks; q++) {
+                uint16_t *b0 = strip + q * 2 * tile, *b1 = b0 + tile;
+                if (g0 == 0) {
+                    const char *ahead = (const char *)(r0 + q * rec) + 16384;
+                    for (int l = 0; l < rec / 64; l++) _mm_prefetch(ahead + l * 64, _MM_HINT_T0);
+                    for (int l = 0; two && l < rec / 64; l++)
+                        _mm_prefetch(ahead + chunks * rec + l * 64, _MM_HINT_T0);
+                    dequantize(r0 + q * rec, sets, offsets, b0);
+                    if (two) dequantize(r1 + q * rec, sets, offsets, b1);
+                }
+                _tile_loadd(4, b0, 64);
+                _tile_loadd(6, x0 + q * TILE_IN, 2 * c);
+                _tile_dpbf16ps(0, 6, 4);
+                if (two) {
+                    _tile_loadd(5, b1, 64);
+                    _tile_dpbf16ps(1, 6, 5);
+                }
+                if (both) {
+                    _tile_loadd(7, x1 + q * TILE_IN, 2 * c);
+                    _tile_dpbf16ps(2, 7, 4);
+                    if (two) _tile_dpbf16ps(3, 7, 5);
+                }
+            }
+            _tile_stored(0, sums[0][0], 64);
+            if (two) _tile_stored(1, sums[0][1], 64);
+            if (both) _tile_stored(2, sums[1][0], 64);
+            if (both && two) _tile_stored(3, sums[1][1], 64);
+            for (int g = 0; g <= both; g++)
+                for (int m = 0; m <= two; m++)
+                    offer_rows(sums[g][m], 16 * (o + m), g0 + g, rows, k, hs);
+        }
+    }
+}
+
+/* The threads' heaps (`heap` threads x rows x k, `count` threads x rows) into each row's k
+ * largest, largest first, into values and tokens (token -1 first: fewer than k finite). */
+static void merge_heaps(int64_t rows, int64_t k, int threads, scored *heap, int64_t *count,
+                        float *values, int64_t *tokens) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        scored *mine = heap + r * k;
+        int64_t n = count[r];
+        for (int t = 1; t < threads; t++)
+            for (int64_t i = 0; i < count[t * rows + r]; i++)
+                n = heap_offer(mine, n, k, heap[(t * rows + r) * k + i]);
+        if (n < k) {
+            tokens[r * k] = -1;
+            continue;
+        }
+        for (int64_t end = k - 1; end > 0; end--) { /* the smallest to the back */
+            scored s = mine[0];
+            mine[0] = mine[end], mine[end] = s;
+            sift_down(mine, end, 0);
+        }
+        for (int64_t i = 0; i < k; i++) {
+            values[r * k + i] = mine[i].value;
+            tokens[r * k + i] = mine[i].token;
+        }
+    }
+}
+
 #endif
 
 /* values (rows, k) fp32, tokens (rows, k): row r's k largest logits h_r.W^T (h, W (v_count, c)
@@ -202,28 +301,7 @@ int tunery_head_topk(int64_t rows, int64_t c, int64_t v_count, const uint16_t *h
                        hp, groups, rows, k, &hs);
             _tile_release();
         }
-        /* each row: the threads' heaps into the first one's, then largest first */
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t r = 0; r < rows; r++) {
-            scored *mine = heap + r * k;
-            int64_t n = count[r];
-            for (int t = 1; t < threads; t++)
-                for (int64_t i = 0; i < count[t * rows + r]; i++)
-                    n = heap_offer(mine, n, k, heap[(t * rows + r) * k + i]);
-            if (n < k) {
-                tokens[r * k] = -1;
-                continue;
-            }
-            for (int64_t end = k - 1; end > 0; end--) { /* the smallest to the back */
-                scored s = mine[0];
-                mine[0] = mine[end], mine[end] = s;
-                sift_down(mine, end, 0);
-            }
-            for (int64_t i = 0; i < k; i++) {
-                values[r * k + i] = mine[i].value;
-                tokens[r * k + i] = mine[i].token;
-            }
-        }
+        merge_heaps(rows, k, threads, heap, count, values, tokens);
     }
     free(least);
     free(count);
@@ -234,6 +312,64 @@ int tunery_head_topk(int64_t rows, int64_t c, int64_t v_count, const uint16_t *h
 #else
     (void)rows, (void)c, (void)v_count, (void)h, (void)h_stride, (void)w, (void)k;
     (void)values, (void)tokens, (void)threads;
+    return -1;
+#endif
+}
+
+/* `tunery_head_topk` for a head W (v_count, c) packed as GGUF blocks (`qtiles.c`'s
+ * `tunery_qtiles_pack`, `sets` scale sets, `offsets`), each tile made back into the bf16 values
+ * the blocks round to, as `qtiles.c` does: the same logits as the bf16 head of those values (an
+ * AMX sum takes its products in the same order whichever operand holds the weights), reading
+ * ~1.06 bytes a weight for Q8_0 instead of 2. v_count a multiple of 16. */
+int tunery_head_topk_blocks(int64_t rows, int64_t c, int64_t v_count, const uint16_t *h,
+                            int64_t h_stride, const uint8_t *wp, int64_t sets, int64_t offsets,
+                            int64_t k, float *values, int64_t *tokens, int threads) {
+#if AMX
+    if (!amx_permitted() || rows < 1 || c % TILE_IN || v_count % 16 || k < 1 || k > v_count ||
+        (sets != 1 && sets != 2))
+        return -1;
+    if (threads < 1) threads = 1;
+    int64_t groups = (rows + 15) / 16, rows16 = groups * 16, tiles = v_count / 16;
+    int64_t pairs = (tiles + 1) / 2;
+    uint16_t *xp = aligned_alloc(64, sizeof(uint16_t) * rows16 * c);
+    scored *heap = malloc(sizeof(scored) * threads * rows * k);
+    int64_t *count = calloc(threads * rows, sizeof(int64_t));
+    float *least = malloc(sizeof(float) * threads * rows16);
+    int status = xp && heap && count && least ? 0 : -1;
+    if (status == 0) {
+        for (int64_t r = 0; r < rows16; r++) { /* the rows, zero-padded to whole groups */
+            if (r < rows) memcpy(xp + r * c, h + r * h_stride, sizeof(uint16_t) * c);
+            else memset(xp + r * c, 0, sizeof(uint16_t) * c);
+        }
+        for (int64_t i = 0; i < threads * rows16; i++) least[i] = -INFINITY;
+#pragma omp parallel num_threads(threads) reduction(| : status)
+        {
+            int t = 0, nt = 1;
+#ifdef _OPENMP
+            t = omp_get_thread_num(), nt = omp_get_num_threads();
+#endif
+            heaps hs = {heap + t * rows * k, count + t * rows, least + t * rows16};
+            uint16_t *strip = aligned_alloc(64, sizeof(uint16_t) * (c / TILE_IN) * 2 * 16 * TILE_IN);
+            if (strip == NULL) {
+                status = -1;
+            } else {
+                amx_configure();
+                scan_blocks(pairs * t / nt, pairs * (t + 1) / nt, tiles, c, wp, (int)sets,
+                            offsets != 0, xp, groups, rows, k, strip, &hs);
+                _tile_release();
+                free(strip);
+            }
+        }
+        if (status == 0) merge_heaps(rows, k, threads, heap, count, values, tokens);
+    }
+    free(least);
+    free(count);
+    free(heap);
+    free(xp);
+    return status;
+#else
+    (void)rows, (void)c, (void)v_count, (void)h, (void)h_stride, (void)wp, (void)sets;
+    (void)offsets, (void)k, (void)values, (void)tokens, (void)threads;
     return -1;
 #endif
 }

@@ -8,9 +8,8 @@
  * against the model's tensor when it packs, `gguf_blocks`), a row gets exactly `tiles_linear`'s
  * bits, and so the same alone as in any batch.
  *
- * A packed tile is a record: its 512 codes in the tiles' input pairs (`tiles_pack`'s order),
- * then `sets` x 16 fp32 scales (one set per block of 16 inputs, or one per 32), then as many
- * offsets where the format has them. Records are in the order the tiles are read.
+ * A packed tile is a record (`blocks.h`: codes, scales, offsets); records are in the order the
+ * tiles are read (`tiles_pack`'s).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -21,6 +20,7 @@
 #endif
 
 #include "amx.h"
+#include "blocks.h"
 
 #define TILE_OUT 16  /* outputs per tile */
 #define TILE_IN 32   /* inputs per tile */
@@ -28,10 +28,8 @@
 #define MAX_ROWS 1024
 #define AHEAD 16384 /* bytes of records prefetched ahead of each stream */
 
-/* Bytes of one tile's record: codes, scales, offsets. */
-int64_t tunery_qtiles_record(int64_t sets, int64_t offsets) {
-    return TILE + 64 * sets * (1 + (offsets != 0));
-}
+/* Bytes of one tile's record (`blocks.h`). */
+int64_t tunery_qtiles_record(int64_t sets, int64_t offsets) { return blocks_record(sets, offsets); }
 
 /* q (out x in int8), scale (out x in / block fp32), offset (as scale, or NULL) → wp, records of
  * `tunery_qtiles_record(32 / block, offset != NULL)` bytes. block 16 or 32; out a multiple of 16,
@@ -62,32 +60,6 @@ void tunery_qtiles_pack(int64_t out, int64_t in, const int8_t *q, const float *s
 }
 
 #if AMX
-/* A record's tile in bf16, in the tiles' layout (16 input pairs of 64 bytes): each value
- * scale * code (- offset) in fp32, rounded to nearest even. */
-static inline void dequantize(const uint8_t *r, int sets, int offsets, uint16_t *tile) {
-    const __m512i lo = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
-    const __m512i hi = _mm512_add_epi32(lo, _mm512_set1_epi32(8));
-    const float *sc = (const float *)(r + TILE), *of = sc + TILE_OUT * sets;
-    __m512 s[2][2], m[2][2]; /* [set][outputs 0-7 or 8-15], each output's twice (its pair) */
-    for (int h = 0; h < sets; h++) {
-        __m512 v = _mm512_loadu_ps(sc + TILE_OUT * h);
-        s[h][0] = _mm512_permutexvar_ps(lo, v), s[h][1] = _mm512_permutexvar_ps(hi, v);
-        if (offsets) {
-            v = _mm512_loadu_ps(of + TILE_OUT * h);
-            m[h][0] = _mm512_permutexvar_ps(lo, v), m[h][1] = _mm512_permutexvar_ps(hi, v);
-        }
-    }
-    for (int p = 0; p < TILE_IN / 2; p++) {
-        int h = sets == 2 ? p / 8 : 0; /* pair p holds inputs 2p and 2p + 1 */
-        const __m128i *codes = (const __m128i *)(r + p * 2 * TILE_OUT);
-        __m512 f0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(codes)));
-        __m512 f1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_load_si128(codes + 1)));
-        f0 = _mm512_mul_ps(f0, s[h][0]), f1 = _mm512_mul_ps(f1, s[h][1]);
-        if (offsets) f0 = _mm512_sub_ps(f0, m[h][0]), f1 = _mm512_sub_ps(f1, m[h][1]);
-        _mm512_store_si512((__m512i *)(tile + p * 2 * TILE_OUT), (__m512i)_mm512_cvtne2ps_pbh(f1, f0));
-    }
-}
-
 /* rows r0 .. r_hi of y, output tiles o (and o + 1 where `two`), from the sums c[g][m] */
 static void store_rows(float c[2][2][16][16], int64_t r0, int64_t r_hi, int two, int64_t o,
                        int64_t out, uint16_t *y) {
