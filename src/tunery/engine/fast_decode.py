@@ -147,7 +147,7 @@ class Linear:
         that copy (65-256 rows: 0.85-0.93x the time of 64-row tile calls, 0.68-0.78x torch's
         matmul on the plain parts), so a bf16 model keeps both: its weights' size again; for
         weights that are a GGUF's blocks exactly, the tiles' copy is the blocks' codes
-        (`qtiles.c`, the same bits in ~0.85x the time at 1-32 rows)."""
+        (`tiles.c`, the same bits in ~0.85x the time at 1-32 rows)."""
         self.parts = [p.detach() for p in parts]
         self.out_features = sum(p.shape[0] for p in self.parts)
         self.packed = packed

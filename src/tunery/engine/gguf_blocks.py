@@ -2,7 +2,7 @@
 
 A model converted from a GGUF (the embedded Gemma 3 270M is Q4_K_M) has bf16 weights that are
 each `scale * code - offset` of the file's blocks, worked out in fp32 and rounded: 2 bytes a
-weight, where the codes and their scales take ~1.1-1.25 (`native/qtiles.c` reads them, 8-bit
+weight, where the codes and their scales take ~1.1-1.25 (`native/tiles.c` reads them, 8-bit
 codes). Here each supported block format is unpacked into codes (out, in) int8, one fp32 scale
 per block of 16 or 32 inputs, and for Q4_K an fp32 offset per block of 32, with the fp32
 products gguf-py's dequantization (which transformers loads GGUFs with) forms, so that

@@ -1,7 +1,7 @@
 """A base model's packed decode weights, kept on disk between starts.
 
 `FastGemma3` reads a model's projections as bf16 panels (`linear.c`) or, on AMX tiles, as its
-GGUF's blocks (`qtiles.c`: unpacking and checking them takes ~0.7 s for Gemma 3 270M), and
+GGUF's blocks (`tiles.c`: unpacking and checking them takes ~0.7 s for Gemma 3 270M), and
 greedy picks scan an int8 copy of its head (`head.c`). Packing them takes 0.8 s on 2 cores
 alone, 1.2-1.4 s in a starting server, where it was most of the time from `/healthz` to
 `/readyz`. The packs depend only on the weights and on the kernels' build, so the first process

@@ -66,7 +66,7 @@ _SOURCES = [
     for n in (
         "decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c", "linear.c",
         "head_loss.c", "gelu.c", "tiles.c", "lora_train.c", "train_attention.c",
-        "decode_step.c", "head_topk.c", "qtiles.c",
+        "decode_step.c", "head_topk.c",
     )
 ]  # fmt: skip
 # -ffp-contract=off: GCC fuses a * b + c into one FMA (one rounding) where its optimizer sees
@@ -592,7 +592,7 @@ class NativeKernels:
 
     def blocks_pack(self, blocks: Blocks) -> PackedBlocks | None:
         """A weight's GGUF blocks (`gguf_blocks.Blocks`) packed for `tiles_linear`, which then
-        reads their codes (`qtiles.c`: ~1.1-1.25 bytes a weight, not 2) and gets the bits it
+        reads their codes (`tiles.c`: ~1.1-1.25 bytes a weight, not 2) and gets the bits it
         gets from the bf16 weight they round to; None where the tiles do not run here or do not
         fit its shape."""
         n_out, n_in = blocks.codes.shape
@@ -617,7 +617,7 @@ class NativeKernels:
         self, x: torch.Tensor, weight: PackedLinear | PackedBlocks
     ) -> torch.Tensor | None:
         """x (rows, in) bf16 @ W^T for W packed by `tiles_pack` or `blocks_pack` → (rows, out)
-        bf16, by AMX tiles (`tiles.c`, `qtiles.c`): a row's bits do not depend on the other
+        bf16, by AMX tiles (`tiles.c`): a row's bits do not depend on the other
         rows; None for more than `TILES_MAX_ROWS` rows."""
         rows, n_in = x.shape
         if rows > self.TILES_MAX_ROWS or x.dtype != torch.bfloat16 or n_in != weight.n_in:
@@ -917,7 +917,7 @@ class PackedLinear:
 
 
 class PackedBlocks:
-    """A weight's GGUF blocks in `qtiles.c`'s records: codes, `sets` scales (1: one per 32
+    """A weight's GGUF blocks in `tiles.c`'s records: codes, `sets` scales (1: one per 32
     inputs, 2: per 16) and (`offsets` 1) offsets a tile."""
 
     def __init__(self, records: torch.Tensor, n_out: int, n_in: int, sets: int, offsets: int):

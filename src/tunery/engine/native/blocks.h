@@ -1,4 +1,4 @@
-/* GGUF blocks packed for AMX tiles (`qtiles.c` packs them; `qtiles.c` and `head_topk.c` read
+/* GGUF blocks packed for AMX tiles (`tiles.c` packs them; `tiles.c` and `head_topk.c` read
  * them): a record per 16 x 32 tile of W (16 outputs, 32 inputs), its 512 int8 codes in the
  * tiles' input pairs, then `sets` x 16 fp32 scales (a set per 16 inputs, or one per 32), then as
  * many offsets where the format has them.

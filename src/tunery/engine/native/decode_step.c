@@ -51,7 +51,7 @@ typedef __m512 (*tanh16_fn)(__m512);
 enum { M_LAYERS, M_HIDDEN, M_HEADS, M_KV_HEADS, M_HEAD_DIM, M_FF, M_FINAL_NORM, M_FIELDS };
 /* then per layer: the four projections packed for the tiles (in `GROUPS` order: qkv, o, gu,
  * down), the six norms' fp32 weights, its RoPE kind's cos and sin tables (bf16, hd wide), and
- * each projection's pack: 0 bf16 (`tiles.c`), else GGUF blocks (`qtiles.c`) with (kind & 3)
+ * each projection's pack (`tiles.c`): 0 bf16, else GGUF blocks with (kind & 3)
  * scale sets and (kind >> 2) offsets */
 #define GROUPS 4
 enum {

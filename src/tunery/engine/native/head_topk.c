@@ -188,7 +188,7 @@ static void offer_rows(float sums[16][16], int64_t v0, int64_t g, int64_t rows, 
 
 /* Vocab tile pairs [p_lo, p_hi) of a head packed as GGUF blocks (`blocks.h`, `chunks` records
  * per 16 vocab rows) against every row of xp (groups x 16 rows of c, zero-padded), as
- * `qtiles.c` multiplies: each tile made back into bf16 once, in `strip`, for every row group. */
+ * `tiles.c` multiplies: each tile made back into bf16 once, in `strip`, for every row group. */
 static void scan_blocks(int64_t p_lo, int64_t p_hi, int64_t tiles, int64_t c, const uint8_t *wp,
                         int sets, int offsets, const uint16_t *xp, int64_t groups, int64_t rows,
                         int64_t k, uint16_t *strip, heaps *hs) {
@@ -316,9 +316,9 @@ int tunery_head_topk(int64_t rows, int64_t c, int64_t v_count, const uint16_t *h
 #endif
 }
 
-/* `tunery_head_topk` for a head W (v_count, c) packed as GGUF blocks (`qtiles.c`'s
+/* `tunery_head_topk` for a head W (v_count, c) packed as GGUF blocks (`tiles.c`'s
  * `tunery_qtiles_pack`, `sets` scale sets, `offsets`), each tile made back into the bf16 values
- * the blocks round to, as `qtiles.c` does: the same logits as the bf16 head of those values (an
+ * the blocks round to, as `tiles.c` does: the same logits as the bf16 head of those values (an
  * AMX sum takes its products in the same order whichever operand holds the weights), reading
  * ~1.06 bytes a weight for Q8_0 instead of 2. v_count a multiple of 16. */
 int tunery_head_topk_blocks(int64_t rows, int64_t c, int64_t v_count, const uint16_t *h,
