@@ -72,6 +72,21 @@ def test_each_format_unpacks_to_gguf_pys_values(base: LoadedBase) -> None:
     assert GgufBlocks(lambda: None).of("model.layers.0.self_attn.q_proj.weight") is None
 
 
+def test_a_truncated_or_foreign_gguf_gives_no_blocks(base: LoadedBase, tmp_path: Path) -> None:
+    """A GGUF cut short (its header whole, its tensors not) or not a GGUF at all: no blocks,
+    and no error, so the forward keeps its bf16 tiles."""
+    path = base.gguf()
+    assert path is not None
+    cut = tmp_path / "cut.gguf"
+    with open(path, "rb") as f:
+        cut.write_bytes(f.read(8 * 2**20))  # the header and the first tensors
+    name = "model.layers.17.mlp.down_proj.weight"  # near the file's end
+    assert GgufBlocks(lambda: cut).of(name) is None
+    other = tmp_path / "other.gguf"
+    other.write_bytes(b"not a gguf file")
+    assert GgufBlocks(lambda: other).of(name) is None
+
+
 def test_every_projection_is_its_blocks_and_decodes_with_the_same_bits(base: LoadedBase) -> None:
     """Every fused projection of the embedded model is exactly its GGUF blocks (stacked across
     formats), so the fast forward reads the blocks on AMX tiles; a step gives the same hidden

@@ -197,7 +197,11 @@ class GgufBlocks:
         if n_in % size or n_in % 32:
             return None
         row = n_in // size * nbytes
-        raw = np.fromfile(self._file, dtype=np.uint8, count=out * row, offset=info.offset)
+        try:
+            raw = np.fromfile(self._file, dtype=np.uint8, count=out * row, offset=info.offset)
+        except (OSError, ValueError):  # gone or unreadable since: only loses the speed-up
+            log.warning("GGUF %s: %s unreadable", self._file, name, exc_info=True)
+            return None
         if raw.size != out * row:
             return None
         return unpacker(raw.reshape(out, row), out, n_in)
