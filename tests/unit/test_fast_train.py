@@ -18,7 +18,7 @@ from tunery.engine.specs import LoraSpec
 from tunery.engine.train import label_loss
 
 
-def _tiny_gemma(window: int) -> torch.nn.Module:
+def _tiny_gemma(window: int, head_dim: int = 16) -> torch.nn.Module:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     config = Gemma3TextConfig(
@@ -28,7 +28,7 @@ def _tiny_gemma(window: int) -> torch.nn.Module:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=16,
+        head_dim=head_dim,
         max_position_embeddings=512,
         sliding_window=window,
         layer_types=["sliding_attention", "full_attention"],
@@ -244,6 +244,34 @@ def test_dense_and_per_example_attention_agree(monkeypatch: pytest.MonkeyPatch) 
         monkeypatch.setattr(fast_train, "DENSE_ATTENTION_MAX_TOKENS", 0)
         per_example = float(fast.loss(batch))
     assert per_example == pytest.approx(dense, rel=1e-5)
+
+
+@pytest.mark.skipif(
+    _KERNELS is None or not _KERNELS.attention_tiles, reason="no AMX tiles on this CPU"
+)
+@pytest.mark.parametrize("lengths", [[30, 12, 21], [150, 120, 30]], ids=["dense", "per-example"])
+def test_tiles_attention_trains_as_the_torch_attention(
+    monkeypatch: pytest.MonkeyPatch, lengths: list[int]
+) -> None:
+    """A bf16 step whose attention runs on AMX tiles (any tokens, each example's keys only)
+    gives the loss and the LoRA gradients of the step that attends by `_attend` (one masked pass
+    over a short row, or each example on its own), within bf16's rounding."""
+    model = _tiny_gemma(16, head_dim=32).to(torch.bfloat16)
+    examples = _examples(lengths)
+    with lora_injected(model, LoraSpec(rank=4, alpha=8)) as layers:
+        for layer in layers.values():
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+        params = trainable_parameters(layers)
+        fast = FastGemma3Train(FastGemma3.of_model(model), layers)
+        kernels = fast.spec.native
+        assert kernels is not None and kernels.attention_tiles
+        batch = pack(examples, torch.device("cpu"))
+        tiles = _loss_and_grads(lambda: fast.loss(batch), params)
+        monkeypatch.setattr(kernels, "attention_tiles", False)
+        torchs = _loss_and_grads(lambda: fast.loss(batch), params)
+    assert tiles[0] == pytest.approx(torchs[0], rel=1e-2)
+    for want, have in zip(torchs[1], tiles[1], strict=True):
+        assert float((have - want).norm() / want.norm()) <= 3e-2
 
 
 def test_partial_groups_are_refused_up_front() -> None:

@@ -481,6 +481,63 @@ def test_training_attention_refuses_what_its_kernel_does_not_lay_out() -> None:
     assert not NativeKernels.takes_attention(torch.randn(4, 32, 5).transpose(1, 2), kv, kv)
 
 
+_TILES_ATTENTION = native is not None and native.attention_tiles
+
+
+@pytest.mark.skipif(not _TILES_ATTENTION, reason="no AMX tiles on this CPU")
+@pytest.mark.parametrize(
+    ("lengths", "window", "heads", "d"),
+    [
+        ([9, 1, 40, 17], None, (4, 2), 32),  # one token, blocks of 16 and chunks of 32 crossed
+        ([70, 33], 5, (4, 2), 64),  # a window shorter than a block
+        ([300, 40], 64, (4, 1), 256),  # Gemma 3 270M's heads, a window over several blocks
+    ],
+)
+def test_tiles_attention_agrees_with_autograd_per_example(
+    lengths: list[int], window: int | None, heads: tuple[int, int], d: int
+) -> None:
+    """The AMX attention of a packed bf16 step (each example's queries on its own keys, the
+    softmax weights made again in the backward from each row's log-sum-exp) against fp32
+    autograd through `fast_train._attend` on each example alone: output and the three gradients
+    within bf16's rounding."""
+    from tunery.engine.fast_train import _attend, _mask
+
+    assert native is not None
+    g = torch.Generator().manual_seed(21)
+    (h, kv), t = heads, sum(lengths)
+    q, k, v = (torch.randn(n, t, d, generator=g).bfloat16() for n in (h, kv, kv))
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    assert native.takes_tiles_attention(q, k, v)
+    done = native.tiles_attention(q, k, v, starts, window, 0.125)
+    assert done is not None
+    out, lse = done
+    grad_out = torch.randn(t, h * d, generator=g).bfloat16()
+    dq, dk, dv = native.tiles_attention_backward(q, k, v, starts, window, 0.125, lse, grad_out)
+
+    leaves = [x.float().requires_grad_() for x in (q, k, v)]
+    parts = []
+    for lo, hi in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+        mask = _mask(hi - lo, window, h // kv, q.device)
+        parts.append(_attend(*(x[:, lo:hi] for x in leaves), mask, 0.125))
+    want = torch.cat(parts)
+    want.backward(grad_out.float())
+    for have, ref in zip((out, dq, dk, dv), (want, *(x.grad for x in leaves)), strict=True):
+        assert have.shape == ref.shape and have.dtype == torch.bfloat16
+        assert ((have.float() - ref).norm() / ref.norm()) <= 1e-2
+
+
+@pytest.mark.skipif(not _TILES_ATTENTION, reason="no AMX tiles on this CPU")
+def test_tiles_attention_refuses_what_it_does_not_lay_out() -> None:
+    assert native is not None
+    q, kv = torch.randn(4, 5, 32).bfloat16(), torch.randn(2, 5, 32).bfloat16()
+    assert native.takes_tiles_attention(q, kv, kv)
+    assert not native.takes_tiles_attention(q.float(), kv.float(), kv.float())  # bf16 only
+    q16, kv16 = q[..., :16].contiguous(), kv[..., :16].contiguous()
+    assert not native.takes_tiles_attention(q16, kv16, kv16)  # D a multiple of 32
+    # bounds that do not cover the row: no result, not a wrong one
+    assert native.tiles_attention(q, kv, kv, torch.tensor([0, 3]), None, 0.125) is None
+
+
 @each_dtype
 def test_fused_residual_and_norm_give_the_separate_kernels_bits(dtype: torch.dtype) -> None:
     """`add_norm_train` and its backward: the bits of the two norms' kernels and torch's adds."""

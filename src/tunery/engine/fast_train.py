@@ -766,14 +766,48 @@ class _AttentionFn(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None
 
 
+class _TilesAttentionFn(torch.autograd.Function):
+    """A packed step's attention by AMX tiles (`attention_tiles.c`), one call each way, for any
+    number of tokens: each example's queries meet its own keys only, and the backward makes the
+    softmax weights again from each row's log-sum-exp instead of keeping them. Where
+    `_attend` ran per example above `DENSE_ATTENTION_MAX_TOKENS` (the throughput bench's steps
+    of ~760 tokens, 4 examples, bf16, AMX), 242 of a step's 984 ms went to attention."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
+        window: int | None, scale: float, kernels: NativeKernels,
+    ) -> torch.Tensor:  # fmt: skip
+        done = kernels.tiles_attention(q, k, v, starts, window, scale)
+        if done is None:
+            raise MemoryError("no memory for the attention's buffers")
+        out, lse = done
+        ctx.window, ctx.scale, ctx.kernels = window, scale, kernels
+        ctx.save_for_backward(q, k, v, starts, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, starts, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.kernels.tiles_attention_backward(
+            q, k, v, starts, ctx.window, ctx.scale, lse, g
+        )
+        return dq, dk, dv, None, None, None, None
+
+
 def _attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: PackedBatch,
     window: int | None, scale: float, mask: torch.Tensor | None,
-    kernels: NativeKernels | None = None,
+    kernels: NativeKernels | None = None, starts: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """q (H, T, D), k/v (Hkv, T, D) → (T, H·D): attention within each example, causal, and
-    within `window` positions when given. `mask` (a `_mask` over the whole row) selects one pass
-    over it, by the kernels where they take it; without it each example attends on its own."""
+    within `window` positions when given. By AMX tiles where given the examples' `starts` (the
+    caller checked that the kernels take q, k and v); else `mask` (a `_mask` over the whole
+    row) selects one pass over it, by the kernels where they take it; without it each example
+    attends on its own."""
+    if starts is not None and kernels is not None:
+        tiles: torch.Tensor = _TilesAttentionFn.apply(q, k, v, starts, window, scale, kernels)  # type: ignore[no-untyped-call]
+        return tiles
     if mask is not None:
         if kernels is not None and kernels.takes_attention(q, k, v):
             out: torch.Tensor = _AttentionFn.apply(q, k, v, batch.segments, window, scale, kernels)  # type: ignore[no-untyped-call]
@@ -864,11 +898,8 @@ class FastGemma3Train:
         cast = self._flat.cast(torch.float32 if t <= LORA_FP32_MAX_ROWS else x.dtype)
         native = f.native
         hd, nh, nkv = f.head_dim, f.n_heads, f.n_kv
-        masks: dict[bool, torch.Tensor | None] = {False: None, True: None}
-        if t <= DENSE_ATTENTION_MAX_TOKENS:
-            for sliding in {layer.sliding for layer in f.layers}:
-                window = f.window if sliding else None
-                masks[sliding] = _mask(t, window, nh // nkv, x.device, batch.segments)
+        masks: dict[bool, torch.Tensor] = {}  # by sliding: a dense pass's mask, made once
+        starts = torch.tensor([lo for lo, _ in batch.bounds] + [t], dtype=torch.int64)
         h = _norm(x, f.layers[0].ln_in, f.eps, native)
         for i, layer in enumerate(f.layers):
             groups = self.groups[i]
@@ -880,7 +911,15 @@ class FastGemma3Train:
                 qkv, (nh, nkv, hd), self._qk_norms[i], f.eps, (cos, sin), native, qk_native
             )  # type: ignore[no-untyped-call]
             window = f.window if layer.sliding else None
-            a = _attention(q, k, v, batch, window, f.scaling, masks[layer.sliding], native)
+            tiles = native is not None and native.takes_tiles_attention(q, k, v)
+            mask = None
+            if not tiles and t <= DENSE_ATTENTION_MAX_TOKENS:
+                if layer.sliding not in masks:
+                    masks[layer.sliding] = _mask(t, window, nh // nkv, x.device, batch.segments)
+                mask = masks[layer.sliding]
+            a = _attention(
+                q, k, v, batch, window, f.scaling, mask, native, starts if tiles else None
+            )
             o = groups["o"](a, cast)
             x, h = _AddNormFn.apply(x, o, layer.ln_post_attn, layer.ln_pre_ff, f.eps, native)  # type: ignore[no-untyped-call]
             m = _mlp_activation(groups["gu"](h, cast), native)

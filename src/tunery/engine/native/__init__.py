@@ -66,7 +66,7 @@ _SOURCES = [
     for n in (
         "decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c", "linear.c",
         "head_loss.c", "gelu.c", "tiles.c", "lora_train.c", "train_attention.c",
-        "decode_step.c", "head_topk.c",
+        "attention_tiles.c", "decode_step.c", "head_topk.c",
     )
 ]  # fmt: skip
 # -ffp-contract=off: GCC fuses a * b + c into one FMA (one rounding) where its optimizer sees
@@ -166,6 +166,14 @@ class NativeKernels:
         self._qtiles_linear = library.tunery_qtiles_linear
         self._qtiles_linear.argtypes = [i64, i64, i64, ptr, ptr, i64, i64, ptr, i32]
         self._qtiles_linear.restype = i32
+        self.attention_tiles = bool(library.tunery_tiles_attention_supported())
+        tiles_attn_args: list[Any] = [i64, i64, i64, i64, ptr, ptr, ptr, i64, ptr, i64, f32]
+        self._tiles_attn = library.tunery_tiles_attention
+        self._tiles_attn.argtypes = [*tiles_attn_args, ptr, ptr, i32]
+        self._tiles_attn.restype = i32
+        self._tiles_attn_back = library.tunery_tiles_attention_backward
+        self._tiles_attn_back.argtypes = [*tiles_attn_args, ptr, ptr, ptr, ptr, ptr, i32]
+        self._tiles_attn_back.restype = i32
         # the most label rows `head_loss` multiplies a bf16 head by AMX tiles (0: none here)
         self.head_loss_tile_rows = int(library.tunery_head_loss_amx_rows())
         self._step = library.tunery_decode_step
@@ -304,6 +312,51 @@ class NativeKernels:
             and all(t.is_contiguous() for t in (q, k, v))
             and q.shape[0] % k.shape[0] == 0 and q.shape[2] % 16 == 0
         )  # fmt: skip
+
+    def takes_tiles_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether `tiles_attention` takes these: AMX tiles here, bf16 q, k and v as
+        `takes_attention` says, D a multiple of 32."""
+        return (
+            self.attention_tiles and q.dtype == torch.bfloat16
+            and self.takes_attention(q, k, v) and q.shape[2] % 32 == 0
+        )  # fmt: skip
+
+    def tiles_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
+        window: int | None, scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:  # fmt: skip
+        """A packed step's causal attention by AMX tiles (`attention_tiles.c`), q (H, T, D), k and
+        v (Hkv, T, D) as `takes_tiles_attention` says, each token within `window` tokens back in
+        its own example (`starts`: (n + 1,) int64 offsets, 0 first and T last) → (out (T, H·D),
+        each row's log-sum-exp (H, T) fp32 for `tiles_attention_backward`); None where the
+        kernel cannot (no memory for its buffers, bounds that do not cover T)."""
+        h, t, d = q.shape
+        out = torch.empty(t, h * d, dtype=q.dtype)
+        lse = torch.empty(h, t, dtype=torch.float32)
+        status = self._tiles_attn(
+            h, k.shape[0], t, d, q.data_ptr(), k.data_ptr(), v.data_ptr(), starts.numel() - 1,
+            starts.data_ptr(), window or 0, scale, out.data_ptr(), lse.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        return (out, lse) if status == 0 else None
+
+    def tiles_attention_backward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor,
+        window: int | None, scale: float, lse: torch.Tensor, grad_out: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """The gradients of q, k and v from the output's (T, H·D) (`tiles_attention`'s arguments
+        and log-sum-exps)."""
+        h, t, d = q.shape
+        go = grad_out.to(q.dtype).contiguous()
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        status = self._tiles_attn_back(
+            h, k.shape[0], t, d, q.data_ptr(), k.data_ptr(), v.data_ptr(), starts.numel() - 1,
+            starts.data_ptr(), window or 0, scale, lse.data_ptr(), go.data_ptr(), dq.data_ptr(),
+            dk.data_ptr(), dv.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("no memory for the attention backward's buffers")
+        return dq, dk, dv
 
     def train_attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor | None,
