@@ -6,6 +6,10 @@ fp32 with full-vocabulary logits at every padded position needs minutes per hund
 `--examples 2000` runs it all) with the same LoRA config, batch size and AdamW step. Trained tokens
 are counted once with Tunery's tokenization (no padding), so tokens/s compare like for like.
 
+Tunery's side first does what a server's worker does when it preloads the base model
+(`prepare_training`: the frozen weights' training copies), timed and printed apart, as TRL's side
+times `trainer.train()` alone and not its setup.
+
 It also prints the model FLOPs Tunery's run needed (forward + input gradients through the frozen
 body, 4·N per token, the LoRA and attention terms, and the 262k head at label positions only) over
 its wall time, against the matmul peak of the dtype it trains in (bf16, or fp32 on a CPU without
@@ -31,7 +35,8 @@ from train_bench import OFFLINE, Run, Stopwatch, run_trl
 from tunery.engine.base_models import DEFAULT_BASE_MODEL, BaseModelRegistry, LoadedBase
 from tunery.engine.data import TokenizedExample, tokenize_example
 from tunery.engine.specs import Example, TrainSpec
-from tunery.engine.train import train
+from tunery.engine.fast_train import prepare_training
+from tunery.engine.train import prepare_optimizer, train
 
 DATASET_SIZE = 2000
 MIN_TOKENS, MAX_TOKENS = 10, 400
@@ -125,6 +130,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tunery-bench-") as tmp:
         work = Path(tmp)
         losses: list[float] = []
+        # What a server's worker builds when it preloads the model (`worker._preload`), before any
+        # job: timed apart, as TRL's side times `trainer.train()` alone, not its setup.
+        preload = Stopwatch()
+        prepare_training(base.config, base.weights, base.kernel_cache)
+        prepare_optimizer()
+        print(f"tunery preload (a worker's, before any job): {preload.read()[0]:.2f} s")
         watch = Stopwatch()
         train(base, sample, spec, work / "tunery", on_step=lambda r: losses.append(r.mean_loss))
         runs = [
