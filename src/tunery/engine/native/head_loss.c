@@ -212,7 +212,7 @@ static inline __attribute__((always_inline)) void block_pass(
  * bf16 matmul's; the gradient is summed in fp32 over the kept terms as in `block_pass`. */
 #define AMX_TILE 16   /* vocab rows, and label rows, of a tile */
 #define AMX_K 32      /* W's columns per tile product */
-#define AMX_BLOCK 64  /* vocab rows per block: 80 KB of Gemma's W, in L2 for the gradient */
+#define AMX_BLOCK 128 /* vocab rows per block: 160 KB of Gemma's W, in L2 for the gradient */
 #define AMX_PASS 4     /* groups of 16 label rows per pass of tile products (tiles 0-3) */
 #define AMX_MAX_ROWS 1024
 
@@ -312,21 +312,42 @@ static void pack_terms(const float *z, int64_t n, uint16_t *ea) {
 }
 
 /* gd (groups x 16 rows x c, fp32) += each group's terms (A tiles, ea) times the block's rows
- * (B tiles, wb): the gradient of a block whose softmax keeps many terms, on tiles. */
+ * (B tiles, wb): the gradient of a block whose softmax keeps many terms, on tiles. Four column
+ * tiles of a group at a time, their sums loaded and stored once over the block's vocab chunks. */
 static void grad_tiles(int groups, int64_t c, const uint16_t *ea, const uint16_t *wb, float *gd) {
     int64_t col_tiles = c / AMX_TILE, tile = AMX_TILE * AMX_K;
     for (int g = 0; g < groups; g++) {
         const uint16_t *eg = ea + g * AMX_TILE * AMX_BLOCK;
-        _tile_loadd(1, eg, AMX_BLOCK * 2);
-        _tile_loadd(3, eg + AMX_K, AMX_BLOCK * 2);
-        for (int64_t t = 0; t < col_tiles; t++) {
-            float *gt = gd + g * AMX_TILE * c + t * AMX_TILE;
+        float *gg = gd + g * AMX_TILE * c;
+        for (int64_t t = 0; t < col_tiles; t += 4) {
+            int64_t n = col_tiles - t < 4 ? col_tiles - t : 4;
+            float *gt = gg + t * AMX_TILE;
             _tile_loadd(0, gt, c * 4);
-            _tile_loadd(2, wb + t * tile, 64);
-            _tile_dpbf16ps(0, 1, 2);
-            _tile_loadd(4, wb + (col_tiles + t) * tile, 64);
-            _tile_dpbf16ps(0, 3, 4);
+            if (n > 1) _tile_loadd(1, gt + AMX_TILE, c * 4);
+            if (n > 2) _tile_loadd(2, gt + 2 * AMX_TILE, c * 4);
+            if (n > 3) _tile_loadd(3, gt + 3 * AMX_TILE, c * 4);
+            for (int64_t q = 0; q < AMX_BLOCK / AMX_K; q++) {
+                const uint16_t *bq = wb + (q * col_tiles + t) * tile;
+                _tile_loadd(4, eg + q * AMX_K, AMX_BLOCK * 2);
+                _tile_loadd(5, bq, 64);
+                _tile_dpbf16ps(0, 4, 5);
+                if (n > 1) {
+                    _tile_loadd(6, bq + tile, 64);
+                    _tile_dpbf16ps(1, 4, 6);
+                }
+                if (n > 2) {
+                    _tile_loadd(7, bq + 2 * tile, 64);
+                    _tile_dpbf16ps(2, 4, 7);
+                }
+                if (n > 3) {
+                    _tile_loadd(5, bq + 3 * tile, 64);
+                    _tile_dpbf16ps(3, 4, 5);
+                }
+            }
             _tile_stored(0, gt, c * 4);
+            if (n > 1) _tile_stored(1, gt + AMX_TILE, c * 4);
+            if (n > 2) _tile_stored(2, gt + 2 * AMX_TILE, c * 4);
+            if (n > 3) _tile_stored(3, gt + 3 * AMX_TILE, c * 4);
         }
     }
 }
@@ -403,27 +424,37 @@ static void block_pass_amx(int64_t rows, int64_t c, const uint16_t *hb, const ui
         s = _mm512_add_ps(s, sum);
         _mm512_mask_storeu_ps(st.s + r0, valid, s);
         if (st.g == NULL) continue;
-        /* the terms the gradient keeps, packed to the front of each row's block */
+        /* how many terms the gradient keeps: those at least keep_min of the row's share */
+        __m512 least = _mm512_mul_ps(_mm512_set1_ps(keep_min), _mm512_max_ps(s, _mm512_set1_ps(1.0f)));
+        for (int64_t j = 0; j < n; j++)
+            terms += __builtin_popcount(_mm512_mask_cmp_ps_mask(
+                valid, _mm512_load_ps(z + j * AMX_TILE), least, _CMP_GE_OQ));
+    }
+    if (st.g == NULL) return;
+    if (terms * 8 > rows * n) { /* many (a flat softmax): every term, by tile products */
+        pack_block(w + j0 * c, c, n, b.wb);
+        for (int g = 0; g < groups; g++)
+            pack_terms(b.zt + g * AMX_BLOCK * AMX_TILE, n, b.ea + g * AMX_TILE * AMX_BLOCK);
+        grad_tiles(groups, c, b.ea, b.wb, b.gd);
+        return;
+    }
+    /* few: the kept terms, packed to the front of each row's block */
+    for (int g = 0; g < groups; g++) {
+        int64_t r0 = (int64_t)g * AMX_TILE, live = rows - r0 < AMX_TILE ? rows - r0 : AMX_TILE;
+        __mmask16 valid = (__mmask16)((1u << live) - 1);
+        const float *z = b.zt + g * AMX_BLOCK * AMX_TILE;
+        __m512 s = _mm512_maskz_loadu_ps(valid, st.s + r0);
         __m512 least = _mm512_mul_ps(_mm512_set1_ps(keep_min), _mm512_max_ps(s, _mm512_set1_ps(1.0f)));
         for (int64_t r = r0; r < r0 + live; r++) kept[r] = 0;
         for (int64_t j = 0; j < n; j++) {
-            unsigned bits = _mm512_mask_cmp_ps_mask(valid, _mm512_load_ps(z + j * AMX_TILE), least,
-                                                    _CMP_GE_OQ);
+            unsigned bits = _mm512_mask_cmp_ps_mask(valid, _mm512_load_ps(z + j * AMX_TILE),
+                                                    least, _CMP_GE_OQ);
             for (; bits; bits &= bits - 1) {
                 int64_t r = r0 + __builtin_ctz(bits);
                 b.e[r * AMX_BLOCK + kept[r]] = z[j * AMX_TILE + (r - r0)];
                 b.idx[r * AMX_BLOCK + kept[r]++] = (int32_t)j;
             }
         }
-        for (int64_t r = r0; r < r0 + live; r++) terms += kept[r];
-    }
-    if (st.g == NULL) return;
-    if (terms * 8 > rows * n) {
-        pack_block(w + j0 * c, c, n, b.wb);
-        for (int g = 0; g < groups; g++)
-            pack_terms(b.zt + g * AMX_BLOCK * AMX_TILE, n, b.ea + g * AMX_TILE * AMX_BLOCK);
-        grad_tiles(groups, c, b.ea, b.wb, b.gd);
-        return;
     }
     /* With more kept terms than vocab rows, the block's rows are widened to fp32 once rather
      * than at each term: a term then costs a quarter of the instructions. */
