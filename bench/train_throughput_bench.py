@@ -34,8 +34,8 @@ from train_bench import OFFLINE, Run, Stopwatch, run_trl
 
 from tunery.engine.base_models import DEFAULT_BASE_MODEL, BaseModelRegistry, LoadedBase
 from tunery.engine.data import TokenizedExample, tokenize_example
-from tunery.engine.specs import Example, TrainSpec
 from tunery.engine.fast_train import prepare_training
+from tunery.engine.specs import Example, TrainSpec
 from tunery.engine.train import prepare_optimizer, train
 
 DATASET_SIZE = 2000
