@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tunery.engine import fast_train
-from tunery.engine.data import TokenizedExample, collate, pack
+from tunery.engine.data import TokenizedExample, collate, pack, padded
 from tunery.engine.fast_decode import PROJECTIONS, FastGemma3
 from tunery.engine.fast_train import FastGemma3Train, lora_shapes
 from tunery.engine.lora import lora_injected, lora_layers, save_peft_adapter, trainable_parameters
@@ -272,6 +272,43 @@ def test_tiles_attention_trains_as_the_torch_attention(
     assert tiles[0] == pytest.approx(torchs[0], rel=1e-2)
     for want, have in zip(torchs[1], tiles[1], strict=True):
         assert float((have - want).norm() / want.norm()) <= 3e-2
+
+
+def test_padded_adds_one_label_less_example_up_to_the_multiple() -> None:
+    batch = pack(_examples([5, 9, 7]), torch.device("cpu"))  # 21 tokens
+    assert padded(batch, 7, 0) is batch  # already a multiple
+    more = padded(batch, 16, 0)
+    assert more.input_ids.shape[0] == 32
+    assert more.input_ids[21:].tolist() == [0] * 11
+    assert more.positions[21:].tolist() == list(range(11))
+    assert set(more.segments[21:].tolist()) == {int(batch.segments.max()) + 1}
+    assert more.bounds == (*batch.bounds, (21, 32))
+    assert torch.equal(more.label_positions, batch.label_positions)
+    assert torch.equal(more.labels, batch.labels)
+
+
+@pytest.mark.parametrize("lengths", [[5, 9, 7], [150, 120, 30]], ids=["dense", "per-example"])
+def test_filler_rows_change_neither_the_loss_nor_the_gradients(
+    monkeypatch: pytest.MonkeyPatch, lengths: list[int]
+) -> None:
+    """A step padded with filler rows (`_row_multiple`: so oneDNN meets few row counts) has the
+    loss and LoRA gradients of the same step unpadded: the filler attends to itself alone and
+    predicts nothing."""
+    model = _tiny_gemma(64)
+    examples = _examples(lengths)
+    with lora_injected(model, LoraSpec(rank=4, alpha=8)) as layers:
+        for layer in layers.values():
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+        params = trainable_parameters(layers)
+        fast = FastGemma3Train(FastGemma3.of_model(model), layers)
+        batch = pack(examples, torch.device("cpu"))
+        monkeypatch.setattr(fast_train, "_row_multiple", lambda tokens: 1)
+        plain = _loss_and_grads(lambda: fast.loss(batch), params)
+        monkeypatch.setattr(fast_train, "_row_multiple", lambda tokens: 64)
+        filled = _loss_and_grads(lambda: fast.loss(batch), params)
+    assert filled[0] == pytest.approx(plain[0], rel=1e-6)
+    for want, have in zip(plain[1], filled[1], strict=True):
+        torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-7)
 
 
 def test_partial_groups_are_refused_up_front() -> None:

@@ -7,7 +7,7 @@ so generation stops by itself. Loss is on output tokens (and EOS) only.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -134,6 +134,26 @@ def pack(examples: Sequence[TokenizedExample], device: torch.device) -> PackedBa
         as_tensor(label_positions),
         as_tensor(labels),
         tuple(zip(starts, starts[1:] + [len(ids)], strict=True)),
+    )
+
+
+def padded(batch: PackedBatch, multiple: int, pad_id: int) -> PackedBatch:
+    """`batch` with a label-less filler example of `pad_id` tokens at its end, so its row has a
+    multiple of `multiple` tokens (the batch itself where it has). The filler attends only to
+    itself and predicts nothing: the loss and its gradients are the batch's."""
+    t = int(batch.input_ids.shape[0])
+    extra = -t % multiple
+    if not extra:
+        return batch
+    ids, positions, segments = batch.input_ids, batch.positions, batch.segments
+    filler = torch.full((extra,), pad_id, dtype=ids.dtype, device=ids.device)
+    next_segment = int(segments.max()) + 1 if t else 0
+    return replace(
+        batch,
+        input_ids=torch.cat([ids, filler]),
+        positions=torch.cat([positions, torch.arange(extra, device=positions.device)]),
+        segments=torch.cat([segments, torch.full_like(filler, next_segment)]),
+        bounds=(*batch.bounds, (t, t + extra)),
     )
 
 
