@@ -41,6 +41,47 @@ static inline void amx_zero_sums(void) {
     _tile_zero(2);
     _tile_zero(3);
 }
+
+/* Sums tiles 0 to n - 1 (n 1-4) += the A tile at a (rows lda bytes apart) times the B tiles at
+ * b, b + step, b + 2 step, b + 3 step (bf16 values; 1 KB each, rows 64 bytes apart): one A load
+ * for the n products. Uses tiles 4-7. */
+static inline __attribute__((always_inline)) void amx_products(int64_t n, const void *a,
+                                                               int64_t lda, const uint16_t *b,
+                                                               int64_t step) {
+    _tile_loadd(4, a, lda);
+    _tile_loadd(5, b, 64);
+    _tile_dpbf16ps(0, 4, 5);
+    if (n > 1) {
+        _tile_loadd(6, b + step, 64);
+        _tile_dpbf16ps(1, 4, 6);
+    }
+    if (n > 2) {
+        _tile_loadd(7, b + 2 * step, 64);
+        _tile_dpbf16ps(2, 4, 7);
+    }
+    if (n > 3) {
+        _tile_loadd(5, b + 3 * step, 64);
+        _tile_dpbf16ps(3, 4, 5);
+    }
+}
+
+/* Sums tiles 0 to n - 1 loaded from c, c + step, ... (fp32, rows ldc bytes apart). */
+static inline __attribute__((always_inline)) void amx_load_sums(int64_t n, const float *c,
+                                                                int64_t step, int64_t ldc) {
+    _tile_loadd(0, c, ldc);
+    if (n > 1) _tile_loadd(1, c + step, ldc);
+    if (n > 2) _tile_loadd(2, c + 2 * step, ldc);
+    if (n > 3) _tile_loadd(3, c + 3 * step, ldc);
+}
+
+/* Sums tiles 0 to n - 1 stored at c, c + step, ... (fp32, rows ldc bytes apart). */
+static inline __attribute__((always_inline)) void amx_store_sums(int64_t n, float *c,
+                                                                 int64_t step, int64_t ldc) {
+    _tile_stored(0, c, ldc);
+    if (n > 1) _tile_stored(1, c + step, ldc);
+    if (n > 2) _tile_stored(2, c + 2 * step, ldc);
+    if (n > 3) _tile_stored(3, c + 3 * step, ldc);
+}
 #else
 #define AMX 0
 #endif

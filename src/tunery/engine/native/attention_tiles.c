@@ -92,35 +92,11 @@ static void mm16(const uint16_t *a, int64_t lda, int64_t kc_lo, int64_t kc_hi,
         int64_t n = nb_hi - nb < 4 ? nb_hi - nb : 4;
         float *cn = c + nb * TR;
         const uint16_t *bt = b + nb * kcs * TILE;
-        if (accumulate) {
-            _tile_loadd(0, cn, ldc * 4);
-            if (n > 1) _tile_loadd(1, cn + TR, ldc * 4);
-            if (n > 2) _tile_loadd(2, cn + 2 * TR, ldc * 4);
-            if (n > 3) _tile_loadd(3, cn + 3 * TR, ldc * 4);
-        } else {
-            amx_zero_sums();
-        }
-        for (int64_t kc = kc_lo; kc < kc_hi; kc++) {
-            _tile_loadd(4, a + kc * TC, lda * 2);
-            _tile_loadd(5, bt + kc * TILE, 64);
-            _tile_dpbf16ps(0, 4, 5);
-            if (n > 1) {
-                _tile_loadd(6, bt + (kcs + kc) * TILE, 64);
-                _tile_dpbf16ps(1, 4, 6);
-            }
-            if (n > 2) {
-                _tile_loadd(7, bt + (2 * kcs + kc) * TILE, 64);
-                _tile_dpbf16ps(2, 4, 7);
-            }
-            if (n > 3) {
-                _tile_loadd(5, bt + (3 * kcs + kc) * TILE, 64);
-                _tile_dpbf16ps(3, 4, 5);
-            }
-        }
-        _tile_stored(0, cn, ldc * 4);
-        if (n > 1) _tile_stored(1, cn + TR, ldc * 4);
-        if (n > 2) _tile_stored(2, cn + 2 * TR, ldc * 4);
-        if (n > 3) _tile_stored(3, cn + 3 * TR, ldc * 4);
+        if (accumulate) amx_load_sums(n, cn, TR, ldc * 4);
+        else amx_zero_sums();
+        for (int64_t kc = kc_lo; kc < kc_hi; kc++)
+            amx_products(n, a + kc * TC, lda * 2, bt + kc * TILE, kcs * TILE);
+        amx_store_sums(n, cn, TR, ldc * 4);
     }
 }
 

@@ -236,34 +236,14 @@ static inline __attribute__((always_inline)) void vocab_tile(int groups, const u
                                                              int64_t c, const uint16_t *hb,
                                                              float *zt, const char *next) {
     int64_t chunks = c / AMX_K, tile = AMX_TILE * AMX_K;
-    _tile_zero(0); /* groups: 1 to AMX_PASS */
-    if (groups > 1) _tile_zero(1);
-    if (groups > 2) _tile_zero(2);
-    if (groups > 3) _tile_zero(3);
+    amx_zero_sums(); /* groups: 1 to AMX_PASS */
     for (int64_t q = 0; q < chunks; q++) {
         if (next != NULL)
             for (int l = 0; l < 16; l++) _mm_prefetch(next + (q * 16 + l) * 64, _MM_HINT_T1);
-        _tile_loadd(4, w + q * AMX_K, c * 2);
-        _tile_loadd(5, hb + q * tile, 64);
-        _tile_dpbf16ps(0, 4, 5);
-        if (groups > 1) {
-            _tile_loadd(6, hb + (chunks + q) * tile, 64);
-            _tile_dpbf16ps(1, 4, 6);
-        }
-        if (groups > 2) {
-            _tile_loadd(7, hb + (2 * chunks + q) * tile, 64);
-            _tile_dpbf16ps(2, 4, 7);
-        }
-        if (groups > 3) {
-            _tile_loadd(5, hb + (3 * chunks + q) * tile, 64);
-            _tile_dpbf16ps(3, 4, 5);
-        }
+        amx_products(groups, w + q * AMX_K, c * 2, hb + q * tile, chunks * tile);
     }
     int64_t stride = AMX_BLOCK * AMX_TILE;
-    _tile_stored(0, zt, 64);
-    if (groups > 1) _tile_stored(1, zt + stride, 64);
-    if (groups > 2) _tile_stored(2, zt + 2 * stride, 64);
-    if (groups > 3) _tile_stored(3, zt + 3 * stride, 64);
+    amx_store_sums(groups, zt, stride, 64);
 }
 
 /* The gradient's tile operands, each a 16-bit pair per 32-bit lane: `perm` takes lanes
@@ -322,32 +302,11 @@ static void grad_tiles(int groups, int64_t c, const uint16_t *ea, const uint16_t
         for (int64_t t = 0; t < col_tiles; t += 4) {
             int64_t n = col_tiles - t < 4 ? col_tiles - t : 4;
             float *gt = gg + t * AMX_TILE;
-            _tile_loadd(0, gt, c * 4);
-            if (n > 1) _tile_loadd(1, gt + AMX_TILE, c * 4);
-            if (n > 2) _tile_loadd(2, gt + 2 * AMX_TILE, c * 4);
-            if (n > 3) _tile_loadd(3, gt + 3 * AMX_TILE, c * 4);
-            for (int64_t q = 0; q < AMX_BLOCK / AMX_K; q++) {
-                const uint16_t *bq = wb + (q * col_tiles + t) * tile;
-                _tile_loadd(4, eg + q * AMX_K, AMX_BLOCK * 2);
-                _tile_loadd(5, bq, 64);
-                _tile_dpbf16ps(0, 4, 5);
-                if (n > 1) {
-                    _tile_loadd(6, bq + tile, 64);
-                    _tile_dpbf16ps(1, 4, 6);
-                }
-                if (n > 2) {
-                    _tile_loadd(7, bq + 2 * tile, 64);
-                    _tile_dpbf16ps(2, 4, 7);
-                }
-                if (n > 3) {
-                    _tile_loadd(5, bq + 3 * tile, 64);
-                    _tile_dpbf16ps(3, 4, 5);
-                }
-            }
-            _tile_stored(0, gt, c * 4);
-            if (n > 1) _tile_stored(1, gt + AMX_TILE, c * 4);
-            if (n > 2) _tile_stored(2, gt + 2 * AMX_TILE, c * 4);
-            if (n > 3) _tile_stored(3, gt + 3 * AMX_TILE, c * 4);
+            amx_load_sums(n, gt, AMX_TILE, c * 4);
+            for (int64_t q = 0; q < AMX_BLOCK / AMX_K; q++)
+                amx_products(n, eg + q * AMX_K, AMX_BLOCK * 2, wb + (q * col_tiles + t) * tile,
+                             tile);
+            amx_store_sums(n, gt, AMX_TILE, c * 4);
         }
     }
 }
