@@ -92,7 +92,7 @@ class FrozenWeight:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) → (N, out)."""
         packed = self._linear.packed
-        if packed is not None and _by_row_blocks(x, self.out_features):
+        if packed is not None and _row_block(x, self.out_features):
             return _packed_linear(x, packed, self.out_features)
         return self._linear(x)
 
@@ -108,35 +108,35 @@ class FrozenWeight:
 
 
 # oneDNN's bf16 matmul on a pre-packed weight picks its blocking by the row count, and for a
-# narrow output over a long input it picks badly at several hundred rows: on an AMX Xeon (2
-# threads) Gemma 3 270M's down projection (2048 -> 640) and gate/up backward (4096 -> 640) ran
-# at 1.0-1.2 TFLOP/s on 546-1216 rows at once, 1.4-1.6 on blocks of ~256 rows (200-300 rows at
-# once: 1.35-1.66, where blocks do not help). Such products go by row blocks.
-ROW_BLOCK = 256
-ROW_BLOCKS_MIN_ROWS = 512
-ROW_BLOCKS_MIN_IN = 2048
+# narrow output (at most 1024 columns) it picks badly from several hundred rows on. Same-run
+# rates on an AMX Xeon (2 threads), Gemma 3 270M's shapes, TFLOP/s at once -> in even blocks:
+# down (2048 -> 640) and gate/up backward (4096 -> 640) at 576-1216 rows 1.0-1.2 -> 1.4-1.7 by
+# ~256 rows (320 rows at once: 1.8, where blocks lose); qkv backward (1536 -> 640) at 768-1024
+# rows 1.2-1.3 -> 1.8-2.0 by ~192, o (1024 -> 640) 1.3-1.4 -> 1.5-1.6, its backward (640 ->
+# 1024) 1.4-1.5 -> 1.7 (576 rows at once: 2.4, where blocks lose).
 ROW_BLOCKS_MAX_OUT = 1024
 
 
-def _by_row_blocks(x: torch.Tensor, out_features: int) -> bool:
-    """Whether `x @ Wᵀ` (W out_features × x's width, pre-packed) goes by row blocks."""
-    return (
-        x.dtype == torch.bfloat16
-        and x.dim() == 2
-        and x.shape[0] > ROW_BLOCKS_MIN_ROWS
-        and x.shape[1] >= ROW_BLOCKS_MIN_IN
-        and out_features <= ROW_BLOCKS_MAX_OUT
-    )
+def _row_block(x: torch.Tensor, out_features: int) -> int:
+    """The rows of a block of `x @ Wᵀ` (W out_features × x's width, pre-packed), or 0 where it
+    goes in one call."""
+    if x.dtype != torch.bfloat16 or x.dim() != 2 or out_features > ROW_BLOCKS_MAX_OUT:
+        return 0
+    rows, width = x.shape
+    if width >= 2048:
+        return 256 if rows > 512 else 0
+    return 192 if rows > 640 else 0
 
 
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """x (N, in) @ Wᵀ for W pre-packed by oneDNN → (N, out_features): in one call, or in even
-    blocks of about `ROW_BLOCK` rows where `_by_row_blocks` says so."""
-    if not _by_row_blocks(x, out_features):
+    blocks of about `_row_block` rows where it gives one."""
+    block = _row_block(x, out_features)
+    if not block:
         y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
         return y
     rows = x.shape[0]
-    blocks = -(-rows // ROW_BLOCK)
+    blocks = -(-rows // block)
     step = -(-rows // blocks // 16) * 16
     out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
     x = x.contiguous()
