@@ -5,6 +5,7 @@
  * computed in fp32 and rounded once, where torch rounds after each op.
  */
 #include <math.h>
+#include <string.h>
 
 #include "elem.h"
 
@@ -21,6 +22,40 @@ static inline f32v gelu_tanh(f32v x) {
     return tanh_v(broadcast_v(GELU_C) * (x + broadcast_v(GELU_A) * x * x * x));
 }
 
+/* gelu(x) = (x / 2) (1 + t) and its slope d gelu / dx, t = `gelu_tanh`, as the kernels below
+ * work them out in fp32 for LANES values x. */
+static inline f32v gelu_of(f32v x, f32v t) { return broadcast_v(0.5f) * x * (broadcast_v(1.0f) + t); }
+
+static inline f32v gelu_slope(f32v x, f32v t) {
+    f32v inner = broadcast_v(GELU_C) * (broadcast_v(1.0f) + broadcast_v(3.0f * GELU_A) * x * x);
+    return broadcast_v(0.5f) * (broadcast_v(1.0f) + t) +
+           broadcast_v(0.5f) * x * (broadcast_v(1.0f) - t * t) * inner;
+}
+
+#if !defined(TUNERY_FP32) && defined(__AVX512F__)
+/* A bf16 gate has 2^16 possible values: `gelu_of` and `gelu_slope` of each, worked out once when
+ * the library loads (the same fp32 arithmetic, so the same values) and then looked up 16 at a
+ * time by gathers from 512 KB, where the tanh's exp and division cost ~3x that per value. */
+#define GELU_TABLE 1
+static float gelu_values[1 << 16], gelu_slopes[1 << 16];
+
+__attribute__((constructor)) static void gelu_tables(void) {
+    for (int32_t b = 0; b < (1 << 16); b += LANES) {
+        uint16_t bits[LANES];
+        for (int l = 0; l < LANES; l++) bits[l] = (uint16_t)(b + l);
+        f32v x = load_bf16v(bits), t = gelu_tanh(x), value = gelu_of(x, t), slope = gelu_slope(x, t);
+        memcpy(gelu_values + b, &value, sizeof value);
+        memcpy(gelu_slopes + b, &slope, sizeof slope);
+    }
+}
+
+/* table[bits of each of the 16 bf16 values at p] */
+static inline f32v gelu_lookup(const float *table, const uint16_t *p) {
+    __m512i at = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return (f32v)_mm512_i32gather_ps(at, table, 4);
+}
+#endif
+
 /* out[r] (f values) = gelu(gu[r][0:f]) * gu[r][f:2f] for each of `rows` rows of 2f values. */
 void KERNEL(tunery_gelu_times)(int64_t rows, int64_t f, const elem_t *gu, elem_t *out,
                                int threads) {
@@ -30,8 +65,12 @@ void KERNEL(tunery_gelu_times)(int64_t rows, int64_t f, const elem_t *gu, elem_t
         elem_t *o = out + r * f;
         int64_t j = 0;
         for (; j + LANES <= f; j += LANES) {
+#ifdef GELU_TABLE
+            f32v act = gelu_lookup(gelu_values, gate + j);
+#else
             f32v x = load_elemv(gate + j);
-            f32v act = broadcast_v(0.5f) * x * (broadcast_v(1.0f) + gelu_tanh(x));
+            f32v act = gelu_of(x, gelu_tanh(x));
+#endif
             store_elemv(o + j, act * load_elemv(up + j));
         }
         for (; j < f; j++) {
@@ -52,12 +91,16 @@ void KERNEL(tunery_gelu_times_backward)(int64_t rows, int64_t f, const elem_t *g
         elem_t *d_gate = grad + r * 2 * f, *d_up = d_gate + f;
         int64_t j = 0;
         for (; j + LANES <= f; j += LANES) {
-            f32v x = load_elemv(gate + j), t = gelu_tanh(x), go = load_elemv(gr + j);
-            f32v half_x = broadcast_v(0.5f) * x, one_t = broadcast_v(1.0f) + t;
-            f32v inner = broadcast_v(GELU_C) * (broadcast_v(1.0f) + broadcast_v(3.0f * GELU_A) * x * x);
-            f32v slope = broadcast_v(0.5f) * one_t + half_x * (broadcast_v(1.0f) - t * t) * inner;
+#ifdef GELU_TABLE
+            f32v value = gelu_lookup(gelu_values, gate + j);
+            f32v slope = gelu_lookup(gelu_slopes, gate + j);
+#else
+            f32v x = load_elemv(gate + j), t = gelu_tanh(x);
+            f32v value = gelu_of(x, t), slope = gelu_slope(x, t);
+#endif
+            f32v go = load_elemv(gr + j);
             store_elemv(d_gate + j, go * load_elemv(up + j) * slope);
-            store_elemv(d_up + j, go * half_x * one_t);
+            store_elemv(d_up + j, go * value);
         }
         for (; j < f; j++) {
             float x = elem_to_f32(gate[j]), go = elem_to_f32(gr[j]);
