@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -55,6 +57,18 @@ def _loss_and_grads(
     for p in params:
         p.grad = None
     return float(loss.detach()), grads
+
+
+@contextmanager
+def _packed_forward(
+    model: torch.nn.Module, spec: LoraSpec | None = None
+) -> Iterator[tuple[FastGemma3Train, list[torch.nn.Parameter]]]:
+    """LoRA layers of `spec` (rank 4 on the MLP by default) in `model`, each B given a value (it
+    starts at 0), with the packed forward over them and their parameters."""
+    with lora_injected(model, spec or LoraSpec(rank=4, alpha=8)) as layers:
+        for layer in layers.values():
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+        yield FastGemma3Train(FastGemma3.of_model(model), layers), trainable_parameters(layers)
 
 
 @pytest.mark.parametrize(
@@ -117,11 +131,7 @@ def test_the_fused_head_and_the_head_matmuls_agree(
         pytest.skip("no AMX tiles: a bf16 head takes the matmuls")
     model = _tiny_gemma(64).to(dtype)
     few = _examples([9, 5, 7, 12])  # 17 label rows
-    with lora_injected(model, LoraSpec(rank=4, alpha=8)) as layers:
-        for layer in layers.values():
-            torch.nn.init.normal_(layer.lora_B, std=0.05)
-        params = trainable_parameters(layers)
-        fast = FastGemma3Train(FastGemma3.of_model(model), layers)
+    with _packed_forward(model) as (fast, params):
         batch = pack(few, torch.device("cpu"))
         assert batch.labels.shape[0] <= fast.head.FUSED_MAX_ROWS
         fused = _loss_and_grads(lambda: fast.loss(batch), params)
@@ -162,11 +172,7 @@ def test_native_and_torch_norms_give_one_loss_and_gradient(
     ops (a GPU's path) agree, forward and backward, in fp32 and in a bf16 model."""
     model = _tiny_gemma(64).to(dtype)
     batch = pack(_examples([9, 5, 7, 12]), torch.device("cpu"))
-    with lora_injected(model, LoraSpec(rank=4, alpha=8)) as layers:
-        for layer in layers.values():
-            torch.nn.init.normal_(layer.lora_B, std=0.05)
-        params = trainable_parameters(layers)
-        fast = FastGemma3Train(FastGemma3.of_model(model), layers)
+    with _packed_forward(model) as (fast, params):
         assert fast.spec.native is not None
         native = _loss_and_grads(lambda: fast.loss(batch), params)
         monkeypatch.setattr(fast.spec, "native", None)
@@ -186,11 +192,8 @@ def test_lora_products_in_fp32_and_in_bf16_agree(
     one in bf16: one loss and one gradient, to bf16's precision."""
     model = _tiny_gemma(64).to(torch.bfloat16)
     batch = pack(_examples([9, 5, 7, 12]), torch.device("cpu"))
-    with lora_injected(model, LoraSpec(rank=4, alpha=8, target_modules=targets)) as layers:
-        for layer in layers.values():
-            torch.nn.init.normal_(layer.lora_B, std=0.05)
-        params = trainable_parameters(layers)
-        fast = FastGemma3Train(FastGemma3.of_model(model), layers)
+    spec = LoraSpec(rank=4, alpha=8, target_modules=targets)
+    with _packed_forward(model, spec) as (fast, params):
         assert batch.input_ids.shape[0] <= fast_train.LORA_FP32_MAX_ROWS
         fp32 = _loss_and_grads(lambda: fast.loss(batch), params)
         monkeypatch.setattr(fast_train, "LORA_FP32_MAX_ROWS", 0)
@@ -210,11 +213,7 @@ def test_native_lora_products_agree_with_torchs(
     model = _tiny_gemma(64).to(dtype)
     batch = pack(_examples([9, 5, 7, 12]), torch.device("cpu"))
     spec = LoraSpec(rank=16, alpha=32, target_modules=PROJECTIONS)
-    with lora_injected(model, spec) as layers:
-        for layer in layers.values():
-            torch.nn.init.normal_(layer.lora_B, std=0.05)
-        params = trainable_parameters(layers)
-        fast = FastGemma3Train(FastGemma3.of_model(model), layers)
+    with _packed_forward(model, spec) as (fast, params):
         kernels = fast.spec.native
         if kernels is None:
             pytest.skip("no native kernels on this machine")
@@ -258,11 +257,7 @@ def test_tiles_attention_trains_as_the_torch_attention(
     over a short row, or each example on its own), within bf16's rounding."""
     model = _tiny_gemma(16, head_dim=32).to(torch.bfloat16)
     examples = _examples(lengths)
-    with lora_injected(model, LoraSpec(rank=4, alpha=8)) as layers:
-        for layer in layers.values():
-            torch.nn.init.normal_(layer.lora_B, std=0.05)
-        params = trainable_parameters(layers)
-        fast = FastGemma3Train(FastGemma3.of_model(model), layers)
+    with _packed_forward(model) as (fast, params):
         kernels = fast.spec.native
         assert kernels is not None and kernels.attention_tiles
         batch = pack(examples, torch.device("cpu"))
@@ -296,11 +291,7 @@ def test_filler_rows_change_neither_the_loss_nor_the_gradients(
     predicts nothing."""
     model = _tiny_gemma(64)
     examples = _examples(lengths)
-    with lora_injected(model, LoraSpec(rank=4, alpha=8)) as layers:
-        for layer in layers.values():
-            torch.nn.init.normal_(layer.lora_B, std=0.05)
-        params = trainable_parameters(layers)
-        fast = FastGemma3Train(FastGemma3.of_model(model), layers)
+    with _packed_forward(model) as (fast, params):
         batch = pack(examples, torch.device("cpu"))
         monkeypatch.setattr(fast_train, "_row_multiple", lambda tokens: 1)
         plain = _loss_and_grads(lambda: fast.loss(batch), params)
