@@ -527,6 +527,29 @@ def test_tiles_attention_agrees_with_autograd_per_example(
 
 
 @pytest.mark.skipif(not _TILES_ATTENTION, reason="no AMX tiles on this CPU")
+def test_tiles_attention_gives_the_same_bits_with_any_thread_count() -> None:
+    """Each block of queries (forward, dq) and of keys (dk, dv: the query heads summed in order)
+    is one thread's task: a step's attention does not depend on how many threads share it."""
+    assert native is not None
+    g = torch.Generator().manual_seed(3)
+    lengths = [70, 1, 33, 200]
+    t = sum(lengths)
+    q, k, v = (torch.randn(n, t, 64, generator=g).bfloat16() for n in (4, 2, 2))
+    starts = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    grad_out = torch.randn(t, 4 * 64, generator=g).bfloat16()
+    results = []
+    for count in (1, 2, 3):
+        with _threads(count):
+            done = native.tiles_attention(q, k, v, starts, 50, 0.1)
+            assert done is not None
+            out, lse = done
+            grads = native.tiles_attention_backward(q, k, v, starts, 50, 0.1, lse, grad_out)
+        results.append((out, lse, *grads))
+    for other in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(results[0], other, strict=True))
+
+
+@pytest.mark.skipif(not _TILES_ATTENTION, reason="no AMX tiles on this CPU")
 def test_tiles_attention_refuses_what_it_does_not_lay_out() -> None:
     assert native is not None
     q, kv = torch.randn(4, 5, 32).bfloat16(), torch.randn(2, 5, 32).bfloat16()
