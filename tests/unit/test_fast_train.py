@@ -13,6 +13,7 @@ import torch
 from tunery.engine import fast_train
 from tunery.engine.data import TokenizedExample, collate, pack, padded
 from tunery.engine.fast_decode import PROJECTIONS, FastGemma3
+from tunery.engine.fast_decode import pack as fast_decode_pack
 from tunery.engine.fast_train import FastGemma3Train, lora_shapes
 from tunery.engine.lora import lora_injected, lora_layers, save_peft_adapter, trainable_parameters
 from tunery.engine.native import NativeKernels
@@ -300,6 +301,23 @@ def test_filler_rows_change_neither_the_loss_nor_the_gradients(
     assert filled[0] == pytest.approx(plain[0], rel=1e-6)
     for want, have in zip(plain[1], filled[1], strict=True):
         torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("rows", "width", "out"), [(704, 2048, 640), (768, 1536, 640)])
+def test_row_blocks_give_the_products_of_one_call(rows: int, width: int, out: int) -> None:
+    """A narrow product of many bf16 rows goes by row blocks (`_row_block`, for oneDNN's
+    speed); each row's outputs are those of one call over all the rows, to bf16's rounding."""
+    weight = torch.randn(out, width).bfloat16()
+    packed = fast_decode_pack(weight)
+    if packed is None:
+        pytest.skip("oneDNN does not pre-pack bf16 weights on this CPU")
+    x = torch.randn(rows, width).bfloat16()
+    assert fast_train._row_block(x, out) > 0
+    blocked = fast_train._packed_linear(x, packed, out)
+    want = x.float() @ weight.float().t()
+    assert blocked.shape == (rows, out) and blocked.dtype == torch.bfloat16
+    assert float((blocked.float() - want).norm() / want.norm()) <= 2**-8
+    assert fast_train._row_block(x[:320], out) == 0  # few rows: one call
 
 
 def test_partial_groups_are_refused_up_front() -> None:

@@ -129,20 +129,18 @@ def _row_block(x: torch.Tensor, out_features: int) -> int:
 
 
 def _packed_linear(x: torch.Tensor, packed: torch.Tensor, out_features: int) -> torch.Tensor:
-    """x (N, in) @ Wᵀ for W pre-packed by oneDNN → (N, out_features): in one call, or in even
-    blocks of about `_row_block` rows where it gives one."""
+    """x (N, in) @ Wᵀ for W pre-packed by oneDNN → (N, out_features): in one call, or in blocks
+    of `_row_block` rows (the last one the rest) where it gives one: with a step's rows a
+    multiple of 64 (`_row_multiple`), the blocks have few row counts for oneDNN to build for."""
     block = _row_block(x, out_features)
     if not block:
         y: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
         return y
-    rows = x.shape[0]
-    blocks = -(-rows // block)
-    step = -(-rows // blocks // 16) * 16
-    out = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
+    out = torch.empty(x.shape[0], out_features, dtype=x.dtype, device=x.device)
     x = x.contiguous()
-    for lo in range(0, rows, step):
-        out[lo : lo + step] = torch.ops.mkldnn._linear_pointwise(
-            x[lo : lo + step], packed, None, "none", [], ""
+    for lo in range(0, x.shape[0], block):
+        out[lo : lo + block] = torch.ops.mkldnn._linear_pointwise(
+            x[lo : lo + block], packed, None, "none", [], ""
         )
     return out
 
