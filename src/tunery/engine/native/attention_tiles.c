@@ -15,8 +15,9 @@
  * dv = p^T dO, from ds and p kept transposed for the example (H x L x L bf16 each).
  *
  * Every product is C (16 rows, fp32) += A (16 rows x 32 bf16) B (32 x 16, bf16 pairs): the B
- * operands (K^T, V, V^T, K, Q, dO) are packed first into 1 KB tiles (`pack_transposed`), the A operands
- * are row-major buffers (queries' rows, p's and ds's rows, their transposes).
+ * operands (K^T, V, V^T, K, Q, dO) are packed first into 1 KB tiles (`pack_transposed`,
+ * `pack_plain`), the A operands are row-major buffers (queries' rows, p's and ds's rows, their
+ * transposes).
  */
 #include <math.h>
 #include <stdint.h>
@@ -84,7 +85,8 @@ static void pack_plain(const uint16_t *x, int64_t stride, int64_t k_valid, int64
 
 /* C[0:16][16nb:16nb + 16] for nb in [nb_lo, nb_hi) (fp32, row stride ldc, column 0 at c)
  * (+)= A (16 rows, stride lda, bf16) over its chunks kc_lo.. kc_hi of 32 values, times B's tiles
- * (`pack_transposed`, kcs chunks a column block). Four output tiles at a time, one A load for them. */
+ * (`pack_transposed` or `pack_plain`, kcs chunks a column block). Four output tiles at a time,
+ * one A load for them (`amx_products`). */
 static void mm16(const uint16_t *a, int64_t lda, int64_t kc_lo, int64_t kc_hi,
                  const uint16_t *b, int64_t kcs, int64_t nb_lo, int64_t nb_hi, float *c,
                  int64_t ldc, int accumulate) {
@@ -212,9 +214,9 @@ static int shape_of(Shape *s, int64_t h, int64_t g, int64_t t, int64_t d, int64_
     return 0;
 }
 
-/* x (heads, T, D) of one head, example e → `pack_transposed` tiles at out + pad_at[e] * d: as B = x^T
- * (K = D, N = the example's tokens) when `transposed`, else as B = x (K = tokens, N = D). `sk`
- * is the row stride of x's tokens (D, or H·D for dO's (T, H, D)). */
+/* x (heads, T, D) of one head, example e → `mm16`'s B tiles at out + pad_at[e] * d: as B = x^T
+ * (K = D, N = the example's tokens) when `transposed`, else as B = x (K = tokens, N = D).
+ * `stride` is the row stride of x's tokens (D, or H·D for dO's (T, H, D)). */
 static void pack_example(const Shape *s, const uint16_t *x, int64_t stride, int64_t e,
                          int transposed, uint16_t *out) {
     int64_t len = s->starts[e + 1] - s->starts[e], lp = round_up(len, TC);
@@ -413,7 +415,8 @@ int tunery_tiles_attention_backward(int64_t h_count, int64_t kv_count, int64_t t
                     float *ak = acc, *av = acc + TR * d;
                     for (int64_t h = g * s.per; h < (g + 1) * s.per; h++) {
                         int more = h > g * s.per;
-                        const uint16_t *qh = qp + h * s.tpad * d + at, *gh = gp + h * s.tpad * d + at;
+                        const uint16_t *qh = qp + h * s.tpad * d + at;
+                        const uint16_t *gh = gp + h * s.tpad * d + at;
                         mm16(dst + (h * s.lmax + j0) * s.lmax, s.lmax, c_lo, c_hi, qh, lp / TC,
                              0, d / TR, ak, d, more);
                         mm16(pt + (h * s.lmax + j0) * s.lmax, s.lmax, c_lo, c_hi, gh, lp / TC, 0,

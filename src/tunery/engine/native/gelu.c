@@ -24,7 +24,9 @@ static inline f32v gelu_tanh(f32v x) {
 
 /* gelu(x) = (x / 2) (1 + t) and its slope d gelu / dx, t = `gelu_tanh`, as the kernels below
  * work them out in fp32 for LANES values x. */
-static inline f32v gelu_of(f32v x, f32v t) { return broadcast_v(0.5f) * x * (broadcast_v(1.0f) + t); }
+static inline f32v gelu_of(f32v x, f32v t) {
+    return broadcast_v(0.5f) * x * (broadcast_v(1.0f) + t);
+}
 
 static inline f32v gelu_slope(f32v x, f32v t) {
     f32v inner = broadcast_v(GELU_C) * (broadcast_v(1.0f) + broadcast_v(3.0f * GELU_A) * x * x);
@@ -43,7 +45,8 @@ __attribute__((constructor)) static void gelu_tables(void) {
     for (int32_t b = 0; b < (1 << 16); b += LANES) {
         uint16_t bits[LANES];
         for (int l = 0; l < LANES; l++) bits[l] = (uint16_t)(b + l);
-        f32v x = load_bf16v(bits), t = gelu_tanh(x), value = gelu_of(x, t), slope = gelu_slope(x, t);
+        f32v x = load_bf16v(bits), t = gelu_tanh(x);
+        f32v value = gelu_of(x, t), slope = gelu_slope(x, t);
         memcpy(gelu_values + b, &value, sizeof value);
         memcpy(gelu_slopes + b, &slope, sizeof slope);
     }

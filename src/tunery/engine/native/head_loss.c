@@ -403,7 +403,8 @@ static void block_pass_amx(int64_t rows, int64_t c, const uint16_t *hb, const ui
         __mmask16 valid = (__mmask16)((1u << live) - 1);
         const float *z = b.zt + g * AMX_BLOCK * AMX_TILE;
         __m512 s = _mm512_maskz_loadu_ps(valid, st.s + r0);
-        __m512 least = _mm512_mul_ps(_mm512_set1_ps(keep_min), _mm512_max_ps(s, _mm512_set1_ps(1.0f)));
+        __m512 least =
+            _mm512_mul_ps(_mm512_set1_ps(keep_min), _mm512_max_ps(s, _mm512_set1_ps(1.0f)));
         for (int64_t r = r0; r < r0 + live; r++) kept[r] = 0;
         for (int64_t j = 0; j < n; j++) {
             unsigned bits = _mm512_mask_cmp_ps_mask(valid, _mm512_load_ps(z + j * AMX_TILE),
