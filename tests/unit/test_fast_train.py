@@ -270,6 +270,30 @@ def test_tiles_attention_trains_as_the_torch_attention(
         assert float((have - want).norm() / want.norm()) <= 3e-2
 
 
+@pytest.mark.skipif(_KERNELS is None or not _KERNELS.tiles, reason="no AMX tiles on this CPU")
+def test_frozen_matmuls_on_tiles_train_as_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 step whose frozen projections run on `tiles_gemm` (forward, and backward on Wᵀ's
+    copy) gives the loss and LoRA gradients of the step on torch's matmuls, within bf16's
+    rounding."""
+    model = _tiny_gemma(16, head_dim=32).to(torch.bfloat16)
+    batch = pack(_examples([30, 12, 21]), torch.device("cpu"))
+    spec = LoraSpec(rank=4, alpha=8, target_modules=PROJECTIONS)
+    with _packed_forward(model, spec) as (fast, params):
+        kernels = fast.spec.native
+        assert kernels is not None
+        calls: list[int] = []
+        gemm = kernels.tiles_gemm
+        monkeypatch.setattr(kernels, "tiles_gemm", lambda *a: calls.append(1) or gemm(*a))
+        tiles = _loss_and_grads(lambda: fast.loss(batch), params)
+        # each group's forward, each backward but the first layer's qkv (no input gradient)
+        assert len(calls) == 2 * 4 * len(fast.groups) - 1
+        monkeypatch.setattr(kernels, "tiles_gemm", lambda *_: None)
+        torchs = _loss_and_grads(lambda: fast.loss(batch), params)
+    assert tiles[0] == pytest.approx(torchs[0], rel=1e-2)
+    for want, have in zip(torchs[1], tiles[1], strict=True):
+        assert float((have - want).norm() / want.norm()) <= 3e-2
+
+
 def test_padded_adds_one_label_less_example_up_to_the_multiple() -> None:
     batch = pack(_examples([5, 9, 7]), torch.device("cpu"))  # 21 tokens
     assert padded(batch, 7, 0) is batch  # already a multiple

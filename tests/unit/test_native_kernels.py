@@ -961,6 +961,34 @@ def test_tiles_linear_gives_each_row_the_same_bits_in_any_batch() -> None:
 
 
 @pytest.mark.skipif(native is None or not native.tiles, reason="no AMX tiles on this CPU")
+def test_tiles_gemm_gives_each_row_the_bits_of_tiles_linear() -> None:
+    """`tiles_gemm` (a training step's many rows, W kept in cache a block at a time, each pair's
+    sums rounded while the next pair's run) gives each row exactly `tiles_linear`'s bits, for
+    row counts with and without a partial last pair, W blocks of one and several output tile
+    pairs, and any thread count; above `tiles_linear`'s most rows too."""
+    assert native is not None
+    g = torch.Generator().manual_seed(9)
+    for out, n_in in ((64, 96), (96, 8192)):  # 2 tile pairs in a W block; 3 in 2 blocks
+        weight = (torch.randn(out, n_in, generator=g) * 0.05).bfloat16()
+        packed = native.gemm_pack(weight)
+        assert packed is not None
+        x = torch.randn(1100, n_in, generator=g).bfloat16()
+        whole = native.tiles_gemm(x, packed)
+        assert whole is not None and whole.shape == (1100, out)
+        want = (x.float() @ weight.float().t()).bfloat16()
+        assert ((whole.float() - want.float()).abs() <= want.float().abs() * 2**-7 + 1e-5).all()
+        linear = native.tiles_linear(x[:1000], packed)
+        assert linear is not None and torch.equal(linear, whole[:1000])
+        for rows in (1, 15, 32, 33, 70, 1100):
+            for threads in (1, 2, 3):
+                with _threads(threads):
+                    part = native.tiles_gemm(x[1100 - rows :], packed)
+                assert part is not None and torch.equal(part, whole[1100 - rows :])
+    assert native.gemm_pack(torch.zeros(80, 96).bfloat16()) is None  # 5 output tiles: odd
+    assert native.tiles_gemm(torch.zeros(4, 8192), packed) is None  # fp32 rows
+
+
+@pytest.mark.skipif(native is None or not native.tiles, reason="no AMX tiles on this CPU")
 @pytest.mark.parametrize("block, offsets", [(32, False), (16, False), (32, True)])
 def test_tiles_on_gguf_blocks_give_the_bits_of_the_bf16_weight_they_make(
     block: int, offsets: bool

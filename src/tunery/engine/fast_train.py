@@ -61,25 +61,35 @@ from tunery.engine.specs import LoraSpec
 class FrozenWeight:
     """A frozen weight W (out, in) ready for `x @ W.T` (forward) and `g @ W` (backward).
 
-    The forward is the decode path's `Linear` (its pre-packed or narrowed copy, shared). The
-    backward reads Wᵀ: in bf16 panels where the forward's are narrowed (`linear.c`: fp32 weights
-    that are bf16 values) and W's rows are few enough for a panel of them to stay in cache, else
-    pre-packed by oneDNN on a CPU, else the stacked plain weight.
+    Given `kernels` with AMX tiles and a bf16 W of whole tiles, both read copies packed for
+    `tiles_gemm` (W and Wᵀ: `tiles_gemm.c`), which needs no build per row count as oneDNN does.
+    Else the forward is the decode path's `Linear` (its pre-packed or narrowed copy, shared), and
+    the backward reads Wᵀ: in bf16 panels where the forward's are narrowed (`linear.c`: fp32
+    weights that are bf16 values) and W's rows are few enough for a panel of them to stay in
+    cache, else pre-packed by oneDNN on a CPU, else the stacked plain weight.
     """
 
     # The most rows of W (Wᵀ's inputs) the backward reads as panels: a panel widened to fp32 is
     # rows x 3 vectors, 384 KB at 4096 rows with AVX2; the 262k-row vocab head stays on oneDNN.
     NARROW_MAX_ROWS = 4096
 
-    def __init__(self, linear: Linear) -> None:
+    def __init__(self, linear: Linear, kernels: NativeKernels | None = None) -> None:
         self._linear = linear
         self.out_features = linear.out_features
         parts = linear.parts
         self.in_features = parts[0].shape[1]
-        weight = torch.cat(parts) if len(parts) > 1 else parts[0]
+        weight = self._stacked()
         self._bwd: torch.Tensor | None = None
         self._bwd_narrow: tuple[NativeKernels, PackedLinear] | None = None
         self._plain: torch.Tensor | None = weight
+        self._tiles: tuple[NativeKernels, PackedLinear, PackedLinear] | None = None
+        if kernels is not None and kernels.tiles and weight.dtype == torch.bfloat16:
+            fwd = kernels.gemm_pack(weight)
+            bwd = kernels.gemm_pack(weight.t().contiguous()) if fwd is not None else None
+            if fwd is not None and bwd is not None:
+                self._tiles = (kernels, fwd, bwd)
+                self._plain = None
+                return
         if linear.narrow is not None and self.out_features <= self.NARROW_MAX_ROWS:
             kernels = linear.narrow[0]
             weight_t = kernels.narrow_linear(weight.t())  # bf16 values: never None
@@ -91,13 +101,27 @@ class FrozenWeight:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, in) → (N, out)."""
+        if self._tiles is not None:
+            kernels, fwd, _ = self._tiles
+            y = kernels.tiles_gemm(x, fwd)
+            if y is not None:
+                return y
         packed = self._linear.packed
         if packed is not None and _row_block(x, self.out_features):
             return _packed_linear(x, packed, self.out_features)
         return self._linear(x)
 
+    def _stacked(self) -> torch.Tensor:
+        parts = self._linear.parts
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
     def backward(self, g: torch.Tensor) -> torch.Tensor:
         """g (N, out) → (N, in)."""
+        if self._tiles is not None:
+            kernels, _, bwd = self._tiles
+            y = kernels.tiles_gemm(g, bwd)
+            # none: no rows, or out of memory
+            return y if y is not None else g @ self._stacked()
         if self._bwd_narrow is not None:
             kernels, weight_t = self._bwd_narrow
             return kernels.linear_bf16w(g.contiguous(), weight_t)
@@ -328,7 +352,7 @@ class _BaseKernels:
 
     def __init__(self, fast: FastGemma3) -> None:
         self.groups = [
-            {group: FrozenWeight(getattr(layer, group)) for group, _ in GROUPS}
+            {group: FrozenWeight(getattr(layer, group), fast.native) for group, _ in GROUPS}
             for layer in fast.layers
         ]
         self.head = TrainingHead(fast)

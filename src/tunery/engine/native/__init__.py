@@ -66,7 +66,7 @@ _SOURCES = [
     for n in (
         "decode_attention.c", "lora_delta.c", "rows.c", "head.c", "kernels_f32.c", "linear.c",
         "head_loss.c", "gelu.c", "tiles.c", "lora_train.c", "train_attention.c",
-        "attention_tiles.c", "decode_step.c", "head_topk.c",
+        "attention_tiles.c", "decode_step.c", "head_topk.c", "tiles_gemm.c",
     )
 ]  # fmt: skip
 # -ffp-contract=off: GCC fuses a * b + c into one FMA (one rounding) where its optimizer sees
@@ -157,6 +157,9 @@ class NativeKernels:
         self._tiles_linear = library.tunery_tiles_linear
         self._tiles_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32]
         self._tiles_linear.restype = i32
+        self._tiles_gemm = library.tunery_tiles_gemm
+        self._tiles_gemm.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32]
+        self._tiles_gemm.restype = i32
         self._qtiles_pack = library.tunery_qtiles_pack
         self._qtiles_pack.argtypes = [i64, i64, ptr, ptr, i64, ptr, ptr]
         self._qtiles_pack.restype = None
@@ -688,6 +691,26 @@ class NativeKernels:
                 rows, n_in, weight.n_out, x.data_ptr(), weight.panels.data_ptr(), y.data_ptr(),
                 threads,
             )  # fmt: skip
+        return y if status == 0 else None
+
+    def gemm_pack(self, weight: torch.Tensor) -> PackedLinear | None:
+        """`weight` (out, in) bf16 packed for `tiles_gemm`; None where the tiles do not run here
+        or do not take the shape (out and in multiples of 32)."""
+        return self.tiles_pack(weight) if weight.shape[0] % 32 == 0 else None
+
+    def tiles_gemm(self, x: torch.Tensor, weight: PackedLinear) -> torch.Tensor | None:
+        """x (rows, in) bf16 @ Wᵀ for W packed by `gemm_pack` → (rows, out) bf16, by AMX tiles
+        for many rows (`tiles_gemm.c`: a training step's), with `tiles_linear`'s bits for each
+        row; None where it does not run."""
+        rows, n_in = x.shape
+        if x.dtype != torch.bfloat16 or n_in != weight.n_in or weight.n_out % 32 or rows == 0:
+            return None
+        x = x.contiguous()
+        y = torch.empty(rows, weight.n_out, dtype=torch.bfloat16)
+        status = self._tiles_gemm(
+            rows, n_in, weight.n_out, x.data_ptr(), weight.panels.data_ptr(), y.data_ptr(),
+            torch.get_num_threads(),
+        )  # fmt: skip
         return y if status == 0 else None
 
     @property
