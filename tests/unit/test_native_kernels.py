@@ -808,7 +808,7 @@ def test_fp32_weights_of_bf16_values_narrow_to_the_bf16_panels_and_others_do_not
         (4099, 128, 40),
         (300, 640, 64),
         (300, 128, 65),
-        (300, 128, 200),  # tiles: groups of 16 rows in passes of 4
+        (300, 128, 200),  # tiles: groups of 16 rows in pairs, 13 groups
     ],
 )
 def test_fused_head_loss_is_cross_entropy_and_its_gradient(
@@ -817,7 +817,8 @@ def test_fused_head_loss_is_cross_entropy_and_its_gradient(
     """Each row's loss and input gradient over the vocab head in one pass (an online softmax by
     blocks of vocab rows, shared among threads) equal torch's cross-entropy and autograd to fp32
     rounding, for vocab sizes that are not whole blocks or tiles, with one thread and several;
-    for a bf16 head on AMX tiles (up to 4 groups of 16 rows), of the rows rounded to bf16."""
+    for a bf16 head on AMX tiles (groups of 16 rows), of the rows rounded to bf16, and with the
+    same bits for a head whose rows do not start on 64-byte lines (read from an aligned copy)."""
     assert native is not None
     g = torch.Generator().manual_seed(vocab)
     weight = (torch.randn(vocab, dim, generator=g) * 0.1).to(dtype)
@@ -840,6 +841,14 @@ def test_fused_head_loss_is_cross_entropy_and_its_gradient(
         bound = 2.0**-8 * float(weight.float().abs().max()) if tiles else 1e-5
         torch.testing.assert_close(got[1], h.grad, rtol=1e-5, atol=bound)
         assert loss_only[1] is None and torch.equal(loss_only[0], got[0])
+        if tiles:
+            storage = torch.empty(vocab * dim + 8, dtype=dtype)
+            shifted = storage[8:].view(vocab, dim)  # 16 bytes past a line
+            shifted.copy_(weight)
+            with _threads(threads):
+                moved = native.head_loss(hidden, shifted, labels, grad=True)
+            assert moved is not None and moved[1] is not None
+            assert torch.equal(moved[0], got[0]) and torch.equal(moved[1], got[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
