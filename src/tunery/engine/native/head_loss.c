@@ -299,17 +299,21 @@ static void pack_block(const uint16_t *w, int64_t c, int64_t n, uint16_t *wb) {
 }
 
 /* One group's softmax terms z (z[j * 16 + i]: vocab row j, label row i; n rows) as bf16 A tiles:
- * ea[i * AMX_BLOCK + j], zero past n. */
+ * ea[i * AMX_BLOCK + j], zero past n. Each pair of vocab rows makes one register of 16 label
+ * rows' pairs; 16 such registers, transposed, are 16 label rows' next 32 terms. */
 static void pack_terms(const float *z, int64_t n, uint16_t *ea) {
     __m512i perm = pair_index(16);
-    __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-                                                        13, 14, 15),
-                                      _mm512_set1_epi32(AMX_BLOCK * 2)); /* row offsets, bytes */
-    for (int64_t j = 0; j < AMX_BLOCK; j += 2) {
-        __m512 e0 = j < n ? _mm512_load_ps(z + j * AMX_TILE) : _mm512_setzero_ps();
-        __m512 e1 = j + 1 < n ? _mm512_load_ps(z + (j + 1) * AMX_TILE) : _mm512_setzero_ps();
-        __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0); /* e0's 16 values, then e1's */
-        _mm512_i32scatter_epi32(ea + j, rows, _mm512_permutexvar_epi16(perm, both), 1);
+    for (int64_t j0 = 0; j0 < AMX_BLOCK; j0 += 2 * AMX_TILE) {
+        __m512i r[AMX_TILE];
+        for (int p = 0; p < AMX_TILE; p++) {
+            int64_t j = j0 + 2 * p;
+            __m512 e0 = j < n ? _mm512_load_ps(z + j * AMX_TILE) : _mm512_setzero_ps();
+            __m512 e1 = j + 1 < n ? _mm512_load_ps(z + (j + 1) * AMX_TILE) : _mm512_setzero_ps();
+            __m512i both = (__m512i)_mm512_cvtne2ps_pbh(e1, e0); /* e0's 16 values, then e1's */
+            r[p] = _mm512_permutexvar_epi16(perm, both);         /* label i's pair: lane i */
+        }
+        transpose16(r);
+        for (int i = 0; i < AMX_TILE; i++) _mm512_store_si512(ea + i * AMX_BLOCK + j0, r[i]);
     }
 }
 
