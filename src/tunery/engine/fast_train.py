@@ -62,7 +62,8 @@ class FrozenWeight:
     """A frozen weight W (out, in) ready for `x @ W.T` (forward) and `g @ W` (backward).
 
     Given `kernels` with AMX tiles and a bf16 W of whole tiles, both read copies packed for
-    `tiles_gemm` (W and Wᵀ: `tiles_gemm.c`), which needs no build per row count as oneDNN does.
+    `tiles_gemm` (W, shared with the decode path's tiles where it has them, and Wᵀ:
+    `tiles_gemm.c`), which needs no build per row count as oneDNN does.
     Else the forward is the decode path's `Linear` (its pre-packed or narrowed copy, shared), and
     the backward reads Wᵀ: in bf16 panels where the forward's are narrowed (`linear.c`: fp32
     weights that are bf16 values) and W's rows are few enough for a panel of them to stay in
@@ -84,7 +85,12 @@ class FrozenWeight:
         self._plain: torch.Tensor | None = weight
         self._tiles: tuple[NativeKernels, PackedLinear, PackedLinear] | None = None
         if kernels is not None and kernels.tiles and weight.dtype == torch.bfloat16:
-            fwd = kernels.gemm_pack(weight)
+            # the decode path's tiles copy where it is W in bf16 (the same layout), else one more
+            shared = linear.tiled[1] if linear.tiled is not None else None
+            if isinstance(shared, PackedLinear) and shared.n_out % 32 == 0:
+                fwd: PackedLinear | None = shared
+            else:
+                fwd = kernels.gemm_pack(weight)
             bwd = kernels.gemm_pack(weight.t().contiguous()) if fwd is not None else None
             if fwd is not None and bwd is not None:
                 self._tiles = (kernels, fwd, bwd)
