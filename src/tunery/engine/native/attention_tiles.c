@@ -112,23 +112,37 @@ static void load_rows(uint16_t *dst, const uint16_t *src, int64_t ld, int64_t ro
 
 /* 16 rows of x (bf16, stride ld) over columns [c_lo, c_hi) (multiples of 16) → their
  * transpose at out (columns c of x become rows of out, stride ld): out[c * ld + r] = x[r][c].
- * Two rows at a time, 16 columns' pairs of them (one 4-byte word each) scattered at once. */
+ * 32 columns at a time: each pair of rows makes, per 16 columns, one register of the columns'
+ * pairs (one 4-byte word each); 16 such registers, transposed (`transpose16`), hold the 32
+ * columns' rows, half a register each (twice as fast as scattering the words). */
 static void transpose_rows(const uint16_t *x, int64_t ld, int64_t c_lo, int64_t c_hi,
                            uint16_t *out) {
     __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9,
                                           24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
                                           16, 0);
-    __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
-                                                        13, 14, 15),
-                                      _mm512_set1_epi32((int32_t)ld * 2));
-    for (int64_t r = 0; r < TR; r += 2)
-        for (int64_t c = c_lo; c < c_hi; c += 16) {
-            __m256i a = _mm256_loadu_si256((const __m256i *)(x + r * ld + c));
-            __m256i b = _mm256_loadu_si256((const __m256i *)(x + (r + 1) * ld + c));
-            __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-            _mm512_i32scatter_epi32(out + c * ld + r, rows,
-                                    _mm512_permutexvar_epi16(interleave, both), 1);
+    for (int64_t c = c_lo; c < c_hi; c += 32) {
+        int two = c + 16 < c_hi; /* a second block of 16 columns */
+        __m512i w[16];
+        for (int64_t p = 0; p < TR / 2; p++)
+            for (int h = 0; h < 2; h++) {
+                if (h == 1 && !two) {
+                    w[8 + p] = _mm512_setzero_si512();
+                    continue;
+                }
+                const uint16_t *at = x + 2 * p * ld + c + 16 * h;
+                __m256i a = _mm256_loadu_si256((const __m256i *)at);
+                __m256i b = _mm256_loadu_si256((const __m256i *)(at + ld));
+                __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
+                w[8 * h + p] = _mm512_permutexvar_epi16(interleave, both);
+            }
+        transpose16(w); /* w[k]: column c + k's 16 rows, then column c + 16 + k's */
+        for (int k = 0; k < 16; k++) {
+            _mm256_storeu_si256((__m256i *)(out + (c + k) * ld), _mm512_castsi512_si256(w[k]));
+            if (two)
+                _mm256_storeu_si256((__m256i *)(out + (c + 16 + k) * ld),
+                                    _mm512_extracti64x4_epi64(w[k], 1));
         }
+    }
 }
 
 /* The geometry of the call: sizes, and each example's offset into the packed buffers. */

@@ -432,20 +432,20 @@ static void block_pass_amx(int64_t rows, int64_t c, const uint16_t *hb, const ui
                 }
             }
         }
+        /* how many terms the gradient may keep, counted as they are made: those at least
+         * keep_min of the row's share before this block's terms join it (the list below keeps
+         * those at least keep_min of the share after: no more than these) */
+        __m512 least = _mm512_mul_ps(_mm512_set1_ps(keep_min), _mm512_max_ps(s, _mm512_set1_ps(1.0f)));
+        __mmask16 counted = st.g != NULL ? valid : 0;
         __m512 sum = _mm512_setzero_ps();
         for (int64_t j = 0; j < n; j++) {
             __m512 ej = (__m512)exp_nonpositive((f32v)_mm512_sub_ps(_mm512_load_ps(z + j * AMX_TILE), m));
             _mm512_store_ps(z + j * AMX_TILE, ej);
             sum = _mm512_add_ps(sum, ej);
+            terms += __builtin_popcount(_mm512_mask_cmp_ps_mask(counted, ej, least, _CMP_GE_OQ));
         }
         s = _mm512_add_ps(s, sum);
         _mm512_mask_storeu_ps(st.s + r0, valid, s);
-        if (st.g == NULL) continue;
-        /* how many terms the gradient keeps: those at least keep_min of the row's share */
-        __m512 least = _mm512_mul_ps(_mm512_set1_ps(keep_min), _mm512_max_ps(s, _mm512_set1_ps(1.0f)));
-        for (int64_t j = 0; j < n; j++)
-            terms += __builtin_popcount(_mm512_mask_cmp_ps_mask(
-                valid, _mm512_load_ps(z + j * AMX_TILE), least, _CMP_GE_OQ));
     }
     if (st.g == NULL) return;
     if (terms * 8 > rows * n) { /* many (a flat softmax): every term, by tile products */
