@@ -119,9 +119,19 @@ def model_flops(base: LoadedBase, tokenized: list[TokenizedExample], rank: int) 
     lora_io = (hidden + q) + 2 * (hidden + kv) + (q + hidden) + 3 * (hidden + inter)
     tokens = sum(len(e.input_ids) for e in tokenized)
     labels = sum(e.label_count for e in tokenized)
-    attention = sum(len(e.input_ids) ** 2 for e in tokenized) * 2 * q * layers * 2  # QKᵀ, PV
+    # each pair of positions a layer attends (a query and a key at or before it, within a
+    # sliding layer's window): QKᵀ and PV forward (2·q each), their four products backward
+    kinds = getattr(config, "layer_types", None) or ["full_attention"] * layers
+    window = getattr(config, "sliding_window", None)
+    pairs = 0
+    for kind in kinds:
+        reach = window if kind == "sliding_attention" and window else None
+        for e in tokenized:
+            n = len(e.input_ids)
+            pairs += sum(min(i + 1, reach or n) for i in range(n))
+    attention = pairs * 12 * q
     head = 4 * labels * config.vocab_size * hidden
-    return 4 * body * tokens + 6 * rank * lora_io * layers * tokens + 2 * attention + head
+    return 4 * body * tokens + 6 * rank * lora_io * layers * tokens + attention + head
 
 
 def main() -> None:
