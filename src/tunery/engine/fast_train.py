@@ -126,8 +126,8 @@ class FrozenWeight:
         if self._tiles is not None:
             kernels, _, bwd = self._tiles
             y = kernels.tiles_gemm(g, bwd)
-            # none: no rows, or out of memory
-            return y if y is not None else g @ self._stacked()
+            # none: no rows, rows of another dtype, or out of memory
+            return y if y is not None else g @ self._stacked().to(g.dtype)
         if self._bwd_narrow is not None:
             kernels, weight_t = self._bwd_narrow
             return kernels.linear_bf16w(g.contiguous(), weight_t)
