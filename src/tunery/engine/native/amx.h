@@ -65,6 +65,28 @@ static inline __attribute__((always_inline)) void amx_products(int64_t n, const 
     }
 }
 
+/* Sums tile 2i + j += A_i B_j for the A tiles at a0, a1 (rows lda bytes apart; a1 read only
+ * where `two_a`) and the B tiles at b0, b1 (1 KB each, rows 64 bytes apart; b1 only where
+ * `two_b`): a 2 x 2 block of products, one tile load each. Uses tiles 4-7. */
+static inline __attribute__((always_inline)) void amx_pair_products(int two_a, int two_b,
+                                                                    const void *a0,
+                                                                    const void *a1, int64_t lda,
+                                                                    const uint16_t *b0,
+                                                                    const uint16_t *b1) {
+    _tile_loadd(4, a0, lda);
+    _tile_loadd(6, b0, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (two_b) {
+        _tile_loadd(7, b1, 64);
+        _tile_dpbf16ps(1, 4, 7);
+    }
+    if (two_a) {
+        _tile_loadd(5, a1, lda);
+        _tile_dpbf16ps(2, 5, 6);
+        if (two_b) _tile_dpbf16ps(3, 5, 7);
+    }
+}
+
 /* Sums tiles 0 to n - 1 loaded from c, c + step, ... (fp32, rows ldc bytes apart). */
 static inline __attribute__((always_inline)) void amx_load_sums(int64_t n, const float *c,
                                                                 int64_t step, int64_t ldc) {
@@ -82,6 +104,7 @@ static inline __attribute__((always_inline)) void amx_store_sums(int64_t n, floa
     if (n > 2) _tile_stored(2, c + 2 * step, ldc);
     if (n > 3) _tile_stored(3, c + 3 * step, ldc);
 }
+
 /* r[i][j] <-> r[j][i]: a 16 x 16 block of 32-bit values transposed in registers (64 shuffles,
  * where 16 scatters of 16 lanes each cost several times as long). */
 static inline __attribute__((always_inline)) void transpose16(__m512i r[16]) {

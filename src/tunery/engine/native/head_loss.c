@@ -249,18 +249,8 @@ static inline __attribute__((always_inline)) void vocab_pair(int two, int both,
     for (int64_t q = 0; q < chunks; q++) {
         if (next != NULL)
             for (int l = 0; l < 32; l++) _mm_prefetch(next + (q * 32 + l) * 64, _MM_HINT_T1);
-        _tile_loadd(4, w0 + q * AMX_K, c * 2);
-        _tile_loadd(6, h0 + q * tile, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        if (both) {
-            _tile_loadd(7, h1 + q * tile, 64);
-            _tile_dpbf16ps(1, 4, 7);
-        }
-        if (two) {
-            _tile_loadd(5, w1 + q * AMX_K, c * 2);
-            _tile_dpbf16ps(2, 5, 6);
-            if (both) _tile_dpbf16ps(3, 5, 7);
-        }
+        amx_pair_products(two, both, w0 + q * AMX_K, w1 + q * AMX_K, c * 2, h0 + q * tile,
+                          h1 + q * tile);
     }
     _tile_stored(0, zt, 64);
     if (both) _tile_stored(1, zt + group, 64);
@@ -328,26 +318,26 @@ static inline float *sum_tile(float *gd, int64_t col_tiles, int64_t g, int64_t t
     return gd + (g * col_tiles + t) * AMX_TILE * AMX_TILE;
 }
 
+/* One group's sums of n (1-4) column tiles from t (`grad_tiles`). */
+static inline __attribute__((always_inline)) void column_tiles(int64_t n, int64_t col_tiles,
+                                                               int64_t t, const uint16_t *eg,
+                                                               const uint16_t *wb, float *gt) {
+    int64_t tile = AMX_TILE * AMX_K, sums = AMX_TILE * AMX_TILE;
+    amx_load_sums(n, gt, sums, 64);
+    for (int64_t q = 0; q < AMX_BLOCK / AMX_K; q++)
+        amx_products(n, eg + q * AMX_K, AMX_BLOCK * 2, wb + (q * col_tiles + t) * tile, tile);
+    amx_store_sums(n, gt, sums, 64);
+}
+
 static void grad_tiles(int groups, int64_t c, const uint16_t *ea, const uint16_t *wb, float *gd) {
-    int64_t col_tiles = c / AMX_TILE, tile = AMX_TILE * AMX_K, sums = AMX_TILE * AMX_TILE;
+    int64_t col_tiles = c / AMX_TILE;
     for (int64_t t = 0; t < col_tiles; t += 4) {
         int64_t n = col_tiles - t < 4 ? col_tiles - t : 4;
         for (int g = 0; g < groups; g++) {
             const uint16_t *eg = ea + g * AMX_TILE * AMX_BLOCK;
             float *gt = sum_tile(gd, col_tiles, g, t);
-            if (n == 4) { /* the usual case, its tile count a constant */
-                amx_load_sums(4, gt, sums, 64);
-                for (int64_t q = 0; q < AMX_BLOCK / AMX_K; q++)
-                    amx_products(4, eg + q * AMX_K, AMX_BLOCK * 2,
-                                 wb + (q * col_tiles + t) * tile, tile);
-                amx_store_sums(4, gt, sums, 64);
-                continue;
-            }
-            amx_load_sums(n, gt, sums, 64);
-            for (int64_t q = 0; q < AMX_BLOCK / AMX_K; q++)
-                amx_products(n, eg + q * AMX_K, AMX_BLOCK * 2, wb + (q * col_tiles + t) * tile,
-                             tile);
-            amx_store_sums(n, gt, sums, 64);
+            if (n == 4) column_tiles(4, col_tiles, t, eg, wb, gt); /* its count a constant */
+            else column_tiles(n, col_tiles, t, eg, wb, gt);
         }
     }
 }

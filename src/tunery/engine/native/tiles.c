@@ -137,18 +137,7 @@ static inline __attribute__((always_inline)) void output_tiles(
                                    strip + (q + 1) * 2 * TILE + TILE);
                 }
             }
-            _tile_loadd(4, b0, 64);
-            _tile_loadd(6, x0 + q * TILE_IN, in * 2);
-            _tile_dpbf16ps(0, 6, 4);
-            if (two) {
-                _tile_loadd(5, b1, 64);
-                _tile_dpbf16ps(1, 6, 5);
-            }
-            if (both) {
-                _tile_loadd(7, x1 + q * TILE_IN, in * 2);
-                _tile_dpbf16ps(2, 7, 4);
-                if (two) _tile_dpbf16ps(3, 7, 5);
-            }
+            amx_pair_products(both, two, x0 + q * TILE_IN, x1 + q * TILE_IN, in * 2, b0, b1);
         }
         _tile_stored(0, c[0][0], 64);
         if (two) _tile_stored(1, c[0][1], 64);

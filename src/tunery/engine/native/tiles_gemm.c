@@ -64,14 +64,8 @@ static inline __attribute__((always_inline)) void pair_products(int64_t in, cons
     const uint16_t *x1 = x0 + 16 * in;
     amx_zero_sums();
     for (int64_t q = 0; q < chunks; q++) {
-        _tile_loadd(4, b0 + q * TILE, 64);
-        _tile_loadd(6, x0 + q * TILE_IN, in * 2);
-        _tile_dpbf16ps(0, 6, 4);
-        _tile_loadd(5, b1 + q * TILE, 64);
-        _tile_dpbf16ps(1, 6, 5);
-        _tile_loadd(7, x1 + q * TILE_IN, in * 2);
-        _tile_dpbf16ps(2, 7, 4);
-        _tile_dpbf16ps(3, 7, 5);
+        amx_pair_products(1, 1, x0 + q * TILE_IN, x1 + q * TILE_IN, in * 2, b0 + q * TILE,
+                          b1 + q * TILE);
         if (wait->c != NULL && wait->done < PAIR_ROWS) {
             int hi = wait->done + per;
             store_rows(wait->c, wait->done, hi, wait->valid, wait->r0, wait->o, out, y);
