@@ -29,6 +29,7 @@ import os
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -64,22 +65,28 @@ def generated_dataset(tokenizer: object, n: int, seed: int = 0) -> list[Example]
     return examples
 
 
-def matmul_peak_tflops(
-    dtype: torch.dtype, size: int = 2048, repeats: int = 10, rounds: int = 3
-) -> float:
-    """A large matmul's rate in `dtype` on this machine, same threads: the hardware's practical
-    peak for it, the best of `rounds` timings (on a noisy VM one timing varied 2.1-2.7 TFLOP/s
-    in bf16; the best is the conservative peak to take a share of)."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    a @ b  # warm-up
+def best_rate_tflops(product: Callable[[], object], size: int, repeats: int, rounds: int) -> float:
+    """The rate of `product` (a size³ matmul), the best of `rounds` timings of `repeats` calls
+    (on a noisy VM one timing varied 2.1-2.7 TFLOP/s in bf16; the best is the conservative peak
+    to take a share of)."""
+    product()  # warm-up
     best = float("inf")
     for _ in range(rounds):
         start = time.perf_counter()
         for _ in range(repeats):
-            a @ b
+            product()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 * repeats / best / 1e12
+
+
+def matmul_peak_tflops(
+    dtype: torch.dtype, size: int = 2048, repeats: int = 10, rounds: int = 3
+) -> float:
+    """A large matmul's rate in `dtype` on this machine, same threads: the hardware's practical
+    peak for it."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    return best_rate_tflops(lambda: a @ b, size, repeats, rounds)
 
 
 def tiles_peak_tflops(size: int = 2048, repeats: int = 10, rounds: int = 3) -> float:
@@ -92,13 +99,7 @@ def tiles_peak_tflops(size: int = 2048, repeats: int = 10, rounds: int = 3) -> f
     packed = kernels.gemm_pack(torch.randn(size, size, dtype=torch.bfloat16))
     if packed is None or kernels.tiles_gemm(a, packed) is None:
         return 0.0
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            kernels.tiles_gemm(a, packed)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 * repeats / best / 1e12
+    return best_rate_tflops(lambda: kernels.tiles_gemm(a, packed), size, repeats, rounds)
 
 
 def bf16_peaks() -> list[float]:
@@ -173,7 +174,6 @@ def main() -> None:
     # VM's speed drifts (one timing of oneDNN's read 2.3-2.8 TFLOP/s on the same VM in an hour).
     bf16 = base.dtype == torch.bfloat16
     peaks = bf16_peaks() if bf16 else [matmul_peak_tflops(base.dtype)]
-    bf16_peak = peaks[0] if bf16 else matmul_peak_tflops(torch.bfloat16, 512, 2, 1)
     with tempfile.TemporaryDirectory(prefix="tunery-bench-") as tmp:
         work = Path(tmp)
         losses: list[float] = []
@@ -191,6 +191,7 @@ def main() -> None:
         if bf16:
             peaks += bf16_peaks()
         peak = max(peaks)
+        bf16_peak = peak if bf16 else matmul_peak_tflops(torch.bfloat16, 512, 2, 1)
         if not args.skip_trl:
             runs.append(run_trl(base.model_dir, sample, spec, work, bf16=False))
     flops = model_flops(base, tokenized, spec.lora.rank)
@@ -204,7 +205,7 @@ def main() -> None:
     print(
         f"tunery model FLOPs {flops / 1e12:.2f} T in {runs[0].seconds:.2f} s = {achieved:.3f} "
         f"TFLOP/s; {dtype} matmul peak here {peak:.3f} TFLOP/s -> {achieved / peak:.0%} of it"
-        f" (bf16 matmul peak here {max(peaks) if bf16 else bf16_peak:.4f} TFLOP/s)"
+        f" (bf16 matmul peak here {bf16_peak:.4f} TFLOP/s)"
     )
     if bf16:
         readings = ", ".join(f"{p:.2f}" for p in peaks)
