@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tunery.engine import base_models
+from tunery.engine import base_models, safetensors_layout
 from tunery.engine.base_models import DEFAULT_BASE_MODEL, BaseModelRegistry
 from tunery.engine.native import cpu_flags
 from tunery.errors import InvalidArgument, NotFound
@@ -153,11 +154,14 @@ def test_tokenizer_loads_through_a_pickle_that_a_torn_file_cannot_break(
 def test_a_registered_model_dir_is_left_untouched_by_the_tokenizer_cache(
     tmp_path: Path, tiny_model_path: Path
 ) -> None:
+    weights = tiny_model_path / "model.safetensors"
+    before = (weights.stat().st_mtime_ns, weights.stat().st_size)
     registry = BaseModelRegistry(tmp_path / "models")
     registry.register("tiny", tiny_model_path)
     registry.load("tiny")
     assert list((tmp_path / "models" / base_models.TOKENIZER_CACHE_DIR).glob("tiny-*.pkl"))
     assert not (tiny_model_path / base_models.TOKENIZER_CACHE_DIR).exists()
+    assert (weights.stat().st_mtime_ns, weights.stat().st_size) == before  # nor aligned
 
 
 def test_a_gemma_3_loads_from_its_files_and_builds_its_model_on_the_same_tensors(
@@ -213,6 +217,79 @@ def test_weights_of_one_other_dtype_convert_in_one_pass_to_the_same_values(
     assert len({t.untyped_storage().data_ptr() for t in whole.values()}) == 1  # one buffer
     same = base_models._read_weights([tmp_path / "one.safetensors"], torch.bfloat16, cpu)
     assert all(torch.equal(same[n], t) for n, t in tensors.items())
+
+
+def _misaligned_copy(src: Path, dst: Path) -> None:
+    """`src` (a safetensors file) with its header padded to 16 bytes past a 64-byte line."""
+    data = src.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    pad = (16 - (8 + length)) % 64
+    header = data[8 : 8 + length] + b" " * pad
+    dst.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + length :])
+    assert safetensors_layout.data_start(dst) % 64 == 16
+
+
+def test_aligning_a_safetensors_file_puts_its_tensors_on_lines_with_the_same_values(
+    tmp_path: Path,
+) -> None:
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w": torch.randn(64, 48, generator=g).bfloat16(), "n": torch.randn(32)}
+    save_file(tensors, tmp_path / "plain.safetensors", metadata={"note": "kept"})
+    file = tmp_path / "model.safetensors"
+    _misaligned_copy(tmp_path / "plain.safetensors", file)
+    file.chmod(0o600)
+    assert all(t.data_ptr() % 64 == 16 for t in load_file(file).values())
+
+    assert safetensors_layout.align_data(file)
+    assert safetensors_layout.data_start(file) % 64 == 0
+    loaded = load_file(file)
+    assert all(t.data_ptr() % 64 == 0 for t in loaded.values())  # mapped on lines
+    assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
+    from safetensors import safe_open
+
+    with safe_open(file, framework="pt") as f:
+        assert f.metadata() == {"note": "kept"}
+    assert file.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "plain.safetensors"]
+    stamp = file.stat().st_mtime_ns
+    assert not safetensors_layout.align_data(file)  # already on a line: untouched
+    assert file.stat().st_mtime_ns == stamp
+
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes((1000).to_bytes(8, "little") + b"{}")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        safetensors_layout.align_data(torn)
+    assert torn.read_bytes() == (1000).to_bytes(8, "little") + b"{}"
+
+
+def test_a_model_dir_converted_before_alignment_loads_aligned_and_converts_aligned(
+    tmp_path: Path, tiny_model_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An older conversion of the embedded model (here the tiny model in its place): its weights
+    # are rewritten on lines once, at load, and read the same.
+    old = tmp_path / "models" / DEFAULT_BASE_MODEL
+    shutil.copytree(tiny_model_path, old)
+    _misaligned_copy(tiny_model_path / "model.safetensors", old / "model.safetensors")
+    (old / base_models._CONVERTED_MARKER).write_text("{}")
+    base = BaseModelRegistry(tmp_path / "models").load(DEFAULT_BASE_MODEL)
+    assert safetensors_layout.data_start(old / "model.safetensors") % 64 == 0
+    assert all(t.data_ptr() % 64 == 0 for t in base.weights.values())
+    theirs = BaseModelRegistry(tmp_path / "registered")
+    theirs.register("tiny", tiny_model_path)
+    for name, tensor in theirs.load("tiny").weights.items():
+        assert torch.equal(base.weights[name], tensor), name
+
+    # a new conversion writes its weights on lines from the start
+    def convert(_gguf: Path, out: Path) -> None:
+        out.mkdir()
+        _misaligned_copy(tiny_model_path / "model.safetensors", out / "model.safetensors")
+
+    monkeypatch.setattr(base_models, "_convert_gguf", convert)
+    monkeypatch.setattr(base_models, "_check_gguf_tokenizer", lambda _gguf, _out: None)
+    path = BaseModelRegistry(tmp_path / "new")._converted("m", lambda work: work / "f.gguf")
+    assert safetensors_layout.data_start(path / "model.safetensors") % 64 == 0
 
 
 _RACE = """

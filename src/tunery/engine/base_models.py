@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from tunery.engine import tokenizer_check
+from tunery.engine import safetensors_layout, tokenizer_check
 from tunery.engine.hf_imports import HF_LOAD_LOCK, hf_name
 from tunery.engine.kernel_cache import KernelCache
 from tunery.engine.native import cpu_flags
@@ -306,6 +306,8 @@ class BaseModelRegistry:
             out = work / "model"
             log.info("converting %s from %s (first use only)", name, gguf_path)
             _convert_gguf(gguf_path, out)
+            for file in sorted(out.glob("*.safetensors")):
+                safetensors_layout.align_data(file)
             _check_gguf_tokenizer(gguf_path, out)
             (out / _CONVERTED_MARKER).write_text(json.dumps({"source": str(gguf_path)}))
             try:
@@ -353,9 +355,11 @@ class BaseModelRegistry:
         # thread starts, which then waits for nothing on a model dir Tunery converted.
         with ThreadPoolExecutor(2, thread_name_prefix="tunery-load") as pool:
             files = _fast_weight_files(path)
-            read = pool.submit(_read_weights, files, dtype, self.device) if files else None
             # A model dir Tunery converted is its own; a registered one stays untouched.
             ours = (path / _CONVERTED_MARKER).exists()
+            if ours and files:  # converted before its data was aligned: once, here
+                _align_weight_files(files)
+            read = pool.submit(_read_weights, files, dtype, self.device) if files else None
             config = ConfigFile.read(path) if ours and files else None
             if config is None:
                 with HF_LOAD_LOCK:
@@ -576,6 +580,18 @@ def _fast_weights(config: Any, weights: dict[str, torch.Tensor]) -> dict[str, to
     if any(name not in weights for name in FastGemma3.tensor_names(config)):
         return None
     return weights
+
+
+def _align_weight_files(files: list[Path]) -> None:
+    """Put the tensors of a converted model's `files` on 64-byte lines (`safetensors_layout`)
+    where an older conversion left them off; a data dir that cannot be written only keeps the
+    kernels' slower path for such weights."""
+    for file in files:
+        try:
+            if safetensors_layout.align_data(file):
+                log.info("aligned the tensors of %s to 64-byte lines", file)
+        except (OSError, ValueError):
+            log.warning("could not align the tensors of %s", file, exc_info=True)
 
 
 def _read_weights(
