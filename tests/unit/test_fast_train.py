@@ -294,6 +294,33 @@ def test_frozen_matmuls_on_tiles_train_as_torchs(monkeypatch: pytest.MonkeyPatch
         assert float((have - want).norm() / want.norm()) <= 3e-2
 
 
+@pytest.mark.skipif(_KERNELS is None or not _KERNELS.tiles, reason="no AMX tiles on this CPU")
+def test_lora_weight_gradients_on_tiles_train_as_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 step of many rows (its LoRA products in bf16) whose LoRA weight gradients sum over
+    the rows on AMX tiles (`lora_tn`) gives the loss and gradients of the step whose gradients
+    are torch's matmuls, within bf16's rounding; every rank-16 or -32 product takes the tiles."""
+    model = _tiny_gemma(64, head_dim=32).to(torch.bfloat16)
+    batch = pack(_examples([150, 120, 30]), torch.device("cpu"))  # past LORA_FP32_MAX_ROWS
+    spec = LoraSpec(rank=16, alpha=32, target_modules=PROJECTIONS)
+    with _packed_forward(model, spec) as (fast, params):
+        kernels = fast.spec.native
+        assert kernels is not None
+        taken: list[int] = []
+        tn = kernels.lora_tn
+        monkeypatch.setattr(
+            kernels, "lora_tn", lambda *a: (c := tn(*a)) is not None and taken.append(1) or c
+        )
+        tiles = _loss_and_grads(lambda: fast.loss(batch), params)
+        # per layer: qkv's 3 Bs (its A's 48 ranks: not taken), o's A and B, gate/up's A and
+        # 2 Bs, down's A and B
+        assert len(taken) == 2 * (3 + 2 + 3 + 2)
+        monkeypatch.setattr(kernels, "lora_tn", lambda *_: None)
+        torchs = _loss_and_grads(lambda: fast.loss(batch), params)
+    assert tiles[0] == pytest.approx(torchs[0], rel=1e-2)
+    for want, have in zip(torchs[1], tiles[1], strict=True):
+        assert float((have - want).norm() / want.norm()) <= 3e-2
+
+
 def test_padded_adds_one_label_less_example_up_to_the_multiple() -> None:
     batch = pack(_examples([5, 9, 7]), torch.device("cpu"))  # 21 tokens
     assert padded(batch, 7, 0) is batch  # already a multiple

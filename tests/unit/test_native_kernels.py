@@ -998,6 +998,36 @@ def test_tiles_gemm_gives_each_row_the_bits_of_tiles_linear() -> None:
 
 
 @pytest.mark.skipif(native is None or not native.tiles, reason="no AMX tiles on this CPU")
+def test_lora_tn_sums_u_transposed_times_g_over_every_row_with_the_same_bits_on_any_threads() -> (
+    None
+):
+    """`lora_tn` (a LoRA weight's gradient, scale · uᵀ g summed over a step's rows) matches an
+    fp64 product to fp32 rounding, for rows that fill no chunk, several, and a partial last one,
+    u and g read as column slices of wider rows, ranks 16 and 32, a row block boundary crossed;
+    with the same bits on 1-3 threads; none rows give zeros; shapes it does not take give None."""
+    assert native is not None
+    g = torch.Generator().manual_seed(11)
+    for n, r, m, wide in ((1, 16, 32, 64), (45, 32, 640, 640), (300, 16, 2048, 4096)):
+        u_rows = torch.randn(n + 1, 48, generator=g).bfloat16()
+        g_rows = torch.randn(n + 1, wide, generator=g).bfloat16()
+        u_rows[n], g_rows[n] = float("nan"), float("nan")  # past the rows: never read
+        u, grad = u_rows[:n, 16 : 16 + r], g_rows[:n, wide - m :]  # strided views
+        got = native.lora_tn(u, grad, 0.25)
+        assert got is not None and got.shape == (r, m) and got.dtype == torch.float32
+        want = (u.double().t() @ grad.double() * 0.25).float()
+        assert ((got - want).abs() <= want.abs() * 1e-5 + 1e-4).all(), (n, r, m)
+        for threads in (1, 2, 3):
+            with _threads(threads):
+                assert torch.equal(native.lora_tn(u, grad, 0.25), got)
+    empty = native.lora_tn(torch.zeros(0, 16).bfloat16(), torch.zeros(0, 64).bfloat16(), 1.0)
+    assert empty is not None and torch.equal(empty, torch.zeros(16, 64))
+    some = torch.ones(40, 64).bfloat16()
+    assert native.lora_tn(some[:, :8], some, 1.0) is None  # rank 8
+    assert native.lora_tn(some[:, :16], some[:, :48], 1.0) is None  # 48 columns
+    assert native.lora_tn(some[:, :16].float(), some, 1.0) is None  # fp32
+
+
+@pytest.mark.skipif(native is None or not native.tiles, reason="no AMX tiles on this CPU")
 @pytest.mark.parametrize("block, offsets", [(32, False), (16, False), (32, True)])
 def test_tiles_on_gguf_blocks_give_the_bits_of_the_bf16_weight_they_make(
     block: int, offsets: bool
