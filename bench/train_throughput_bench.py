@@ -39,7 +39,7 @@ from tunery.engine.base_models import DEFAULT_BASE_MODEL, BaseModelRegistry, Loa
 from tunery.engine.data import TokenizedExample, tokenize_example
 from tunery.engine.fast_train import prepare_training
 from tunery.engine.native import NativeKernels
-from tunery.engine.specs import Example, TrainSpec
+from tunery.engine.specs import Example, LoraSpec, TrainSpec
 from tunery.engine.train import prepare_optimizer, train
 
 DATASET_SIZE = 2000
@@ -107,17 +107,24 @@ def bf16_peaks() -> list[float]:
     return [matmul_peak_tflops(torch.bfloat16), tiles_peak_tflops()]
 
 
-def model_flops(base: LoadedBase, tokenized: list[TokenizedExample], rank: int) -> float:
+def model_flops(base: LoadedBase, tokenized: list[TokenizedExample], lora: LoraSpec) -> float:
     """FLOPs one training pass over `tokenized` needs: 4·N per token through the frozen body
-    (forward, input gradients), LoRA's 6·r·(in+out) per token and projection, causal attention,
-    and the output head at label positions only (forward and input gradient)."""
+    (forward, input gradients), LoRA's 6·r·(in+out) per token and adapted projection, causal
+    attention, and the output head at label positions only (forward and input gradient)."""
     config = base.model.config
     body = sum(p.numel() for n, p in base.model.model.named_parameters() if "embed" not in n)
     hidden, layers = config.hidden_size, config.num_hidden_layers
     q = config.num_attention_heads * config.head_dim
     kv = config.num_key_value_heads * config.head_dim
     inter = config.intermediate_size
-    lora_io = (hidden + q) + 2 * (hidden + kv) + (q + hidden) + 3 * (hidden + inter)
+    sizes = {  # each projection's in + out
+        "q_proj": hidden + q, "k_proj": hidden + kv, "v_proj": hidden + kv, "o_proj": q + hidden,
+        "gate_proj": hidden + inter, "up_proj": hidden + inter, "down_proj": inter + hidden,
+    }  # fmt: skip
+    adapted = [m for m in lora.target_modules if m in sizes] or [
+        m for m in lora.fallback_modules if m in sizes
+    ]
+    lora_io = sum(sizes[m] for m in adapted)
     tokens = sum(len(e.input_ids) for e in tokenized)
     labels = sum(e.label_count for e in tokenized)
     # each pair of positions a layer attends (a query and a key at or before it, within a
@@ -132,7 +139,7 @@ def model_flops(base: LoadedBase, tokenized: list[TokenizedExample], rank: int) 
             pairs += sum(min(i + 1, reach or n) for i in range(n))
     attention = pairs * 12 * q
     head = 4 * labels * config.vocab_size * hidden
-    return 4 * body * tokens + 6 * rank * lora_io * layers * tokens + attention + head
+    return 4 * body * tokens + 6 * lora.rank * lora_io * layers * tokens + attention + head
 
 
 def main() -> None:
@@ -194,7 +201,7 @@ def main() -> None:
         bf16_peak = peak if bf16 else matmul_peak_tflops(torch.bfloat16, 512, 2, 1)
         if not args.skip_trl:
             runs.append(run_trl(base.model_dir, sample, spec, work, bf16=False))
-    flops = model_flops(base, tokenized, spec.lora.rank)
+    flops = model_flops(base, tokenized, spec.lora)
     achieved = flops / runs[0].seconds / 1e12
     for run in runs:
         print(
