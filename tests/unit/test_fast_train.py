@@ -295,10 +295,11 @@ def test_frozen_matmuls_on_tiles_train_as_torchs(monkeypatch: pytest.MonkeyPatch
 
 
 @pytest.mark.skipif(_KERNELS is None or not _KERNELS.tiles, reason="no AMX tiles on this CPU")
-def test_lora_weight_gradients_on_tiles_train_as_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A bf16 step of many rows (its LoRA products in bf16) whose LoRA weight gradients sum over
-    the rows on AMX tiles (`lora_tn`) gives the loss and gradients of the step whose gradients
-    are torch's matmuls, within bf16's rounding; every rank-16 or -32 product takes the tiles."""
+def test_lora_products_on_tiles_train_as_torchs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bf16 step of many rows (its LoRA products in bf16) whose LoRA deltas join the frozen
+    products' sums on AMX tiles (`tiles_gemm`'s second product) and whose LoRA weight gradients
+    sum over the rows there (`lora_tn`) gives the loss and gradients of the step on torch's
+    matmuls, within bf16's rounding; every rank-16 or -32 product takes the tiles."""
     model = _tiny_gemma(64, head_dim=32).to(torch.bfloat16)
     batch = pack(_examples([150, 120, 30]), torch.device("cpu"))  # past LORA_FP32_MAX_ROWS
     spec = LoraSpec(rank=16, alpha=32, target_modules=PROJECTIONS)
@@ -306,15 +307,23 @@ def test_lora_weight_gradients_on_tiles_train_as_torchs(monkeypatch: pytest.Monk
         kernels = fast.spec.native
         assert kernels is not None
         taken: list[int] = []
-        tn = kernels.lora_tn
+        tn, gemm = kernels.lora_tn, kernels.tiles_gemm
         monkeypatch.setattr(
             kernels, "lora_tn", lambda *a: (c := tn(*a)) is not None and taken.append(1) or c
+        )
+        fused: list[int] = []
+        monkeypatch.setattr(
+            kernels, "tiles_gemm", lambda *a: (len(a) > 2 and fused.append(1)) or gemm(*a)
         )
         tiles = _loss_and_grads(lambda: fast.loss(batch), params)
         # per layer: qkv's 3 Bs (its A's 48 ranks: not taken), o's A and B, gate/up's A and
         # 2 Bs, down's A and B
         assert len(taken) == 2 * (3 + 2 + 3 + 2)
+        # the deltas in the frozen products' sums: each group's forward, each backward but the
+        # first layer's qkv (no input gradient)
+        assert len(fused) == 2 * 4 * len(fast.groups) - 1
         monkeypatch.setattr(kernels, "lora_tn", lambda *_: None)
+        monkeypatch.setattr(kernels, "tiles_gemm", lambda *_: None)
         torchs = _loss_and_grads(lambda: fast.loss(batch), params)
     assert tiles[0] == pytest.approx(torchs[0], rel=1e-2)
     for want, have in zip(torchs[1], tiles[1], strict=True):

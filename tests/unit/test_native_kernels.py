@@ -998,6 +998,36 @@ def test_tiles_gemm_gives_each_row_the_bits_of_tiles_linear() -> None:
 
 
 @pytest.mark.skipif(native is None or not native.tiles, reason="no AMX tiles on this CPU")
+def test_tiles_gemm_with_a_second_product_gives_the_bits_of_one_over_both_inputs() -> None:
+    """x Wᵀ + x2 W2ᵀ in `tiles_gemm`'s sums (a LoRA's delta: x2 = u, W2 = s·B) gives exactly the
+    bits of one product over x and x2 side by side, for partial last pairs and 1-3 threads; a
+    second product of another output count or row count is refused."""
+    assert native is not None
+    g = torch.Generator().manual_seed(12)
+    out, n_in, n_in2 = 64, 640, 32
+    weight = (torch.randn(out, n_in, generator=g) * 0.05).bfloat16()
+    weight2 = (torch.randn(out, n_in2, generator=g) * 0.05).bfloat16()
+    both = native.gemm_pack(torch.cat([weight, weight2], dim=1))
+    packed, packed2 = native.gemm_pack(weight), native.gemm_pack(weight2)
+    assert both is not None and packed is not None and packed2 is not None
+    for rows in (1, 33, 300):
+        x = torch.randn(rows, n_in, generator=g).bfloat16()
+        x2 = torch.randn(rows, n_in2, generator=g).bfloat16()
+        want = native.tiles_gemm(torch.cat([x, x2], dim=1), both)
+        for threads in (1, 2, 3):
+            with _threads(threads):
+                got = native.tiles_gemm(x, packed, (x2, packed2))
+            assert got is not None and want is not None and torch.equal(got, want), rows
+    x = torch.zeros(8, n_in).bfloat16()
+    other = native.gemm_pack(torch.zeros(32, n_in2).bfloat16())
+    assert (
+        other is not None
+        and native.tiles_gemm(x, packed, (torch.zeros(8, 32).bfloat16(), other)) is None
+    )
+    assert native.tiles_gemm(x, packed, (torch.zeros(9, 32).bfloat16(), packed2)) is None
+
+
+@pytest.mark.skipif(native is None or not native.tiles, reason="no AMX tiles on this CPU")
 def test_lora_tn_sums_u_transposed_times_g_over_every_row_with_the_same_bits_on_any_threads() -> (
     None
 ):

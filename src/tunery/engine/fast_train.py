@@ -122,6 +122,48 @@ class FrozenWeight:
             return _packed_linear(x, packed, self.out_features)
         return self._linear(x)
 
+    def lora_forward(
+        self,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        bs: Sequence[torch.Tensor],
+        blocks: Sequence[tuple[int, int, int, int]],
+        scaling: float,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """x Wᵀ + s·(x Aᵀ) Bᵀ as one product on the tiles (`tiles_gemm`'s second one: u = x Aᵀ
+        times the members' s·B, each in its block of outputs and ranks), for a group's A stacked
+        (R, in) and its Bs in `blocks` (out_lo, out_hi, r_lo, r_hi): (y, u (N, R)); None where
+        the tiles do not take it (no tiles here, or not bf16)."""
+        if self._tiles is None or x.dtype != torch.bfloat16 or a.dtype != torch.bfloat16:
+            return None
+        kernels, fwd, _ = self._tiles
+        ranks = a.shape[0]
+        width = -(-ranks // 32) * 32  # the tiles take inputs 32 at a time: zero ranks after
+        u = x @ F.pad(a, (0, 0, 0, width - ranks)).t()  # (N, width)
+        delta = torch.zeros(self.out_features, width, dtype=torch.bfloat16)
+        for (lo, hi, r_lo, r_hi), b in zip(blocks, bs, strict=True):
+            delta[lo:hi, r_lo:r_hi] = b * scaling
+        packed = kernels.gemm_pack(delta)
+        y = kernels.tiles_gemm(x, fwd, (u, packed)) if packed is not None else None
+        return (y, u[:, :ranks]) if y is not None else None
+
+    def lora_backward(
+        self, g: torch.Tensor, gu: torch.Tensor, a: torch.Tensor, scaling: float
+    ) -> torch.Tensor | None:
+        """g W + s·gu A (gu (N, R): g's products with the Bs) as one product on the tiles (s·Aᵀ
+        as the second one's weight); None where they do not take it."""
+        if self._tiles is None or g.dtype != torch.bfloat16 or gu.dtype != torch.bfloat16:
+            return None
+        kernels, _, bwd = self._tiles
+        ranks = a.shape[0]
+        width = -(-ranks // 32) * 32
+        up = torch.zeros(self.in_features, width, dtype=torch.bfloat16)
+        up[:, :ranks] = a.t() * scaling
+        packed = kernels.gemm_pack(up)
+        if packed is None:
+            return None
+        return kernels.tiles_gemm(g, bwd, (F.pad(gu, (0, width - ranks)), packed))
+
     def _stacked(self) -> torch.Tensor:
         parts = self._linear.parts
         return torch.cat(parts) if len(parts) > 1 else parts[0]
@@ -202,8 +244,12 @@ class _LoraGroupFn(torch.autograd.Function):
         block bounds) in the products' dtype, and the kernels with the group's desc where they
         compute the fp32 products (`_Group._native`)."""
         a, bs, blocks, native = low
-        y = weight.forward(x)  # (N, out), a fresh tensor
         ctx.weight, ctx.scaling, ctx.blocks, ctx.native = weight, scaling, blocks, native
+        fused = weight.lora_forward(x, a, bs, blocks, scaling) if a is not None else None
+        if fused is not None:  # the delta in the frozen product's own sums
+            ctx.save_for_backward(x, a, fused[1], *bs)
+            return fused[0]
+        y = weight.forward(x)  # (N, out), a fresh tensor
         if native is not None:  # one call for the products (fp32), the delta rounded once
             kernels, desc = native
             ctx.save_for_backward(x, kernels.lora_train_forward(y, x, desc, scaling))
@@ -237,8 +283,10 @@ class _LoraGroupFn(torch.autograd.Function):
         tiles = ctx.weight.tile_kernels
         grad_a = _weight_grad(tiles, gu, x, s)  # (R, in)
         gx = None  # the input's gradient where wanted (not below the first adapted layer)
-        if ctx.needs_input_grad[0]:
-            gx = _add_product(ctx.weight.backward(g), gu, a, s)
+        if ctx.needs_input_grad[0]:  # on the tiles, the LoRA's term in the same sums
+            gx = ctx.weight.lora_backward(g, gu, a, s)
+            if gx is None:
+                gx = _add_product(ctx.weight.backward(g), gu, a, s)
         out = [gx, None, None, None]
         for (_, _, r_lo, r_hi), (g_m, u_m, _) in zip(ctx.blocks, parts, strict=True):
             out += [grad_a[r_lo:r_hi], _weight_grad(tiles, u_m, g_m, s).t()]

@@ -158,7 +158,7 @@ class NativeKernels:
         self._tiles_linear.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32]
         self._tiles_linear.restype = i32
         self._tiles_gemm = library.tunery_tiles_gemm
-        self._tiles_gemm.argtypes = [i64, i64, i64, ptr, ptr, ptr, i32]
+        self._tiles_gemm.argtypes = [i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i32]
         self._tiles_gemm.restype = i32
         self._lora_tiles_tn = library.tunery_lora_tiles_tn
         self._lora_tiles_tn.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, f32, ptr, i32]
@@ -701,18 +701,32 @@ class NativeKernels:
         or do not take the shape (out and in multiples of 32)."""
         return self.tiles_pack(weight) if weight.shape[0] % 32 == 0 else None
 
-    def tiles_gemm(self, x: torch.Tensor, weight: PackedLinear) -> torch.Tensor | None:
+    def tiles_gemm(
+        self,
+        x: torch.Tensor,
+        weight: PackedLinear,
+        extra: tuple[torch.Tensor, PackedLinear] | None = None,
+    ) -> torch.Tensor | None:
         """x (rows, in) bf16 @ Wᵀ for W packed by `gemm_pack` → (rows, out) bf16, by AMX tiles
         for many rows (`tiles_gemm.c`: a training step's), with `tiles_linear`'s bits for each
-        row; None where it does not run."""
+        row; with `extra` (x2 (rows, in2) bf16, W2 (out, in2) packed), + x2 W2ᵀ in the same sums
+        (the bits of one product over x and x2 side by side). None where it does not run."""
         rows, n_in = x.shape
         if x.dtype != torch.bfloat16 or n_in != weight.n_in or weight.n_out % 32 or rows == 0:
             return None
+        x2, w2 = extra if extra is not None else (None, None)
+        if x2 is not None and w2 is not None:
+            if x2.dtype != torch.bfloat16 or x2.shape != (rows, w2.n_in):
+                return None
+            if w2.n_out != weight.n_out:
+                return None
+            x2 = x2.contiguous()
         x = x.contiguous()
         y = torch.empty(rows, weight.n_out, dtype=torch.bfloat16)
         status = self._tiles_gemm(
-            rows, n_in, weight.n_out, x.data_ptr(), weight.panels.data_ptr(), y.data_ptr(),
-            torch.get_num_threads(),
+            rows, n_in, weight.n_out, x.data_ptr(), weight.panels.data_ptr(),
+            0 if w2 is None else w2.n_in, None if x2 is None else x2.data_ptr(),
+            None if w2 is None else w2.panels.data_ptr(), y.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return y if status == 0 else None
 
