@@ -1049,6 +1049,9 @@ def test_lora_tn_sums_u_transposed_times_g_over_every_row_with_the_same_bits_on_
         for threads in (1, 2, 3):
             with _threads(threads):
                 assert torch.equal(native.lora_tn(u, grad, 0.25), got)
+                flipped = native.lora_tn(u, grad, 0.25, transposed=True)
+                assert flipped is not None and flipped.shape == (m, r)
+                assert flipped.is_contiguous() and torch.equal(flipped, got.t())
     empty = native.lora_tn(torch.zeros(0, 16).bfloat16(), torch.zeros(0, 64).bfloat16(), 1.0)
     assert empty is not None and torch.equal(empty, torch.zeros(16, 64))
     some = torch.ones(40, 64).bfloat16()

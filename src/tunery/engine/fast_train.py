@@ -142,7 +142,7 @@ class FrozenWeight:
         u = x @ F.pad(a, (0, 0, 0, width - ranks)).t()  # (N, width)
         delta = torch.zeros(self.out_features, width, dtype=torch.bfloat16)
         for (lo, hi, r_lo, r_hi), b in zip(blocks, bs, strict=True):
-            delta[lo:hi, r_lo:r_hi] = b * scaling
+            torch.mul(b, scaling, out=delta[lo:hi, r_lo:r_hi])
         packed = kernels.gemm_pack(delta)
         y = kernels.tiles_gemm(x, fwd, (u, packed)) if packed is not None else None
         return (y, u[:, :ranks]) if y is not None else None
@@ -158,7 +158,7 @@ class FrozenWeight:
         ranks = a.shape[0]
         width = -(-ranks // 32) * 32
         up = torch.zeros(self.in_features, width, dtype=torch.bfloat16)
-        up[:, :ranks] = a.t() * scaling
+        torch.mul(a.t(), scaling, out=up[:, :ranks])
         packed = kernels.gemm_pack(up)
         if packed is None:
             return None
@@ -289,22 +289,28 @@ class _LoraGroupFn(torch.autograd.Function):
                 gx = _add_product(ctx.weight.backward(g), gu, a, s)
         out = [gx, None, None, None]
         for (_, _, r_lo, r_hi), (g_m, u_m, _) in zip(ctx.blocks, parts, strict=True):
-            out += [grad_a[r_lo:r_hi], _weight_grad(tiles, u_m, g_m, s).t()]
+            out += [grad_a[r_lo:r_hi], _weight_grad(tiles, u_m, g_m, s, transposed=True)]
         return tuple(out)
 
 
 def _weight_grad(
-    kernels: NativeKernels | None, u: torch.Tensor, g: torch.Tensor, scale: float
+    kernels: NativeKernels | None,
+    u: torch.Tensor,
+    g: torch.Tensor,
+    scale: float,
+    transposed: bool = False,
 ) -> torch.Tensor:
-    """scale · uᵀ g (r, m) in fp32 for a LoRA weight's gradient (u (N, r), g (N, m)): a sum over
-    the step's rows, on AMX tiles where they run (`lora_tiles.c`: 832 rows, 16 x 2048, 183 µs
-    where oneDNN's bf16 matmul took 240-450), else a matmul in u's dtype. (uᵀ g rather than gᵀ
-    u: 0.77x the time on oneDNN, 768 rows, 2048 x 16, bf16 on AMX.)"""
+    """scale · uᵀ g (r, m) in fp32 for a LoRA weight's gradient (u (N, r), g (N, m)), or its
+    transpose (m, r) where `transposed` (laid out so on the tiles: a B's gradient with no copy
+    after): a sum over the step's rows, on AMX tiles where they run (`lora_tiles.c`: 832 rows,
+    16 x 2048, 183 µs where oneDNN's bf16 matmul took 240-450), else a matmul in u's dtype. (uᵀ
+    g rather than gᵀ u: 0.77x the time on oneDNN, 768 rows, 2048 x 16, bf16 on AMX.)"""
     if kernels is not None:
-        c = kernels.lora_tn(u, g, scale)
+        c = kernels.lora_tn(u, g, scale, transposed)
         if c is not None:
             return c
-    return (u.t() @ g).float().mul_(scale)
+    c = (u.t() @ g).float().mul_(scale)
+    return c.t() if transposed else c
 
 
 def _add_product(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -161,7 +161,7 @@ class NativeKernels:
         self._tiles_gemm.argtypes = [i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, i32]
         self._tiles_gemm.restype = i32
         self._lora_tiles_tn = library.tunery_lora_tiles_tn
-        self._lora_tiles_tn.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, f32, ptr, i32]
+        self._lora_tiles_tn.argtypes = [i64, i64, i64, ptr, i64, ptr, i64, f32, i32, ptr, i32]
         self._lora_tiles_tn.restype = i32
         self._qtiles_pack = library.tunery_qtiles_pack
         self._qtiles_pack.argtypes = [i64, i64, ptr, ptr, i64, ptr, ptr]
@@ -730,19 +730,22 @@ class NativeKernels:
         )  # fmt: skip
         return y if status == 0 else None
 
-    def lora_tn(self, u: torch.Tensor, g: torch.Tensor, scale: float) -> torch.Tensor | None:
-        """scale · uᵀ g (r, m) fp32 for u (n, r) and g (n, m) bf16 with contiguous rows, by AMX
-        tiles (`lora_tiles.c`: a LoRA's weight gradients over a step's rows); None where it does
-        not run (no tiles; r not 16 or 32, m not a multiple of 32)."""
+    def lora_tn(
+        self, u: torch.Tensor, g: torch.Tensor, scale: float, transposed: bool = False
+    ) -> torch.Tensor | None:
+        """scale · uᵀ g (r, m) fp32, or its transpose (m, r) laid out so, for u (n, r) and g
+        (n, m) bf16 with contiguous rows, by AMX tiles (`lora_tiles.c`: a LoRA's weight
+        gradients over a step's rows); None where it does not run (no tiles; r not 16 or 32,
+        m not a multiple of 32)."""
         if not self.tiles or u.dtype != torch.bfloat16 or g.dtype != torch.bfloat16:
             return None
         (n, r), m = u.shape, g.shape[1]
         if g.shape[0] != n or u.stride(1) != 1 or g.stride(1) != 1 or r not in (16, 32):
             return None
-        c = torch.empty(r, m, dtype=torch.float32)
+        c = torch.empty((m, r) if transposed else (r, m), dtype=torch.float32)
         status = self._lora_tiles_tn(
-            n, r, m, u.data_ptr(), u.stride(0), g.data_ptr(), g.stride(0), scale, c.data_ptr(),
-            torch.get_num_threads(),
+            n, r, m, u.data_ptr(), u.stride(0), g.data_ptr(), g.stride(0), scale,
+            int(transposed), c.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return c if status == 0 else None
 

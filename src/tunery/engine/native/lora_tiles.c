@@ -74,12 +74,30 @@ static inline void pack_g(const uint16_t *g, int64_t ldg, int64_t n, int64_t q, 
         _mm512_store_si512(bt + 512 + p * CHUNK, _mm512_permutex2var_epi16(a, hi_index, b));
     }
 }
+
+/* A tile of sums (16 x 16: ranks k0.., columns j0..) times scale into c: c[k][j] (r x m), or
+ * c[j][k] (m x r) where `transposed` (each column's ranks a row: a LoRA B's gradient as laid
+ * out, with no copy after). */
+static void put_tile(const float *t, float scale, int64_t k0, int64_t j0, int64_t r, int64_t m,
+                     int transposed, float *c) {
+    __m512 s = _mm512_set1_ps(scale);
+    if (!transposed) {
+        for (int i = 0; i < 16; i++)
+            _mm512_storeu_ps(c + (k0 + i) * m + j0, _mm512_mul_ps(s, _mm512_load_ps(t + 16 * i)));
+        return;
+    }
+    __m512i w[16];
+    for (int i = 0; i < 16; i++) w[i] = (__m512i)_mm512_mul_ps(s, _mm512_load_ps(t + 16 * i));
+    transpose16(w);
+    for (int j = 0; j < 16; j++) _mm512_storeu_ps(c + (j0 + j) * r + k0, (__m512)w[j]);
+}
 #endif
 
-/* c (r x m, fp32) = scale * u^T g (see the top). Returns 0; -1 where it does not run (no tiles,
+/* c (r x m, fp32; m x r where `transposed`) = scale * u^T g (see the top). Returns 0; -1 where it does not run (no tiles,
  * the shapes) or out of memory. */
 int tunery_lora_tiles_tn(int64_t n, int64_t r, int64_t m, const uint16_t *u, int64_t ldu,
-                         const uint16_t *g, int64_t ldg, float scale, float *c, int threads) {
+                         const uint16_t *g, int64_t ldg, float scale, int transposed, float *c,
+                         int threads) {
 #if AMX
     if (!amx_permitted() || (r != 16 && r != 32) || m % 32 || m < 32 || n < 0) return -1;
     if (n == 0) {
@@ -124,15 +142,11 @@ int tunery_lora_tiles_tn(int64_t n, int64_t r, int64_t m, const uint16_t *u, int
                     amx_store_sums(2 * ranks, own, 256, 64);
                 }
             }
-            __m512 s = _mm512_set1_ps(scale);
             for (int64_t cp = lo; cp < hi; cp++)
                 for (int64_t k = 0; k < ranks; k++)
                     for (int h = 0; h < 2; h++)
-                        for (int i = 0; i < 16; i++) {
-                            const float *row = sums + ((cp - lo) * 4 + 2 * k + h) * 256 + 16 * i;
-                            _mm512_storeu_ps(c + (16 * k + i) * m + cp * 32 + 16 * h,
-                                             _mm512_mul_ps(s, _mm512_load_ps(row)));
-                        }
+                        put_tile(sums + ((cp - lo) * 4 + 2 * k + h) * 256, scale, 16 * k,
+                                 cp * 32 + 16 * h, r, m, transposed, c);
             _tile_release();
             free(sums);
         }
@@ -141,7 +155,7 @@ int tunery_lora_tiles_tn(int64_t n, int64_t r, int64_t m, const uint16_t *u, int
     return failed ? -1 : 0;
 #else
     (void)n, (void)r, (void)m, (void)u, (void)ldu, (void)g, (void)ldg, (void)scale, (void)c;
-    (void)threads;
+    (void)transposed, (void)threads;
     return -1;
 #endif
 }
