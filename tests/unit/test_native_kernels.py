@@ -396,14 +396,16 @@ def test_q_and_k_norm_and_rope_agree_with_torch_within_steps_and_alone_as_batche
 
 
 @each_dtype
+@pytest.mark.parametrize("hd", [32, 40], ids=["halves-of-whole-vectors", "ragged-halves"])
 def test_training_q_and_k_heads_are_the_decode_ones_head_major_and_their_backward_torchs(
-    dtype: torch.dtype,
+    dtype: torch.dtype, hd: int
 ) -> None:
     """Training's q/k heads: the decode kernel's values laid out (heads, T, D) with each 1/rms
-    kept; the backward within a rounding step of autograd through torch's norm and rotation."""
+    kept; the backward within a rounding step of autograd through torch's norm and rotation
+    (by whole vectors where a head's halves are, else value by value)."""
     assert native is not None
     g = torch.Generator().manual_seed(8)
-    rows, nh, nkv, hd = 7, 4, 2, 32
+    rows, nh, nkv = 7, 4, 2
     qkv = torch.randn(rows, (nh + 2 * nkv) * hd, generator=g).to(dtype) * 2
     weights = (torch.rand(hd, generator=g) + 0.5, torch.rand(hd, generator=g) + 0.5)
     angles = torch.arange(50).float()[:, None] * torch.rand(hd // 2, generator=g)[None]

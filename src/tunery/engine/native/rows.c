@@ -258,6 +258,24 @@ void KERNEL(tunery_qk_norm_rope_backward)(int64_t rows, int64_t nh, int64_t nkv,
         const float *w = a.w;
         float gw[hd]; /* the normed values' gradient, times the weight */
         float scale = rstd[t], dot = 0.0f;
+        elem_t *o = grad + r * grad_stride + h * hd;
+        if (half % LANES == 0) { /* as below, the halves side by side; the dot in LANES sums */
+            f32v acc = {0};
+            for (int64_t d = 0; d < half; d += LANES) {
+                int64_t e = d + half;
+                f32v g1 = load_elemv(g + d), g2 = load_elemv(g + e);
+                f32v gw1 = (g1 * load_elemv(c + d) + g2 * load_elemv(s + e)) * load_f32v(w + d);
+                f32v gw2 = (g2 * load_elemv(c + e) + -g1 * load_elemv(s + d)) * load_f32v(w + e);
+                memcpy(gw + d, &gw1, sizeof gw1);
+                memcpy(gw + e, &gw2, sizeof gw2);
+                acc += gw1 * (load_elemv(x + d) * scale);
+                acc += gw2 * (load_elemv(x + e) * scale);
+            }
+            f32v mean = broadcast_v(sum_lanes(acc) / (float)hd);
+            for (int64_t d = 0; d < hd; d += LANES)
+                store_elemv(o + d, (load_f32v(gw + d) - load_elemv(x + d) * scale * mean) * scale);
+            continue;
+        }
         int64_t d;
         for (d = 0; d < hd; d++) {
             /* o[d] = y[d] c[d] + rot(y)[d] s[d], rot(y)[d] = -y[d + half] (d < half), y[d - half] */
@@ -267,7 +285,6 @@ void KERNEL(tunery_qk_norm_rope_backward)(int64_t rows, int64_t nh, int64_t nkv,
             dot += gw[d] * (elem_to_f32(x[d]) * scale);
         }
         dot /= (float)hd;
-        elem_t *o = grad + r * grad_stride + h * hd;
         for (d = 0; d < hd; d++)
             o[d] = f32_to_elem((gw[d] - elem_to_f32(x[d]) * scale * dot) * scale);
     }
